@@ -1,0 +1,23 @@
+"""deqkern: diffusion sampling as one fixed point, solved in parallel.
+
+    >>> import deqkern
+    >>> sched = deqkern.Schedule.from_diffusers(ddim_scheduler, num_inference_steps=100)
+    >>> res = deqkern.sample(unet, x_T, sched, solver="anderson", tol=1e-3)
+    >>> res.x0, res.converged, res.rounds, res.model_evals
+
+Importing deqkern imports only torch and numpy: diffusers, triton, matplotlib and cupy are
+loaded on first use by the parts that need them.
+"""
+from deqkern.engine import SampleResult, sample, sample_sequential
+from deqkern.errors import NonFiniteModelOutput, UnsupportedSchedulerOption
+from deqkern.model import Guidance
+from deqkern.schedule import Schedule, X0Transform
+from deqkern.solvers import AndersonConfig, PicardConfig, register_solver, solver_names
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AndersonConfig", "Guidance", "NonFiniteModelOutput", "PicardConfig", "SampleResult", "Schedule",
+    "UnsupportedSchedulerOption", "X0Transform", "register_solver", "sample", "sample_sequential",
+    "solver_names",
+]

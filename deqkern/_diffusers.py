@@ -1,0 +1,37 @@
+"""The one place that imports diffusers for schedulers (lazily: ``import deqkern`` stays light)."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from deqkern.errors import UnsupportedSchedulerOption
+
+_SUPPORTED = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm"}
+
+
+def scheduler_from_any(scheduler: Any) -> tuple[Any, Literal["ddim", "ddpm"]]:
+    """A fresh DDIM/DDPM scheduler built from ``scheduler`` (an object or a config mapping).
+
+    A config mapping names its class in ``_class_name`` (as ``scheduler_config.json`` does).
+    We always rebuild from the config so ``set_timesteps`` never mutates the caller's object.
+    """
+    try:
+        import diffusers
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        raise ImportError("Schedule.from_diffusers needs diffusers: pip install 'deqkern[diffusers]'") from exc
+
+    if isinstance(scheduler, diffusers.SchedulerMixin):
+        name = type(scheduler).__name__
+        config = dict(scheduler.config)
+    elif hasattr(scheduler, "keys"):
+        config = dict(scheduler)
+        name = config.get("_class_name")
+        if name is None:
+            raise ValueError("scheduler: a config mapping must name its class in '_class_name' (DDIMScheduler or DDPMScheduler)")
+    else:
+        raise TypeError(f"scheduler: expected a diffusers scheduler or its config dict, got {type(scheduler).__name__}")
+    if name not in _SUPPORTED:
+        raise UnsupportedSchedulerOption(
+            f"scheduler class {name!r}: deqkern reproduces {sorted(_SUPPORTED)} exactly; other schedulers are refused"
+        )
+    cls = getattr(diffusers, name)
+    return cls.from_config(config), _SUPPORTED[name]  # type: ignore[return-value]

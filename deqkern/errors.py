@@ -1,0 +1,14 @@
+"""Exceptions raised by deqkern. Each names the argument or option at fault."""
+from __future__ import annotations
+
+
+class UnsupportedSchedulerOption(ValueError):
+    """A scheduler configuration that deqkern cannot reproduce exactly.
+
+    We refuse instead of approximating: a parallel solve must converge to the *same*
+    trajectory as the scheduler's own ``step()``.
+    """
+
+
+class NonFiniteModelOutput(FloatingPointError):
+    """The model returned NaN or inf; the message names the round and the timestep."""

@@ -1,0 +1,154 @@
+"""Pure-PyTorch reference of every per-round operation of the parallel solver.
+
+This module is the contract: the Triton kernels in :mod:`deqkern.kernels` compute the same
+functions of the same tensors, and the tests compare them. It runs on any device and dtype
+(float64 for the oracles, float32 on CPU in production).
+
+Shapes used throughout (one solver *window* per sample):
+
+* ``B`` samples, ``W`` window rows, ``D`` = latent size (C*H*W), ``m`` Anderson history.
+* ``xw``   ``[B, W+1, D]`` latents of the window: row 0 is the frozen anchor ``x[k0]``, row
+  ``j >= 1`` the current iterate of ``x[k0 + j]``.
+* ``e``    ``[B, W, D]`` model outputs at the inputs ``xw[:, :W]``.
+* ``z``    ``[B, W, D]`` pre-drawn noise of the steps ``k0 .. k0+W-1`` (or ``None``).
+* ``coef`` ``[B, W, 7]`` step coefficients in :data:`deqkern.schedule.COEF_FIELDS` order.
+* ``n_rows`` ``[B]`` int: rows ``j < n_rows[b]`` are live, the rest are ignored (left at
+  ``g = x``, ``f = 0``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from deqkern.schedule import X0Transform
+
+
+def step_rows(
+    x: torch.Tensor, out: torch.Tensor, z: torch.Tensor | None, coef: torch.Tensor, transform: X0Transform
+) -> torch.Tensor:
+    """One chain step per row: ``cx x + co out + c0 f(px x + po out) + sigma z``.
+
+    ``x``, ``out``, ``z``: ``[..., D]``; ``coef``: ``[..., 7]``. The x0 transform acts per row.
+    """
+    c = coef.to(x.dtype).unsqueeze(-1)
+    _, cx, co, c0, px, po, sigma = c.unbind(-2)
+    y = cx * x + co * out
+    if transform.kind != "none":
+        x0 = px * x + po * out
+        lead = x0.shape[:-1]
+        x0 = transform.apply(x0.reshape(-1, x0.shape[-1])).reshape(*lead, x0.shape[-1])
+        y = y + c0 * x0
+    if z is not None:
+        y = y + sigma * z
+    return y
+
+
+@dataclass
+class ScanResult:
+    """Output of :func:`scan_residual` (all fp32/fp64 accumulations)."""
+
+    g: torch.Tensor  #: ``[B, W, D]`` new iterate G(X) of rows ``x[k0+1 ..]``
+    f: torch.Tensor  #: ``[B, W, D]`` residual ``G(X) - X``
+    f_sq: torch.Tensor  #: ``[B, W]`` squared norm of each residual row
+    g_sq: torch.Tensor  #: ``[B, W]`` squared norm of each new-iterate row
+    gram: torch.Tensor | None  #: ``[B, W, m]`` ``<f, hist_f[k]>`` per row, when history is given
+
+
+def row_mask(n_rows: torch.Tensor, width: int) -> torch.Tensor:
+    """``[B, W]`` bool: row ``j`` of sample ``b`` is live iff ``j < n_rows[b]``."""
+    return torch.arange(width, device=n_rows.device).unsqueeze(0) < n_rows.unsqueeze(1)
+
+
+def scan_residual(
+    xw: torch.Tensor,
+    e: torch.Tensor,
+    z: torch.Tensor | None,
+    coef: torch.Tensor,
+    n_rows: torch.Tensor,
+    transform: X0Transform,
+    hist_f: torch.Tensor | None = None,
+) -> ScanResult:
+    """New iterate, residual, row norms and Gram row of one fixed-point round (math.md §3, §6).
+
+    With ``s_j = step_j(x_j, e_j, z_j)`` and ``L_j = coef[..., 0]``::
+
+        g_{-1} = x_{k0}   (anchor, row 0 of xw)
+        g_j    = L_j g_{j-1} + (s_j - L_j x_j)          j = 0 .. W-1
+        f_j    = g_j - xw_{j+1}
+
+    ``L = A`` is the seed's scan form (the iterate enters only through ``e``); ``L = 1`` the
+    drift form (ParaDiGMS). ``hist_f``: ``[m, B, W, D]`` residual history; ``gram[b, j, k] =
+    <f[b, j], hist_f[k, b, j]>``.
+    """
+    width = e.shape[1]
+    x_in = xw[:, :width]
+    s = step_rows(x_in, e, z, coef, transform)
+    L = coef[..., 0].to(xw.dtype).unsqueeze(-1)
+    d = s - L * x_in
+    if bool((coef[..., 0] == 1).all()):
+        # Drift form: the scan is a plain cumulative sum.
+        g = xw[:, :1] + torch.cumsum(d, dim=1)
+    else:
+        g = torch.empty_like(d)
+        prev = xw[:, 0]
+        for j in range(width):
+            prev = L[:, j] * prev + d[:, j]
+            g[:, j] = prev
+    live = row_mask(n_rows, width).unsqueeze(-1)
+    g = torch.where(live, g, xw[:, 1:])
+    f = g - xw[:, 1:]
+    acc = torch.float64 if xw.dtype == torch.float64 else torch.float32
+    f_sq = f.to(acc).square().sum(-1)
+    g_sq = g.to(acc).square().sum(-1)
+    gram = None
+    if hist_f is not None:
+        gram = torch.einsum("bwd,kbwd->bwk", f.to(acc), hist_f.to(acc))
+    return ScanResult(g=g, f=f, f_sq=f_sq, g_sq=g_sq, gram=gram)
+
+
+def anderson_weights(
+    gram: torch.Tensor, valid: torch.Tensor, newest: torch.Tensor, ridge: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Type-II Anderson mixing weights of many tiny problems at once (math.md §4).
+
+    ``gram``: ``[R, m, m]`` ``<F_k, F_l>``; ``valid``: ``[R, m]`` which history slots a problem
+    may use; ``newest``: ``[R]`` slot of the newest entry (the fallback). Solves
+
+        [[0, v^T], [v, H + lam I]] [nu; a] = [1; 0],   lam = ridge * mean(diag H over valid)
+
+    (invalid slots get an identity row so their weight is exactly 0). The ridge is relative
+    so it means the same at every noise level. Returns ``(a [R, m], ok [R])``; a problem whose
+    system is singular or non-finite falls back to ``a = e_newest`` (plain Picard) and ``ok=False``.
+    Solved in float64: the systems are tiny and Gram matrices are ill-conditioned near convergence.
+    """
+    r, m, _ = gram.shape
+    h = gram.to(torch.float64)
+    v = valid.to(torch.float64)
+    count = v.sum(-1).clamp(min=1)
+    mean_diag = (torch.diagonal(h, dim1=-2, dim2=-1) * v).sum(-1) / count
+    lam = ridge * mean_diag + torch.finfo(torch.float64).tiny
+    eye = torch.eye(m, dtype=torch.float64, device=gram.device)
+    outer = v.unsqueeze(-1) * v.unsqueeze(-2)
+    inner = h * outer + eye * (lam[:, None, None] * v.unsqueeze(-1)) + eye * (1 - v).unsqueeze(-1)
+    system = torch.zeros(r, m + 1, m + 1, dtype=torch.float64, device=gram.device)
+    system[:, 0, 1:] = v
+    system[:, 1:, 0] = v
+    system[:, 1:, 1:] = inner
+    rhs = torch.zeros(r, m + 1, 1, dtype=torch.float64, device=gram.device)
+    rhs[:, 0] = 1.0
+    sol, info = torch.linalg.solve_ex(system, rhs)
+    a = sol[:, 1:, 0]
+    ok = (info == 0) & torch.isfinite(a).all(-1)
+    fallback = torch.nn.functional.one_hot(newest.long(), m).to(torch.float64)
+    a = torch.where(ok.unsqueeze(-1), a, fallback)
+    return a, ok
+
+
+def anderson_mix(hist_x: torch.Tensor, hist_f: torch.Tensor, alpha: torch.Tensor, beta: float) -> torch.Tensor:
+    """Next iterate ``sum_k alpha_k (X_k + beta F_k)``.
+
+    ``hist_x``, ``hist_f``: ``[m, B, W, D]``; ``alpha``: ``[B, W, m]``. Returns ``[B, W, D]``.
+    """
+    a = alpha.to(hist_x.dtype)
+    return torch.einsum("bwk,kbwd->bwd", a, hist_x + beta * hist_f)

@@ -1,0 +1,104 @@
+"""Anderson acceleration (type II) over the solver window (math.md §4).
+
+History lives in a ring of ``m`` slots shared by all rows; each row also has an *age* (how many
+of the newest slots belong to it), because rows enter the window as it slides and a row may only
+mix iterates of its own position. Two mixing granularities:
+
+* ``mixing="row"`` — separate weights per (sample, timestep) row, as DEQ-DDIM does;
+* ``mixing="sample"`` — one weight vector per sample over all its rows with full history
+  (rows that entered the window too recently to have it take a damped Picard step).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from deqkern.ops import anderson_mix, anderson_weights
+from deqkern.solvers.base import register_solver
+
+
+@dataclass(frozen=True)
+class AndersonConfig:
+    """``history`` m (<= 8 for the fused kernels), ``damping`` beta, relative ``ridge`` lambda."""
+
+    history: int = 5
+    damping: float = 1.0
+    ridge: float = 1e-3
+    mixing: Literal["row", "sample"] = "row"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.history, int) or not 1 <= self.history <= 8:
+            raise ValueError(f"history: expected an int in [1, 8], got {self.history!r}")
+        if not 0 < self.damping <= 1:
+            raise ValueError(f"damping: expected 0 < damping <= 1, got {self.damping}")
+        if not self.ridge >= 0:
+            raise ValueError(f"ridge: expected >= 0, got {self.ridge}")
+        if self.mixing not in ("row", "sample"):
+            raise ValueError(f"mixing: expected 'row' or 'sample', got {self.mixing!r}")
+
+
+class AndersonSolver:
+    def __init__(self, config: AndersonConfig, batch: int, width: int, dim: int, device, dtype) -> None:
+        m = config.history
+        self.cfg = config
+        self.hist_x = torch.zeros(m, batch, width, dim, device=device, dtype=dtype)
+        self.hist_f = torch.zeros(m, batch, width, dim, device=device, dtype=dtype)
+        self.gram = torch.zeros(batch, width, m, m, device=device, dtype=torch.float64)
+        self.age = torch.zeros(batch, width, device=device, dtype=torch.int64)
+        self.slot_round = torch.full((m,), -(10**9), device=device, dtype=torch.int64)
+        self.count = 0
+        #: problems whose bordered system was singular (fell back to Picard), summed over rounds
+        self.fallbacks = 0
+
+    def update(self, x, g, f, f_sq, gram, live):
+        m = self.cfg.history
+        s = self.count % m
+        # Gram row of the new residual against the history *before* slot s is overwritten; the
+        # entry of the overwritten slot is replaced by <f, f>.
+        row = gram.to(torch.float64).clone()
+        row[..., s] = f_sq.to(torch.float64)
+        self.gram[..., s, :] = row
+        self.gram[..., :, s] = row
+        self.hist_x[s] = x
+        self.hist_f[s] = f
+        self.slot_round[s] = self.count
+        self.age = torch.where(live, (self.age + 1).clamp(max=m), self.age)
+        valid = (self.count - self.slot_round).view(1, 1, m) < self.age.unsqueeze(-1)
+        newest = torch.full(self.age.shape, s, device=x.device, dtype=torch.int64)
+        if self.cfg.mixing == "row":
+            alpha, ok = anderson_weights(self.gram.flatten(0, 1), valid.flatten(0, 1), newest.flatten(), self.cfg.ridge)
+            alpha = alpha.view(*self.age.shape, m)
+            self.fallbacks += int((~ok.view(self.age.shape) & live).sum())
+        else:
+            alpha = self._sample_weights(valid, newest, live, s)
+        self.count += 1
+        return anderson_mix(self.hist_x, self.hist_f, alpha, self.cfg.damping)
+
+    def _sample_weights(self, valid, newest, live, s):
+        m = self.cfg.history
+        oldest = torch.where(live, self.age, torch.zeros_like(self.age)).amax(dim=1, keepdim=True)
+        full = live & (self.age == oldest)
+        h = (self.gram * full[..., None, None]).sum(1)
+        # every full row of a sample has the same valid slots: take them from its first full row
+        first = full.float().argmax(dim=1)
+        v = valid[torch.arange(valid.shape[0], device=valid.device), first]
+        a, ok = anderson_weights(h, v, newest[:, 0], self.cfg.ridge)
+        self.fallbacks += int((~ok & live.any(1)).sum())
+        picard = torch.nn.functional.one_hot(torch.tensor(s, device=a.device), m).to(a.dtype)
+        return torch.where(full.unsqueeze(-1), a.unsqueeze(1), picard)
+
+    def shift(self, delta: torch.Tensor) -> None:
+        batch, width = self.age.shape
+        idx = torch.arange(width, device=delta.device).unsqueeze(0) + delta.unsqueeze(1)
+        inside = idx < width
+        idx = idx.clamp(max=width - 1)
+        b = torch.arange(batch, device=delta.device).unsqueeze(1)
+        self.hist_x = self.hist_x[:, b, idx]
+        self.hist_f = self.hist_f[:, b, idx]
+        self.gram = self.gram[b, idx]
+        self.age = torch.where(inside, self.age[b, idx], torch.zeros_like(self.age))
+
+
+register_solver("anderson", AndersonConfig, AndersonSolver)

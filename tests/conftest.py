@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny models and schedulers (CPU, seconds)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+# Tiny models: one thread is fastest and avoids oversubscribing a shared 2-core machine.
+torch.set_num_threads(1)
+
+from gmm import GMMDenoiser  # noqa: E402
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error ||a - b|| / ||b||, computed in float64."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture
+def ddim():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
+
+
+@pytest.fixture
+def gmm64(ddim):
+    return GMMDenoiser(ddim.alphas_cumprod, (2, 2, 4), dtype=torch.float64)
+
+
+def tiny_unet(seed: int = 0):
+    """A random-weight diffusers UNet2DModel on 1x8x8 latents (~40k params)."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    ).eval()

@@ -1,0 +1,139 @@
+"""The parallel solve equals the sequential sampler (the oracle).
+
+Models: the analytic Gaussian-mixture denoiser in float64 (bounds are the requested ``tol``:
+``||x0 - x0_seq|| / ||x0_seq|| <= tol``) and a tiny random UNet2DModel in float32 (bound 1e-3).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import rel_err, tiny_unet
+
+import deqkern
+
+S = 20
+SHAPE = (2, 2, 4)
+
+
+def _sched(ddim, eta=0.0, clip=False, steps=S):
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config({**ddim.config, "clip_sample": clip, "clip_sample_range": 1.5})
+    return deqkern.Schedule.from_diffusers(sched, steps, eta=eta)
+
+
+def _inputs(batch, eta, steps=S, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, *SHAPE, generator=g, dtype=dtype)
+    noise = torch.randn(steps, batch, *SHAPE, generator=g, dtype=dtype) if eta else None
+    return x, noise
+
+
+SOLVERS = [("picard", None), ("anderson", {"mixing": "row"}), ("anderson", {"mixing": "sample"})]
+
+
+@pytest.mark.parametrize("solver,opts", SOLVERS, ids=["picard", "anderson-row", "anderson-sample"])
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("window", [S, 6])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_parallel_equals_sequential_drift(gmm64, ddim, solver, opts, eta, clip, window, batch):
+    tol = 1e-4
+    sched = _sched(ddim, eta, clip)
+    x, noise = _inputs(batch, eta)
+    with torch.no_grad():
+        ref = deqkern.sample_sequential(gmm64, x, sched, noise)
+        res = deqkern.sample(gmm64, x, sched, solver=solver, tol=tol, window=window, noise=noise, solver_options=opts)
+    assert res.all_converged
+    assert res.rounds <= S
+    for b in range(batch):  # every sample within tol, not only the batch on average
+        assert rel_err(res.x0[b], ref.x0[b]) <= tol
+
+
+@pytest.mark.parametrize("solver,opts", SOLVERS, ids=["picard", "anderson-row", "anderson-sample"])
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+@pytest.mark.parametrize("window", [S, 7])
+def test_parallel_equals_sequential_scan_form(gmm64, ddim, solver, opts, eta, window):
+    tol = 1e-4
+    sched = _sched(ddim, eta).with_form("scan")
+    x, noise = _inputs(2, eta, seed=1)
+    with torch.no_grad():
+        ref = deqkern.sample_sequential(gmm64, x, sched, noise)
+        res = deqkern.sample(gmm64, x, sched, solver=solver, tol=tol, window=window, noise=noise, solver_options=opts)
+    assert res.all_converged and rel_err(res.x0, ref.x0) <= tol
+
+
+@pytest.mark.parametrize("stop", ["relative", "noise"])
+def test_unet_float32(ddim, stop):
+    """A real diffusers UNet2DModel (random weights), float32, batch 2, bound 1e-3."""
+    from diffusers import DDIMScheduler
+
+    unet = tiny_unet()
+    sched = deqkern.Schedule.from_diffusers(DDIMScheduler.from_config({**ddim.config, "clip_sample": True}), 12)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    tol = 1e-4 if stop == "relative" else 1e-3
+    with torch.no_grad():
+        ref = deqkern.sample_sequential(unet, x, sched)
+        res = deqkern.sample(unet, x, sched, tol=tol, stop=stop, window=5, max_batch=4)
+    assert res.all_converged and rel_err(res.x0, ref.x0) <= 1e-3
+
+
+def test_picard_is_exact_after_S_rounds(gmm64, ddim):
+    """The triangular property (math.md §2): after r Picard rounds, x[1..r] are the sequential
+    latents exactly, so the unknowns x[1..S-1] are exact after S-1 rounds and x0 (which needs
+    the model at x[S-1]) after S rounds of model calls. float64, bound 1e-12."""
+    sched = _sched(ddim, eta=0.5)
+    x, noise = _inputs(2, 0.5, seed=4)
+    tiny = 1e-300  # no row may pass the stopping test early: only triangularity freezes rows
+    with torch.no_grad():
+        ref = deqkern.sample_sequential(gmm64, x, sched, noise, return_trajectory=True)
+        part = deqkern.sample(gmm64, x, sched, "picard", tol=tiny, max_iters=S - 1, noise=noise, return_trajectory=True)
+        full = deqkern.sample(gmm64, x, sched, "picard", tol=tiny, max_iters=S, noise=noise)
+    assert rel_err(part.trajectory[1:S], ref.trajectory[1:S]) < 1e-12
+    assert not part.converged.any()  # x0 still needs one more round: reported, not hidden
+    assert full.all_converged and full.rounds == S
+    assert rel_err(full.x0, ref.x0) < 1e-12
+
+
+def test_max_iters_reports_not_converged(gmm64, ddim):
+    sched = _sched(ddim)
+    x, _ = _inputs(2, 0.0)
+    with torch.no_grad():
+        res = deqkern.sample(gmm64, x, sched, "anderson", tol=1e-12, max_iters=2)
+    assert res.rounds == 2 and res.converged.tolist() == [False, False]
+    assert len(res.residuals) == 2 and all(len(r) == 2 for r in res.residuals)
+
+
+def test_independent_convergence_per_sample(gmm64, ddim):
+    """An easy sample (warm-started at its answer) freezes early; a hard one keeps going."""
+    sched = _sched(ddim)
+    x, _ = _inputs(2, 0.0, seed=7)
+    with torch.no_grad():
+        ref = deqkern.sample_sequential(gmm64, x, sched, return_trajectory=True)
+        init = ref.trajectory[1:].clone()
+        init[:, 1] = x[1]  # sample 1 gets no warm start
+        res = deqkern.sample(gmm64, x, sched, "picard", tol=1e-8, init=init)
+    assert res.rounds_per_sample[0] == 1 < res.rounds_per_sample[1]
+    assert res.all_converged and rel_err(res.x0, ref.x0) < 1e-8
+
+
+def test_max_batch_chunks_give_same_result(gmm64, ddim):
+    sched = _sched(ddim)
+    x, _ = _inputs(3, 0.0)
+    with torch.no_grad():
+        a = deqkern.sample(gmm64, x, sched, tol=1e-6)
+        calls = gmm64.calls
+        b = deqkern.sample(gmm64, x, sched, tol=1e-6, max_batch=7)
+    assert torch.allclose(a.x0, b.x0, rtol=0, atol=1e-12)
+    assert a.model_evals == b.model_evals and gmm64.calls - calls > a.rounds
+
+
+def test_trajectory_and_statistics(gmm64, ddim):
+    sched = _sched(ddim)
+    x, _ = _inputs(1, 0.0)
+    with torch.no_grad():
+        ref = deqkern.sample_sequential(gmm64, x, sched, return_trajectory=True)
+        res = deqkern.sample(gmm64, x, sched, "picard", tol=1e-10, window=5, return_trajectory=True)
+    assert rel_err(res.trajectory, ref.trajectory) < 1e-9
+    assert res.model_evals >= S and res.wall_time > 0
+    assert ref.model_evals == S and ref.rounds == S
