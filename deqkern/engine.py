@@ -15,6 +15,7 @@ Parallel solve, one round (math.md §2-§4), per sample ``b`` with frozen prefix
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,12 +23,15 @@ from typing import Any, Literal, Mapping
 
 import torch
 
+from deqkern._nvtx import annotate
 from deqkern.model import Guidance, ModelEvaluator, ModelFn
 from deqkern.ops import row_mask, scan_residual, step_rows
-from deqkern.schedule import Form, Schedule
-from deqkern.solvers import get_solver
+from deqkern.schedule import Form, Schedule, X0Transform
+from deqkern.solvers import Solver, get_solver
 
 StopRule = Literal["relative", "noise"]
+Execution = Literal["auto", "eager", "static", "graph"]
+log = logging.getLogger("deqkern")
 
 
 @dataclass
@@ -91,35 +95,193 @@ def sample_sequential(
     max_batch: int | None = None,
     model_dtype: torch.dtype | None = None,
     return_trajectory: bool = False,
+    execution: Execution = "auto",
+    rounds_per_graph: int = 10,
 ) -> SampleResult:
     """The oracle: S model calls one after another, ``x[k+1] = step_k(x[k], model(x[k], t_k))``.
 
     ``noise[k]`` is the ``variance_noise`` of step ``k`` in ``schedule.timesteps`` order.
+    ``execution="graph"`` (the default on CUDA) captures ``rounds_per_graph`` steps per CUDA
+    graph — the fair baseline for graphed parallel sampling; ``"eager"`` checks every step's
+    output and can return the trajectory.
     """
     _check_inputs(x_T, schedule, noise)
+    if execution not in ("auto", "eager", "static", "graph"):
+        raise ValueError(f"execution: expected 'auto', 'eager', 'static' or 'graph', got {execution!r}")
     ev = ModelEvaluator(model, model_kwargs or {}, guidance, max_batch, model_dtype)
     ev.check_conditioning(x_T.shape[0])
     batch, shape = x_T.shape[0], x_T.shape
-    coef = schedule.packed(x_T.device, x_T.dtype)
-    ts = schedule.timesteps.to(x_T.device)
-    idx = torch.arange(batch, device=x_T.device)
-    traj = [x_T] if return_trajectory else None
+    if execution == "auto":
+        execution = "graph" if x_T.is_cuda and not return_trajectory else "eager"
+    if return_trajectory and execution != "eager":
+        raise ValueError("return_trajectory: needs execution='eager'")
+    info: dict[str, Any] = {"solver": "sequential", "execution": execution}
     _sync(x_T.device)
     start = time.perf_counter()
-    x = x_T.reshape(batch, -1)
-    for k in range(schedule.num_steps):
-        e = ev(x.reshape(shape), ts[k].expand(batch), idx, round_index=k).reshape(batch, -1)
-        z = None if noise is None else noise[k].reshape(batch, -1)
-        x = step_rows(x, e, z, coef[k].expand(batch, -1), schedule.transform)
-        if traj is not None:
-            traj.append(x.reshape(shape))
+    traj = None
+    if execution == "eager":
+        coef = schedule.packed(x_T.device, x_T.dtype)
+        ts = schedule.timesteps.to(x_T.device)
+        idx = torch.arange(batch, device=x_T.device)
+        traj = [x_T] if return_trajectory else None
+        x = x_T.reshape(batch, -1)
+        for k in range(schedule.num_steps):
+            e = ev(x.reshape(shape), ts[k].expand(batch), idx, round_index=k).reshape(batch, -1)
+            z = None if noise is None else noise[k].reshape(batch, -1)
+            x = step_rows(x, e, z, coef[k].expand(batch, -1), schedule.transform)
+            if traj is not None:
+                traj.append(x.reshape(shape))
+        x0 = x.reshape(shape)
+    else:
+        from deqkern.graphs import run_sequential_static
+
+        x0, extra = run_sequential_static(schedule, x_T, noise, ev, rounds_per_graph, execution == "graph")
+        info.update(extra)
     _sync(x_T.device)
     return SampleResult(
-        x0=x.reshape(shape), converged=torch.ones(batch, dtype=torch.bool), rounds=schedule.num_steps,
+        x0=x0, converged=torch.ones(batch, dtype=torch.bool), rounds=schedule.num_steps,
         model_evals=ev.evaluations, wall_time=time.perf_counter() - start,
         rounds_per_sample=[schedule.num_steps] * batch,
-        trajectory=torch.stack(traj) if traj is not None else None, info={"solver": "sequential"},
+        trajectory=torch.stack(traj) if traj is not None else None, info=info,
     )
+
+
+@dataclass
+class Problem:
+    """Everything constant during one parallel solve, on the solve's device."""
+
+    coef: torch.Tensor  #: [S, 7] step coefficients (COEF_FIELDS order)
+    timesteps: torch.Tensor  #: [S] int64
+    noise_var: torch.Tensor  #: [S] float64, scale of the noise stopping rule
+    noise: torch.Tensor | None  #: [S, B, D]
+    init: torch.Tensor | None  #: [S+1, B, D] warm start by position
+    transform: X0Transform
+    shape: torch.Size  #: x_T.shape
+    width: int
+    tol: float
+    stop: StopRule
+    max_iters: int
+
+    @property
+    def steps(self) -> int:
+        return self.coef.shape[0]
+
+    @property
+    def batch(self) -> int:
+        return self.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return math.prod(self.shape[1:])
+
+
+@dataclass
+class SolveState:
+    """The mutable device state of a solve. Rounds update it *in place* and never sync with the
+    host, so a chunk of rounds can be captured once as a CUDA graph and replayed."""
+
+    xw: torch.Tensor  #: [B, W+1, D] window latents; row 0 is the frozen anchor x[k0]
+    k0: torch.Tensor  #: [B] int64 frozen prefix length (x[0..k0] final)
+    rounds: torch.Tensor  #: () int64 rounds in which some sample was active
+    done_round: torch.Tensor  #: [B] int64 round at which the sample's last row froze (0: not yet)
+    res_log: torch.Tensor  #: [max_iters+1, B] float64 per-round relative residual (last row: scratch)
+    bad_t: torch.Tensor  #: [max_iters+1] int64 largest timestep with non-finite output (-1: none)
+    traj: torch.Tensor | None  #: [S+2, B, D] latents by position (last row: scratch)
+
+    @classmethod
+    def start(cls, p: Problem, x_T: torch.Tensor, return_trajectory: bool) -> "SolveState":
+        b, d, dev = p.batch, p.dim, x_T.device
+        flat = x_T.reshape(b, d)
+        if p.init is None:
+            xw = flat.unsqueeze(1).repeat(1, p.width + 1, 1)
+        else:
+            xw = p.init[: p.width + 1].transpose(0, 1).clone()
+        traj = None
+        if return_trajectory:
+            traj = torch.zeros(p.steps + 2, b, d, device=dev, dtype=x_T.dtype)
+            traj[0] = flat
+        return cls(
+            xw=xw, k0=torch.zeros(b, dtype=torch.int64, device=dev), rounds=torch.zeros((), dtype=torch.int64, device=dev),
+            done_round=torch.zeros(b, dtype=torch.int64, device=dev),
+            res_log=torch.full((p.max_iters + 1, b), float("nan"), dtype=torch.float64, device=dev),
+            bad_t=torch.full((p.max_iters + 1,), -1, dtype=torch.int64, device=dev), traj=traj,
+        )
+
+
+def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, static: bool) -> None:
+    """One round of the parallel solve (see the module docstring), in place on ``st``.
+
+    ``static=False`` evaluates the model on the live rows only (dynamic shapes, host syncs).
+    ``static=True`` evaluates all B*W rows and records non-finite outputs on the device instead
+    of raising, so the round has fixed shapes and no host sync (CUDA-graph capturable).
+    """
+    s, width, batch, dim = p.steps, p.width, p.batch, p.dim
+    dev = st.xw.device
+    j = torch.arange(width, device=dev)
+    b_idx = torch.arange(batch, device=dev)
+    active = (st.k0 < s) & (st.rounds < p.max_iters)
+    n = torch.where(active, (s - st.k0).clamp(max=width), torch.zeros_like(st.k0))
+    live = row_mask(n, width)
+    pos = (st.k0.unsqueeze(1) + j).clamp(max=s - 1)
+    coef = p.coef[pos]
+    t = p.timesteps[pos]
+    log_at = st.rounds.clamp(max=p.max_iters).view(1)
+    with annotate("model"):
+        if static:
+            rows_b = b_idx.unsqueeze(1).expand(batch, width).reshape(-1)
+            out = ev.raw(st.xw[:, :width].reshape(-1, *p.shape[1:]), t.reshape(-1), rows_b)
+            e = torch.where(live.unsqueeze(-1), out.reshape(batch, width, dim), 0.0)
+            bad = live & ~torch.isfinite(e).all(-1)
+            bad_t = torch.where(bad, t, torch.full_like(t, -1)).amax().view(1)
+            st.bad_t.index_copy_(0, log_at, torch.maximum(st.bad_t.index_select(0, log_at), bad_t))
+        else:
+            rows_b = b_idx.unsqueeze(1).expand(batch, width)[live]
+            out = ev(st.xw[:, :width][live].reshape(-1, *p.shape[1:]), t[live], rows_b, int(st.rounds))
+            e = torch.zeros(batch, width, dim, device=dev, dtype=st.xw.dtype)
+            e[live] = out.reshape(-1, dim)
+    z = None if p.noise is None else p.noise[pos, b_idx.unsqueeze(1)]
+    with annotate("scan"):
+        res = scan_residual(st.xw, e, z, coef, n, p.transform, solver.hist_f)
+    # Stopping rule per row; the passing prefix plus one row freezes at its G value.
+    if p.stop == "relative":
+        err = (res.f_sq / res.g_sq.clamp(min=torch.finfo(res.g_sq.dtype).tiny)).sqrt()
+    else:
+        err = (res.f_sq.to(torch.float64) / (dim * p.noise_var[pos])).sqrt()
+    passed = live & (err <= p.tol)
+    lead = passed.to(torch.int64).cumprod(dim=1).sum(dim=1)
+    delta = torch.minimum(lead + 1, n)
+    ratio = ((res.f_sq * live).sum(1) / (res.g_sq * live).sum(1).clamp(min=1e-300)).sqrt().to(torch.float64)
+    st.res_log.index_copy_(0, log_at, torch.where(active, ratio, float("nan")).unsqueeze(0))
+    with annotate("solve+mix"):
+        x_new = solver.update(st.xw[:, 1:], res.g, res.f, res.f_sq, res.gram, live)
+    frozen = j.unsqueeze(0) < delta.unsqueeze(1)
+    x_new = torch.where(frozen.unsqueeze(-1), res.g, x_new)
+    x_new = torch.where(live.unsqueeze(-1), x_new, st.xw[:, 1:])
+    if st.traj is not None:
+        # frozen rows land at their position; the others at the scratch row (no duplicate writes)
+        dest = torch.where(frozen, st.k0.unsqueeze(1) + 1 + j, s + 1)
+        st.traj[dest, b_idx.unsqueeze(1)] = res.g
+    _slide(st, torch.cat([st.xw[:, :1], x_new], dim=1), delta, n, p.init, s)
+    solver.shift(delta)
+    st.done_round.copy_(torch.where((st.k0 + delta == s) & (delta > 0), st.rounds + 1, st.done_round))
+    st.k0.add_(delta)
+    st.rounds.add_(active.any().to(torch.int64))
+
+
+def _slide(
+    st: SolveState, xw: torch.Tensor, delta: torch.Tensor, n: torch.Tensor, init: torch.Tensor | None, s: int
+) -> None:
+    """Shift sample ``b``'s window rows by ``delta[b]`` into ``st.xw``; rows past the computed
+    ones start from ``init`` at their position, or from the last computed row (ParaDiGMS)."""
+    batch, rows, _ = xw.shape
+    j = torch.arange(rows, device=xw.device).unsqueeze(0)
+    src = j + delta.unsqueeze(1)
+    b = torch.arange(batch, device=xw.device).unsqueeze(1)
+    shifted = xw[b, torch.minimum(src, n.unsqueeze(1))]
+    if init is not None:
+        fresh = init[(st.k0.unsqueeze(1) + src).clamp(max=s), b]
+        shifted = torch.where((src > n.unsqueeze(1)).unsqueeze(-1), fresh, shifted)
+    st.xw.copy_(shifted)
 
 
 def sample(
@@ -141,6 +303,8 @@ def sample(
     model_dtype: torch.dtype | None = None,
     init: torch.Tensor | None = None,
     return_trajectory: bool = False,
+    execution: Execution = "auto",
+    rounds_per_graph: int = 4,
     progress: bool = False,
 ) -> SampleResult:
     """Sample by solving the whole chain as one fixed point, all timesteps of a window per model call.
@@ -160,6 +324,11 @@ def sample(
         max_batch: most model rows per call; a round is split into chunks above it.
         init: ``[S, *x_T.shape]`` warm start for positions 1..S (e.g. a previous trajectory).
         return_trajectory: also return all latents ``[S+1, *x_T.shape]``.
+        execution: ``"eager"`` evaluates only live rows and checks convergence every round;
+            ``"static"`` runs fixed-shape, sync-free rounds (all B*W rows) and checks once per
+            ``rounds_per_graph`` rounds; ``"graph"`` captures those rounds as one CUDA graph
+            (falls back to ``"static"`` with the reason logged when capture is impossible);
+            ``"auto"``: graph on CUDA, eager elsewhere.
     """
     _check_inputs(x_T, schedule, noise)
     if form is not None:
@@ -175,116 +344,67 @@ def sample(
         raise ValueError(f"window: expected an int in [1, S={s}], got {window!r}")
     if stop not in ("relative", "noise"):
         raise ValueError(f"stop: expected 'relative' or 'noise', got {stop!r}")
+    if execution not in ("auto", "eager", "static", "graph"):
+        raise ValueError(f"execution: expected 'auto', 'eager', 'static' or 'graph', got {execution!r}")
+    if not isinstance(rounds_per_graph, int) or rounds_per_graph < 1:
+        raise ValueError(f"rounds_per_graph: expected an int >= 1, got {rounds_per_graph!r}")
     if init is not None and (init.shape != (s, *x_T.shape) or init.dtype != x_T.dtype or init.device != x_T.device):
         raise ValueError(f"init: expected {x_T.dtype} of shape {(s, *x_T.shape)} on {x_T.device}, got "
                          f"{init.dtype} {tuple(init.shape)} on {init.device}")
     config, factory = get_solver(solver, solver_options)
-
     ev = ModelEvaluator(model, model_kwargs or {}, guidance, max_batch, model_dtype)
     batch, shape = x_T.shape[0], x_T.shape
     ev.check_conditioning(batch)
-    dim = x_T[0].numel()
     dev, dt = x_T.device, x_T.dtype
-    coef_all = schedule.packed(dev, dt)
-    ts_all = schedule.timesteps.to(dev)
-    var_all = schedule.noise_var.to(dev, torch.float64)
-    noise_f = None if noise is None else noise.reshape(s, batch, dim)
-    init_f = None if init is None else torch.cat([x_T.reshape(1, batch, dim), init.reshape(s, batch, dim)])
+    dim = x_T[0].numel()
+    p = Problem(
+        coef=schedule.packed(dev, dt), timesteps=schedule.timesteps.to(dev),
+        noise_var=schedule.noise_var.to(dev, torch.float64),
+        noise=None if noise is None else noise.reshape(s, batch, dim),
+        init=None if init is None else torch.cat([x_T.reshape(1, batch, dim), init.reshape(s, batch, dim)]),
+        transform=schedule.transform, shape=shape, width=width, tol=float(tol), stop=stop, max_iters=max_iters,
+    )
+    st = SolveState.start(p, x_T, return_trajectory)
     solver_state = factory(config, batch, width, dim, dev, dt)
-
-    b_idx = torch.arange(batch, device=dev)
-    j_idx = torch.arange(width + 1, device=dev)
-    k0 = torch.zeros(batch, dtype=torch.int64, device=dev)
-    if init_f is None:
-        xw = x_T.reshape(batch, 1, dim).repeat(1, width + 1, 1)
-    else:
-        xw = init_f[j_idx.clamp(max=s)].transpose(0, 1).clone()
-    traj = None
-    if return_trajectory:
-        traj = torch.zeros(s + 1, batch, dim, device=dev, dtype=dt)
-        traj[0] = x_T.reshape(batch, dim)
-    residuals: list[list[float]] = []
-    done_round = [max_iters] * batch
-    bar = _progress_bar(progress, s * batch)
+    if execution == "auto":
+        execution = "graph" if dev.type == "cuda" else "eager"
+    info: dict[str, Any] = {}
 
     _sync(dev)
     start = time.perf_counter()
-    rounds = 0
-    while rounds < max_iters and bool((k0 < s).any()):
-        n = (s - k0).clamp(max=width)
-        live = row_mask(n, width)
-        pos = (k0.unsqueeze(1) + j_idx[:width]).clamp(max=s - 1)
-        coef = coef_all[pos]
-        # 1. one batched model call over every live row of every sample
-        rows_b = b_idx.unsqueeze(1).expand(batch, width)[live]
-        x_rows = xw[:, :width][live]
-        out = ev(x_rows.reshape(-1, *shape[1:]), ts_all[pos][live], rows_b, round_index=rounds)
-        e = torch.zeros(batch, width, dim, device=dev, dtype=dt)
-        e[live] = out.reshape(-1, dim)
-        z = None if noise_f is None else noise_f[pos, b_idx.unsqueeze(1)]
-        # 2. fused scan + residual (+ Gram row for Anderson)
-        res = scan_residual(xw, e, z, coef, n, schedule.transform, solver_state.hist_f)
-        # 3. stopping rule per row, freeze the passing prefix plus one
-        if stop == "relative":
-            err = (res.f_sq / res.g_sq.clamp(min=torch.finfo(res.g_sq.dtype).tiny)).sqrt()
-        else:
-            err = (res.f_sq.to(torch.float64) / (dim * var_all[pos])).sqrt()
-        passed = live & (err <= tol)
-        lead = passed.to(torch.int64).cumprod(dim=1).sum(dim=1)
-        delta = torch.minimum(lead + 1, n)
-        sample_res = (res.f_sq * live).sum(1) / (res.g_sq * live).sum(1).clamp(min=1e-300)
-        residuals.append([float(v) if nb > 0 else float("nan") for v, nb in zip(sample_res.sqrt().tolist(), n.tolist())])
-        # 4. solver proposal for the rows that stay in the window
-        x_new = solver_state.update(xw[:, 1:], res.g, res.f, res.f_sq, res.gram, live)
-        frozen = j_idx[:width].unsqueeze(0) < delta.unsqueeze(1)
-        x_new = torch.where(frozen.unsqueeze(-1), res.g, x_new)
-        x_new = torch.where(live.unsqueeze(-1), x_new, xw[:, 1:])
-        xw = torch.cat([xw[:, :1], x_new], dim=1)
-        if traj is not None:
-            fb = b_idx.unsqueeze(1).expand(batch, width)[frozen]
-            traj[(k0.unsqueeze(1) + 1 + j_idx[:width])[frozen], fb] = res.g[frozen]
-        # 5. slide every window by its frozen count
-        xw = _slide(xw, delta, n, k0, init_f, s)
-        solver_state.shift(delta)
-        k0 = k0 + delta
-        rounds += 1
-        for b in torch.nonzero((k0 == s) & (delta > 0)).flatten().tolist():
-            done_round[b] = rounds
+    if execution == "eager":
+        bar = _progress_bar(progress, s * batch)
+        while int(st.rounds) < max_iters and bool((st.k0 < s).any()):
+            before = int(st.k0.sum())
+            run_round(p, st, solver_state, ev, static=False)
+            if bar is not None:
+                bar.update(int(st.k0.sum()) - before)
         if bar is not None:
-            bar.update(int(delta.sum()))
+            bar.close()
+    else:
+        from deqkern.graphs import run_static
+
+        info.update(run_static(p, st, solver_state, ev, rounds_per_graph, use_graph=execution == "graph"))
     _sync(dev)
     wall = time.perf_counter() - start
-    if bar is not None:
-        bar.close()
-    converged = (k0 == s).cpu()
+
+    rounds = int(st.rounds)
+    converged = (st.k0 == s).cpu()
     # converged: row 0 is x[S]; otherwise the last live row is the current estimate of x0
-    last = torch.where(k0 == s, torch.zeros_like(k0), (s - k0).clamp(max=width))
-    x0 = xw[b_idx, last].reshape(shape)
+    last = torch.where(st.k0 == s, torch.zeros_like(st.k0), (s - st.k0).clamp(max=width))
+    x0 = st.xw[torch.arange(batch, device=dev), last].reshape(shape)
+    res_log = st.res_log[:rounds].cpu().tolist()
+    done = st.done_round.cpu().tolist()
     return SampleResult(
         x0=x0, converged=converged, rounds=rounds, model_evals=ev.evaluations, wall_time=wall,
-        residuals=residuals, rounds_per_sample=[min(r, rounds) for r in done_round],
-        trajectory=None if traj is None else traj.reshape(s + 1, *shape),
+        residuals=res_log, rounds_per_sample=[d if d > 0 else rounds for d in done],
+        trajectory=None if st.traj is None else st.traj[: s + 1].reshape(s + 1, *shape),
         info={
             "solver": solver, "config": config, "form": schedule.form, "stop": stop, "tol": tol,
-            "window": width, "fallbacks": getattr(solver_state, "fallbacks", 0),
+            "window": width, "fallbacks": int(getattr(solver_state, "fallbacks", 0)),
+            "execution": execution, **info,
         },
     )
-
-
-def _slide(
-    xw: torch.Tensor, delta: torch.Tensor, n: torch.Tensor, k0: torch.Tensor, init_f: torch.Tensor | None, s: int
-) -> torch.Tensor:
-    """Shift sample ``b``'s window rows by ``delta[b]``; rows past the computed ones start from
-    ``init`` at their position, or from the last computed row (ParaDiGMS' initialisation)."""
-    batch, rows, _ = xw.shape
-    j = torch.arange(rows, device=xw.device).unsqueeze(0)
-    src = j + delta.unsqueeze(1)
-    b = torch.arange(batch, device=xw.device).unsqueeze(1)
-    shifted = xw[b, torch.minimum(src, n.unsqueeze(1))]
-    if init_f is not None:
-        fresh = init_f[(k0.unsqueeze(1) + src).clamp(max=s), b]
-        shifted = torch.where((src > n.unsqueeze(1)).unsqueeze(-1), fresh, shifted)
-    return shifted
 
 
 def _progress_bar(enabled: bool, total: int):

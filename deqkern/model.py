@@ -79,7 +79,18 @@ class ModelEvaluator:
                     raise ValueError(f"model_kwargs[{name!r}]: expected a tensor with leading dim 1 or {batch}, got {shape}")
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, sample_idx: torch.Tensor, round_index: int) -> torch.Tensor:
-        """Model outputs for rows ``x[N, ...]`` at timesteps ``t[N]`` of samples ``sample_idx[N]``."""
+        """Model outputs for rows ``x[N, ...]`` at timesteps ``t[N]`` of samples ``sample_idx[N]``,
+        checked: a non-finite output raises, naming ``round_index`` and the timesteps."""
+        out = self.raw(x, t, sample_idx)
+        rows = x.shape[0]
+        bad = ~torch.isfinite(out.reshape(rows, -1)).all(dim=1)
+        if bool(bad.any()):
+            ts = sorted(set(t[bad].tolist()))
+            raise NonFiniteModelOutput(f"model output is not finite in round {round_index} at timestep(s) {ts}")
+        return out
+
+    def raw(self, x: torch.Tensor, t: torch.Tensor, sample_idx: torch.Tensor) -> torch.Tensor:
+        """Model outputs in ``x``'s dtype, unchecked and without host syncs (CUDA-graph safe)."""
         rows = x.shape[0]
         per_call = self.max_batch or rows
         if self.guidance is not None:
@@ -88,12 +99,8 @@ class ModelEvaluator:
             self._call_chunk(x[i : i + per_call], t[i : i + per_call], sample_idx[i : i + per_call])
             for i in range(0, rows, per_call)
         ]
-        out = torch.cat(outs) if len(outs) > 1 else outs[0]
         self.evaluations += rows
-        bad = ~torch.isfinite(out.reshape(rows, -1)).all(dim=1)
-        if bool(bad.any()):
-            ts = sorted(set(t[bad].tolist()))
-            raise NonFiniteModelOutput(f"model output is not finite in round {round_index} at timestep(s) {ts}")
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]
         return out.to(x.dtype)
 
     def _call_chunk(self, x: torch.Tensor, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

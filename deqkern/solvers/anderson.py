@@ -40,6 +40,9 @@ class AndersonConfig:
 
 
 class AndersonSolver:
+    """Anderson state for B samples x W rows. Every update is in place and free of host syncs
+    (the ring slot lives on the device), so rounds can be captured in a CUDA graph."""
+
     def __init__(self, config: AndersonConfig, batch: int, width: int, dim: int, device, dtype) -> None:
         m = config.history
         self.cfg = config
@@ -47,46 +50,45 @@ class AndersonSolver:
         self.hist_f = torch.zeros(m, batch, width, dim, device=device, dtype=dtype)
         self.gram = torch.zeros(batch, width, m, m, device=device, dtype=torch.float64)
         self.age = torch.zeros(batch, width, device=device, dtype=torch.int64)
-        self.slot_round = torch.full((m,), -(10**9), device=device, dtype=torch.int64)
-        self.count = 0
-        #: problems whose bordered system was singular (fell back to Picard), summed over rounds
-        self.fallbacks = 0
+        self.slot_round = torch.full((m,), -(2**40), device=device, dtype=torch.int64)
+        self.count = torch.zeros((), device=device, dtype=torch.int64)
+        #: live problems whose bordered system was singular (fell back to Picard), all rounds
+        self.fallbacks = torch.zeros((), device=device, dtype=torch.int64)
 
     def update(self, x, g, f, f_sq, gram, live):
         m = self.cfg.history
-        s = self.count % m
-        # Gram row of the new residual against the history *before* slot s is overwritten; the
-        # entry of the overwritten slot is replaced by <f, f>.
-        row = gram.to(torch.float64).clone()
-        row[..., s] = f_sq.to(torch.float64)
-        self.gram[..., s, :] = row
-        self.gram[..., :, s] = row
-        self.hist_x[s] = x
-        self.hist_f[s] = f
-        self.slot_round[s] = self.count
-        self.age = torch.where(live, (self.age + 1).clamp(max=m), self.age)
+        slot = torch.remainder(self.count, m).view(1)
+        # Gram row of the new residual against the history *before* the slot is overwritten;
+        # the overwritten slot's entry becomes <f, f>.
+        row = gram.to(torch.float64).index_copy(-1, slot, f_sq.to(torch.float64).unsqueeze(-1))
+        self.gram.index_copy_(2, slot, row.unsqueeze(2))
+        self.gram.index_copy_(3, slot, row.unsqueeze(3))
+        self.hist_x.index_copy_(0, slot, x.unsqueeze(0))
+        self.hist_f.index_copy_(0, slot, f.unsqueeze(0))
+        self.slot_round.index_copy_(0, slot, self.count.view(1))
+        self.age.copy_(torch.where(live, (self.age + 1).clamp(max=m), self.age))
         valid = (self.count - self.slot_round).view(1, 1, m) < self.age.unsqueeze(-1)
-        newest = torch.full(self.age.shape, s, device=x.device, dtype=torch.int64)
+        newest = slot.expand(self.age.shape)
         if self.cfg.mixing == "row":
             alpha, ok = anderson_weights(self.gram.flatten(0, 1), valid.flatten(0, 1), newest.flatten(), self.cfg.ridge)
             alpha = alpha.view(*self.age.shape, m)
-            self.fallbacks += int((~ok.view(self.age.shape) & live).sum())
+            self.fallbacks.add_((~ok.view(self.age.shape) & live).sum())
         else:
-            alpha = self._sample_weights(valid, newest, live, s)
-        self.count += 1
+            alpha = self._sample_weights(valid, newest, live)
+        self.count.add_(1)
         return anderson_mix(self.hist_x, self.hist_f, alpha, self.cfg.damping)
 
-    def _sample_weights(self, valid, newest, live, s):
+    def _sample_weights(self, valid, newest, live):
         m = self.cfg.history
         oldest = torch.where(live, self.age, torch.zeros_like(self.age)).amax(dim=1, keepdim=True)
         full = live & (self.age == oldest)
         h = (self.gram * full[..., None, None]).sum(1)
         # every full row of a sample has the same valid slots: take them from its first full row
-        first = full.float().argmax(dim=1)
+        first = full.to(torch.int64).argmax(dim=1)
         v = valid[torch.arange(valid.shape[0], device=valid.device), first]
         a, ok = anderson_weights(h, v, newest[:, 0], self.cfg.ridge)
-        self.fallbacks += int((~ok & live.any(1)).sum())
-        picard = torch.nn.functional.one_hot(torch.tensor(s, device=a.device), m).to(a.dtype)
+        self.fallbacks.add_((~ok & live.any(1)).sum())
+        picard = torch.nn.functional.one_hot(newest, m).to(a.dtype)
         return torch.where(full.unsqueeze(-1), a.unsqueeze(1), picard)
 
     def shift(self, delta: torch.Tensor) -> None:
@@ -95,10 +97,10 @@ class AndersonSolver:
         inside = idx < width
         idx = idx.clamp(max=width - 1)
         b = torch.arange(batch, device=delta.device).unsqueeze(1)
-        self.hist_x = self.hist_x[:, b, idx]
-        self.hist_f = self.hist_f[:, b, idx]
-        self.gram = self.gram[b, idx]
-        self.age = torch.where(inside, self.age[b, idx], torch.zeros_like(self.age))
+        self.hist_x.copy_(self.hist_x[:, b, idx])
+        self.hist_f.copy_(self.hist_f[:, b, idx])
+        self.gram.copy_(self.gram[b, idx])
+        self.age.copy_(torch.where(inside, self.age[b, idx], torch.zeros_like(self.age)))
 
 
 register_solver("anderson", AndersonConfig, AndersonSolver)

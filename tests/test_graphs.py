@@ -1,0 +1,150 @@
+"""The graph runner: fixed-shape, sync-free rounds in chunks with one convergence check each.
+
+On CPU the captured-round callable runs eagerly ("static" execution): its results must equal
+the eager solver's (float64 GMM, bound 1e-12 — both run the same arithmetic on the same rows).
+Real capture/replay is GPU-marked: outputs poisoned after capture, replayed, compared
+bit-exactly with the un-captured static run.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import rel_err
+
+import deqkern
+from deqkern.engine import Problem, SolveState, run_round
+from deqkern.graphs import capture
+from deqkern.model import ModelEvaluator
+from deqkern.solvers import get_solver
+
+S = 16
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graph capture)")
+
+
+def _setup(ddim, eta=0.0, batch=2, seed=0):
+    sched = deqkern.Schedule.from_diffusers(ddim, S, eta=eta)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 2, 2, 4, generator=g, dtype=torch.float64)
+    noise = torch.randn(S, batch, 2, 2, 4, generator=g, dtype=torch.float64) if eta else None
+    return sched, x, noise
+
+
+@pytest.mark.parametrize("solver,opts", [("picard", None), ("anderson", {"mixing": "row"}), ("anderson", {"mixing": "sample"})])
+@pytest.mark.parametrize("k", [1, 3, 7])
+@pytest.mark.parametrize("window,eta", [(S, 0.0), (5, 0.5)])
+def test_static_rounds_equal_eager(gmm64, ddim, solver, opts, k, window, eta):
+    sched, x, noise = _setup(ddim, eta)
+    kw = dict(solver=solver, tol=1e-6, window=window, noise=noise, solver_options=opts, return_trajectory=True)
+    with torch.no_grad():
+        eager = deqkern.sample(gmm64, x, sched, execution="eager", **kw)
+        static = deqkern.sample(gmm64, x, sched, execution="static", rounds_per_graph=k, **kw)
+    assert static.info["execution"] == "static" and not static.info["graph"]
+    assert rel_err(static.x0, eager.x0) < 1e-12
+    assert rel_err(static.trajectory, eager.trajectory) < 1e-12
+    assert static.converged.tolist() == eager.converged.tolist()
+    assert static.rounds == eager.rounds and static.rounds_per_sample == eager.rounds_per_sample
+    executed = static.info["rounds_executed"]
+    assert executed % k == 0 and static.rounds <= executed < static.rounds + k
+    # every executed round evaluates all B*W rows; eager evaluates only live rows
+    assert static.model_evals == executed * x.shape[0] * window >= eager.model_evals
+    for a, b in zip(static.residuals, eager.residuals):
+        assert a == pytest.approx(b, rel=1e-9, nan_ok=True)
+
+
+def test_static_respects_max_iters(gmm64, ddim):
+    sched, x, _ = _setup(ddim)
+    with torch.no_grad():
+        res = deqkern.sample(gmm64, x, sched, "anderson", tol=1e-14, max_iters=5, execution="static", rounds_per_graph=4)
+    assert res.rounds == 5 and not res.converged.any() and res.info["rounds_executed"] == 8
+
+
+def test_static_non_finite_output_is_reported(ddim):
+    sched, x, _ = _setup(ddim)
+    bad_t = int(sched.timesteps[2])
+
+    def model(x, t):
+        return torch.where((t == bad_t).view(-1, 1, 1, 1), float("nan"), torch.zeros_like(x))
+
+    with pytest.raises(deqkern.NonFiniteModelOutput, match=rf"round 0 at timestep\(s\) \[{bad_t}\]"):
+        deqkern.sample(model, x, sched, execution="static")
+
+
+def test_graph_request_on_cpu_falls_back_with_reason(gmm64, ddim, caplog):
+    sched, x, _ = _setup(ddim)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="deqkern"):
+        res = deqkern.sample(gmm64, x, sched, execution="graph", tol=1e-6)
+        seq = deqkern.sample_sequential(gmm64, x, sched, execution="graph", rounds_per_graph=5)
+        ref = deqkern.sample_sequential(gmm64, x, sched, execution="eager")
+    assert "CUDA device" in res.info["graph_fallback"] and "CUDA device" in caplog.text
+    assert rel_err(res.x0, ref.x0) < 1e-6
+    assert seq.info["graph_fallback"] and rel_err(seq.x0, ref.x0) < 1e-14 and seq.model_evals == S * 2
+
+
+def test_state_buffers_are_reused_in_place(gmm64, ddim):
+    """Graph replay needs fixed addresses: no round may reallocate solver or solve state."""
+    sched, x, _ = _setup(ddim)
+    p = Problem(
+        coef=sched.packed(dtype=torch.float64), timesteps=sched.timesteps, noise_var=sched.noise_var, noise=None,
+        init=None, transform=sched.transform, shape=x.shape, width=6, tol=1e-6, stop="relative", max_iters=S,
+    )
+    st = SolveState.start(p, x, return_trajectory=True)
+    cfg, factory = get_solver("anderson")
+    solver = factory(cfg, 2, 6, x[0].numel(), x.device, x.dtype)
+    ev = ModelEvaluator(gmm64)
+    from deqkern.graphs import _state_tensors
+
+    before = [t.data_ptr() for t in _state_tensors(st, solver)]
+    with torch.no_grad():
+        for _ in range(3):
+            run_round(p, st, solver, ev, static=True)
+    assert [t.data_ptr() for t in _state_tensors(st, solver)] == before
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_capture_replay_is_bit_exact(ddim):
+    from gmm import GMMDenoiser
+
+    dev = torch.device("cuda")
+    model = GMMDenoiser(ddim.alphas_cumprod, (2, 2, 4), dtype=torch.float32).to(dev)
+    sched, x, _ = _setup(ddim)
+    x = x.float().to(dev)
+    with torch.no_grad():
+        static = deqkern.sample(model, x, sched, execution="static", rounds_per_graph=4, return_trajectory=True)
+        graph = deqkern.sample(model, x, sched, execution="graph", rounds_per_graph=4, return_trajectory=True)
+    assert graph.info["graph"], graph.info
+    assert torch.equal(graph.x0, static.x0) and torch.equal(graph.trajectory, static.trajectory)
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_poisoned_outputs_are_rewritten_by_replay(ddim):
+    from gmm import GMMDenoiser
+
+    dev = torch.device("cuda")
+    model = GMMDenoiser(ddim.alphas_cumprod, (2, 2, 4), dtype=torch.float32).to(dev)
+    sched, x, _ = _setup(ddim)
+    x = x.float().to(dev)
+    p = Problem(
+        coef=sched.packed(dev), timesteps=sched.timesteps.to(dev), noise_var=sched.noise_var.to(dev), noise=None,
+        init=None, transform=sched.transform, shape=x.shape, width=S, tol=1e-5, stop="relative", max_iters=S,
+    )
+    cfg, factory = get_solver("picard")
+    with torch.no_grad():
+        ref = SolveState.start(p, x, True)
+        for _ in range(4):
+            run_round(p, ref, factory(cfg), ModelEvaluator(model), static=True)
+        st = SolveState.start(p, x, True)
+        solver = factory(cfg)
+        graph, reason = capture(lambda: [run_round(p, st, solver, ModelEvaluator(model), True) for _ in range(4)],
+                                [st.xw, st.k0, st.rounds, st.done_round, st.res_log, st.bad_t, st.traj])
+        assert graph is not None, reason
+        st.traj[1:].fill_(float("nan"))
+        st.res_log.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+    assert torch.equal(st.xw, ref.xw) and torch.equal(st.k0, ref.k0)
+    assert torch.equal(st.traj[: int(ref.k0.min()) + 1], ref.traj[: int(ref.k0.min()) + 1])
+    assert torch.equal(st.res_log[:4], ref.res_log[:4])
