@@ -6,7 +6,11 @@ mix iterates of its own position. Two mixing granularities:
 
 * ``mixing="row"`` — separate weights per (sample, timestep) row, as DEQ-DDIM does;
 * ``mixing="sample"`` — one weight vector per sample over all its rows with full history
-  (rows that entered the window too recently to have it take a damped Picard step).
+  (rows that entered the window too recently to have it take a damped Picard step);
+* ``mixing="triangular"`` — triangular Anderson (ParaTAA, Tang et al. 2024): the map is
+  lower-triangular, so row i's least squares uses the residual rows 0..i only — its Gram matrix
+  is the prefix sum of the per-row Gram blocks. Rows enter the window at its end, so ages never
+  increase along a window and row i's valid slots are valid for every row of its prefix.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ class AndersonConfig:
     history: int = 5
     damping: float = 1.0
     ridge: float = 1e-3
-    mixing: Literal["row", "sample"] = "row"
+    mixing: Literal["row", "sample", "triangular"] = "row"
 
     def __post_init__(self) -> None:
         if not isinstance(self.history, int) or not 1 <= self.history <= 8:
@@ -35,8 +39,8 @@ class AndersonConfig:
             raise ValueError(f"damping: expected 0 < damping <= 1, got {self.damping}")
         if not self.ridge >= 0:
             raise ValueError(f"ridge: expected >= 0, got {self.ridge}")
-        if self.mixing not in ("row", "sample"):
-            raise ValueError(f"mixing: expected 'row' or 'sample', got {self.mixing!r}")
+        if self.mixing not in ("row", "sample", "triangular"):
+            raise ValueError(f"mixing: expected 'row', 'sample' or 'triangular', got {self.mixing!r}")
 
 
 class AndersonSolver:
@@ -69,8 +73,11 @@ class AndersonSolver:
         self.age.copy_(torch.where(live, (self.age + 1).clamp(max=m), self.age))
         valid = (self.count - self.slot_round).view(1, 1, m) < self.age.unsqueeze(-1)
         newest = slot.expand(self.age.shape)
-        if self.cfg.mixing == "row":
-            alpha, ok = anderson_weights(self.gram.flatten(0, 1), valid.flatten(0, 1), newest.flatten(), self.cfg.ridge)
+        if self.cfg.mixing in ("row", "triangular"):
+            gram = self.gram
+            if self.cfg.mixing == "triangular":
+                gram = torch.cumsum(self.gram * live[..., None, None], dim=1)
+            alpha, ok = anderson_weights(gram.flatten(0, 1), valid.flatten(0, 1), newest.flatten(), self.cfg.ridge)
             alpha = alpha.view(*self.age.shape, m)
             self.fallbacks.add_((~ok.view(self.age.shape) & live).sum())
         else:
