@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The whole GPU-only measurement in ONE device call (see ../shared/brief/gpu.md):
+#   1. GPU-marked tests + the kernel tests on CUDA tensors (graph capture/replay, Triton vs reference)
+#   2. kernel micro-benchmarks (GB/s vs a measured device-to-device copy)
+#   3. end-to-end timings: graphed parallel vs graphed sequential, CIFAR10-size DDPM UNet, S=100
+#   4. python -m deqkern.bench on the embedded model
+# Results (JSON, logs) land in $OUT; a short table is printed last. Prepare wheels first with
+# bench/gpu_wheels.sh and carry .whl.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
+python3 - <<'PY' | tee "$OUT/versions.txt"
+import torch, triton, deqkern
+print("torch", torch.__version__, "triton", triton.__version__, "deqkern", deqkern.__version__, deqkern.__file__)
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
+PY
+rc=0
+timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_graphs.py tests/test_kernels.py \
+  -m "gpu or not interpreter" --junitxml="$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1 || rc=1
+tail -3 "$OUT/gpu_tests.log"
+timeout 150 python3 -m pytest -q -p no:cacheprovider bench/ --benchmark-only --benchmark-json="$OUT/kernels.json" \
+  > "$OUT/kernels.log" 2>&1 || rc=1
+tail -3 "$OUT/kernels.log"
+timeout 180 python3 bench/e2e_graphs.py --device cuda --model ddpm-cifar10 --steps 100 --batch 1 --out "$OUT" \
+  > "$OUT/e2e.log" 2>&1 || rc=1
+timeout 120 python3 -m deqkern.bench --device cuda --steps 25 100 --out "$OUT/bench" > "$OUT/bench.log" 2>&1 || rc=1
+echo "=== end-to-end (graphed parallel vs graphed sequential) ==="
+tail -8 "$OUT/e2e.log"
+echo "=== deqkern.bench ==="
+tail -20 "$OUT/bench.log"
+exit $rc
