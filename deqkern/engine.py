@@ -24,6 +24,7 @@ from typing import Any, Literal, Mapping
 import torch
 
 from deqkern._nvtx import annotate
+from deqkern.interop import to_torch
 from deqkern.model import Guidance, ModelEvaluator, ModelFn
 from deqkern.ops import row_mask, scan_residual, step_rows
 from deqkern.schedule import Form, Schedule, X0Transform
@@ -103,8 +104,11 @@ def sample_sequential(
     ``noise[k]`` is the ``variance_noise`` of step ``k`` in ``schedule.timesteps`` order.
     ``execution="graph"`` (the default on CUDA) captures ``rounds_per_graph`` steps per CUDA
     graph — the fair baseline for graphed parallel sampling; ``"eager"`` checks every step's
-    output and can return the trajectory.
+    output and can return the trajectory. ``x_T``/``noise`` may be any DLPack array (cupy,
+    numpy, ...); ``x0`` and the trajectory come back as the same kind, zero-copy.
     """
+    x_T, back = to_torch(x_T, "x_T")
+    noise, _ = to_torch(noise, "noise")
     _check_inputs(x_T, schedule, noise)
     if execution not in ("auto", "eager", "static", "graph"):
         raise ValueError(f"execution: expected 'auto', 'eager', 'static' or 'graph', got {execution!r}")
@@ -139,10 +143,10 @@ def sample_sequential(
         info.update(extra)
     _sync(x_T.device)
     return SampleResult(
-        x0=x0, converged=torch.ones(batch, dtype=torch.bool), rounds=schedule.num_steps,
+        x0=back(x0), converged=torch.ones(batch, dtype=torch.bool), rounds=schedule.num_steps,
         model_evals=ev.evaluations, wall_time=time.perf_counter() - start,
         rounds_per_sample=[schedule.num_steps] * batch,
-        trajectory=torch.stack(traj) if traj is not None else None, info=info,
+        trajectory=back(torch.stack(traj)) if traj is not None else None, info=info,
     )
 
 
@@ -324,12 +328,17 @@ def sample(
         max_batch: most model rows per call; a round is split into chunks above it.
         init: ``[S, *x_T.shape]`` warm start for positions 1..S (e.g. a previous trajectory).
         return_trajectory: also return all latents ``[S+1, *x_T.shape]``.
+            ``x_T``, ``noise`` and ``init`` may be any DLPack array (cupy, numpy, ...): ``x0``
+            and the trajectory then come back as the same kind, zero-copy.
         execution: ``"eager"`` evaluates only live rows and checks convergence every round;
             ``"static"`` runs fixed-shape, sync-free rounds (all B*W rows) and checks once per
             ``rounds_per_graph`` rounds; ``"graph"`` captures those rounds as one CUDA graph
             (falls back to ``"static"`` with the reason logged when capture is impossible);
             ``"auto"``: graph on CUDA, eager elsewhere.
     """
+    x_T, back = to_torch(x_T, "x_T")
+    noise, _ = to_torch(noise, "noise")
+    init, _ = to_torch(init, "init")
     _check_inputs(x_T, schedule, noise)
     if form is not None:
         schedule = schedule.with_form(form)
@@ -396,9 +405,9 @@ def sample(
     res_log = st.res_log[:rounds].cpu().tolist()
     done = st.done_round.cpu().tolist()
     return SampleResult(
-        x0=x0, converged=converged, rounds=rounds, model_evals=ev.evaluations, wall_time=wall,
+        x0=back(x0), converged=converged, rounds=rounds, model_evals=ev.evaluations, wall_time=wall,
         residuals=res_log, rounds_per_sample=[d if d > 0 else rounds for d in done],
-        trajectory=None if st.traj is None else st.traj[: s + 1].reshape(s + 1, *shape),
+        trajectory=None if st.traj is None else back(st.traj[: s + 1].reshape(s + 1, *shape)),
         info={
             "solver": solver, "config": config, "form": schedule.form, "stop": stop, "tol": tol,
             "window": width, "fallbacks": int(getattr(solver_state, "fallbacks", 0)),
