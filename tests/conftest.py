@@ -1,11 +1,21 @@
 """Shared fixtures: tiny models and schedulers (CPU, seconds)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+# Tier 2 kernel tests run Triton under its CPU interpreter, which triton decides when it is first
+# imported (diffusers imports it too). Import the dispatch first — it reads TRITON_INTERPRET once,
+# so every other test keeps the reference on CPU — then set the variable before anything can
+# import triton. On CUDA the same kernel tests run compiled.
+import deqkern.ops.dispatch  # noqa: E402,F401  (order matters: see above)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
 

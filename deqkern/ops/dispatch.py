@@ -1,24 +1,96 @@
 """Choose the implementation of each op from the tensors it is given.
 
-Until the Triton kernels land, every op resolves to the reference; ``backend_for`` is the
-single decision point both the ops and the benchmarks ask.
+Triton runs when the main operand is a CUDA tensor, or a CPU tensor while ``TRITON_INTERPRET``
+was set (``1``/``true``/``on``/``yes``, as triton reads it) before this module was imported —
+then triton's interpreter runs the kernels on the CPU, slowly, for tests. Everything else, and
+everything when triton is not installed, runs :mod:`deqkern.ops.reference`. ``backend_for`` is
+the single decision point both the ops and the benchmarks ask. Triton is imported only when a
+Triton path is taken, so ``import deqkern`` stays light.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 from typing import Literal
 
 import torch
 
 from deqkern.ops import reference
+from deqkern.ops.reference import ScanResult
+from deqkern.schedule import X0Transform
 
 Backend = Literal["reference", "triton"]
+AndersonSolve = Literal["kernel", "solve_ex"]
+
+#: Read once, at import: triton reads the variable when a kernel is decorated, so a later change
+#: could not take effect consistently anyway.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+
+#: How the Triton backend solves the bordered Anderson systems: ``"kernel"`` (one Triton program
+#: per system, :mod:`deqkern.kernels.anderson_solve`) or ``"solve_ex"`` (batched
+#: ``torch.linalg.solve_ex``, i.e. the reference). Default ``"kernel"``: one launch and no host
+#: sync instead of the reference's dozen small ops. Which is faster is *not measured yet*.
+ANDERSON_SOLVE: AndersonSolve = "kernel"
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def backend_for(t: torch.Tensor) -> Backend:
     """The backend that will run an op whose main operand is ``t``."""
+    if (t.device.type == "cuda" or (t.device.type == "cpu" and _INTERPRET)) and _triton_installed():
+        return "triton"
     return "reference"
 
 
-scan_residual = reference.scan_residual
-anderson_weights = reference.anderson_weights
-anderson_mix = reference.anderson_mix
+def scan_residual(
+    xw: torch.Tensor,
+    e: torch.Tensor,
+    z: torch.Tensor | None,
+    coef: torch.Tensor,
+    n_rows: torch.Tensor,
+    transform: X0Transform,
+    hist_f: torch.Tensor | None = None,
+) -> ScanResult:
+    """:func:`deqkern.ops.reference.scan_residual`, fused into one Triton kernel on the Triton backend.
+
+    The ``clip_sample`` clamp is fused; dynamic thresholding (``transform.kind == "threshold"``)
+    always runs the reference: its per-row quantile needs all of a latent before any element's
+    step, which the one-pass, D-blocked kernel cannot compute.
+    """
+    if transform.kind == "threshold" or backend_for(xw) == "reference":
+        return reference.scan_residual(xw, e, z, coef, n_rows, transform, hist_f)
+    from deqkern.ops import triton_ops
+
+    return triton_ops.scan_residual(xw, e, z, coef, n_rows, transform, hist_f)
+
+
+def anderson_weights(
+    gram: torch.Tensor, valid: torch.Tensor, newest: torch.Tensor, ridge: float, *, solve: AndersonSolve | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`deqkern.ops.reference.anderson_weights`; ``solve`` (default :data:`ANDERSON_SOLVE`)
+    picks the Triton kernel or ``torch.linalg.solve_ex`` on the Triton backend."""
+    solve = ANDERSON_SOLVE if solve is None else solve
+    if solve not in ("kernel", "solve_ex"):
+        raise ValueError(f"solve: expected 'kernel' or 'solve_ex', got {solve!r}")
+    if solve == "solve_ex" or backend_for(gram) == "reference":
+        return reference.anderson_weights(gram, valid, newest, ridge)
+    from deqkern.ops import triton_ops
+
+    return triton_ops.anderson_weights(gram, valid, newest, ridge)
+
+
+def anderson_mix(
+    hist_x: torch.Tensor, hist_f: torch.Tensor, alpha: torch.Tensor, beta: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`deqkern.ops.reference.anderson_mix`; with ``out`` (any float dtype, any strides, e.g.
+    the model's input buffer) the result is written there and ``out`` returned."""
+    if backend_for(hist_x) == "reference":
+        mixed = reference.anderson_mix(hist_x, hist_f, alpha, beta)
+        return mixed if out is None else out.copy_(mixed)
+    from deqkern.ops import triton_ops
+
+    return triton_ops.anderson_mix(hist_x, hist_f, alpha, beta, out)

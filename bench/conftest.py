@@ -1,0 +1,16 @@
+"""Kernel micro-benchmarks: ``pytest bench/ --benchmark-only`` (``--benchmark-disable``: run once).
+
+Without CUDA the Triton kernels run under triton's CPU interpreter, which has to be switched on
+before anything imports triton (triton reads ``TRITON_INTERPRET`` when a kernel is decorated), so
+it is set here; the sizes are then tiny and the numbers only prove the benchmarks run.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    # a shared small CPU: one thread, as the test suite
+    torch.set_num_threads(1)

@@ -1,0 +1,205 @@
+"""Micro-benchmarks of the per-round ops: Triton kernel vs the eager PyTorch reference vs
+``torch.compile`` of the reference, plus torchdeq's Anderson iteration as the peer.
+
+    pytest bench/ --benchmark-only            # timings (meaningful on a GPU only)
+    pytest bench/ -q --benchmark-disable      # run every benchmark once: do they work?
+
+Each op's bandwidth is computed from the bytes it *must* move (the memory-traffic counts in the
+kernel docstrings) and compared with a device-to-device copy timed the same way
+(``benchmark.extra_info``: ``gbps``, ``copy_gbps``, ``fraction_of_copy``). One timed call is
+``REPS`` launches followed by one device sync (host timer around synchronized work, launch
+overhead amortized); the first call, which compiles, is discarded. On CUDA the sizes are a 64-step
+window of 4 SD latents (4x64x64): N = 4.2M floats per tensor, larger than the L2 of an H100
+together; without CUDA they are tiny and the kernels run under the interpreter (see conftest.py).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import statistics
+import time
+
+import pytest
+import torch
+
+from deqkern.ops import reference
+from deqkern.schedule import X0Transform
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+#: (B, W, D, m): batch, window rows, latent size, Anderson history (DEQ-DDIM's m = 5)
+SIZES = (4, 64, 4 * 64 * 64, 5) if CUDA else (2, 6, 256, 3)
+REPS = 10 if CUDA else 1
+IMPLS = ["triton", "eager", "compiled"]
+
+
+def _sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _timed(fn):
+    """The callable the benchmarks time: ``REPS`` calls, then one device sync."""
+
+    def run():
+        for _ in range(REPS):
+            fn()
+        _sync()
+
+    return run
+
+
+def _median_seconds(fn, rounds: int = 20) -> float:
+    run = _timed(fn)
+    run()  # warm-up
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) / REPS
+
+
+@pytest.fixture(scope="session")
+def copy_gbps() -> float:
+    """Device-to-device copy bandwidth (read + write bytes / s) of one window-sized tensor."""
+    batch, width, dim, _ = SIZES
+    x = torch.randn(batch * width * dim * 4, device=DEVICE)  # 4 tensors' worth: out of L2
+    y = torch.empty_like(x)
+    return 2 * x.numel() * x.element_size() / _median_seconds(lambda: y.copy_(x)) / 1e9
+
+
+def _implementation(impl: str, op: str):
+    """The function ``op`` of ``impl``, or a skip with the reason."""
+    if impl == "triton":
+        if importlib.util.find_spec("triton") is None:
+            pytest.skip("triton is not installed")
+        from deqkern.ops import triton_ops
+
+        return getattr(triton_ops, op)
+    fn = getattr(reference, op)
+    if impl == "compiled":
+        if not CUDA:
+            pytest.skip("torch.compile of the reference is measured on CUDA only: on this CPU it spends "
+                        "tens of seconds compiling C++ per op and the interpreter-sized inputs measure nothing")
+        return torch.compile(fn)
+    return fn
+
+
+def _versions() -> dict[str, str]:
+    out = {"torch": torch.__version__}
+    for name in ("triton", "torchdeq"):
+        if importlib.util.find_spec(name) is not None:
+            out[name] = importlib.metadata.version(name)
+    return out
+
+
+def _bench(benchmark, fn, nbytes: int, copy_gbps: float, group: str) -> None:
+    fn()  # compile / first-launch run, discarded
+    _sync()
+    benchmark.group = group
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name() if CUDA else "cpu (Triton kernels interpreted)", **_versions(),
+        bytes_moved=nbytes, reps_per_call=REPS, copy_gbps=float(f"{copy_gbps:.4g}"),
+        sizes="B={} W={} D={} m={}".format(*SIZES),
+    )
+    benchmark(_timed(fn))
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        gbps = nbytes / (benchmark.stats.stats.median / REPS) / 1e9
+        benchmark.extra_info.update(gbps=float(f"{gbps:.4g}"), fraction_of_copy=float(f"{gbps / copy_gbps:.3g}"))
+
+
+def _scan_args(with_history: bool):
+    batch, width, dim, m = SIZES
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    coef = torch.rand(batch, width, 7, device=DEVICE, generator=g)
+    coef[..., 0] = 1.0  # drift form: the reference takes its cumsum path
+    return dict(
+        xw=torch.randn(batch, width + 1, dim, device=DEVICE, generator=g),
+        e=torch.randn(batch, width, dim, device=DEVICE, generator=g),
+        z=torch.randn(batch, width, dim, device=DEVICE, generator=g),
+        coef=coef, n_rows=torch.full((batch,), width, device=DEVICE),
+        transform=X0Transform("clip", 1.0),
+        hist_f=torch.randn(m, batch, width, dim, device=DEVICE, generator=g) if with_history else None,
+    )
+
+
+def _mix_args():
+    batch, width, dim, m = SIZES
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    alpha = torch.softmax(torch.randn(batch, width, m, device=DEVICE, generator=g, dtype=torch.float64), -1)
+    return dict(
+        hist_x=torch.randn(m, batch, width, dim, device=DEVICE, generator=g),
+        hist_f=torch.randn(m, batch, width, dim, device=DEVICE, generator=g), alpha=alpha, beta=1.0,
+    )
+
+
+def _solve_args():
+    batch, width, _, m = SIZES
+    g = torch.Generator(device=DEVICE).manual_seed(2)
+    f = torch.randn(batch * width, m, 4 * m, device=DEVICE, generator=g, dtype=torch.float64)
+    return dict(
+        gram=f @ f.transpose(1, 2), valid=torch.ones(batch * width, m, dtype=torch.bool, device=DEVICE),
+        newest=torch.zeros(batch * width, dtype=torch.int64, device=DEVICE), ridge=1e-3,
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("with_history", [False, True], ids=["picard", "anderson"])
+def test_scan_residual(benchmark, copy_gbps, impl, with_history):
+    batch, width, dim, m = SIZES
+    fn = _implementation(impl, "scan_residual")
+    args = _scan_args(with_history)
+    # read e, x, z (+ m history rows), write g and f
+    nbytes = (5 + (m if with_history else 0)) * batch * width * dim * 4
+    group = f"scan_residual[{'anderson' if with_history else 'picard'}]"
+    _bench(benchmark, lambda: fn(**args), nbytes, copy_gbps, group)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_anderson_mix(benchmark, copy_gbps, impl):
+    batch, width, dim, m = SIZES
+    fn = _implementation(impl, "anderson_mix")
+    args = _mix_args()
+    _bench(benchmark, lambda: fn(**args), (2 * m + 1) * batch * width * dim * 4, copy_gbps, "anderson_mix")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_anderson_solve(benchmark, copy_gbps, impl):
+    """``B*W`` bordered systems; far from bandwidth-bound (launches and tiny arithmetic): the
+    bytes are reported for completeness, the time per call is the number that matters."""
+    batch, width, _, m = SIZES
+    fn = _implementation(impl, "anderson_weights")
+    args = _solve_args()
+    nbytes = batch * width * ((m * m + m) * 8 + m + 8 + 1)
+    _bench(benchmark, lambda: fn(**args), nbytes, copy_gbps, "anderson_solve")
+
+
+ROUND_ITERS = 8
+
+
+def test_anderson_round_torchdeq(benchmark, copy_gbps):
+    """Peer: one iteration of torchdeq's ``anderson_solver`` (per-row mixing over the B*W rows,
+    m and the ridge as ours, the map ``x -> x/2 + 1`` standing in for the scan), to set against
+    the sum of our three ops; bytes are those of our fused round."""
+    if importlib.util.find_spec("torchdeq") is None:
+        pytest.skip("torchdeq is not installed (pip install torchdeq==0.1.0)")
+    from torchdeq.solver.anderson import anderson_solver
+
+    batch, width, dim, m = SIZES
+    x0 = torch.randn(batch * width, dim, device=DEVICE)
+
+    def solve():  # 2 setup iterations + ROUND_ITERS Anderson iterations, never stopping early
+        anderson_solver(lambda x: 0.5 * x + 1, x0, max_iter=ROUND_ITERS + 2, tol=-1.0, m=m, lam=1e-3, return_final=True)
+
+    nbytes = ROUND_ITERS * (5 + m + 2 * m + 1) * batch * width * dim * 4
+    _bench(benchmark, solve, nbytes, copy_gbps, "anderson_round")
+    benchmark.extra_info["iterations_per_call"] = ROUND_ITERS
+
+
+def test_copy(benchmark, copy_gbps):
+    """The device-to-device copy every ``fraction_of_copy`` refers to, in the same table."""
+    batch, width, dim, _ = SIZES
+    x = torch.randn(batch * width * dim * 4, device=DEVICE)
+    y = torch.empty_like(x)
+    _bench(benchmark, lambda: y.copy_(x), 2 * x.numel() * 4, copy_gbps, "copy")

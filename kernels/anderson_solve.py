@@ -1,0 +1,88 @@
+"""Batched bordered Anderson systems, one tiny Gauss-Jordan elimination per program (math.md §4).
+
+Only ``@triton.jit`` code; the launcher is :func:`deqkern.ops.triton_ops.anderson_weights` and the
+contract :func:`deqkern.ops.reference.anderson_weights`.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _anderson_solve_kernel(
+    gram_ptr, valid_ptr, newest_ptr, alpha_ptr, ok_ptr, ridge,
+    s_gr, s_gi, s_gj,
+    s_vr, s_vk,
+    s_nr,
+    s_ar, s_ak,
+    s_or,
+    M: tl.constexpr, NP: tl.constexpr,
+):
+    """One program solves problem ``r``: the ``(M+1) x (M+1)`` bordered system, in float64,
+
+        [[0, v^T], [v, H v v^T + lam diag(v) + diag(1 - v)]] [nu; a] = [1; 0]
+        lam = ridge * mean(diag H over valid slots) + tiny
+
+    (``v`` = valid mask; an invalid slot gets an identity row, so its weight is exactly 0), by
+    Gauss-Jordan elimination with partial pivoting on an ``[NP, NP]`` register tile (system index
+    0 = the border, ``1 .. M`` = history slots, the padding ``> M`` an identity block). A problem
+    with an exactly zero pivot (as LAPACK's ``info > 0``), a non-finite system or a non-finite
+    solution returns ``a = one_hot(newest)`` and ``ok = 0`` (plain Picard).
+
+    Pointers (element strides explicit): gram ``[R, M, M]`` any float (read as fp64); valid ``[R,
+    M]`` bool; newest ``[R]`` int; alpha ``[R, M]`` fp64 (out); ok ``[R]`` int8 (out).
+    ``ridge`` arrives as a 32-bit scalar (Triton's scalar arguments are 32-bit): the ridge is a
+    relative regulariser, and its fp32 rounding (<= 6e-8 relative) is far below what the weights
+    are sensitive to. Memory: reads M^2 + M + 1, writes M + 1 values per problem; the cost is the
+    ~M^3 register arithmetic and the launch.
+    """
+    r = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, NP)
+    slot = i - 1
+    in_h = (i >= 1) & (i <= M)
+    rows = i[:, None]
+    cols = i[None, :]
+    eye = rows == cols
+    is_h = in_h[:, None] & in_h[None, :]
+    v = tl.load(valid_ptr + r * s_vr + slot * s_vk, mask=in_h, other=0).to(tl.float64)
+    h = tl.load(gram_ptr + r * s_gr + slot[:, None] * s_gi + slot[None, :] * s_gj, mask=is_h, other=0.0)
+    h = h.to(tl.float64)
+    count = tl.maximum(tl.sum(v, axis=0), 1.0)
+    mean_diag = tl.sum(tl.sum(tl.where(eye, h, 0.0), axis=1) * v, axis=0) / count
+    # + the smallest normal fp64 (2**-1022): keeps H = 0 (all residuals zero) solvable, as the reference.
+    lam = ridge * mean_diag + 2.2250738585072014e-308
+    vi = v[:, None]
+    vj = v[None, :]
+    a_sys = tl.where(is_h, h * (vi * vj) + tl.where(eye, lam * vi + (1.0 - vi), 0.0), 0.0)
+    a_sys = tl.where((rows == 0) & (cols >= 1), vj, a_sys)
+    a_sys = tl.where((cols == 0) & (rows >= 1), vi, a_sys)
+    a_sys = tl.where(eye & (rows > M), 1.0, a_sys)
+    rhs = tl.where(i == 0, 1.0, 0.0).to(tl.float64)
+    # failures are counted in an int32, not or-ed into a bool: scalar bool ops trip the CPU
+    # interpreter of triton 3.9
+    n_fail = tl.sum(tl.sum(tl.where(tl.abs(a_sys) < float("inf"), 0, 1), axis=1), axis=0)
+    for c in tl.static_range(M + 1):
+        col = tl.sum(tl.where(cols == c, a_sys, 0.0), axis=1)
+        p = tl.argmax(tl.where((i >= c) & (i <= M), tl.abs(col), -1.0), axis=0)
+        row_c = tl.sum(tl.where(rows == c, a_sys, 0.0), axis=0)
+        row_p = tl.sum(tl.where(rows == p, a_sys, 0.0), axis=0)
+        rhs_c = tl.sum(tl.where(i == c, rhs, 0.0), axis=0)
+        rhs_p = tl.sum(tl.where(i == p, rhs, 0.0), axis=0)
+        col_c = tl.sum(tl.where(i == c, col, 0.0), axis=0)
+        piv = tl.sum(tl.where(i == p, col, 0.0), axis=0)
+        # swap rows c and p (a no-op when p == c)
+        a_sys = tl.where(rows == c, row_p[None, :], tl.where(rows == p, row_c[None, :], a_sys))
+        rhs = tl.where(i == c, rhs_p, tl.where(i == p, rhs_c, rhs))
+        col = tl.where(i == c, piv, tl.where(i == p, col_c, col))
+        n_fail += tl.where(piv == 0.0, 1, 0)
+        # eliminate column c from every other row (above and below: Gauss-Jordan)
+        factor = tl.where(i == c, 0.0, col / piv)
+        a_sys = a_sys - factor[:, None] * row_p[None, :]
+        rhs = rhs - factor * rhs_p
+    x = rhs / tl.sum(tl.where(eye, a_sys, 0.0), axis=1)
+    n_fail += tl.sum(tl.where(in_h, tl.where(tl.abs(x) < float("inf"), 0, 1), 0), axis=0)
+    newest = tl.load(newest_ptr + r * s_nr)
+    a = tl.where(n_fail > 0, tl.where(slot == newest, 1.0, 0.0), x)
+    tl.store(alpha_ptr + r * s_ar + slot * s_ak, a.to(tl.float64), mask=in_h)
+    tl.store(ok_ptr + r * s_or, tl.where(n_fail > 0, 0, 1).to(tl.int8))

@@ -1,0 +1,199 @@
+"""Compile every Triton kernel ahead of time for sm_80 and sm_90 on a machine without a GPU.
+
+    python -m deqkern.kernels.aot [--out bench/results/aot_cpu.json]
+
+For each launch configuration the launchers can produce (the block sizes of
+:mod:`deqkern.kernels._launch`, history lengths, dtypes), lowers the kernel through Triton to a
+cubin with the ptxas bundled in the triton wheel, and reads the registers per thread and the local
+memory (spills) from the cubin with the bundled ``cuobjdump`` (``n_spills`` = local bytes / 4,
+the same unit as ``CompiledKernel.n_spills``, which triton 3.9 only fills in when it loads the
+binary on a GPU). Prints a table, writes it as JSON, exits 1 if any configuration spills.
+
+The configurations are typical *contiguous* calls, as the JIT would specialize them: unit strides
+are compile-time 1, pointers and the row strides of the ``[.., D]`` tensors 16-divisible (D a
+multiple of 16). Must run without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit``
+returns Python functions, which cannot be compiled).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import triton
+import triton.language as tl
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+
+from deqkern.kernels._launch import (
+    MAX_BLOCK_D, MIN_BLOCK_D, SCAN_STAGES, next_pow2, num_warps_for, scan_block_d,
+)
+
+ARCHS = (80, 90)
+_FLOAT_ARGS = ("clip_range", "ridge", "beta")
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch configuration of one kernel."""
+
+    module: str  #: module under deqkern.kernels
+    kernel: str  #: the @triton.jit function in it
+    label: str
+    pointers: dict[str, str]  #: pointer argument -> Triton element type ("fp32", "i64", ...)
+    constexprs: dict[str, object]
+    num_warps: int
+    unit: tuple[str, ...] = ()  #: stride arguments equal to 1 (specialized away, as the JIT does)
+    aligned: tuple[str, ...] = ()  #: integer arguments divisible by 16
+
+
+def _scan_config(dtype: str, block: int, m: int, clip: bool, has_z: bool) -> Config:
+    acc = "fp64" if dtype == "fp64" else "fp32"
+    return Config(
+        "scan_residual", "_scan_residual_kernel", f"{dtype} BLOCK_D={block} m={m} clip={int(clip)} z={int(has_z)}",
+        pointers={"xw_ptr": dtype, "e_ptr": dtype, "z_ptr": dtype, "coef_ptr": dtype, "nrows_ptr": "i64",
+                  "hist_ptr": dtype, "g_ptr": dtype, "f_ptr": dtype, "part_ptr": acc},
+        constexprs={"HAS_Z": has_z, "CLIP": clip, "M": m, "M_PAD": next_pow2(max(m, 1)),
+                    "ACC": tl.float64 if dtype == "fp64" else tl.float32, "BLOCK_D": block,
+                    "NUM_STAGES": SCAN_STAGES},
+        num_warps=num_warps_for(block),
+        unit=("s_xd", "s_ed", "s_zd", "s_cc", "s_nb", "s_hd", "s_gd", "s_fd", "s_pc"),
+        aligned=("D", "s_xb", "s_xj", "s_eb", "s_ej", "s_zb", "s_zj", "s_hk", "s_hb", "s_hj", "s_gb", "s_gj",
+                 "s_fb", "s_fj"),
+    )
+
+
+def _solve_config(m: int) -> Config:
+    return Config(
+        "anderson_solve", "_anderson_solve_kernel", f"fp64 m={m}",
+        pointers={"gram_ptr": "fp64", "valid_ptr": "i1", "newest_ptr": "i64", "alpha_ptr": "fp64", "ok_ptr": "i8"},
+        constexprs={"M": m, "NP": next_pow2(m + 1)}, num_warps=1,
+        unit=("s_gj", "s_vk", "s_nr", "s_ak", "s_or"),
+    )
+
+
+def _mix_config(dtype: str, out: str, block: int, m: int) -> Config:
+    return Config(
+        "anderson_mix", "_anderson_mix_kernel", f"{dtype}->{out} BLOCK_D={block} m={m}",
+        pointers={"hx_ptr": dtype, "hf_ptr": dtype, "alpha_ptr": "fp64", "out_ptr": out},
+        constexprs={"M": m, "ACC": tl.float64 if dtype == "fp64" else tl.float32, "BLOCK_D": block},
+        num_warps=num_warps_for(block), unit=("s_xd", "s_fd", "s_ak", "s_od"),
+        aligned=("D", "s_xk", "s_xb", "s_xj", "s_fk", "s_fb", "s_fj", "s_ob", "s_oj"),
+    )
+
+
+def configs() -> list[Config]:
+    """Every block size the heuristics can pick for the lightest and the heaviest variant of each
+    kernel in fp32, and the low-precision and fp64 variants at their largest block."""
+    blocks = [MIN_BLOCK_D << i for i in range((MAX_BLOCK_D // MIN_BLOCK_D).bit_length())]
+    elem_bytes = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
+
+    def scan_max_block(dtype: str, m: int, has_z: bool) -> int:
+        # the largest block the launcher can pick: its shared-memory budget's, for a large latent
+        return scan_block_d(1 << 20, 1, 2 + has_z + m, elem_bytes[dtype], None)
+
+    out = []
+    for m, heavy in ((0, False), (8, True)):
+        largest = scan_max_block("fp32", m, heavy)
+        out.extend(_scan_config("fp32", block, m, heavy, heavy) for block in blocks if block <= largest)
+    for dtype in ("fp16", "bf16", "fp64"):
+        out.append(_scan_config(dtype, scan_max_block(dtype, 8, True), 8, True, True))
+    out.extend(_solve_config(m) for m in range(1, 9))
+    for block in blocks:
+        out.append(_mix_config("fp32", "fp32", block, 8))
+    out.append(_mix_config("fp32", "fp16", MAX_BLOCK_D, 8))
+    out.append(_mix_config("bf16", "bf16", MAX_BLOCK_D, 8))
+    out.append(_mix_config("fp64", "fp64", MAX_BLOCK_D, 8))
+    return out
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, local-memory bytes per thread) of the cubin's kernel."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run(
+            [knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
+    match = re.search(r"REG:(\d+) .*LOCAL:(\d+)", text)
+    if match is None:
+        raise RuntimeError(f"cuobjdump: no resource usage in\n{text}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def compile_config(cfg: Config, cc: int) -> dict[str, object]:
+    """Compile ``cfg`` for compute capability ``cc``; registers, spills and shared memory."""
+    fn = getattr(importlib.import_module(f"deqkern.kernels.{cfg.module}"), cfg.kernel)
+    signature, constexprs, attrs = {}, dict(cfg.constexprs), {}
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
+        if param.is_constexpr or name in cfg.unit:
+            signature[name] = "constexpr"
+            constexprs.setdefault(name, 1)
+        elif name in cfg.pointers:
+            signature[name] = "*" + cfg.pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "fp32" if name in _FLOAT_ARGS else "i32"
+            if name in cfg.aligned:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": cfg.num_warps})
+    regs, local = _resource_usage(compiled.asm["cubin"])
+    return {
+        "kernel": cfg.kernel, "config": cfg.label, "sm": cc, "num_warps": cfg.num_warps,
+        "n_regs": regs, "n_spills": local // 4, "shared_bytes": compiled.metadata.shared,
+        # loads software-pipelined through shared memory (the scan kernel's row loop)
+        "cp_async": "cp.async" in compiled.asm["ptx"],
+    }
+
+
+def run() -> dict[str, object]:
+    """Compile every configuration for every architecture; the JSON-ready report."""
+    if knobs.runtime.interpret:
+        raise SystemExit("deqkern.kernels.aot: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
+    rows = [compile_config(cfg, cc) for cfg in configs() for cc in ARCHS]
+    return {
+        "what": "registers/spills per thread of every Triton kernel config, compiled AOT on a CPU machine",
+        "date": datetime.date.today().isoformat(),
+        "triton": triton.__version__,
+        "ptxas": str(knobs.nvidia.ptxas.version),
+        "rows": rows,
+    }
+
+
+def format_table(report: dict[str, object]) -> str:
+    """One line per (configuration, architecture)."""
+    lines = [
+        f"{'kernel':<24} {'config':<36} {'sm':>3} {'warps':>5} {'regs':>5} {'spills':>6} {'smem':>6} "
+        f"{'pipelined':>9}"
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"{r['kernel']:<24} {r['config']:<36} {r['sm']:>3} {r['num_warps']:>5} {r['n_regs']:>5} "
+            f"{r['n_spills']:>6} {r['shared_bytes']:>6} {str(r['cp_async']):>9}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results/aot_cpu.json", help="where to write the JSON report")
+    args = parser.parse_args(argv)
+    report = run()
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(format_table(report))
+    print(f"written to {path}")
+    return 1 if any(r["n_spills"] for r in report["rows"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,409 @@
+"""Tier 2 (and 3): the Triton kernels against the float64 reference.
+
+Without CUDA the kernels run under triton's CPU interpreter (marker ``interpreter``); on a CUDA
+machine the same tests run the compiled kernels on CUDA tensors (marker ``gpu``), plus a CUDA
+graph capture/replay test. Triton decides whether ``@triton.jit`` compiles or interprets when a
+kernel is *decorated* (and decorates its own standard library when triton is first imported), so
+``TRITON_INTERPRET=1`` is set here at collection, before anything imports triton, and the
+launchers are imported inside the fixture. :mod:`deqkern.ops.dispatch` is imported *before* the
+variable is set: it reads it once, so the rest of the session keeps running CPU ops on the
+reference. The engine under the kernels runs in a subprocess (:func:`test_engine_on_kernels`).
+
+Inputs are fresh random fp32 (the interpreter's comfortable dtype) unless stated; every buffer the
+launchers allocate starts as NaN so an element a kernel forgets to write fails the comparison.
+Bounds are norm-wise relative errors against the float64 reference of the same inputs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+import deqkern.ops.dispatch  # first, before TRITON_INTERPRET is set: see above
+from deqkern.ops import reference
+from deqkern.schedule import X0Transform
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+_TRITON_PRELOADED = "triton" in sys.modules and "TRITON_INTERPRET" not in os.environ
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytestmark = pytest.mark.gpu if CUDA else pytest.mark.interpreter
+
+RTOL_ROWS = 1e-5  # g, f, mixed iterate: a handful of fp32 roundings per element
+RTOL_SUMS = 1e-4  # norms and Gram row: fp32 sums over D
+RTOL_SOLVE = 1e-9  # Anderson weights: both in float64
+
+
+@pytest.fixture(scope="module")
+def ops():
+    """:mod:`deqkern.ops.triton_ops`, interpreted on CPU / compiled on CUDA (skips with the reason
+    when that cannot be arranged)."""
+    pytest.importorskip("triton")
+    if not CUDA:
+        if _TRITON_PRELOADED:
+            pytest.skip("triton was imported before TRITON_INTERPRET could be set; run this file on its own")
+        if os.environ["TRITON_INTERPRET"].lower() not in ("1", "true", "on", "yes"):
+            pytest.skip(f"no CUDA and TRITON_INTERPRET={os.environ['TRITON_INTERPRET']} set by the environment")
+    from deqkern.ops import triton_ops
+
+    return triton_ops
+
+
+def dev(args: dict) -> dict:
+    """The tensors of ``args`` on the test device (inputs are drawn on the CPU: same on both)."""
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+
+
+def f64(args: dict) -> dict:
+    """The float tensors of ``args`` in float64 on the CPU: the reference's inputs."""
+    return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in args.items()}
+
+
+@contextmanager
+def poisoned_allocations():
+    """Every ``torch.empty`` (the launchers' only allocator) returns NaN (integers: 127)."""
+    real = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else 127)
+
+    torch.empty = empty
+    try:
+        yield
+    finally:
+        torch.empty = real
+
+
+def check(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float) -> None:
+    """Relative L2 error ``||got - want|| / ||want||`` in float64 within ``rtol``; the NaN/inf
+    patterns must agree; the message names the worst element."""
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    g, w = got.detach().cpu().double(), want.detach().cpu().double()
+    finite = torch.isfinite(w)
+    mismatch = torch.isfinite(g) != finite
+    if mismatch.any():
+        idx = tuple(torch.nonzero(mismatch)[0].tolist())
+        raise AssertionError(f"{name}: non-finite mismatch at {idx}: got {g[idx].item()}, want {w[idx].item()}")
+    diff = (g - w).where(finite, torch.zeros_like(g))
+    err = float(diff.norm() / w.where(finite, torch.zeros_like(w)).norm().clamp(min=1e-300))
+    if err > rtol:
+        idx = tuple(torch.nonzero(diff.abs() == diff.abs().max())[0].tolist())
+        raise AssertionError(
+            f"{name}: relative error {err:.2e} > {rtol:.0e}; worst at {idx}: got {g[idx].item()}, want {w[idx].item()}"
+        )
+
+
+# ---------------------------------------------------------------------------------- scan-residual
+def _scan_inputs(batch, width, dim, m, form, has_z, n_rows, gen, dtype=torch.float32):
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    coef = torch.rand(batch, width, 7, generator=gen, dtype=torch.float64) * 2 - 1
+    coef[..., 0] = 1.0 if form == "drift" else 0.9 + 0.2 * torch.rand(batch, width, generator=gen)
+    coef[..., 6] = coef[..., 6].abs() * 0.5  # sigma >= 0
+    return dict(
+        xw=randn(batch, width + 1, dim), e=randn(batch, width, dim), z=randn(batch, width, dim) if has_z else None,
+        coef=coef.to(dtype), n_rows=torch.tensor(n_rows, dtype=torch.int64),
+        hist_f=randn(m, batch, width, dim) if m else None,
+    )
+
+
+SCAN_CASES = [
+    # (B, W, D, block_d, m, form, clip, z, n_rows): W not a power of two, D not a multiple of the
+    # block, several D-blocks, dead rows (n < W, n = 0), W = 1, every history length class
+    (1, 5, 37, None, 0, "drift", False, False, [4]),
+    (3, 7, 300, 128, 3, "scan", False, True, [7, 5, 0]),
+    (3, 7, 300, 128, 8, "drift", True, True, [7, 5, 0]),
+    (1, 6, 513, 256, 1, "scan", False, False, [6]),
+    (3, 1, 130, 128, 3, "drift", True, False, [1, 0, 1]),
+    (2, 4, 16, None, 8, "scan", False, True, [2, 4]),
+]
+
+
+@pytest.mark.parametrize("batch,width,dim,block,m,form,clip,has_z,n_rows", SCAN_CASES)
+def test_scan_residual_matches_reference(ops, batch, width, dim, block, m, form, clip, has_z, n_rows):
+    gen = torch.Generator().manual_seed(batch * 1000 + width * 100 + dim + m)
+    args = _scan_inputs(batch, width, dim, m, form, has_z, n_rows, gen)
+    transform = X0Transform("clip", 0.8) if clip else X0Transform()
+    with poisoned_allocations():
+        got = ops.scan_residual(**dev(args), transform=transform, block_d=block)
+    want = reference.scan_residual(**f64(args), transform=transform)
+    check("g", got.g, want.g, RTOL_ROWS)
+    check("f", got.f, want.f, RTOL_ROWS)
+    check("f_sq", got.f_sq, want.f_sq, RTOL_SUMS)
+    check("g_sq", got.g_sq, want.g_sq, RTOL_SUMS)
+    if m:
+        check("gram", got.gram, want.gram, RTOL_SUMS)
+    else:
+        assert got.gram is None
+    assert got.g.dtype == got.f.dtype == torch.float32 and got.f_sq.dtype == torch.float32
+    for b, n in enumerate(n_rows):  # dead rows: exactly the iterate, exactly zero residual
+        assert torch.equal(got.g[b, n:].cpu(), args["xw"][b, n + 1:])
+        assert not got.f[b, n:].any() and not got.f_sq[b, n:].any()
+        if m:
+            assert not got.gram[b, n:].any()
+
+
+def test_scan_residual_clip_changes_the_answer(ops):
+    """The clip branch is live in the cases above: clamping changes g."""
+    args = _scan_inputs(1, 4, 64, 0, "drift", False, [4], torch.Generator().manual_seed(5))
+    clipped = ops.scan_residual(**dev(args), transform=X0Transform("clip", 0.8))
+    plain = ops.scan_residual(**dev(args), transform=X0Transform("clip", 100.0))
+    assert (clipped.g - plain.g).abs().max() > 1e-2
+
+
+def test_scan_residual_fp64_is_exact_to_fp64(ops):
+    args = _scan_inputs(2, 5, 100, 3, "scan", True, [5, 3], torch.Generator().manual_seed(3), torch.float64)
+    got = ops.scan_residual(**dev(args), transform=X0Transform("clip", 0.8), block_d=128)
+    want = reference.scan_residual(**args, transform=X0Transform("clip", 0.8))
+    assert got.g.dtype == got.f_sq.dtype == torch.float64
+    for name in ("g", "f", "f_sq", "g_sq", "gram"):
+        check(name, getattr(got, name), getattr(want, name), 1e-12)
+
+
+def test_scan_residual_fp16_inputs(ops):
+    """fp16 in and out, fp32 accumulation; the bound is fp16 rounding of the stored g and f."""
+    args = _scan_inputs(2, 5, 100, 3, "drift", True, [5, 2], torch.Generator().manual_seed(4), torch.float16)
+    got = ops.scan_residual(**dev(args), transform=X0Transform(), block_d=128)
+    want = reference.scan_residual(**f64(args), transform=X0Transform())
+    assert got.g.dtype == torch.float16 and got.f_sq.dtype == torch.float32
+    check("g", got.g, want.g, 2e-3)
+    check("f", got.f, want.f, 2e-3)
+    check("gram", got.gram, want.gram, 2e-3)
+
+
+def test_scan_residual_rejects_bad_input(ops):
+    args = dev(_scan_inputs(1, 3, 8, 0, "drift", False, [3], torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="threshold"):
+        ops.scan_residual(**args, transform=X0Transform("threshold"))
+    with pytest.raises(ValueError, match="e: expected shape"):
+        ops.scan_residual(**{**args, "e": args["e"][:, :2]}, transform=X0Transform())
+    with pytest.raises(TypeError, match="z: expected dtype"):
+        ops.scan_residual(**{**args, "z": args["e"].double()}, transform=X0Transform())
+    with pytest.raises(ValueError, match="block_d"):
+        ops.scan_residual(**args, transform=X0Transform(), block_d=96)
+    with pytest.raises(ValueError, match="hist_f: expected 1 to 8"):
+        ops.scan_residual(**{**args, "hist_f": torch.zeros(9, 1, 3, 8, device=DEVICE)}, transform=X0Transform())
+
+
+# ---------------------------------------------------------------------------------- Anderson solve
+def _spd_problems(r, m, gen):
+    """Grams of random residual sets of very different scales, random masks with ``newest`` valid."""
+    f = torch.randn(r, m, 3 * m, generator=gen, dtype=torch.float64)
+    f = f * torch.logspace(-3, 3, r, dtype=torch.float64).view(r, 1, 1)
+    gram = f @ f.transpose(1, 2)
+    valid = torch.rand(r, m, generator=gen) < 0.7
+    newest = torch.randint(0, m, (r,), generator=gen)
+    valid[torch.arange(r), newest] = True
+    return gram, valid, newest
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("ridge", [1e-3, 0.0])
+def test_anderson_solve_matches_reference(ops, m, ridge):
+    gram, valid, newest = _spd_problems(24, m, torch.Generator().manual_seed(m))
+    with poisoned_allocations():
+        alpha, ok = ops.anderson_weights(gram.to(DEVICE), valid.to(DEVICE), newest.to(DEVICE), ridge)
+    alpha, ok = alpha.cpu(), ok.cpu()
+    want_alpha, want_ok = reference.anderson_weights(gram, valid, newest, ridge)
+    assert alpha.dtype == torch.float64 and ok.dtype == torch.bool
+    assert torch.equal(ok, want_ok) and bool(ok.all())
+    check("alpha", alpha, want_alpha, RTOL_SOLVE)
+    assert torch.allclose(alpha.sum(-1), torch.ones(24, dtype=torch.float64))
+    assert not alpha[~valid].any()  # invalid slots get exactly zero weight
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # the interpreter divides by the zero pivot
+def test_anderson_solve_singular_and_degenerate(ops):
+    m = 3
+    gram, valid, newest = _spd_problems(5, m, torch.Generator().manual_seed(9))
+    valid[0] = False  # no usable slot: the border row is zero, singular -> fallback
+    gram[1] = 1.0  # three identical residuals, no ridge: exactly singular -> fallback
+    valid[1] = True
+    gram[2, 1, 1] = float("nan")  # non-finite Gram -> fallback
+    valid[2, 1] = True
+    gram[3] = 0.0  # converged rows (all residuals zero): the ridge floor keeps it solvable
+    valid[3] = True
+    alpha, ok = ops.anderson_weights(gram.to(DEVICE), valid.to(DEVICE), newest.to(DEVICE), 0.0)
+    alpha, ok = alpha.cpu(), ok.cpu()
+    want_alpha, want_ok = reference.anderson_weights(gram, valid, newest, 0.0)
+    assert ok.tolist() == want_ok.tolist() == [False, False, False, True, True]
+    fallback = torch.nn.functional.one_hot(newest[:3], m).double()
+    assert torch.equal(alpha[:3], fallback)
+    check("alpha", alpha, want_alpha, RTOL_SOLVE)
+    assert torch.allclose(alpha[3], torch.full((m,), 1 / m, dtype=torch.float64))
+
+
+def test_anderson_solve_option(ops):
+    """Both solve paths of the dispatcher agree with the reference (on CPU in this process both
+    are the reference: see the module docstring), and a bad name is refused."""
+    gram, valid, newest = _spd_problems(6, 3, torch.Generator().manual_seed(2))
+    want = reference.anderson_weights(gram, valid, newest, 1e-3)
+    gram, valid, newest = gram.to(DEVICE), valid.to(DEVICE), newest.to(DEVICE)
+    for solve in ("kernel", "solve_ex"):
+        alpha, ok = deqkern.ops.dispatch.anderson_weights(gram, valid, newest, 1e-3, solve=solve)
+        check("alpha", alpha, want[0], RTOL_SOLVE)
+        assert torch.equal(ok.cpu(), want[1])
+    with pytest.raises(ValueError, match="solve"):
+        deqkern.ops.dispatch.anderson_weights(gram, valid, newest, 1e-3, solve="lu")
+
+
+# ---------------------------------------------------------------------------------- Anderson mix
+def _mix_inputs(m, batch, width, dim, gen):
+    """``(hist_x, hist_f, alpha)`` drawn on the CPU, returned on the test device."""
+    hx = torch.randn(m, batch, width, dim, generator=gen)
+    hf = torch.randn(m, batch, width, dim, generator=gen)
+    alpha = torch.randn(batch, width, m, generator=gen, dtype=torch.float64)
+    return hx.to(DEVICE), hf.to(DEVICE), alpha.to(DEVICE)
+
+
+def _mix_reference(hx, hf, alpha, beta):
+    return reference.anderson_mix(hx.cpu().double(), hf.cpu().double(), alpha.cpu(), beta)
+
+
+@pytest.mark.parametrize("m,batch,width,dim,block", [(1, 1, 5, 37, None), (3, 3, 7, 300, 128), (8, 2, 3, 513, 256)])
+def test_anderson_mix_matches_reference(ops, m, batch, width, dim, block):
+    hx, hf, alpha = _mix_inputs(m, batch, width, dim, torch.Generator().manual_seed(m + dim))
+    with poisoned_allocations():
+        got = ops.anderson_mix(hx, hf, alpha, 0.7, block_d=block)
+    assert got.dtype == torch.float32 and got.shape == (batch, width, dim)
+    check("x_new", got, _mix_reference(hx, hf, alpha, 0.7), RTOL_ROWS)
+
+
+def test_anderson_mix_into_strided_out(ops):
+    """``out`` a strided view (stride 2 along D, batch and window swapped): written in place, the
+    elements between the view's stay untouched."""
+    m, batch, width, dim = 3, 3, 5, 200
+    hx, hf, alpha = _mix_inputs(m, batch, width, dim, torch.Generator().manual_seed(7))
+    buf = torch.full((width, batch, 2 * dim + 1), float("nan"), device=DEVICE)
+    out = buf.transpose(0, 1)[..., 1::2]
+    got = ops.anderson_mix(hx, hf, alpha, 1.0, out=out, block_d=128)
+    assert got.data_ptr() == out.data_ptr()
+    check("x_new", out, _mix_reference(hx, hf, alpha, 1.0), RTOL_ROWS)
+    assert buf[..., 0::2].isnan().all()
+
+
+def test_anderson_mix_into_fp16_out(ops):
+    """The model-dtype path: fp32 history, fp16 output, rounded once from the fp32 sum."""
+    m, batch, width, dim = 8, 2, 3, 130
+    hx, hf, alpha = _mix_inputs(m, batch, width, dim, torch.Generator().manual_seed(8))
+    out = torch.full((batch, width, dim), float("nan"), dtype=torch.float16, device=DEVICE)
+    ops.anderson_mix(hx, hf, alpha, 0.5, out=out)
+    want = _mix_reference(hx, hf, alpha, 0.5)
+    check("x_new", out, want, 1e-3)
+    assert torch.equal(out.cpu(), want.float().half())  # one rounding: the fp32 sum differs from fp64 by << fp16 ulp
+
+
+def test_anderson_mix_bf16_history(ops):
+    m, batch, width, dim = 3, 1, 2, 40
+    hx, hf, alpha = _mix_inputs(m, batch, width, dim, torch.Generator().manual_seed(1))
+    try:
+        got = ops.anderson_mix(hx.bfloat16(), hf.bfloat16(), alpha, 1.0)
+    except Exception as err:  # noqa: BLE001 - whatever the interpreter raises, the reason is shown
+        if CUDA:
+            raise
+        pytest.skip(f"triton's CPU interpreter cannot run bfloat16 here: {type(err).__name__}: {err}")
+    check("x_new", got, _mix_reference(hx.bfloat16(), hf.bfloat16(), alpha, 1.0), 1e-2)
+
+
+# ---------------------------------------------------------------------------------- CUDA graphs
+@pytest.mark.gpu
+def test_round_of_kernels_replays_in_a_cuda_graph(ops):
+    """scan + solve + mix captured once, outputs poisoned after capture, replayed: bit-identical
+    to eager launches (fixed launch configs, no atomics, no host sync inside the round)."""
+    if not CUDA:
+        pytest.skip("needs a CUDA device (CUDA graph capture)")
+    m, batch, width, dim = 5, 2, 9, 1000
+    gen = torch.Generator().manual_seed(11)
+    scan = dev(_scan_inputs(batch, width, dim, m, "scan", True, [9, 4], gen))
+    gram, valid, newest = (t.to(DEVICE) for t in _spd_problems(batch * width, m, gen))
+    hx, hf, _ = _mix_inputs(m, batch, width, dim, gen)
+    out = torch.empty(batch, width, dim, dtype=torch.float16, device=DEVICE)
+
+    def round_():
+        res = ops.scan_residual(**scan, transform=X0Transform("clip", 0.8))
+        alpha, ok = ops.anderson_weights(gram, valid, newest, 1e-3)
+        ops.anderson_mix(hx, hf, alpha.view(batch, width, m), 1.0, out=out)
+        return [res.g, res.f, res.f_sq, res.g_sq, res.gram, alpha, ok, out]
+
+    side = torch.cuda.Stream()  # warm-up (compiles every kernel) off the capture stream
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        round_()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = round_()
+    eager = [t.clone() for t in round_()]
+    for t in captured:
+        t.fill_(False if t.dtype == torch.bool else float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    for name, got, want in zip(("g", "f", "f_sq", "g_sq", "gram", "alpha", "ok", "out"), captured, eager):
+        assert torch.equal(got, want), f"{name} differs after replay"
+
+
+# ---------------------------------------------------------------------------------- whole engine
+_ENGINE_SCRIPT = r"""
+import json, sys, torch
+torch.set_num_threads(1)
+import deqkern
+from deqkern.ops import dispatch
+from gmm import GMMDenoiser
+dev = torch.device(sys.argv[1])
+S = 12
+betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+ac = torch.cumprod(1 - betas, 0).float()
+ts = list(range(1000 - 1000 // S, -1, -(1000 // S)))[:S]
+sched = deqkern.Schedule.ddim(ac, ts, eta=0.5, transform=deqkern.X0Transform("clip", 1.5))
+model = GMMDenoiser(ac, (2, 2, 4)).to(dev)
+g = torch.Generator().manual_seed(0)
+x = torch.randn(2, 2, 2, 4, generator=g).to(dev)
+noise = torch.randn(S, 2, 2, 2, 4, generator=g).to(dev)
+ref = deqkern.sample_sequential(model, x, sched, noise, execution="eager").x0
+out = {"backend": dispatch.backend_for(x)}
+cases = [("picard", "picard", "kernel", "eager"), ("anderson-kernel", "anderson", "kernel", "eager"),
+         ("anderson-solve_ex", "anderson", "solve_ex", "eager"), ("anderson-static", "anderson", "kernel", "static")]
+if dev.type == "cuda":
+    cases.append(("anderson-graph", "anderson", "kernel", "graph"))
+for name, solver, solve, execution in cases:
+    dispatch.ANDERSON_SOLVE = solve
+    res = deqkern.sample(model, x, sched, solver=solver, tol=1e-5, window=5, noise=noise, execution=execution)
+    out[name] = {"converged": res.all_converged, "rounds": res.rounds,
+                 "err": float((res.x0 - ref).double().norm() / ref.double().norm()), "info": str(res.info.get("graph"))}
+out["triton_loaded"] = "triton" in sys.modules
+print(json.dumps(out))
+"""
+
+
+def test_engine_on_kernels(ops):
+    """The whole parallel solve with every op dispatched to the kernels (clipped, stochastic DDIM,
+    a sliding window, so rows die and the history shifts; eager and fixed-shape "static" rounds,
+    CUDA-graphed rounds on CUDA; both Anderson solve paths) equals the sequential sampler. In a
+    subprocess, where dispatch sees TRITON_INTERPRET (CPU) at import."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).parent)
+    if not CUDA:
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-c", _ENGINE_SCRIPT, DEVICE.type], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["backend"] == "triton" and out["triton_loaded"]
+    cases = [k for k in out if k not in ("backend", "triton_loaded")]
+    assert len(cases) == (5 if CUDA else 4)
+    for name in cases:
+        assert out[name]["converged"], out
+        assert out[name]["err"] <= 1e-4, out
+    if CUDA:
+        assert out["anderson-graph"]["info"] == "True", f"graph capture fell back: {out}"
