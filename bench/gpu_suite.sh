@@ -5,7 +5,7 @@
 #   3. end-to-end timings: graphed parallel vs graphed sequential, CIFAR10-size DDPM UNet, S=100
 #   4. python -m deqkern.bench on the embedded model
 # Results (JSON, logs) land in $OUT; a short table is printed last. Prepare wheels first with
-# bench/gpu_wheels.sh and carry .whl.
+# bench/gpu_wheels.sh and carry .whl. Budget: about 9 minutes in all (one device call).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}
@@ -22,15 +22,16 @@ print("torch", torch.__version__, "triton", triton.__version__, "deqkern", deqke
 print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
 PY
 rc=0
-timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_graphs.py tests/test_kernels.py \
+timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_graphs.py tests/test_interop.py tests/test_kernels.py \
   -m "gpu or not interpreter" --junitxml="$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1 || rc=1
 tail -3 "$OUT/gpu_tests.log"
-timeout 150 python3 -m pytest -q -p no:cacheprovider bench/ --benchmark-only --benchmark-json="$OUT/kernels.json" \
+timeout 150 python3 -m pytest -q -p no:cacheprovider bench/ --benchmark-only --benchmark-max-time=0.5 \
+  --benchmark-json="$OUT/kernels.json" \
   > "$OUT/kernels.log" 2>&1 || rc=1
 tail -3 "$OUT/kernels.log"
-timeout 180 python3 bench/e2e_graphs.py --device cuda --model ddpm-cifar10 --steps 100 --batch 1 --out "$OUT" \
+timeout 150 python3 bench/e2e_graphs.py --device cuda --model ddpm-cifar10 --steps 100 --batch 1 --out "$OUT" \
   > "$OUT/e2e.log" 2>&1 || rc=1
-timeout 120 python3 -m deqkern.bench --device cuda --steps 25 100 --out "$OUT/bench" > "$OUT/bench.log" 2>&1 || rc=1
+timeout 90 python3 -m deqkern.bench --device cuda --steps 25 100 --out "$OUT/bench" > "$OUT/bench.log" 2>&1 || rc=1
 echo "=== end-to-end (graphed parallel vs graphed sequential) ==="
 tail -8 "$OUT/e2e.log"
 echo "=== deqkern.bench ==="
