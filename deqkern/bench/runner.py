@@ -1,0 +1,513 @@
+"""Run every solver on the same model, noise, batch and tolerance and record comparable numbers.
+
+For each chain length S: the sequential oracle first, then every selected solver. Each solver
+runs a *traced* warm-up run (per-round x0 error against the oracle, discarded for timing), then
+``repeats`` clean timed runs whose median is reported; host timers are wrapped in device
+synchronisation.
+"""
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+
+import deqkern
+from deqkern.bench.peers import (
+    ChainMap, DeqDdimConfig, Outcome, SolverUnsupported, run_deq_ddim, run_paradigms, run_torchdeq,
+)
+from deqkern.bench.trace import ErrorTrace, TraceConfig, ensure_registered
+from deqkern.schedule import Form, Schedule, schedule_summary
+
+Family = Literal["oracle", "peer", "ours"]
+
+
+@dataclass(frozen=True)
+class OursSpec:
+    """A deqkern configuration: registered solver, Anderson mixing, fixed-point form, windowed."""
+
+    solver: str
+    mixing: Literal["row", "sample"] | None
+    form: Form
+    windowed: bool = False
+
+
+#: Our variants. ``-scan`` solves the seed's scan form, the others the drift form; ``-win`` uses
+#: the benchmark's ``window`` (ParaDiGMS' ``parallel``) instead of all S steps.
+OURS: dict[str, OursSpec] = {
+    "picard": OursSpec("picard", None, "drift"),
+    "anderson-row": OursSpec("anderson", "row", "drift"),
+    "anderson-sample": OursSpec("anderson", "sample", "drift"),
+    "picard-scan": OursSpec("picard", None, "scan"),
+    "anderson-row-scan": OursSpec("anderson", "row", "scan"),
+    "anderson-sample-scan": OursSpec("anderson", "sample", "scan"),
+    "picard-win": OursSpec("picard", None, "drift", windowed=True),
+    "anderson-row-win": OursSpec("anderson", "row", "drift", windowed=True),
+}
+#: Our best setting, chosen by measurement (bench/results/rounds_cpu.md): the fewest rounds for the
+#: worst sample of a batch to reach x0 error 1e-3 at S = 25, 100 and 1000 (ties go to the simpler
+#: solver). Anderson needs fewer rounds for most samples but stalls on some.
+BEST = "picard"
+
+PEERS = ("paradigms", "paradigms-full", "deq-ddim", "torchdeq")
+ALL_SOLVERS: tuple[str, ...] = ("sequential", *PEERS, *OURS)
+
+#: One line per solver for ``--help`` and the JSON.
+DESCRIPTIONS: dict[str, str] = {
+    "sequential": "the oracle: S model calls one after another (deqkern.sample_sequential)",
+    "paradigms": "ParaDiGMS (diffusers' pipeline loop): Picard on a sliding window of --window steps, "
+                 "noise-scaled tolerance --paradigms-tol",
+    "paradigms-full": "ParaDiGMS with its window = S",
+    "deq-ddim": "DEQ-DDIM's Anderson (m=5, absolute ridge 1e-3, <=15 evaluations, per-(sample,timestep) "
+                "weights, scan form, latents start at x_T, global relative stop 1e-3)",
+    "torchdeq": "torchdeq.solver.anderson_solver with its defaults (m=6, lam=1e-4, <=50 evaluations) "
+                "on our drift-form map, relative stop --tol",
+    "picard": "deqkern Picard, drift form, window S",
+    "anderson-row": "deqkern Anderson, one weight vector per (sample, timestep) row, drift form, window S",
+    "anderson-sample": "deqkern Anderson, one weight vector per sample, drift form, window S",
+    "picard-scan": "deqkern Picard, scan form (the seed's), window S",
+    "anderson-row-scan": "deqkern Anderson per row, scan form, window S",
+    "anderson-sample-scan": "deqkern Anderson per sample, scan form, window S",
+    "picard-win": "deqkern Picard, drift form, window --window (ParaDiGMS' algorithm, relative stop)",
+    "anderson-row-win": "deqkern Anderson per row, drift form, window --window",
+}
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything that defines a benchmark run (the CLI flags, one to one)."""
+
+    model: str | None = None
+    steps: tuple[int, ...] = (25, 100)
+    scheduler: Literal["ddim", "ddpm"] = "ddim"
+    eta: float = 0.0
+    clip_sample: bool = False
+    solvers: tuple[str, ...] = ALL_SOLVERS
+    #: 1e-4 brings x0 within the 1e-3 target (tol 1e-3 leaves ~1.5e-3 on the digits model)
+    tol: float = 1e-4
+    window: int = 10
+    #: Anderson history and relative ridge of every deqkern Anderson variant: the best of the
+    #: sweep in bench/results/rounds_cpu.md (the library defaults are m=5, ridge 1e-3)
+    history: int = 2
+    ridge: float = 0.1
+    max_iters: int | None = None
+    paradigms_tol: float = 0.1
+    target_err: float = 1e-3
+    batch: int = 8
+    device: str = "auto"
+    dtype: str = "float32"
+    seed: int = 0
+    threads: int | None = None
+    warmup: bool = True
+    #: timed runs per solver after the warm-up; the median is reported
+    repeats: int = 1
+    progress: bool = True
+    max_batch: int | None = None
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.solvers) - set(ALL_SOLVERS))
+        if unknown:
+            raise ValueError(f"solvers: unknown {unknown}; choose from {list(ALL_SOLVERS)}")
+        if not self.steps or any(not isinstance(s, int) or s < 2 for s in self.steps):
+            raise ValueError(f"steps: expected chain lengths >= 2, got {self.steps}")
+        if self.scheduler not in ("ddim", "ddpm"):
+            raise ValueError(f"scheduler: expected 'ddim' or 'ddpm', got {self.scheduler!r}")
+        if self.scheduler == "ddpm" and self.eta != 0.0:
+            raise ValueError("eta: applies to --scheduler ddim only (DDPM's noise is fixed by its variance)")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        for name in ("tol", "paradigms_tol", "target_err"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name}: expected a finite value > 0, got {v}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats: expected >= 1, got {self.repeats}")
+        if self.window < 1 or self.batch < 1 or not 1 <= self.history <= 8 or not self.ridge >= 0:
+            raise ValueError("window and batch must be >= 1, history in [1, 8], ridge >= 0")
+
+
+@dataclass
+class RunRecord:
+    """One solver at one chain length. Errors are against the oracle, worst sample of the batch."""
+
+    solver: str
+    family: Family
+    steps: int
+    description: str
+    form: str | None = None
+    window: int | None = None
+    stop: str | None = None
+    rounds: int | None = None
+    model_evals: int | None = None
+    wall_s: float | None = None
+    #: every timed run (``wall_s`` is their median)
+    wall_s_runs: list[float] = field(default_factory=list)
+    speedup: float | None = None
+    x0_rel_err: float | None = None
+    psnr_db: float | None = None
+    converged: bool | None = None
+    rounds_to_target: int | None = None
+    rounds_to_target_per_sample: list[int | None] = field(default_factory=list)
+    residual_per_round: list[float] = field(default_factory=list)
+    x0_err_per_round: list[float] = field(default_factory=list)
+    timing: str = ""
+    notes: list[str] = field(default_factory=list)
+    skipped: str | None = None
+
+
+@dataclass
+class BenchResult:
+    config: BenchConfig
+    environment: dict[str, Any]
+    model: dict[str, Any]
+    schedules: dict[int, dict[str, Any]]
+    quality: dict[str, Any]
+    records: list[RunRecord]
+    #: per S: ``x_T``, ``sequential`` and ``best`` samples (CPU) for the sample grid
+    samples: dict[int, dict[str, torch.Tensor]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": 1,
+            "config": {**asdict(self.config), "best": BEST},
+            "environment": self.environment,
+            "model": self.model,
+            "schedules": {str(k): v for k, v in self.schedules.items()},
+            "quality": self.quality,
+            "solvers": {k: DESCRIPTIONS[k] for k in self.config.solvers},
+            "runs": [asdict(r) for r in self.records],
+        }
+
+
+# ------------------------------------------------------------------------------ setup
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
+    """``(fn(), seconds)`` with the device synchronised around the host timer."""
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return out, time.perf_counter() - start
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import diffusers
+
+    env: dict[str, Any] = {
+        "device": str(device), "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "deqkern": deqkern.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    try:
+        import torchdeq
+
+        env["torchdeq"] = getattr(torchdeq, "__version__", "installed")
+    except ImportError:
+        env["torchdeq"] = None
+    return env
+
+
+def load_model(cfg: BenchConfig, device: torch.device) -> tuple[Any, Any, dict[str, Any]]:
+    """``(unet, scheduler, info)``: the embedded digits model or the local diffusers dir ``cfg.model``."""
+    from deqkern.models import load_digits_model, load_pretrained
+
+    dtype = _DTYPES[cfg.dtype]
+    if cfg.model is None:
+        unet, scheduler = load_digits_model(device=device, dtype=dtype)
+        source = "embedded digits model (deqkern/assets/digits)"
+    else:
+        unet, scheduler = load_pretrained(cfg.model, device=device, dtype=dtype)
+        source = cfg.model
+    if type(unet).__name__ != "UNet2DModel":
+        raise ValueError(
+            f"--model: the benchmark samples unconditionally and needs a UNet2DModel, got {type(unet).__name__}"
+        )
+    c = unet.config
+    size = c.sample_size if isinstance(c.sample_size, (tuple, list)) else (c.sample_size, c.sample_size)
+    info = {
+        "source": source, "class": type(unet).__name__, "parameters": sum(p.numel() for p in unet.parameters()),
+        "sample_shape": [c.in_channels, *size], "dtype": cfg.dtype, "digits": cfg.model is None,
+    }
+    return unet, scheduler, info
+
+
+def scheduler_config(cfg: BenchConfig, scheduler: Any) -> dict[str, Any]:
+    """The chain's scheduler config: the model's, as DDIM or DDPM, clipping off unless asked."""
+    conf = dict(scheduler.config)
+    conf["_class_name"] = "DDIMScheduler" if cfg.scheduler == "ddim" else "DDPMScheduler"
+    if not cfg.clip_sample:
+        # The seed's scan form (deq-ddim, *-scan) needs affine steps: no x0 clipping.
+        conf.update(clip_sample=False, thresholding=False)
+    return conf
+
+
+@dataclass
+class Case:
+    """One chain length: the problem every solver gets, and the oracle's answer."""
+
+    steps: int
+    schedule: Schedule
+    x_T: torch.Tensor
+    noise: torch.Tensor | None
+    reference: torch.Tensor
+    #: the oracle's timed runs
+    sequential_walls: list[float]
+
+    @property
+    def sequential_wall(self) -> float:
+        return statistics.median(self.sequential_walls)
+
+
+# ------------------------------------------------------------------------------ metrics
+def x0_metrics(x0: torch.Tensor, ref: torch.Tensor) -> tuple[float, float | None]:
+    """Worst-sample relative L2 error and worst-sample PSNR (dB) of images in [-1, 1]
+    (peak-to-peak 2); PSNR is None when the images are identical."""
+    a, b = x0.detach().double().cpu().flatten(1), ref.detach().double().cpu().flatten(1)
+    rel = float(((a - b).norm(dim=1) / b.norm(dim=1).clamp(min=1e-300)).max())
+    mse = (a.clamp(-1, 1) - b.clamp(-1, 1)).square().mean(dim=1).max()
+    psnr = None if float(mse) == 0.0 else float(10 * torch.log10(4.0 / mse))
+    return rel, psnr
+
+
+def _worst(rows: list[list[float]]) -> list[float]:
+    """Per round, the largest finite value over samples (NaN when none is finite)."""
+    out = []
+    for r in rows:
+        vals = [v for v in r if v is not None and math.isfinite(v)]
+        out.append(max(vals) if vals else float("nan"))
+    return out
+
+
+# ------------------------------------------------------------------------------ solver runs
+class _Runner:
+    """Runs the solvers of one :class:`Case`."""
+
+    def __init__(self, cfg: BenchConfig, model: Any, sched_conf: dict[str, Any], case: Case) -> None:
+        self.cfg, self.model, self.sched_conf, self.case = cfg, model, sched_conf, case
+        self.device = case.x_T.device
+        self.last_x0: torch.Tensor | None = None
+
+    def solve(self, name: str, trace: ErrorTrace | None) -> Outcome:
+        """One run of solver ``name``; ``trace`` (if given) receives every round's x0 estimate."""
+        c, cfg = self.case, self.cfg
+        if name in OURS:
+            return self._ours(OURS[name], trace)
+        if name in ("paradigms", "paradigms-full"):
+            parallel = c.steps if name == "paradigms-full" else cfg.window
+            return run_paradigms(
+                self.model, self.sched_conf, cfg.scheduler, c.schedule, c.x_T, c.noise, parallel=parallel,
+                tolerance=cfg.paradigms_tol, eta=cfg.eta, max_batch=cfg.max_batch, on_round=trace,
+            )
+        if name == "deq-ddim":
+            self._need_affine("deq-ddim solves the scan form")
+            gmap = ChainMap(self.model, c.schedule.with_form("scan"), c.x_T, c.noise, cfg.max_batch)
+            return run_deq_ddim(gmap, DeqDdimConfig(), on_round=trace)
+        if name == "torchdeq":
+            gmap = ChainMap(self.model, c.schedule, c.x_T, c.noise, cfg.max_batch)
+            return run_torchdeq(gmap, cfg.tol, on_round=trace)
+        raise ValueError(f"unknown solver {name!r}")
+
+    def _need_affine(self, why: str) -> None:
+        if not self.case.schedule.is_affine:
+            raise SolverUnsupported(
+                f"{why}, which needs affine steps; this chain clips x0 (run without --clip-sample)"
+            )
+
+    def _ours(self, spec: OursSpec, trace: ErrorTrace | None) -> Outcome:
+        c, cfg = self.case, self.cfg
+        if spec.form == "scan":
+            self._need_affine("the scan form")
+        options = None
+        if spec.mixing is not None:
+            options = {"history": cfg.history, "ridge": cfg.ridge, "mixing": spec.mixing}
+        kwargs: dict[str, Any] = dict(
+            tol=cfg.tol, max_iters=cfg.max_iters, window=min(cfg.window, c.steps) if spec.windowed else None,
+            noise=c.noise, form=spec.form, max_batch=cfg.max_batch,
+        )
+        if trace is None:
+            res = deqkern.sample(self.model, c.x_T, c.schedule, solver=spec.solver, solver_options=options, **kwargs)
+        else:
+            traced = TraceConfig(spec.solver, options, c.steps, trace)
+            # eager rounds: the trace hook runs Python between rounds (no CUDA-graph capture)
+            res = deqkern.sample(self.model, c.x_T, c.schedule, solver=ensure_registered(),
+                                 solver_options=traced, execution="eager", **kwargs)
+        notes = []
+        fallbacks = int(res.info.get("fallbacks", 0))
+        if fallbacks:
+            notes.append(f"{fallbacks} singular Anderson systems fell back to Picard")
+        return Outcome(
+            x0=res.x0, rounds=res.rounds, model_evals=res.model_evals, converged=res.all_converged,
+            residuals=res.residuals, notes=notes,
+        )
+
+    def record(self, name: str) -> RunRecord:
+        c, cfg = self.case, self.cfg
+        rec = RunRecord(solver=name, family="ours" if name in OURS else "peer", steps=c.steps,
+                        description=DESCRIPTIONS[name])
+        rec.form, rec.window, rec.stop = self._settings(name)
+        try:
+            trace = ErrorTrace(c.reference)
+            out, wall = timed(self.device, lambda: self.solve(name, trace))
+            walls = [wall]
+            if cfg.warmup:
+                first = out
+                walls = []
+                for _ in range(cfg.repeats):
+                    out, wall = timed(self.device, lambda: self.solve(name, None))
+                    walls.append(wall)
+                if out.rounds != first.rounds:
+                    rec.notes.append(f"traced run took {first.rounds} rounds, timed run {out.rounds}")
+                rec.timing = f"median of {cfg.repeats} timed run(s) after a traced warm-up"
+            else:
+                rec.timing = "single traced run (no warm-up)"
+        except SolverUnsupported as exc:
+            rec.skipped = str(exc)
+            return rec
+        except (RuntimeError, ValueError, FloatingPointError) as exc:  # a solver failing is a result
+            rec.skipped = f"failed: {type(exc).__name__}: {exc}"
+            return rec
+        rec.rounds, rec.model_evals, rec.converged = out.rounds, out.model_evals, out.converged
+        rec.wall_s, rec.wall_s_runs = statistics.median(walls), walls
+        rec.speedup = c.sequential_wall / rec.wall_s if rec.wall_s > 0 else None
+        rec.x0_rel_err, rec.psnr_db = x0_metrics(out.x0, c.reference)
+        rec.residual_per_round = _worst(out.residuals)
+        rec.x0_err_per_round = trace.worst_per_round()
+        rec.rounds_to_target_per_sample = trace.rounds_to(cfg.target_err)
+        hits = rec.rounds_to_target_per_sample
+        rec.rounds_to_target = None if any(h is None for h in hits) else max(hits)
+        rec.notes.extend(out.notes)
+        self.last_x0 = out.x0
+        return rec
+
+    def _settings(self, name: str) -> tuple[str, int, str]:
+        c, cfg = self.case, self.cfg
+        rel = f"relative {cfg.tol:g}"
+        if name in OURS:
+            spec = OURS[name]
+            return spec.form, min(cfg.window, c.steps) if spec.windowed else c.steps, rel
+        if name == "paradigms":
+            return "drift", min(cfg.window, c.steps), f"noise-scaled {cfg.paradigms_tol:g}"
+        if name == "paradigms-full":
+            return "drift", c.steps, f"noise-scaled {cfg.paradigms_tol:g}"
+        if name == "deq-ddim":
+            d = DeqDdimConfig()
+            return "scan", c.steps, f"global relative {d.tol:g}"
+        return "drift", c.steps, f"relative {cfg.tol:g} (max over batch)"
+
+
+# ------------------------------------------------------------------------------ driver
+def make_case(cfg: BenchConfig, model: Any, sched_conf: dict[str, Any], steps: int, x_T: torch.Tensor) -> Case:
+    """The chain of length ``steps``, its noise (drawn once, CPU generator) and the oracle's
+    answer and timings (after a discarded warm-up run)."""
+    schedule = Schedule.from_diffusers(sched_conf, steps, eta=cfg.eta if cfg.scheduler == "ddim" else None)
+    noise = None
+    if schedule.is_stochastic:
+        gen = torch.Generator().manual_seed(cfg.seed + 1000 + steps)
+        noise = torch.randn((steps, *x_T.shape), generator=gen).to(x_T.device, x_T.dtype)
+
+    def oracle():
+        return deqkern.sample_sequential(model, x_T, schedule, noise, max_batch=cfg.max_batch)
+
+    if cfg.warmup:
+        oracle()
+    runs = [timed(x_T.device, oracle) for _ in range(cfg.repeats if cfg.warmup else 1)]
+    return Case(steps, schedule, x_T, noise, runs[-1][0].x0, [wall for _, wall in runs])
+
+
+def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResult:
+    """Run every selected solver at every chain length; see :class:`BenchConfig`."""
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    model, scheduler, model_info = load_model(cfg, device)
+    sched_conf = scheduler_config(cfg, scheduler)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x_T = torch.randn((cfg.batch, *model_info["sample_shape"]), generator=gen).to(device, _DTYPES[cfg.dtype])
+    env = environment(device)
+    log(f"deqkern bench on {env.get('gpu', env['device'])} ({env['threads']} threads), model: {model_info['source']}")
+
+    quality_fn = _quality_fn(model_info, device)
+    quality: dict[str, Any] = {}
+    if quality_fn is not None:
+        quality["noise"] = quality_fn(x_T)
+    records: list[RunRecord] = []
+    schedules: dict[int, dict[str, Any]] = {}
+    samples: dict[int, dict[str, torch.Tensor]] = {}
+    solvers = [s for s in cfg.solvers if s != "sequential"]
+    bar = _bar(cfg.progress, len(cfg.steps) * (len(solvers) + 1))
+    with torch.no_grad():
+        for steps in cfg.steps:
+            _postfix(bar, f"S={steps} sequential")
+            case = make_case(cfg, model, sched_conf, steps, x_T)
+            schedules[steps] = dict(schedule_summary(case.schedule))
+            records.append(RunRecord(
+                solver="sequential", family="oracle", steps=steps, description=DESCRIPTIONS["sequential"],
+                rounds=steps, model_evals=steps * cfg.batch, wall_s=case.sequential_wall,
+                wall_s_runs=case.sequential_walls, speedup=1.0,
+                x0_rel_err=0.0, converged=True,
+            ))
+            samples[steps] = {"x_T": x_T.cpu(), "sequential": case.reference.cpu()}
+            if quality_fn is not None:
+                quality[str(steps)] = {"sequential": quality_fn(case.reference)}
+            _advance(bar)
+            runner = _Runner(cfg, model, sched_conf, case)
+            for name in solvers:
+                _postfix(bar, f"S={steps} {name}")
+                rec = runner.record(name)
+                records.append(rec)
+                if name == BEST and rec.skipped is None:
+                    samples[steps]["best"] = runner.last_x0.cpu()
+                    if quality_fn is not None:
+                        quality[str(steps)][BEST] = quality_fn(runner.last_x0)
+                _advance(bar)
+    if bar is not None:
+        bar.close()
+    return BenchResult(cfg, env, model_info, schedules, quality, records, samples)
+
+
+def _quality_fn(model_info: dict[str, Any], device: torch.device) -> Callable[[torch.Tensor], dict] | None:
+    """``digits_quality`` with the shipped classifier, for the embedded digits model only."""
+    if not model_info["digits"]:
+        return None
+    from deqkern.models import digits_quality, load_digits_classifier
+
+    classifier = load_digits_classifier(device)
+    return lambda images: digits_quality(images.float(), classifier=classifier)
+
+
+def _bar(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="bench", unit="run")
+
+
+def _postfix(bar, text: str) -> None:
+    if bar is not None:
+        bar.set_postfix_str(text)
+
+
+def _advance(bar) -> None:
+    if bar is not None:
+        bar.update(1)
