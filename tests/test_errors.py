@@ -55,7 +55,7 @@ def test_stochastic_schedule_needs_noise(gmm64, noisy):
         (dict(max_iters=0), "max_iters"), (dict(window=0), "window"), (dict(window=9), "window"),
         (dict(stop="abs"), "stop"), (dict(solver="broyden"), "solver"),
         (dict(solver_options={"histroy": 3}), "histroy"), (dict(solver_options={"history": 20}), "history"),
-        (dict(solver_options={"mixing": "global"}), "mixing"), (dict(max_batch=0), "max_batch"),
+        (dict(solver_options={"mixing": "global"}), "mixing"), (dict(solver_options={"restart": 0.0}), "restart"), (dict(max_batch=0), "max_batch"),
         (dict(init=torch.zeros(8, 1, 2, 2, 4)), "init"), (dict(form="picard"), "form"),
         (dict(model_kwargs={"cond": torch.zeros(3, 5)}), "model_kwargs"),
     ],

@@ -27,15 +27,20 @@ from deqkern.solvers.base import register_solver
 class AndersonConfig:
     """``history`` m (<= 8 for the fused kernels), ``damping`` beta, relative ``ridge`` lambda.
 
-    Defaults set by measurement (drift form, tol 1e-3, embedded digits UNet, CPU): triangular
-    mixing with m=2 took 7 rounds at S=25 and 11 at S=100 (Picard: 8 and 14; per-row m=5, the
-    DEQ-DDIM setting: 9 and 12; per-sample m=2: 9 and 13). Longer histories did not help.
+    Defaults set by measurement (drift form, embedded digits UNet, batch 8, tol 1e-4, clip off,
+    CPU; bench/results/rounds_cpu.md): triangular mixing, m=2, ridge 1e-3 and the restart
+    safeguard took median/worst 8/10 rounds at S=25 and 10/13 at S=100 (Picard 9/9 and 12/13;
+    per-row m=5 without restart, the DEQ-DDIM setting, had a worst sample of 31 at S=100).
+    Without the restart some samples stall (worst 11 and 15); longer histories stall longer.
     """
 
     history: int = 2
     damping: float = 1.0
     ridge: float = 1e-3
     mixing: Literal["row", "sample", "triangular"] = "triangular"
+    #: safeguard: a row whose residual grew by more than this factor since the last round drops
+    #: its history and takes a plain (damped) Picard step; None disables the restart
+    restart: float | None = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.history, int) or not 1 <= self.history <= 8:
@@ -44,6 +49,8 @@ class AndersonConfig:
             raise ValueError(f"damping: expected 0 < damping <= 1, got {self.damping}")
         if not self.ridge >= 0:
             raise ValueError(f"ridge: expected >= 0, got {self.ridge}")
+        if self.restart is not None and not self.restart > 0:
+            raise ValueError(f"restart: expected a growth factor > 0 or None, got {self.restart}")
         if self.mixing not in ("row", "sample", "triangular"):
             raise ValueError(f"mixing: expected 'row', 'sample' or 'triangular', got {self.mixing!r}")
 
@@ -61,6 +68,7 @@ class AndersonSolver:
         self.age = torch.zeros(batch, width, device=device, dtype=torch.int64)
         self.slot_round = torch.full((m,), -(2**40), device=device, dtype=torch.int64)
         self.count = torch.zeros((), device=device, dtype=torch.int64)
+        self.prev_f_sq = torch.full((batch, width), float("inf"), device=device, dtype=torch.float64)
         #: live problems whose bordered system was singular (fell back to Picard), all rounds
         self.fallbacks = torch.zeros((), device=device, dtype=torch.int64)
 
@@ -75,7 +83,12 @@ class AndersonSolver:
         self.hist_x.index_copy_(0, slot, x.unsqueeze(0))
         self.hist_f.index_copy_(0, slot, f.unsqueeze(0))
         self.slot_round.index_copy_(0, slot, self.count.view(1))
-        self.age.copy_(torch.where(live, (self.age + 1).clamp(max=m), self.age))
+        age = torch.where(live, (self.age + 1).clamp(max=m), self.age)
+        if self.cfg.restart is not None:
+            grew = live & (f_sq.to(torch.float64) > self.cfg.restart**2 * self.prev_f_sq)
+            age = torch.where(grew, torch.ones_like(age), age)
+            self.prev_f_sq.copy_(torch.where(live, f_sq.to(torch.float64), self.prev_f_sq))
+        self.age.copy_(age)
         valid = (self.count - self.slot_round).view(1, 1, m) < self.age.unsqueeze(-1)
         newest = slot.expand(self.age.shape)
         if self.cfg.mixing in ("row", "triangular"):
@@ -113,6 +126,7 @@ class AndersonSolver:
         self.hist_f.copy_(self.hist_f[:, b, idx])
         self.gram.copy_(self.gram[b, idx])
         self.age.copy_(torch.where(inside, self.age[b, idx], torch.zeros_like(self.age)))
+        self.prev_f_sq.copy_(torch.where(inside, self.prev_f_sq[b, idx], float("inf")))
 
 
 register_solver("anderson", AndersonConfig, AndersonSolver)
