@@ -293,7 +293,7 @@ def test_bad_input(shaped, ddim):
         invert(shaped, good, sched, "implicit", loss_fn=lambda x0, t: (x0 - t).sum() * float("nan"))
     with pytest.raises(ValueError, match="method"):
         invert(shaped, good, sched, "newton")
-    with pytest.raises(ValueError, match="not options of invert"):
+    with pytest.raises(ValueError, match="not options of InvertConfig"):
         invert(shaped, good, sched, learning_rate=0.1)
     with pytest.raises(ValueError, match="lr"):
         invert(shaped, good, sched, lr=-1.0)

@@ -8,12 +8,13 @@ parameters are treated as constants.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from deqkern._config import config_from
 from deqkern.engine import sample
 from deqkern.inversion.adjoint import (
     ChainVJP, GradConfig, GradMode, adjoint_multipliers, phantom_gradient, solve_adjoint,
@@ -162,14 +163,4 @@ def sample_with_implicit_grad(
 
 def grad_config(options: GradConfig | Mapping[str, Any] | None) -> GradConfig:
     """A :class:`GradConfig` from itself, a mapping of its fields (unknown keys are named) or None."""
-    if options is None:
-        return GradConfig()
-    if isinstance(options, GradConfig):
-        return options
-    if not isinstance(options, Mapping):
-        raise TypeError(f"grad_options: expected GradConfig or a mapping, got {type(options).__name__}")
-    known = {f.name for f in fields(GradConfig)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"grad_options: {unknown} are not options; expected some of {sorted(known)}")
-    return GradConfig(**options)
+    return config_from(GradConfig, options, "grad_options")

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal, Mapping
 
 import torch
 
+from deqkern._config import config_from
 from deqkern.engine import sample_sequential
 from deqkern.inversion.adjoint import GradConfig
 from deqkern.inversion.baselines import ddim_encode, sequential_chain
@@ -343,17 +344,11 @@ def _finite(loss: torch.Tensor, step: int) -> float:
 
 
 def _config(config: InvertConfig | None, options: Mapping[str, Any]) -> InvertConfig:
-    base = config if config is not None else InvertConfig()
-    if not isinstance(base, InvertConfig):
-        raise TypeError(f"config: expected InvertConfig, got {type(base).__name__}")
-    known = {f.name for f in fields(InvertConfig)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"{unknown}: not options of invert(); expected some of {sorted(known)}")
+    base = config_from(InvertConfig, config, "config")
     changes = dict(options)
     if "grad_options" in changes:
         changes["grad_options"] = grad_config(changes["grad_options"])
-    return replace(base, **changes)
+    return config_from(InvertConfig, changes, "invert() options", base=base)
 
 
 def _model_shape(model: ModelFn) -> tuple[int, ...] | None:

@@ -1,10 +1,12 @@
 """Solver protocol and registry."""
 from __future__ import annotations
 
-from dataclasses import fields, is_dataclass
-from typing import Any, Callable, Mapping, Protocol
+from dataclasses import is_dataclass
+from typing import Any, Callable, Protocol
 
 import torch
+
+from deqkern._config import config_from
 
 
 class Solver(Protocol):
@@ -44,16 +46,4 @@ def get_solver(name: str, options: Any = None) -> tuple[Any, Callable[..., Solve
     if name not in _REGISTRY:
         raise ValueError(f"solver: unknown solver {name!r}; registered: {solver_names()}")
     config_cls, factory = _REGISTRY[name]
-    if options is None:
-        config = config_cls()
-    elif isinstance(options, config_cls):
-        config = options
-    elif isinstance(options, Mapping):
-        known = {f.name for f in fields(config_cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"solver_options: {unknown} are not options of {name!r}; expected some of {sorted(known)}")
-        config = config_cls(**options)
-    else:
-        raise TypeError(f"solver_options: expected {config_cls.__name__} or a mapping, got {type(options).__name__}")
-    return config, factory
+    return config_from(config_cls, options, "solver_options"), factory
