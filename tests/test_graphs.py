@@ -102,15 +102,19 @@ def test_state_buffers_are_reused_in_place(gmm64, ddim):
     assert [t.data_ptr() for t in _state_tensors(st, solver)] == before
 
 
+def _cuda_setup(ddim):
+    """An fp32 GMM denoiser, schedule and x_T on the GPU."""
+    from gmm import GMMDenoiser
+
+    model = GMMDenoiser(ddim.alphas_cumprod, (2, 2, 4), dtype=torch.float32).cuda()
+    sched, x, _ = _setup(ddim)
+    return model, sched, x.float().cuda()
+
+
 @needs_cuda
 @pytest.mark.gpu
 def test_capture_replay_is_bit_exact(ddim):
-    from gmm import GMMDenoiser
-
-    dev = torch.device("cuda")
-    model = GMMDenoiser(ddim.alphas_cumprod, (2, 2, 4), dtype=torch.float32).to(dev)
-    sched, x, _ = _setup(ddim)
-    x = x.float().to(dev)
+    model, sched, x = _cuda_setup(ddim)
     with torch.no_grad():
         static = deqkern.sample(model, x, sched, execution="static", rounds_per_graph=4, return_trajectory=True)
         graph = deqkern.sample(model, x, sched, execution="graph", rounds_per_graph=4, return_trajectory=True)
@@ -121,12 +125,8 @@ def test_capture_replay_is_bit_exact(ddim):
 @needs_cuda
 @pytest.mark.gpu
 def test_poisoned_outputs_are_rewritten_by_replay(ddim):
-    from gmm import GMMDenoiser
-
-    dev = torch.device("cuda")
-    model = GMMDenoiser(ddim.alphas_cumprod, (2, 2, 4), dtype=torch.float32).to(dev)
-    sched, x, _ = _setup(ddim)
-    x = x.float().to(dev)
+    model, sched, x = _cuda_setup(ddim)
+    dev = x.device
     p = Problem(
         coef=sched.packed(dev), timesteps=sched.timesteps.to(dev), noise_var=sched.noise_var.to(dev), noise=None,
         init=None, transform=sched.transform, shape=x.shape, width=S, tol=1e-5, stop="relative", max_iters=S,
