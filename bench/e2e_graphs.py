@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--steps", type=int, nargs="+", default=[100])
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--tol", type=float, default=1e-3)
+    ap.add_argument("--tol", type=float, default=1e-4, help="relative stop (1e-4 keeps x0 within 1e-3)")
     ap.add_argument("--window", type=int, default=None, help="rows per round (default: S)")
     ap.add_argument("--per-graph", type=int, default=4, help="rounds (or sequential steps) per CUDA graph")
     ap.add_argument("--repeats", type=int, default=3)

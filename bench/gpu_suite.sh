@@ -9,9 +9,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}
+# NO_WHEELS=1 DEVICE=cpu E2E_MODEL=tiny bash bench/gpu_suite.sh   is the CPU dry run that proves this script
+DEVICE=${DEVICE:-cuda}
+E2E_MODEL=${E2E_MODEL:-ddpm-cifar10}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if [ -d .whl ]; then
+if [ -d .whl ] && [ -z "${NO_WHEELS:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
@@ -29,9 +32,9 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider bench/ --benchmark-only --b
   --benchmark-json="$OUT/kernels.json" \
   > "$OUT/kernels.log" 2>&1 || rc=1
 tail -3 "$OUT/kernels.log"
-timeout 150 python3 bench/e2e_graphs.py --device cuda --model ddpm-cifar10 --steps 100 --batch 1 --out "$OUT" \
+timeout 150 python3 bench/e2e_graphs.py --device "$DEVICE" --model "$E2E_MODEL" --steps 100 --batch 1 --out "$OUT" \
   > "$OUT/e2e.log" 2>&1 || rc=1
-timeout 90 python3 -m deqkern.bench --device cuda --steps 25 100 --out "$OUT/bench" > "$OUT/bench.log" 2>&1 || rc=1
+timeout 90 python3 -m deqkern.bench --device "$DEVICE" --steps 25 100 --out "$OUT/bench" > "$OUT/bench.log" 2>&1 || rc=1
 echo "=== end-to-end (graphed parallel vs graphed sequential) ==="
 tail -8 "$OUT/e2e.log"
 echo "=== deqkern.bench ==="
