@@ -140,3 +140,15 @@ def test_trajectory_and_statistics(gmm64, ddim):
     assert rel_err(res.trajectory, ref.trajectory) < 1e-9
     assert res.model_evals >= S and res.wall_time > 0
     assert ref.model_evals == S and ref.rounds == S
+
+
+def test_warm_start_slides_through_init(gmm64, ddim):
+    """An exact warm start with a window W < S: every round accepts the whole window, and rows
+    entering the window start from ``init`` at their position, so S/W rounds suffice."""
+    sched = _sched(ddim)
+    x, _ = _inputs(2, 0.0, seed=9)
+    with torch.no_grad():
+        ref = deqkern.sample_sequential(gmm64, x, sched, return_trajectory=True)
+        res = deqkern.sample(gmm64, x, sched, "anderson", tol=1e-8, window=5, init=ref.trajectory[1:].clone())
+    assert res.all_converged and res.rounds == S // 5
+    assert rel_err(res.x0, ref.x0) < 1e-10
