@@ -164,6 +164,28 @@ def test_anderson_mix(benchmark, copy_gbps, impl):
     _bench(benchmark, lambda: fn(**args), (2 * m + 1) * batch * width * dim * 4, copy_gbps, "anderson_mix")
 
 
+def _commit_args():
+    batch, width, dim, _ = SIZES
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    return dict(
+        xw=torch.randn(batch, width + 1, dim, device=DEVICE, generator=g),
+        mixed=torch.randn(batch, width, dim, device=DEVICE, generator=g),
+        g=torch.randn(batch, width, dim, device=DEVICE, generator=g),
+        delta=torch.full((batch,), 2, device=DEVICE), n_rows=torch.full((batch,), width, device=DEVICE),
+        out=torch.empty(batch, width, dim, device=DEVICE, dtype=torch.float16),
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_commit_window(benchmark, copy_gbps, impl):
+    """Freeze + slide + fp16 model input: reads one source row per row, writes xw and the input."""
+    batch, width, dim, _ = SIZES
+    fn = _implementation(impl, "commit_window")
+    args = _commit_args()
+    nbytes = batch * (width + 1) * dim * 4 * 2 + batch * width * dim * 2
+    _bench(benchmark, lambda: fn(**args), nbytes, copy_gbps, "commit_window")
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_anderson_solve(benchmark, copy_gbps, impl):
     """``B*W`` bordered systems; far from bandwidth-bound (launches and tiny arithmetic): the

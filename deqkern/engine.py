@@ -10,8 +10,9 @@ Parallel solve, one round (math.md §2-§4), per sample ``b`` with frozen prefix
    exact, so the window advances by at least one row per round: the solve ends in at most S
    rounds and Picard reproduces the sequential chain exactly);
 4. the solver (Picard, Anderson, ...) proposes the next iterate of the other rows;
-5. each sample's window slides by its own frozen count; new rows start from the last computed
-   row (ParaDiGMS) or from ``init``.
+5. ``commit_window``: each sample's window slides by its own frozen count (new rows start from
+   the last computed row, as ParaDiGMS does, or from ``init``) and, in fixed-shape rounds, the
+   next model input is written in the model's dtype — one pass.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import torch
 from deqkern._nvtx import annotate
 from deqkern.interop import to_torch
 from deqkern.model import Guidance, ModelEvaluator, ModelFn
-from deqkern.ops import row_mask, scan_residual, step_rows
+from deqkern.ops import commit_window, row_mask, scan_residual, step_rows
 from deqkern.schedule import Form, Schedule, X0Transform
 from deqkern.solvers import Solver, get_solver
 
@@ -191,6 +192,9 @@ class SolveState:
     res_log: torch.Tensor  #: [max_iters+1, B] float64 per-round relative residual (last row: scratch)
     bad_t: torch.Tensor  #: [max_iters+1] int64 largest timestep with non-finite output (-1: none)
     traj: torch.Tensor | None  #: [S+2, B, D] latents by position (last row: scratch)
+    #: [B, W, D] the next model input in the model's dtype (fixed-shape rounds only): written by
+    #: the round's commit, read by the next model call
+    model_in: torch.Tensor | None = None
 
     @classmethod
     def start(cls, p: Problem, x_T: torch.Tensor, return_trajectory: bool) -> "SolveState":
@@ -233,7 +237,8 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     with annotate("model"):
         if static:
             rows_b = b_idx.unsqueeze(1).expand(batch, width).reshape(-1)
-            out = ev.raw(st.xw[:, :width].reshape(-1, *p.shape[1:]), t.reshape(-1), rows_b)
+            x_in = st.xw[:, :width] if st.model_in is None else st.model_in
+            out = ev.raw(x_in.reshape(-1, *p.shape[1:]), t.reshape(-1), rows_b).to(st.xw.dtype)
             e = torch.where(live.unsqueeze(-1), out.reshape(batch, width, dim), 0.0)
             bad = live & ~torch.isfinite(e).all(-1)
             bad_t = torch.where(bad, t, torch.full_like(t, -1)).amax().view(1)
@@ -258,34 +263,18 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     st.res_log.index_copy_(0, log_at, torch.where(active, ratio, float("nan")).unsqueeze(0))
     with annotate("solve+mix"):
         x_new = solver.update(st.xw[:, 1:], res.g, res.f, res.f_sq, res.gram, live)
-    frozen = j.unsqueeze(0) < delta.unsqueeze(1)
-    x_new = torch.where(frozen.unsqueeze(-1), res.g, x_new)
-    x_new = torch.where(live.unsqueeze(-1), x_new, st.xw[:, 1:])
     if st.traj is not None:
         # frozen rows land at their position; the others at the scratch row (no duplicate writes)
+        frozen = j.unsqueeze(0) < delta.unsqueeze(1)
         dest = torch.where(frozen, st.k0.unsqueeze(1) + 1 + j, s + 1)
         st.traj[dest, b_idx.unsqueeze(1)] = res.g
-    _slide(st, torch.cat([st.xw[:, :1], x_new], dim=1), delta, n, p.init, s)
+    # freeze the accepted rows at G, slide every window, write the next model input: one pass
+    with annotate("commit"):
+        commit_window(st.xw, x_new, res.g, delta, n, st.k0, p.init, st.model_in)
     solver.shift(delta)
     st.done_round.copy_(torch.where((st.k0 + delta == s) & (delta > 0), st.rounds + 1, st.done_round))
     st.k0.add_(delta)
     st.rounds.add_(active.any().to(torch.int64))
-
-
-def _slide(
-    st: SolveState, xw: torch.Tensor, delta: torch.Tensor, n: torch.Tensor, init: torch.Tensor | None, s: int
-) -> None:
-    """Shift sample ``b``'s window rows by ``delta[b]`` into ``st.xw``; rows past the computed
-    ones start from ``init`` at their position, or from the last computed row (ParaDiGMS)."""
-    batch, rows, _ = xw.shape
-    j = torch.arange(rows, device=xw.device).unsqueeze(0)
-    src = j + delta.unsqueeze(1)
-    b = torch.arange(batch, device=xw.device).unsqueeze(1)
-    shifted = xw[b, torch.minimum(src, n.unsqueeze(1))]
-    if init is not None:
-        fresh = init[(st.k0.unsqueeze(1) + src).clamp(max=s), b]
-        shifted = torch.where((src > n.unsqueeze(1)).unsqueeze(-1), fresh, shifted)
-    st.xw.copy_(shifted)
 
 
 def sample(
@@ -377,6 +366,8 @@ def sample(
     solver_state = factory(config, batch, width, dim, dev, dt)
     if execution == "auto":
         execution = "graph" if dev.type == "cuda" else "eager"
+    if execution != "eager":
+        st.model_in = st.xw[:, :width].to(model_dtype or dt).clone()
     info: dict[str, Any] = {}
 
     _sync(dev)

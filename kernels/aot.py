@@ -89,6 +89,17 @@ def _mix_config(dtype: str, out: str, block: int, m: int) -> Config:
     )
 
 
+def _commit_config(dtype: str, out: str, block: int, has_init: bool) -> Config:
+    return Config(
+        "commit_window", "_commit_window_kernel", f"{dtype}->{out} BLOCK_D={block} init={int(has_init)}",
+        pointers={"xw_ptr": dtype, "mixed_ptr": dtype, "g_ptr": dtype, "delta_ptr": "i64", "nrows_ptr": "i64",
+                  "k0_ptr": "i64", "init_ptr": dtype, "out_ptr": out},
+        constexprs={"HAS_INIT": has_init, "HAS_OUT": True, "BLOCK_D": block}, num_warps=num_warps_for(block),
+        unit=("s_xd", "s_md", "s_gd", "s_db", "s_nb", "s_kb", "s_id", "s_od"),
+        aligned=("D", "s_xb", "s_xj", "s_mb", "s_mj", "s_gb", "s_gj", "s_ip", "s_ib", "s_ob", "s_oj"),
+    )
+
+
 def configs() -> list[Config]:
     """Every block size the heuristics can pick for the lightest and the heaviest variant of each
     kernel in fp32, and the low-precision and fp64 variants at their largest block."""
@@ -111,6 +122,10 @@ def configs() -> list[Config]:
     out.append(_mix_config("fp32", "fp16", MAX_BLOCK_D, 8))
     out.append(_mix_config("bf16", "bf16", MAX_BLOCK_D, 8))
     out.append(_mix_config("fp64", "fp64", MAX_BLOCK_D, 8))
+    for block in blocks:
+        out.append(_commit_config("fp32", "fp32", block, True))
+    out.append(_commit_config("fp32", "fp16", MAX_BLOCK_D, False))
+    out.append(_commit_config("fp64", "fp64", MAX_BLOCK_D, True))
     return out
 
 

@@ -407,3 +407,34 @@ def test_engine_on_kernels(ops):
         assert out[name]["err"] <= 1e-4, out
     if CUDA:
         assert out["anderson-graph"]["info"] == "True", f"graph capture fell back: {out}"
+
+
+# ---------------------------------------------------------------------------------- commit-window
+@pytest.mark.parametrize("has_init", [False, True])
+@pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.float16])
+@pytest.mark.parametrize("batch,width,dim", [(3, 5, 37), (1, 1, 130), (4, 7, 200)])
+def test_commit_window(ops, batch, width, dim, has_init, out_dtype):
+    """Freeze + slide + next model input in one pass == the reference, exactly (it only moves
+    values: a select and a gather); every (delta, n) corner across the batch, incl. done samples."""
+    gen = torch.Generator().manual_seed(batch * 100 + width + dim)
+    steps = 3 * width
+    n = torch.randint(0, width + 1, (batch,), generator=gen)
+    n[0] = 0  # a finished sample: nothing live, nothing accepted
+    delta = torch.minimum(torch.randint(0, width + 1, (batch,), generator=gen), n)
+    if batch > 1:
+        delta[-1] = n[-1]  # every live row accepted
+    k0 = torch.randint(0, steps - width, (batch,), generator=gen)
+    args = dict(
+        xw=torch.randn(batch, width + 1, dim, generator=gen), mixed=torch.randn(batch, width, dim, generator=gen),
+        g=torch.randn(batch, width, dim, generator=gen), delta=delta, n_rows=n, k0=k0,
+        init=torch.randn(steps + 1, batch, dim, generator=gen) if has_init else None,
+    )
+    want = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    want_out = torch.full((batch, width, dim), float("nan"), dtype=out_dtype) if out_dtype else None
+    reference.commit_window(**want, out=want_out)
+    got = dev(args)
+    got_out = torch.full((batch, width, dim), float("nan"), dtype=out_dtype, device=DEVICE) if out_dtype else None
+    ops.commit_window(**got, out=got_out)
+    check("xw", got["xw"], want["xw"], 0.0)
+    if out_dtype is not None:
+        check("out", got_out, want_out, 0.0)

@@ -94,3 +94,22 @@ def anderson_mix(
     from deqkern.ops import triton_ops
 
     return triton_ops.anderson_mix(hist_x, hist_f, alpha, beta, out)
+
+
+def commit_window(
+    xw: torch.Tensor,
+    mixed: torch.Tensor,
+    g: torch.Tensor,
+    delta: torch.Tensor,
+    n_rows: torch.Tensor,
+    k0: torch.Tensor | None = None,
+    init: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> None:
+    """:func:`deqkern.ops.reference.commit_window`, one fused kernel on the Triton backend."""
+    if backend_for(xw) == "reference":
+        reference.commit_window(xw, mixed, g, delta, n_rows, k0, init, out)
+        return
+    from deqkern.ops import triton_ops
+
+    triton_ops.commit_window(xw, mixed, g, delta, n_rows, k0, init, out)

@@ -152,3 +152,38 @@ def anderson_mix(hist_x: torch.Tensor, hist_f: torch.Tensor, alpha: torch.Tensor
     """
     a = alpha.to(hist_x.dtype)
     return torch.einsum("bwk,kbwd->bwd", a, hist_x + beta * hist_f)
+
+
+def commit_window(
+    xw: torch.Tensor,
+    mixed: torch.Tensor,
+    g: torch.Tensor,
+    delta: torch.Tensor,
+    n_rows: torch.Tensor,
+    k0: torch.Tensor | None = None,
+    init: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> None:
+    """End of a round, in place: freeze, slide, and write the next model input.
+
+    Row ``r < delta[b]`` of the window takes its ``G`` value ``g`` (frozen), the other live rows
+    the solver's proposal ``mixed``; then sample ``b``'s window slides by ``delta[b]``: ``xw[b, i]``
+    becomes row ``src = i + delta[b]`` of ``[anchor, rows...]``. Rows past the ``n_rows[b]``
+    computed ones start from ``init[k0[b] + src, b]`` (``init``: ``[S+1, B, D]`` by position) or,
+    without ``init``, copy the last computed row (ParaDiGMS' initialisation). ``out``
+    (``[B, W, D]``, any float dtype, e.g. the model's input batch) receives ``xw[:, :W]``.
+    """
+    batch, rows, _ = xw.shape
+    width = rows - 1
+    j = torch.arange(width, device=xw.device).unsqueeze(0)
+    proposal = torch.where((j < delta.unsqueeze(1)).unsqueeze(-1), g, mixed)
+    full = torch.cat([xw[:, :1], proposal], dim=1)
+    src = torch.arange(rows, device=xw.device).unsqueeze(0) + delta.unsqueeze(1)
+    b = torch.arange(batch, device=xw.device).unsqueeze(1)
+    shifted = full[b, torch.minimum(src, n_rows.unsqueeze(1))]
+    if init is not None:
+        fresh = init[(k0.unsqueeze(1) + src).clamp(max=init.shape[0] - 1), b]
+        shifted = torch.where((src > n_rows.unsqueeze(1)).unsqueeze(-1), fresh, shifted)
+    xw.copy_(shifted)
+    if out is not None:
+        out.copy_(shifted[:, :width])

@@ -15,6 +15,7 @@ import triton.language as tl
 from deqkern.kernels._launch import SCAN_STAGES, block_d_for, next_pow2, num_warps_for, scan_block_d
 from deqkern.kernels.anderson_mix import _anderson_mix_kernel
 from deqkern.kernels.anderson_solve import _anderson_solve_kernel
+from deqkern.kernels.commit_window import _commit_window_kernel
 from deqkern.kernels.scan_residual import _scan_residual_kernel
 from deqkern.ops.reference import ScanResult
 from deqkern.schedule import X0Transform
@@ -210,3 +211,54 @@ def anderson_mix(
             M=m, ACC=acc_tl, BLOCK_D=block, num_warps=num_warps_for(block),
         )
     return out
+
+
+def commit_window(
+    xw: torch.Tensor,
+    mixed: torch.Tensor,
+    g: torch.Tensor,
+    delta: torch.Tensor,
+    n_rows: torch.Tensor,
+    k0: torch.Tensor | None = None,
+    init: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    *,
+    block_d: int | None = None,
+) -> None:
+    """:func:`deqkern.ops.reference.commit_window` as one kernel (in place on ``xw``)."""
+    if xw.ndim != 3:
+        raise ValueError(f"xw: expected shape [B, W+1, D], got {tuple(xw.shape)}")
+    _acc_dtype("xw", xw)
+    batch, rows, dim = xw.shape
+    width = rows - 1
+    _check("mixed", mixed, (batch, width, dim), xw)
+    _check("g", g, (batch, width, dim), xw)
+    _check("delta", delta, (batch,), xw, same_dtype=False)
+    _check("n_rows", n_rows, (batch,), xw, same_dtype=False)
+    if init is not None:
+        if k0 is None:
+            raise ValueError("k0: required with init (positions of the windows)")
+        _check("k0", k0, (batch,), xw, same_dtype=False)
+        if init.ndim != 3 or init.shape[1:] != (batch, dim):
+            raise ValueError(f"init: expected shape [S+1, {batch}, {dim}], got {tuple(init.shape)}")
+        _check("init", init, tuple(init.shape), xw)
+    if out is not None:
+        _check("out", out, (batch, width, dim), xw, same_dtype=False)
+        _acc_dtype("out", out)
+    if batch > _MAX_GRID_YZ:
+        raise ValueError(f"xw: at most {_MAX_GRID_YZ} samples per launch, got {batch}")
+    block = _block(block_d, lambda: block_d_for(dim, batch, _sm_count(xw.device)))
+    init_t = init if init is not None else xw
+    init_strides = init.stride() if init is not None else (0, 0, 0)
+    k0_t = k0 if k0 is not None else delta
+    out_t = out if out is not None else xw
+    out_strides = out.stride() if out is not None else (0, 0, 0)
+    with _on(xw.device):
+        _commit_window_kernel[(-(-dim // block), batch)](
+            xw, mixed, g, delta, n_rows, k0_t, init_t, out_t,
+            width, dim, (init.shape[0] - 1) if init is not None else 0,
+            *xw.stride(), *mixed.stride(), *g.stride(),
+            delta.stride(0), n_rows.stride(0), k0_t.stride(0),
+            *init_strides, *out_strides,
+            HAS_INIT=init is not None, HAS_OUT=out is not None, BLOCK_D=block, num_warps=num_warps_for(block),
+        )
