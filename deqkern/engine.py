@@ -166,6 +166,7 @@ class Problem:
     tol: float
     stop: StopRule
     max_iters: int
+    drift: bool  #: the drift form (every L = 1)
 
     @property
     def steps(self) -> int:
@@ -250,7 +251,7 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
             e[live] = out.reshape(-1, dim)
     z = None if p.noise is None else p.noise[pos, b_idx.unsqueeze(1)]
     with annotate("scan"):
-        res = scan_residual(st.xw, e, z, coef, n, p.transform, solver.hist_f)
+        res = scan_residual(st.xw, e, z, coef, n, p.transform, solver.hist_f, drift=p.drift)
     # Stopping rule per row; the passing prefix plus one row freezes at its G value.
     if p.stop == "relative":
         err = (res.f_sq / res.g_sq.clamp(min=torch.finfo(res.g_sq.dtype).tiny)).sqrt()
@@ -361,6 +362,7 @@ def sample(
         noise=None if noise is None else noise.reshape(s, batch, dim),
         init=None if init is None else torch.cat([x_T.reshape(1, batch, dim), init.reshape(s, batch, dim)]),
         transform=schedule.transform, shape=shape, width=width, tol=float(tol), stop=stop, max_iters=max_iters,
+        drift=schedule.form == "drift",
     )
     st = SolveState.start(p, x_T, return_trajectory)
     solver_state = factory(config, batch, width, dim, dev, dt)

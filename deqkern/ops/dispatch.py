@@ -54,15 +54,17 @@ def scan_residual(
     n_rows: torch.Tensor,
     transform: X0Transform,
     hist_f: torch.Tensor | None = None,
+    drift: bool | None = None,
 ) -> ScanResult:
     """:func:`deqkern.ops.reference.scan_residual`, fused into one Triton kernel on the Triton backend.
 
     The ``clip_sample`` clamp is fused; dynamic thresholding (``transform.kind == "threshold"``)
     always runs the reference: its per-row quantile needs all of a latent before any element's
-    step, which the one-pass, D-blocked kernel cannot compute.
+    step, which the one-pass, D-blocked kernel cannot compute. ``drift`` (all ``L == 1``) only
+    spares the reference a host sync; the kernel reads ``L`` per row.
     """
     if transform.kind == "threshold" or backend_for(xw) == "reference":
-        return reference.scan_residual(xw, e, z, coef, n_rows, transform, hist_f)
+        return reference.scan_residual(xw, e, z, coef, n_rows, transform, hist_f, drift)
     from deqkern.ops import triton_ops
 
     return triton_ops.scan_residual(xw, e, z, coef, n_rows, transform, hist_f)

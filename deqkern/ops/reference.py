@@ -68,6 +68,7 @@ def scan_residual(
     n_rows: torch.Tensor,
     transform: X0Transform,
     hist_f: torch.Tensor | None = None,
+    drift: bool | None = None,
 ) -> ScanResult:
     """New iterate, residual, row norms and Gram row of one fixed-point round (math.md §3, §6).
 
@@ -79,14 +80,18 @@ def scan_residual(
 
     ``L = A`` is the seed's scan form (the iterate enters only through ``e``); ``L = 1`` the
     drift form (ParaDiGMS). ``hist_f``: ``[m, B, W, D]`` residual history; ``gram[b, j, k] =
-    <f[b, j], hist_f[k, b, j]>``.
+    <f[b, j], hist_f[k, b, j]>``. ``drift``: whether every ``L`` is 1 (then the scan is a cumulative
+    sum); ``None`` inspects ``coef``, which syncs with the host — callers that know the form (the
+    engine, inside CUDA-graph capture) pass it.
     """
     width = e.shape[1]
     x_in = xw[:, :width]
     s = step_rows(x_in, e, z, coef, transform)
     L = coef[..., 0].to(xw.dtype).unsqueeze(-1)
     d = s - L * x_in
-    if bool((coef[..., 0] == 1).all()):
+    if drift is None:
+        drift = bool((coef[..., 0] == 1).all())
+    if drift:
         # Drift form: the scan is a plain cumulative sum.
         g = xw[:, :1] + torch.cumsum(d, dim=1)
     else:
