@@ -39,6 +39,7 @@ import torch
 
 from deqkern.model import ModelEvaluator
 from deqkern.ops import row_mask, step_rows
+from deqkern.ops.reference import linear_scan
 from deqkern.schedule import Schedule
 from deqkern.solvers import get_solver
 
@@ -181,7 +182,7 @@ def solve_adjoint(
         inc = r - l_rev.view(1, s, 1) * u[:, :s]  # inc[:, j]: increment from position j to j+1
         src = (k0.unsqueeze(1) + j_idx).clamp(max=s - 1)
         x_rows = u[b_idx, (src + 1).clamp(max=s)]
-        g = _scan(u[b_idx[:, 0], k0], l_rev[src], inc[b_idx, src])
+        g = linear_scan(u[b_idx[:, 0], k0], l_rev[src], inc[b_idx, src])
         g = torch.where(live.unsqueeze(-1), g, x_rows)
         f = g - x_rows
         f_sq = f.to(acc).square().sum(-1)
@@ -206,20 +207,6 @@ def solve_adjoint(
         lam=u.flip(1).transpose(0, 1), rounds=rounds, converged=(k0 == s).cpu(), residuals=residuals,
         vjp_rows=vjp_rows, fallbacks=int(getattr(state, "fallbacks", 0)),
     )
-
-
-def _scan(anchor: torch.Tensor, mult: torch.Tensor, inc: torch.Tensor) -> torch.Tensor:
-    """``g_j = mult_j g_{j-1} + inc_j``, ``g_{-1} = anchor``; ``[B, D]``, ``[B, W]``, ``[B, W, D]``."""
-    if bool((mult == 1).all()):
-        return anchor.unsqueeze(1) + torch.cumsum(inc, dim=1)
-    if bool((mult == 0).all()):
-        return inc.clone()
-    g = torch.empty_like(inc)
-    prev = anchor
-    for j in range(inc.shape[1]):
-        prev = mult[:, j].unsqueeze(-1) * prev + inc[:, j]
-        g[:, j] = prev
-    return g
 
 
 def phantom_gradient(
@@ -281,7 +268,7 @@ def phantom_gradient(
                 vjp_rows += s * batch
             inc = step_rows(x_in, e, zs, coef, schedule.transform) - mult.view(s, 1, 1) * x_in
             anchor = x_T.reshape(batch, dim)
-            g = _scan(anchor, mult.view(1, s).expand(batch, s), inc.transpose(0, 1)).transpose(0, 1)
+            g = linear_scan(anchor, mult.view(1, s).expand(batch, s), inc.transpose(0, 1)).transpose(0, 1)
             it = (1 - tau) * it + tau * torch.cat([anchor.unsqueeze(0), g])
         with_z = z is not None and noise_grad
         wrt = [x_T, z] if with_z else [x_T]

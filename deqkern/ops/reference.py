@@ -60,6 +60,24 @@ def row_mask(n_rows: torch.Tensor, width: int) -> torch.Tensor:
     return torch.arange(width, device=n_rows.device).unsqueeze(0) < n_rows.unsqueeze(1)
 
 
+def linear_scan(anchor: torch.Tensor, mult: torch.Tensor, inc: torch.Tensor, unit: bool | None = None) -> torch.Tensor:
+    """``g_j = mult_j g_{j-1} + inc_j`` for ``j = 0 .. W-1``, ``g_{-1} = anchor``.
+
+    ``anchor``: ``[B, D]``; ``mult``: ``[B, W]``; ``inc``: ``[B, W, D]``. ``unit``: every ``mult``
+    is 1 (the drift form: a cumulative sum); ``None`` inspects ``mult``, which syncs with the host.
+    """
+    if unit is None:
+        unit = bool((mult == 1).all())
+    if unit:
+        return anchor.unsqueeze(1) + torch.cumsum(inc, dim=1)
+    g = torch.empty_like(inc)
+    prev = anchor
+    for j in range(inc.shape[1]):
+        prev = mult[:, j].unsqueeze(-1) * prev + inc[:, j]
+        g[:, j] = prev
+    return g
+
+
 def scan_residual(
     xw: torch.Tensor,
     e: torch.Tensor,
@@ -87,19 +105,8 @@ def scan_residual(
     width = e.shape[1]
     x_in = xw[:, :width]
     s = step_rows(x_in, e, z, coef, transform)
-    L = coef[..., 0].to(xw.dtype).unsqueeze(-1)
-    d = s - L * x_in
-    if drift is None:
-        drift = bool((coef[..., 0] == 1).all())
-    if drift:
-        # Drift form: the scan is a plain cumulative sum.
-        g = xw[:, :1] + torch.cumsum(d, dim=1)
-    else:
-        g = torch.empty_like(d)
-        prev = xw[:, 0]
-        for j in range(width):
-            prev = L[:, j] * prev + d[:, j]
-            g[:, j] = prev
+    L = coef[..., 0].to(xw.dtype)
+    g = linear_scan(xw[:, 0], L, s - L.unsqueeze(-1) * x_in, unit=drift)
     live = row_mask(n_rows, width).unsqueeze(-1)
     g = torch.where(live, g, xw[:, 1:])
     f = g - xw[:, 1:]
