@@ -168,3 +168,20 @@ def test_static_rounds_with_guidance_and_conditioning(gmm64, ddim):
         eager = deqkern.sample(model, x, sched, execution="eager", **kw)
         static = deqkern.sample(model, x, sched, execution="static", rounds_per_graph=3, **kw)
     assert rel_err(static.x0, eager.x0) < 1e-12 and rel_err(eager.x0, seq.x0) < 1e-8
+
+
+@pytest.mark.parametrize("execution", ["eager", "static"])
+def test_low_precision_model_with_fp32_state(ddim, execution):
+    """The model runs in bfloat16 while latents, scan and solver stay float32; fixed-shape rounds
+    write the next model input straight in bfloat16. Oracle: the sequential chain with the same
+    bf16 model (bound 1e-3: the solve itself is exact to its tolerance)."""
+    from conftest import tiny_unet
+
+    unet = tiny_unet().to(torch.bfloat16)
+    sched = deqkern.Schedule.from_diffusers(ddim, 10)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = deqkern.sample_sequential(unet, x, sched, model_dtype=torch.bfloat16)
+        res = deqkern.sample(unet, x, sched, tol=1e-5, model_dtype=torch.bfloat16, execution=execution)
+    assert res.x0.dtype == torch.float32 and res.all_converged
+    assert rel_err(res.x0, ref.x0) < 1e-3
