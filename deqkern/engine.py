@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 
@@ -300,6 +300,7 @@ def sample(
     execution: Execution = "auto",
     rounds_per_graph: int = 4,
     progress: bool = False,
+    on_round: Callable[[torch.Tensor], None] | None = None,
 ) -> SampleResult:
     """Sample by solving the whole chain as one fixed point, all timesteps of a window per model call.
 
@@ -325,6 +326,9 @@ def sample(
             ``rounds_per_graph`` rounds; ``"graph"`` captures those rounds as one CUDA graph
             (falls back to ``"static"`` with the reason logged when capture is impossible);
             ``"auto"``: graph on CUDA, eager elsewhere.
+        on_round: called after every round (eager execution only) with the current x0 estimate
+            ``[B, *x_T.shape[1:]]``: the x0 row computed in that round, or the frozen x0 of a
+            finished sample; NaN for samples whose window has not reached x0 yet.
     """
     x_T, back = to_torch(x_T, "x_T")
     noise, _ = to_torch(noise, "noise")
@@ -367,7 +371,9 @@ def sample(
     st = SolveState.start(p, x_T, return_trajectory)
     solver_state = factory(config, batch, width, dim, dev, dt)
     if execution == "auto":
-        execution = "graph" if dev.type == "cuda" else "eager"
+        execution = "graph" if dev.type == "cuda" and on_round is None else "eager"
+    if on_round is not None and execution != "eager":
+        raise ValueError(f"on_round: needs execution='eager' (Python runs between rounds), got {execution!r}")
     if execution != "eager":
         st.model_in = st.xw[:, :width].to(model_dtype or dt).clone()
     info: dict[str, Any] = {}
@@ -378,7 +384,10 @@ def sample(
         bar = _progress_bar(progress, s * batch)
         while int(st.rounds) < max_iters and bool((st.k0 < s).any()):
             before = int(st.k0.sum())
+            k_before = st.k0.clone()
             run_round(p, st, solver_state, ev, static=False)
+            if on_round is not None:
+                on_round(_x0_estimate(p, st, k_before))
             if bar is not None:
                 bar.update(int(st.k0.sum()) - before)
         if bar is not None:
@@ -407,6 +416,16 @@ def sample(
             "execution": execution, **info,
         },
     )
+
+
+def _x0_estimate(p: Problem, st: SolveState, k_before: torch.Tensor) -> torch.Tensor:
+    """x0 as a round left it: the row at position S where that round computed it (or x0 is
+    frozen), NaN where the window has not reached x0."""
+    s = p.steps
+    reached = k_before + (s - k_before).clamp(max=p.width) == s
+    row = (s - st.k0).clamp(min=0, max=p.width)
+    est = st.xw[torch.arange(p.batch, device=st.xw.device), row]
+    return torch.where(reached.unsqueeze(1), est, float("nan")).reshape(p.shape)
 
 
 def _progress_bar(enabled: bool, total: int):

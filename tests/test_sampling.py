@@ -152,3 +152,16 @@ def test_warm_start_slides_through_init(gmm64, ddim):
         res = deqkern.sample(gmm64, x, sched, "anderson", tol=1e-8, window=5, init=ref.trajectory[1:].clone())
     assert res.all_converged and res.rounds == S // 5
     assert rel_err(res.x0, ref.x0) < 1e-10
+
+
+def test_on_round_reports_x0_estimates(gmm64, ddim):
+    sched = _sched(ddim)
+    x, _ = _inputs(2, 0.0, seed=3)
+    seen = []
+    with torch.no_grad():
+        res = deqkern.sample(gmm64, x, sched, "anderson", tol=1e-8, window=6, on_round=lambda est: seen.append(est))
+    assert len(seen) == res.rounds
+    assert torch.isnan(seen[0]).all()  # a window of 6 cannot reach x0 of a 20-step chain in round 1
+    assert torch.equal(seen[-1], res.x0)
+    with pytest.raises(ValueError, match="on_round"):
+        deqkern.sample(gmm64, x, sched, execution="static", on_round=print)

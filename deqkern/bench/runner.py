@@ -20,7 +20,7 @@ import deqkern
 from deqkern.bench.peers import (
     ChainMap, DeqDdimConfig, Outcome, SolverUnsupported, run_deq_ddim, run_paradigms, run_torchdeq,
 )
-from deqkern.bench.trace import ErrorTrace, TraceConfig, ensure_registered
+from deqkern.bench.trace import ErrorTrace
 from deqkern.schedule import Form, Schedule, schedule_summary
 
 Family = Literal["oracle", "peer", "ours"]
@@ -351,13 +351,10 @@ class _Runner:
             tol=cfg.tol, max_iters=cfg.max_iters, window=min(cfg.window, c.steps) if spec.windowed else None,
             noise=c.noise, form=spec.form, max_batch=cfg.max_batch,
         )
-        if trace is None:
-            res = deqkern.sample(self.model, c.x_T, c.schedule, solver=spec.solver, solver_options=options, **kwargs)
-        else:
-            traced = TraceConfig(spec.solver, options, c.steps, trace)
+        if trace is not None:
             # eager rounds: the trace hook runs Python between rounds (no CUDA-graph capture)
-            res = deqkern.sample(self.model, c.x_T, c.schedule, solver=ensure_registered(),
-                                 solver_options=traced, execution="eager", **kwargs)
+            kwargs.update(on_round=trace, execution="eager")
+        res = deqkern.sample(self.model, c.x_T, c.schedule, solver=spec.solver, solver_options=options, **kwargs)
         notes = []
         fallbacks = int(res.info.get("fallbacks", 0))
         if fallbacks:
