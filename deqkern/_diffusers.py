@@ -26,7 +26,9 @@ def scheduler_from_any(scheduler: Any) -> tuple[Any, Literal["ddim", "ddpm"]]:
         config = dict(scheduler)
         name = config.get("_class_name")
         if name is None:
-            raise ValueError("scheduler: a config mapping must name its class in '_class_name' (DDIMScheduler or DDPMScheduler)")
+            raise ValueError(
+                "scheduler: a config mapping must name its class in '_class_name' (DDIMScheduler or DDPMScheduler)"
+            )
     else:
         raise TypeError(f"scheduler: expected a diffusers scheduler or its config dict, got {type(scheduler).__name__}")
     if name not in _SUPPORTED:

@@ -210,7 +210,8 @@ class SolveState:
             traj = torch.zeros(p.steps + 2, b, d, device=dev, dtype=x_T.dtype)
             traj[0] = flat
         return cls(
-            xw=xw, k0=torch.zeros(b, dtype=torch.int64, device=dev), rounds=torch.zeros((), dtype=torch.int64, device=dev),
+            xw=xw, k0=torch.zeros(b, dtype=torch.int64, device=dev),
+            rounds=torch.zeros((), dtype=torch.int64, device=dev),
             done_round=torch.zeros(b, dtype=torch.int64, device=dev),
             res_log=torch.full((p.max_iters + 1, b), float("nan"), dtype=torch.float64, device=dev),
             bad_t=torch.full((p.max_iters + 1,), -1, dtype=torch.int64, device=dev), traj=traj,

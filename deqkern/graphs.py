@@ -31,7 +31,8 @@ def _state_tensors(*objs: Any) -> list[torch.Tensor]:
     """Every tensor held by the given state objects (dataclass fields or attributes)."""
     out = []
     for obj in objs:
-        items = [getattr(obj, f.name) for f in fields(obj)] if hasattr(obj, "__dataclass_fields__") else vars(obj).values()
+        is_dc = hasattr(obj, "__dataclass_fields__")
+        items = [getattr(obj, f.name) for f in fields(obj)] if is_dc else vars(obj).values()
         out.extend(v for v in items if isinstance(v, torch.Tensor))
     return out
 

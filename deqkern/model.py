@@ -76,7 +76,9 @@ class ModelEvaluator:
             for name, value in group.items():
                 if not isinstance(value, torch.Tensor) or value.ndim == 0 or value.shape[0] not in (1, batch):
                     shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                    raise ValueError(f"model_kwargs[{name!r}]: expected a tensor with leading dim 1 or {batch}, got {shape}")
+                    raise ValueError(
+                        f"model_kwargs[{name!r}]: expected a tensor with leading dim 1 or {batch}, got {shape}"
+                    )
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, sample_idx: torch.Tensor, round_index: int) -> torch.Tensor:
         """Model outputs for rows ``x[N, ...]`` at timesteps ``t[N]`` of samples ``sample_idx[N]``,

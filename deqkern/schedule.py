@@ -257,7 +257,9 @@ class Schedule:
         ac = sched.alphas_cumprod.cpu()
         prediction_type = cfg.prediction_type
         if prediction_type not in ("epsilon", "sample", "v_prediction"):
-            raise UnsupportedSchedulerOption(f"prediction_type={prediction_type!r} is not one of epsilon/sample/v_prediction")
+            raise UnsupportedSchedulerOption(
+                f"prediction_type={prediction_type!r} is not one of epsilon/sample/v_prediction"
+            )
         if cfg.thresholding:
             transform = X0Transform(
                 "threshold", ratio=float(cfg.dynamic_thresholding_ratio), max_value=float(cfg.sample_max_value)

@@ -31,7 +31,9 @@ def _setup(ddim, eta=0.0, batch=2, seed=0):
     return sched, x, noise
 
 
-@pytest.mark.parametrize("solver,opts", [("picard", None), ("anderson", {"mixing": "row"}), ("anderson", {"mixing": "sample"})])
+@pytest.mark.parametrize(
+    "solver,opts", [("picard", None), ("anderson", {"mixing": "row"}), ("anderson", {"mixing": "sample"})]
+)
 @pytest.mark.parametrize("k", [1, 3, 7])
 @pytest.mark.parametrize("window,eta", [(S, 0.0), (5, 0.5)])
 def test_static_rounds_equal_eager(gmm64, ddim, solver, opts, k, window, eta):
@@ -56,7 +58,9 @@ def test_static_rounds_equal_eager(gmm64, ddim, solver, opts, k, window, eta):
 def test_static_respects_max_iters(gmm64, ddim):
     sched, x, _ = _setup(ddim)
     with torch.no_grad():
-        res = deqkern.sample(gmm64, x, sched, "anderson", tol=1e-14, max_iters=5, execution="static", rounds_per_graph=4)
+        res = deqkern.sample(
+            gmm64, x, sched, "anderson", tol=1e-14, max_iters=5, execution="static", rounds_per_graph=4
+        )
     assert res.rounds == 5 and not res.converged.any() and res.info["rounds_executed"] == 8
 
 

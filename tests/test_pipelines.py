@@ -24,7 +24,8 @@ def test_matches_diffusers_pipeline(kind, eta):
         kw = {}
     pipe.set_progress_bar_config(disable=True)
     steps = 12
-    ref = pipe(batch_size=2, num_inference_steps=steps, generator=torch.Generator().manual_seed(7), output_type="np", **kw).images
+    gen = torch.Generator().manual_seed(7)
+    ref = pipe(batch_size=2, num_inference_steps=steps, generator=gen, output_type="np", **kw).images
     ours = sample_pipeline(pipe, 2, steps, generator=torch.Generator().manual_seed(7), tol=1e-6, **kw)
     assert ours.result.all_converged and ours.result.rounds <= steps
     assert ours.images.shape == ref.shape

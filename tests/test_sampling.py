@@ -33,9 +33,10 @@ SOLVERS = [
     ("picard", None), ("anderson", {"mixing": "row"}), ("anderson", {"mixing": "sample"}),
     ("anderson", {"mixing": "triangular"}), ("anderson", {"mixing": "triangular", "restart": None, "history": 5}),
 ]
+IDS = ["picard", "anderson-row", "anderson-sample", "anderson-tri", "anderson-tri-m5-norestart"]
 
 
-@pytest.mark.parametrize("solver,opts", SOLVERS, ids=["picard", "anderson-row", "anderson-sample", "anderson-tri", "anderson-tri-m5-norestart"])
+@pytest.mark.parametrize("solver,opts", SOLVERS, ids=IDS)
 @pytest.mark.parametrize("eta", [0.0, 0.5])
 @pytest.mark.parametrize("clip", [False, True])
 @pytest.mark.parametrize("window", [S, 6])
@@ -53,7 +54,7 @@ def test_parallel_equals_sequential_drift(gmm64, ddim, solver, opts, eta, clip, 
         assert rel_err(res.x0[b], ref.x0[b]) <= tol
 
 
-@pytest.mark.parametrize("solver,opts", SOLVERS, ids=["picard", "anderson-row", "anderson-sample", "anderson-tri", "anderson-tri-m5-norestart"])
+@pytest.mark.parametrize("solver,opts", SOLVERS, ids=IDS)
 @pytest.mark.parametrize("eta", [0.0, 0.5])
 @pytest.mark.parametrize("window", [S, 7])
 def test_parallel_equals_sequential_scan_form(gmm64, ddim, solver, opts, eta, window):
