@@ -16,7 +16,6 @@ Parallel solve, one round (math.md §2-§4), per sample ``b`` with frozen prefix
 """
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -33,7 +32,6 @@ from deqkern.solvers import Solver, get_solver
 
 StopRule = Literal["relative", "noise"]
 Execution = Literal["auto", "eager", "static", "graph"]
-log = logging.getLogger("deqkern")
 
 
 @dataclass
@@ -59,26 +57,34 @@ class SampleResult:
         return bool(self.converged.all())
 
 
-def _check_inputs(x_T: torch.Tensor, schedule: Schedule, noise: torch.Tensor | None) -> None:
+def check_chain_inputs(
+    x: torch.Tensor, schedule: Schedule, noise: torch.Tensor | None, name: str = "x_T"
+) -> None:
+    """``x`` (named ``name`` in errors) is a finite ``[batch, ...latent]`` float tensor, and
+    ``noise`` is there exactly when the schedule needs it, shaped ``[S, *x.shape]`` like ``x``."""
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule: expected a deqkern.Schedule, got {type(schedule).__name__}")
-    if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
-        raise TypeError(f"x_T: expected a floating-point tensor, got {getattr(x_T, 'dtype', type(x_T).__name__)}")
-    if x_T.ndim < 2:
-        raise ValueError(f"x_T: expected shape [batch, ...latent], got {tuple(x_T.shape)}")
-    if not bool(torch.isfinite(x_T).all()):
-        raise ValueError("x_T: contains NaN or inf")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.ndim < 2:
+        raise ValueError(f"{name}: expected shape [batch, ...latent], got {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name}: contains NaN or inf")
     s = schedule.num_steps
-    if schedule.is_stochastic:
-        if noise is None:
-            raise ValueError(f"noise: the schedule is stochastic; pass the step noise of shape {(s, *x_T.shape)}")
+    if schedule.is_stochastic and noise is None:
+        raise ValueError(f"noise: the schedule is stochastic; pass the step noise of shape {(s, *x.shape)}")
     if noise is not None:
-        if noise.shape != (s, *x_T.shape):
-            raise ValueError(f"noise: expected shape {(s, *x_T.shape)} ([S, *x_T.shape]), got {tuple(noise.shape)}")
-        if noise.dtype != x_T.dtype or noise.device != x_T.device:
+        if noise.shape != (s, *x.shape):
+            raise ValueError(f"noise: expected shape {(s, *x.shape)} ([S, *{name}.shape]), got {tuple(noise.shape)}")
+        if noise.dtype != x.dtype or noise.device != x.device:
             raise ValueError(
-                f"noise: expected dtype {x_T.dtype} on {x_T.device} like x_T, got {noise.dtype} on {noise.device}"
+                f"noise: expected dtype {x.dtype} on {x.device} like {name}, got {noise.dtype} on {noise.device}"
             )
+
+
+def _check_execution(execution: str) -> None:
+    if execution not in ("auto", "eager", "static", "graph"):
+        raise ValueError(f"execution: expected 'auto', 'eager', 'static' or 'graph', got {execution!r}")
 
 
 def _sync(device: torch.device) -> None:
@@ -110,9 +116,8 @@ def sample_sequential(
     """
     x_T, back = to_torch(x_T, "x_T")
     noise, _ = to_torch(noise, "noise")
-    _check_inputs(x_T, schedule, noise)
-    if execution not in ("auto", "eager", "static", "graph"):
-        raise ValueError(f"execution: expected 'auto', 'eager', 'static' or 'graph', got {execution!r}")
+    check_chain_inputs(x_T, schedule, noise)
+    _check_execution(execution)
     ev = ModelEvaluator(model, model_kwargs or {}, guidance, max_batch, model_dtype)
     ev.check_conditioning(x_T.shape[0])
     batch, shape = x_T.shape[0], x_T.shape
@@ -218,6 +223,22 @@ class SolveState:
         )
 
 
+def relative_row_error(f_sq: torch.Tensor, g_sq: torch.Tensor) -> torch.Tensor:
+    """``||G(x) - x|| / ||G(x)||`` per row from the squared norms (the ``relative`` stopping rule)."""
+    return (f_sq / g_sq.clamp(min=torch.finfo(g_sq.dtype).tiny)).sqrt()
+
+
+def accepted_rows(passed: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """``[B]`` rows each sample freezes: its leading rows that pass the stopping test, plus one —
+    the first failing row's G is computed from accepted inputs — and at most its ``n`` live rows."""
+    return torch.minimum(passed.to(torch.int64).cumprod(dim=1).sum(dim=1) + 1, n)
+
+
+def window_residual(f_sq: torch.Tensor, g_sq: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """``[B]`` ``||F|| / ||G(X)||`` over each sample's live rows: the residual history we report."""
+    return ((f_sq * live).sum(1) / (g_sq * live).sum(1).clamp(min=1e-300)).sqrt()
+
+
 def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, static: bool) -> None:
     """One round of the parallel solve (see the module docstring), in place on ``st``.
 
@@ -253,15 +274,12 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     z = None if p.noise is None else p.noise[pos, b_idx.unsqueeze(1)]
     with annotate("scan"):
         res = scan_residual(st.xw, e, z, coef, n, p.transform, solver.hist_f, drift=p.drift)
-    # Stopping rule per row; the passing prefix plus one row freezes at its G value.
     if p.stop == "relative":
-        err = (res.f_sq / res.g_sq.clamp(min=torch.finfo(res.g_sq.dtype).tiny)).sqrt()
+        err = relative_row_error(res.f_sq, res.g_sq)
     else:
         err = (res.f_sq.to(torch.float64) / (dim * p.noise_var[pos])).sqrt()
-    passed = live & (err <= p.tol)
-    lead = passed.to(torch.int64).cumprod(dim=1).sum(dim=1)
-    delta = torch.minimum(lead + 1, n)
-    ratio = ((res.f_sq * live).sum(1) / (res.g_sq * live).sum(1).clamp(min=1e-300)).sqrt().to(torch.float64)
+    delta = accepted_rows(live & (err <= p.tol), n)
+    ratio = window_residual(res.f_sq, res.g_sq, live).to(torch.float64)
     st.res_log.index_copy_(0, log_at, torch.where(active, ratio, float("nan")).unsqueeze(0))
     with annotate("solve+mix"):
         x_new = solver.update(st.xw[:, 1:], res.g, res.f, res.f_sq, res.gram, live)
@@ -334,7 +352,7 @@ def sample(
     x_T, back = to_torch(x_T, "x_T")
     noise, _ = to_torch(noise, "noise")
     init, _ = to_torch(init, "init")
-    _check_inputs(x_T, schedule, noise)
+    check_chain_inputs(x_T, schedule, noise)
     if form is not None:
         schedule = schedule.with_form(form)
     s = schedule.num_steps
@@ -348,8 +366,7 @@ def sample(
         raise ValueError(f"window: expected an int in [1, S={s}], got {window!r}")
     if stop not in ("relative", "noise"):
         raise ValueError(f"stop: expected 'relative' or 'noise', got {stop!r}")
-    if execution not in ("auto", "eager", "static", "graph"):
-        raise ValueError(f"execution: expected 'auto', 'eager', 'static' or 'graph', got {execution!r}")
+    _check_execution(execution)
     if not isinstance(rounds_per_graph, int) or rounds_per_graph < 1:
         raise ValueError(f"rounds_per_graph: expected an int >= 1, got {rounds_per_graph!r}")
     if init is not None and (init.shape != (s, *x_T.shape) or init.dtype != x_T.dtype or init.device != x_T.device):
@@ -384,13 +401,12 @@ def sample(
     if execution == "eager":
         bar = _progress_bar(progress, s * batch)
         while int(st.rounds) < max_iters and bool((st.k0 < s).any()):
-            before = int(st.k0.sum())
             k_before = st.k0.clone()
             run_round(p, st, solver_state, ev, static=False)
             if on_round is not None:
                 on_round(_x0_estimate(p, st, k_before))
             if bar is not None:
-                bar.update(int(st.k0.sum()) - before)
+                bar.update(int((st.k0 - k_before).sum()))
         if bar is not None:
             bar.close()
     else:
@@ -402,9 +418,7 @@ def sample(
 
     rounds = int(st.rounds)
     converged = (st.k0 == s).cpu()
-    # converged: row 0 is x[S]; otherwise the last live row is the current estimate of x0
-    last = torch.where(st.k0 == s, torch.zeros_like(st.k0), (s - st.k0).clamp(max=width))
-    x0 = st.xw[torch.arange(batch, device=dev), last].reshape(shape)
+    x0 = _x0_row(p, st)
     res_log = st.res_log[:rounds].cpu().tolist()
     done = st.done_round.cpu().tolist()
     return SampleResult(
@@ -419,14 +433,18 @@ def sample(
     )
 
 
+def _x0_row(p: Problem, st: SolveState) -> torch.Tensor:
+    """The window row at position S (row 0 once x0 is frozen); where the window does not reach
+    S, its last row — the current estimate of x0."""
+    row = (p.steps - st.k0).clamp(min=0, max=p.width)
+    return st.xw[torch.arange(p.batch, device=st.xw.device), row].reshape(p.shape)
+
+
 def _x0_estimate(p: Problem, st: SolveState, k_before: torch.Tensor) -> torch.Tensor:
-    """x0 as a round left it: the row at position S where that round computed it (or x0 is
-    frozen), NaN where the window has not reached x0."""
-    s = p.steps
-    reached = k_before + (s - k_before).clamp(max=p.width) == s
-    row = (s - st.k0).clamp(min=0, max=p.width)
-    est = st.xw[torch.arange(p.batch, device=st.xw.device), row]
-    return torch.where(reached.unsqueeze(1), est, float("nan")).reshape(p.shape)
+    """x0 as a round left it: where that round computed the x0 row (or x0 is frozen); NaN where
+    the window has not reached x0."""
+    reached = k_before + (p.steps - k_before).clamp(max=p.width) == p.steps
+    return torch.where(reached.view(-1, *[1] * (len(p.shape) - 1)), _x0_row(p, st), float("nan"))
 
 
 def _progress_bar(enabled: bool, total: int):

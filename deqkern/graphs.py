@@ -48,25 +48,38 @@ def capture(chunk: Callable[[], None], state: list[torch.Tensor]) -> tuple[torch
     if not all(t.is_cuda for t in state):
         return None, "CUDA graphs need every state tensor on a CUDA device"
     saved = [t.clone() for t in state]
+
+    def restore() -> None:
+        for t, v in zip(state, saved):
+            t.copy_(v)
+
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     try:
         with torch.cuda.stream(side):
             chunk()
         torch.cuda.current_stream().wait_stream(side)
-        for t, v in zip(state, saved):
-            t.copy_(v)
+        restore()  # undo the warm-up; capture itself records kernels without running them
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             chunk()
     except Exception as exc:  # capture is best-effort: any failure means eager execution
         torch.cuda.synchronize()
-        for t, v in zip(state, saved):
-            t.copy_(v)
+        restore()
         return None, f"capture failed: {type(exc).__name__}: {exc}"
-    for t, v in zip(state, saved):
-        t.copy_(v)
     return graph, ""
+
+
+def _capture_or_explain(
+    chunk: Callable[[], None], state: list[torch.Tensor], what: str, info: dict[str, Any]
+) -> torch.cuda.CUDAGraph | None:
+    """:func:`capture`, logging and recording in ``info`` why ``what`` runs uncaptured if it must."""
+    graph, reason = capture(chunk, state)
+    if graph is None:
+        log.warning("deqkern: %s without a CUDA graph (%s)", what, reason)
+        info["graph_fallback"] = reason
+    info["graph"] = graph is not None
+    return graph
 
 
 def run_static(
@@ -80,13 +93,7 @@ def run_static(
             run_round(p, st, solver, ev, static=True)
 
     info: dict[str, Any] = {"rounds_per_graph": rounds_per_graph, "graph": False}
-    graph = None
-    if use_graph:
-        graph, reason = capture(chunk, _state_tensors(st, solver))
-        if graph is None:
-            log.warning("deqkern: running fixed-shape rounds without a CUDA graph (%s)", reason)
-            info["graph_fallback"] = reason
-        info["graph"] = graph is not None
+    graph = _capture_or_explain(chunk, _state_tensors(st, solver), "fixed-shape rounds", info) if use_graph else None
     replays = 0
     while True:
         if graph is not None:
@@ -134,13 +141,7 @@ def run_sequential_static(
 
     info: dict[str, Any] = {"rounds_per_graph": steps_per_graph, "graph": False}
     full, rest = divmod(s, steps_per_graph)
-    graph = None
-    if use_graph and full > 0:
-        graph, reason = capture(chunk, [state, k])
-        if graph is None:
-            log.warning("deqkern: sequential steps without a CUDA graph (%s)", reason)
-            info["graph_fallback"] = reason
-        info["graph"] = graph is not None
+    graph = _capture_or_explain(chunk, [state, k], "sequential steps", info) if use_graph and full > 0 else None
     for _ in range(full):
         graph.replay() if graph is not None else chunk()
     for _ in range(rest):

@@ -15,7 +15,7 @@ the chain reproduces ``scheduler.step()`` to float32 rounding.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Mapping
 
 import torch
@@ -125,7 +125,7 @@ class Schedule:
 
     def with_form(self, form: Form) -> "Schedule":
         """The same chain, solved in the other fixed-point form."""
-        return _replace(self, form=form)
+        return replace(self, form=form)
 
     def packed(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``[S, 7]`` coefficients in :data:`COEF_FIELDS` order, with ``L`` set by the form."""
@@ -288,7 +288,7 @@ class Schedule:
                 ac, ts, variance_type=cfg.variance_type, prediction_type=prediction_type,
                 transform=transform, form=form,
             )
-        return _replace(out, description=f"{type(sched).__name__}({out.description}, spacing={cfg.timestep_spacing})")
+        return replace(out, description=f"{type(sched).__name__}({out.description}, spacing={cfg.timestep_spacing})")
 
 
 # ---------------------------------------------------------------------- helpers
@@ -317,12 +317,6 @@ def _build(cls, ts, cx, co, c0, px, po, sigma, var, transform, prediction_type, 
         noise_var=noise_var, transform=transform, prediction_type=prediction_type, form=form,
         description=desc,
     )
-
-
-def _replace(s: Schedule, **changes: Any) -> Schedule:
-    from dataclasses import replace
-
-    return replace(s, **changes)
 
 
 def _as_f64(t: torch.Tensor | Any, name: str) -> torch.Tensor:

@@ -37,6 +37,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
+from deqkern.engine import accepted_rows, relative_row_error, window_residual
 from deqkern.model import ModelEvaluator
 from deqkern.ops import row_mask, step_rows
 from deqkern.ops.reference import linear_scan
@@ -189,10 +190,8 @@ def solve_adjoint(
         g_sq = g.to(acc).square().sum(-1)
         gram = None if state.hist_f is None else torch.einsum("bwd,kbwd->bwk", f.to(acc), state.hist_f.to(acc))
         # The engine's stopping rule: the leading rows that pass, plus one, freeze at G.
-        err = (f_sq / g_sq.clamp(min=torch.finfo(acc).tiny)).sqrt()
-        passed = live & (err <= config.tol)
-        delta = torch.minimum(passed.to(torch.int64).cumprod(dim=1).sum(dim=1) + 1, n)
-        sample_res = ((f_sq * live).sum(1) / (g_sq * live).sum(1).clamp(min=1e-300)).sqrt()
+        delta = accepted_rows(live & (relative_row_error(f_sq, g_sq) <= config.tol), n)
+        sample_res = window_residual(f_sq, g_sq, live)
         residuals.append([float(v) if nb > 0 else float("nan") for v, nb in zip(sample_res.tolist(), n.tolist())])
         x_new = state.update(x_rows, g, f, f_sq, gram, live)
         frozen = j_idx < delta.unsqueeze(1)

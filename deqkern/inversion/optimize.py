@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal, Mapping
 import torch
 
 from deqkern._config import config_from
-from deqkern.engine import sample_sequential
+from deqkern.engine import check_chain_inputs, sample_sequential
 from deqkern.inversion.adjoint import GradConfig
 from deqkern.inversion.baselines import ddim_encode, sequential_chain
 from deqkern.inversion.function import ImplicitStats, grad_config, sample_with_implicit_grad
@@ -362,18 +362,11 @@ def _model_shape(model: ModelFn) -> tuple[int, ...] | None:
 
 
 def _check_inputs(model, target, schedule, noise, x_T_init, cfg: InvertConfig) -> None:
-    if not isinstance(schedule, Schedule):
-        raise TypeError(f"schedule: expected a deqkern.Schedule, got {type(schedule).__name__}")
-    if not isinstance(target, torch.Tensor) or not target.is_floating_point():
-        raise TypeError(f"target_x0: expected a floating-point tensor, got {getattr(target, 'dtype', type(target).__name__)}")
-    if target.ndim < 2:
-        raise ValueError(f"target_x0: expected shape [batch, ...latent], got {tuple(target.shape)}")
+    check_chain_inputs(target, schedule, noise, name="target_x0")
     expected = _model_shape(model)
     if expected is not None and tuple(target.shape[1:]) != expected:
         raise ValueError(f"target_x0: expected shape [B, {', '.join(map(str, expected))}] for this model, "
                          f"got {tuple(target.shape)}")
-    if not bool(torch.isfinite(target).all()):
-        raise ValueError("target_x0: contains NaN or inf")
     if cfg.target_limit is not None:
         peak = float(target.abs().max())
         if peak > cfg.target_limit:
@@ -381,14 +374,6 @@ def _check_inputs(model, target, schedule, noise, x_T_init, cfg: InvertConfig) -
                 f"target_x0: values reach {peak:.3g}, outside [-{cfg.target_limit}, {cfg.target_limit}]; scale "
                 "images to the model's data range [-1, 1] (or pass target_limit=None)"
             )
-    s = schedule.num_steps
-    if schedule.is_stochastic and noise is None:
-        raise ValueError(f"noise: the schedule is stochastic (eta > 0 or DDPM); pass the step noise of shape "
-                         f"{(s, *target.shape)}")
-    if noise is not None and (noise.shape != (s, *target.shape) or noise.dtype != target.dtype
-                              or noise.device != target.device):
-        raise ValueError(f"noise: expected {target.dtype} of shape {(s, *target.shape)} on {target.device}, got "
-                         f"{noise.dtype} {tuple(noise.shape)} on {noise.device}")
     if cfg.optimize_noise and noise is None:
         raise ValueError("optimize_noise: the chain has no noise to optimise (deterministic schedule)")
     if x_T_init is not None and (x_T_init.shape != target.shape or x_T_init.dtype != target.dtype):

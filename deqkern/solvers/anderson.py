@@ -75,9 +75,10 @@ class AndersonSolver:
     def update(self, x, g, f, f_sq, gram, live):
         m = self.cfg.history
         slot = torch.remainder(self.count, m).view(1)
+        f_sq = f_sq.to(torch.float64)
         # Gram row of the new residual against the history *before* the slot is overwritten;
         # the overwritten slot's entry becomes <f, f>.
-        row = gram.to(torch.float64).index_copy(-1, slot, f_sq.to(torch.float64).unsqueeze(-1))
+        row = gram.to(torch.float64).index_copy(-1, slot, f_sq.unsqueeze(-1))
         self.gram.index_copy_(2, slot, row.unsqueeze(2))
         self.gram.index_copy_(3, slot, row.unsqueeze(3))
         self.hist_x.index_copy_(0, slot, x.unsqueeze(0))
@@ -85,9 +86,9 @@ class AndersonSolver:
         self.slot_round.index_copy_(0, slot, self.count.view(1))
         age = torch.where(live, (self.age + 1).clamp(max=m), self.age)
         if self.cfg.restart is not None:
-            grew = live & (f_sq.to(torch.float64) > self.cfg.restart**2 * self.prev_f_sq)
+            grew = live & (f_sq > self.cfg.restart**2 * self.prev_f_sq)
             age = torch.where(grew, torch.ones_like(age), age)
-            self.prev_f_sq.copy_(torch.where(live, f_sq.to(torch.float64), self.prev_f_sq))
+            self.prev_f_sq.copy_(torch.where(live, f_sq, self.prev_f_sq))
         self.age.copy_(age)
         valid = (self.count - self.slot_round).view(1, 1, m) < self.age.unsqueeze(-1)
         newest = slot.expand(self.age.shape)
