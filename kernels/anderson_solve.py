@@ -11,7 +11,7 @@ import triton.language as tl
 
 @triton.jit
 def _anderson_solve_kernel(
-    gram_ptr, valid_ptr, newest_ptr, alpha_ptr, ok_ptr, ridge,
+    gram_ptr, valid_ptr, newest_ptr, alpha_ptr, ok_ptr, ridge: tl.float64,
     s_gr, s_gi, s_gj,
     s_vr, s_vk,
     s_nr,
@@ -32,10 +32,9 @@ def _anderson_solve_kernel(
 
     Pointers (element strides explicit): gram ``[R, M, M]`` any float (read as fp64); valid ``[R,
     M]`` bool; newest ``[R]`` int; alpha ``[R, M]`` fp64 (out); ok ``[R]`` int8 (out).
-    ``ridge`` arrives as a 32-bit scalar (Triton's scalar arguments are 32-bit): the ridge is a
-    relative regulariser, and its fp32 rounding (<= 6e-8 relative) is far below what the weights
-    are sensitive to. Memory: reads M^2 + M + 1, writes M + 1 values per problem; the cost is the
-    ~M^3 register arithmetic and the launch.
+    ``ridge`` is declared fp64: an unannotated Python float reaches a GPU kernel as fp32, while the
+    CPU interpreter keeps it float64, and the two would disagree. Memory: reads M^2 + M + 1, writes
+    M + 1 values per problem; the cost is the ~M^3 register arithmetic and the launch.
     """
     r = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, NP)

@@ -37,7 +37,9 @@ from deqkern.kernels._launch import (
 )
 
 ARCHS = (80, 90)
-_FLOAT_ARGS = ("clip_range", "ridge", "beta")
+#: Scalar arguments typed by name: sizes and element strides are 32-bit integers, as the JIT passes
+#: a Python int below 2**31. Every other scalar must carry a Triton type annotation.
+_INT_ARGS = re.compile(r"^(s_\w+|W|D|S)$")
 
 
 @dataclass(frozen=True)
@@ -154,10 +156,19 @@ def compile_config(cfg: Config, cc: int) -> dict[str, object]:
         elif name in cfg.pointers:
             signature[name] = "*" + cfg.pointers[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "fp32" if name in _FLOAT_ARGS else "i32"
+        elif param.annotation_type:
+            signature[name] = param.annotation_type
+        elif _INT_ARGS.match(name):
+            signature[name] = "i32"
             if name in cfg.aligned:
                 attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            # An unannotated float would compile as fp32 here and on the GPU, but run as float64 in
+            # the CPU interpreter: the tests would pass on a CPU and the GPU would round it.
+            raise TypeError(
+                f"{cfg.kernel}: scalar argument {name!r} needs a Triton type annotation (tl.float64 for "
+                "a float) or an integer name (s_*, W, D, S)"
+            )
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": cfg.num_warps})
     regs, local = _resource_usage(compiled.asm["cubin"])

@@ -13,7 +13,7 @@ import triton.language as tl
 @triton.jit
 def _scan_residual_kernel(
     xw_ptr, e_ptr, z_ptr, coef_ptr, nrows_ptr, hist_ptr, g_ptr, f_ptr, part_ptr,
-    W, D, clip_range,
+    W, D, clip_range: tl.float64,
     s_xb, s_xj, s_xd,
     s_eb, s_ej, s_ed,
     s_zb, s_zj, s_zd,
@@ -49,7 +49,7 @@ def _scan_residual_kernel(
     (0: no Gram row), ``M_PAD`` its next power of two; ``ACC`` accumulation dtype (fp32, fp64
     for fp64 inputs); ``BLOCK_D`` elements per program; ``NUM_STAGES`` software-pipeline depth
     of the row loop (the loads of later rows are issued while row ``j`` is reduced).
-    ``clip_range`` arrives as a 32-bit scalar (Triton's scalar arguments are 32-bit).
+    ``clip_range`` is declared fp64 and used in ``ACC``.
     Memory: reads x once (N, each row loaded once and carried to the next step), e and z (2N),
     hist (M N); writes g and f (2N); N = B W D; plus the partial sums, ``(2 + M) / BLOCK_D`` of N
     (< 8%, < 2% from BLOCK_D = 512). Arithmetic is a few FMAs per element: memory-bound.
@@ -69,6 +69,11 @@ def _scan_residual_kernel(
     g_row = g_ptr + b * s_gb
     f_row = f_ptr + b * s_fb
     p_row = part_ptr + pid_d * s_pn + b * s_pb
+    # `clip_range` is declared fp64: unannotated, a Python float reaches a GPU kernel as fp32 but stays
+    # float64 in the CPU interpreter, which would hide the GPU's rounding from the tests. tl.full
+    # rounds it once for fp32 kernels (an fp64 operand would promote their math to fp64) and keeps
+    # it exact for fp64 ones, compiled or interpreted (tl.cast would round through fp32 there).
+    clip = tl.full([], clip_range, ACC)
     # x_j of row 0 is the anchor, which is also g_{-1}.
     x = tl.load(x_row + offs * s_xd, mask=dmask, other=0.0).to(ACC)
     g = x
@@ -93,7 +98,7 @@ def _scan_residual_kernel(
             px = tl.load(c_row + 4 * s_cc).to(ACC)
             po = tl.load(c_row + 5 * s_cc).to(ACC)
             x0 = px * x + po * out
-            s = s + c0 * tl.minimum(tl.maximum(x0, -clip_range), clip_range)
+            s = s + c0 * tl.minimum(tl.maximum(x0, -clip), clip)
         if HAS_Z:
             sigma = tl.load(c_row + 6 * s_cc).to(ACC)
             s = s + sigma * tl.load(z_row + offs * s_zd, mask=lmask, other=0.0).to(ACC)

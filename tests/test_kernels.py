@@ -315,6 +315,17 @@ def test_anderson_mix_bf16_history(ops):
     check("x_new", got, _mix_reference(hx.bfloat16(), hf.bfloat16(), alpha, 1.0), 1e-2)
 
 
+def test_anderson_mix_fp64_is_exact_to_fp64(ops):
+    """fp64 history with a damping that fp32 cannot represent (0.7): exact to fp64 rounding, so
+    ``beta`` reaches the kernel as fp64 (an unannotated float would be fp32 on a GPU)."""
+    m, batch, width, dim = 4, 2, 3, 300
+    hx, hf, alpha = _mix_inputs(m, batch, width, dim, torch.Generator().manual_seed(9))
+    with poisoned_allocations():
+        got = ops.anderson_mix(hx.double(), hf.double(), alpha, 0.7, block_d=128)
+    assert got.dtype == torch.float64
+    check("x_new", got, _mix_reference(hx, hf, alpha, 0.7), 1e-12)
+
+
 # ---------------------------------------------------------------------------------- CUDA graphs
 @pytest.mark.gpu
 def test_round_of_kernels_replays_in_a_cuda_graph(ops):
