@@ -9,7 +9,7 @@ Importing deqkern imports only torch and numpy: diffusers, triton, matplotlib an
 loaded on first use by the parts that need them.
 """
 from deqkern.engine import SampleResult, sample, sample_sequential
-from deqkern.errors import NonFiniteModelOutput, UnsupportedSchedulerOption
+from deqkern.errors import CaptureHazard, NonFiniteModelOutput, UnsupportedSchedulerOption
 from deqkern.model import Guidance
 from deqkern.pipelines import PipelineResult, sample_pipeline
 from deqkern.schedule import Schedule, X0Transform
@@ -18,7 +18,7 @@ from deqkern.solvers import AndersonConfig, PicardConfig, register_solver, solve
 __version__ = "0.1.0"
 
 __all__ = [
-    "AndersonConfig", "Guidance", "NonFiniteModelOutput", "PicardConfig", "PipelineResult", "SampleResult",
+    "AndersonConfig", "CaptureHazard", "Guidance", "NonFiniteModelOutput", "PicardConfig", "PipelineResult", "SampleResult",
     "Schedule", "UnsupportedSchedulerOption", "X0Transform", "register_solver", "sample", "sample_pipeline",
     "sample_sequential", "solver_names",
 ]

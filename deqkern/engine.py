@@ -31,7 +31,7 @@ from deqkern.schedule import Form, Schedule, X0Transform
 from deqkern.solvers import Solver, get_solver
 
 StopRule = Literal["relative", "noise"]
-Execution = Literal["auto", "eager", "static", "graph"]
+Execution = Literal["auto", "eager", "static", "graph", "audit"]
 
 
 @dataclass
@@ -83,8 +83,8 @@ def check_chain_inputs(
 
 
 def _check_execution(execution: str) -> None:
-    if execution not in ("auto", "eager", "static", "graph"):
-        raise ValueError(f"execution: expected 'auto', 'eager', 'static' or 'graph', got {execution!r}")
+    if execution not in ("auto", "eager", "static", "graph", "audit"):
+        raise ValueError(f"execution: expected 'auto', 'eager', 'static', 'graph' or 'audit', got {execution!r}")
 
 
 def _sync(device: torch.device) -> None:
@@ -111,7 +111,7 @@ def sample_sequential(
     ``noise[k]`` is the ``variance_noise`` of step ``k`` in ``schedule.timesteps`` order.
     ``execution="graph"`` (the default on CUDA) captures ``rounds_per_graph`` steps per CUDA
     graph — the fair baseline for graphed parallel sampling; ``"eager"`` checks every step's
-    output and can return the trajectory. ``x_T``/``noise`` may be any DLPack array (cupy,
+    output and can return the trajectory; ``"static"`` and ``"audit"`` as in :func:`sample`. ``x_T``/``noise`` may be any DLPack array (cupy,
     numpy, ...); ``x0`` and the trajectory come back as the same kind, zero-copy.
     """
     x_T, back = to_torch(x_T, "x_T")
@@ -145,7 +145,7 @@ def sample_sequential(
     else:
         from deqkern.graphs import run_sequential_static
 
-        x0, extra = run_sequential_static(schedule, x_T, noise, ev, rounds_per_graph, execution == "graph")
+        x0, extra = run_sequential_static(schedule, x_T, noise, ev, rounds_per_graph, execution)
         info.update(extra)
     _sync(x_T.device)
     return SampleResult(
@@ -344,7 +344,10 @@ def sample(
             ``"static"`` runs fixed-shape, sync-free rounds (all B*W rows) and checks once per
             ``rounds_per_graph`` rounds; ``"graph"`` captures those rounds as one CUDA graph
             (falls back to ``"static"`` with the reason logged when capture is impossible);
-            ``"auto"``: graph on CUDA, eager elsewhere.
+            ``"audit"`` runs the static rounds as a graph would, on any device (a CPU too), and
+            raises :class:`~deqkern.errors.CaptureHazard` if a chunk syncs with the host or
+            differs from the captured one (:mod:`deqkern.graph_audit`); ``"auto"``: graph on
+            CUDA, eager elsewhere.
         on_round: called after every round (eager execution only) with the current x0 estimate
             ``[B, *x_T.shape[1:]]``: the x0 row computed in that round, or the frozen x0 of a
             finished sample; NaN for samples whose window has not reached x0 yet.
@@ -412,7 +415,7 @@ def sample(
     else:
         from deqkern.graphs import run_static
 
-        info.update(run_static(p, st, solver_state, ev, rounds_per_graph, use_graph=execution == "graph"))
+        info.update(run_static(p, st, solver_state, ev, rounds_per_graph, execution))
     _sync(dev)
     wall = time.perf_counter() - start
 

@@ -12,3 +12,9 @@ class UnsupportedSchedulerOption(ValueError):
 
 class NonFiniteModelOutput(FloatingPointError):
     """The model returned NaN or inf; the message names the round and the timestep."""
+
+
+class CaptureHazard(RuntimeError):
+    """Work that a CUDA graph cannot replay faithfully: a host sync, or a call that dispatches
+    different ops, shapes, scalars or buffers from the captured one (see
+    :func:`deqkern.graph_audit.audit_replay`)."""

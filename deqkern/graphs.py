@@ -4,7 +4,8 @@ A chunk of ``K`` rounds (model batch + scan + solve + mix, all in place, no host
 captured once and replayed; convergence (and non-finite model output) is checked once per
 replay. The same chunk callable runs eagerly when capture is impossible (CPU, a model that
 syncs with the host), so the runner's logic — buffer reuse, chunking, the per-chunk check, the
-device-side Anderson slot ring — is exercised by the CPU tests.
+device-side Anderson slot ring — is exercised by the CPU tests; ``"audit"`` execution runs it
+as a graph would (warm-up, restore, every call checked against the captured one), on a CPU too.
 
 The sequential baseline is captured the same way (K steps per graph, the step index on the
 device), so parallel-vs-sequential timings compare like with like.
@@ -19,6 +20,7 @@ import torch
 
 from deqkern.engine import Problem, SolveState, run_round
 from deqkern.errors import NonFiniteModelOutput
+from deqkern.graph_audit import ReplayAudit
 from deqkern.model import ModelEvaluator
 from deqkern.ops import step_rows
 from deqkern.schedule import Schedule
@@ -37,6 +39,17 @@ def _state_tensors(*objs: Any) -> list[torch.Tensor]:
     return out
 
 
+def _snapshot(state: list[torch.Tensor]) -> Callable[[], None]:
+    """A function that puts ``state`` back, in place, as it is now."""
+    saved = [t.clone() for t in state]
+
+    def restore() -> None:
+        for t, v in zip(state, saved):
+            t.copy_(v)
+
+    return restore
+
+
 def capture(chunk: Callable[[], None], state: list[torch.Tensor]) -> tuple[torch.cuda.CUDAGraph | None, str]:
     """Capture ``chunk`` as a CUDA graph without changing ``state``.
 
@@ -47,12 +60,7 @@ def capture(chunk: Callable[[], None], state: list[torch.Tensor]) -> tuple[torch
     """
     if not all(t.is_cuda for t in state):
         return None, "CUDA graphs need every state tensor on a CUDA device"
-    saved = [t.clone() for t in state]
-
-    def restore() -> None:
-        for t, v in zip(state, saved):
-            t.copy_(v)
-
+    restore = _snapshot(state)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     try:
@@ -70,36 +78,51 @@ def capture(chunk: Callable[[], None], state: list[torch.Tensor]) -> tuple[torch
     return graph, ""
 
 
-def _capture_or_explain(
-    chunk: Callable[[], None], state: list[torch.Tensor], what: str, info: dict[str, Any]
-) -> torch.cuda.CUDAGraph | None:
-    """:func:`capture`, logging and recording in ``info`` why ``what`` runs uncaptured if it must."""
-    graph, reason = capture(chunk, state)
-    if graph is None:
+def _runner(
+    chunk: Callable[[], None], state: list[torch.Tensor], what: str, mode: str, info: dict[str, Any]
+) -> tuple[Callable[[], None], ReplayAudit | None]:
+    """How each chunk runs, recorded in ``info``: ``mode="graph"`` replays a captured graph (or,
+    when capture fails, runs the chunk with the reason logged); ``"audit"`` runs it as a graph
+    would, on any device — warm-up, state restored, then every call recorded and checked
+    against the first (:mod:`deqkern.graph_audit`); ``"static"`` runs it plainly. Returns the
+    step and the audit, if any."""
+    info["graph"] = False
+    if mode == "graph":
+        graph, reason = capture(chunk, state)
+        if graph is not None:
+            info["graph"] = True
+            return graph.replay, None
         log.warning("deqkern: %s without a CUDA graph (%s)", what, reason)
         info["graph_fallback"] = reason
-    info["graph"] = graph is not None
-    return graph
+    elif mode == "audit":
+        restore = _snapshot(state)
+        chunk()  # the warm-up a capture runs, undone as capture undoes it
+        restore()
+        audit = ReplayAudit()
+        return lambda: audit.record(chunk), audit
+    return chunk, None
+
+
+def _audit_info(audit: ReplayAudit | None) -> dict[str, Any]:
+    return {} if audit is None else {"audited_calls": audit.calls, "ops_per_chunk": audit.ops_per_call}
 
 
 def run_static(
-    p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, rounds_per_graph: int, use_graph: bool
+    p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, rounds_per_graph: int, mode: str
 ) -> dict[str, Any]:
     """Run fixed-shape rounds in chunks of ``rounds_per_graph`` until every sample converged or
-    ``max_iters`` rounds ran; one host sync per chunk. Returns execution info for the result."""
+    ``max_iters`` rounds ran; one host sync per chunk. ``mode``: ``"static"``, ``"graph"`` or
+    ``"audit"`` (see :func:`_runner`). Returns execution info for the result."""
 
     def chunk() -> None:
         for _ in range(rounds_per_graph):
             run_round(p, st, solver, ev, static=True)
 
-    info: dict[str, Any] = {"rounds_per_graph": rounds_per_graph, "graph": False}
-    graph = _capture_or_explain(chunk, _state_tensors(st, solver), "fixed-shape rounds", info) if use_graph else None
+    info: dict[str, Any] = {"rounds_per_graph": rounds_per_graph}
+    step, audit = _runner(chunk, _state_tensors(st, solver), "fixed-shape rounds", mode, info)
     replays = 0
     while True:
-        if graph is not None:
-            graph.replay()
-        else:
-            chunk()
+        step()
         replays += 1
         bad = st.bad_t[: p.max_iters]
         if bool((bad >= 0).any()):  # the chunk's one host sync
@@ -111,15 +134,16 @@ def run_static(
     # last chunk: that is what the device actually computed
     ev.evaluations = replays * rounds_per_graph * p.batch * p.width
     info["rounds_executed"] = replays * rounds_per_graph
-    return info
+    return {**info, **_audit_info(audit)}
 
 
 def run_sequential_static(
     schedule: Schedule, x: torch.Tensor, noise: torch.Tensor | None, ev: ModelEvaluator,
-    steps_per_graph: int, use_graph: bool,
+    steps_per_graph: int, mode: str,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """The sequential chain with the step index on the device, ``steps_per_graph`` steps per
-    captured graph (the fair baseline for graphed parallel sampling). Returns ``(x0, info)``."""
+    captured graph (the fair baseline for graphed parallel sampling); ``mode`` as in
+    :func:`run_static`. Returns ``(x0, info)``."""
     s, batch = schedule.num_steps, x.shape[0]
     dev, dt = x.device, x.dtype
     coef = schedule.packed(dev, dt)
@@ -141,13 +165,13 @@ def run_sequential_static(
 
     info: dict[str, Any] = {"rounds_per_graph": steps_per_graph, "graph": False}
     full, rest = divmod(s, steps_per_graph)
-    graph = _capture_or_explain(chunk, [state, k], "sequential steps", info) if use_graph and full > 0 else None
+    step, audit = _runner(chunk, [state, k], "sequential steps", mode, info) if full > 0 else (chunk, None)
     for _ in range(full):
-        graph.replay() if graph is not None else chunk()
+        step()
     for _ in range(rest):
         one_step()
     ev.evaluations = s * batch
     out = state.reshape(x.shape)
     if not bool(torch.isfinite(out).all()):
         raise NonFiniteModelOutput("model output is not finite in the sequential chain (graphed: round unknown)")
-    return out, info
+    return out, {**info, **_audit_info(audit)}

@@ -383,7 +383,8 @@ noise = torch.randn(S, 2, 2, 2, 4, generator=g).to(dev)
 ref = deqkern.sample_sequential(model, x, sched, noise, execution="eager").x0
 out = {"backend": dispatch.backend_for(x)}
 cases = [("picard", "picard", "kernel", "eager"), ("anderson-kernel", "anderson", "kernel", "eager"),
-         ("anderson-solve_ex", "anderson", "solve_ex", "eager"), ("anderson-static", "anderson", "kernel", "static")]
+         ("anderson-solve_ex", "anderson", "solve_ex", "eager"), ("anderson-static", "anderson", "kernel", "static"),
+         ("anderson-audit", "anderson", "kernel", "audit"), ("anderson-solve_ex-audit", "anderson", "solve_ex", "audit")]
 if dev.type == "cuda":
     cases.append(("anderson-graph", "anderson", "kernel", "graph"))
 for name, solver, solve, execution in cases:
@@ -399,7 +400,8 @@ print(json.dumps(out))
 def test_engine_on_kernels(ops):
     """The whole parallel solve with every op dispatched to the kernels (clipped, stochastic DDIM,
     a sliding window, so rows die and the history shifts; eager and fixed-shape "static" rounds,
-    CUDA-graphed rounds on CUDA; both Anderson solve paths) equals the sequential sampler. In a
+    the same audited as a CUDA graph would replay them (deqkern.graph_audit), CUDA-graphed rounds
+    on CUDA; both Anderson solve paths) equals the sequential sampler. In a
     subprocess, where dispatch sees TRITON_INTERPRET (CPU) at import."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(Path(__file__).parent)
@@ -412,7 +414,7 @@ def test_engine_on_kernels(ops):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["backend"] == "triton" and out["triton_loaded"]
     cases = [k for k in out if k not in ("backend", "triton_loaded")]
-    assert len(cases) == (5 if CUDA else 4)
+    assert len(cases) == (7 if CUDA else 6)
     for name in cases:
         assert out[name]["converged"], out
         assert out[name]["err"] <= 1e-4, out

@@ -119,6 +119,12 @@ def scan_residual(
     return ScanResult(g=g, f=f, f_sq=f_sq, g_sq=g_sq, gram=gram)
 
 
+def one_hot(index: torch.Tensor, m: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[..., m]`` rows with a 1 at ``index`` (plain Picard weights). Not ``F.one_hot``: off
+    CUDA it checks the index range with a host sync, and this runs inside captured rounds."""
+    return (torch.arange(m, device=index.device) == index.unsqueeze(-1)).to(dtype)
+
+
 def anderson_weights(
     gram: torch.Tensor, valid: torch.Tensor, newest: torch.Tensor, ridge: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,7 +158,7 @@ def anderson_weights(
     sol, info = torch.linalg.solve_ex(system, rhs)
     a = sol[:, 1:, 0]
     ok = (info == 0) & torch.isfinite(a).all(-1)
-    fallback = torch.nn.functional.one_hot(newest.long(), m).to(torch.float64)
+    fallback = one_hot(newest, m, torch.float64)
     a = torch.where(ok.unsqueeze(-1), a, fallback)
     return a, ok
 

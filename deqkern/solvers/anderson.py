@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 
 from deqkern.ops import anderson_mix, anderson_weights
+from deqkern.ops.reference import one_hot
 from deqkern.solvers.base import register_solver
 
 
@@ -114,7 +115,7 @@ class AndersonSolver:
         v = valid[torch.arange(valid.shape[0], device=valid.device), first]
         a, ok = anderson_weights(h, v, newest[:, 0], self.cfg.ridge)
         self.fallbacks.add_((~ok & live.any(1)).sum())
-        picard = torch.nn.functional.one_hot(newest, m).to(a.dtype)
+        picard = one_hot(newest, m, a.dtype)
         return torch.where(full.unsqueeze(-1), a.unsqueeze(1), picard)
 
     def shift(self, delta: torch.Tensor) -> None:
