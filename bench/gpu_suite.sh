@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU-only measurement in ONE device call (see ../shared/brief/gpu.md):
-#   1. GPU-marked tests + the kernel tests on CUDA tensors (graph capture/replay, Triton vs reference)
+#   1. GPU-marked tests + the kernel tests on CUDA tensors (graph capture/replay, Triton vs reference,
+#      the capture audit on CUDA tensors)
 #   2. kernel micro-benchmarks (GB/s vs a measured device-to-device copy)
 #   3. end-to-end timings: graphed parallel vs graphed sequential, CIFAR10-size DDPM UNet, S=100
 #   4. python -m deqkern.bench on the embedded model
@@ -25,7 +26,8 @@ print("torch", torch.__version__, "triton", triton.__version__, "deqkern", deqke
 print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
 PY
 rc=0
-timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_graphs.py tests/test_interop.py tests/test_kernels.py \
+timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_graphs.py tests/test_graph_audit.py tests/test_interop.py \
+  tests/test_kernels.py \
   -m "gpu or not interpreter" --junitxml="$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1 || rc=1
 tail -3 "$OUT/gpu_tests.log"
 timeout 150 python3 -m pytest -q -p no:cacheprovider bench/ --benchmark-only --benchmark-max-time=0.5 \
