@@ -375,7 +375,7 @@ def sample(
     if init is not None and (init.shape != (s, *x_T.shape) or init.dtype != x_T.dtype or init.device != x_T.device):
         raise ValueError(f"init: expected {x_T.dtype} of shape {(s, *x_T.shape)} on {x_T.device}, got "
                          f"{init.dtype} {tuple(init.shape)} on {init.device}")
-    config, factory = get_solver(solver, solver_options)
+    get_solver(solver, solver_options)  # a bad name or option fails before any work
     ev = ModelEvaluator(model, model_kwargs or {}, guidance, max_batch, model_dtype)
     batch, shape = x_T.shape[0], x_T.shape
     ev.check_conditioning(batch)
@@ -389,21 +389,73 @@ def sample(
         transform=schedule.transform, shape=shape, width=width, tol=float(tol), stop=stop, max_iters=max_iters,
         drift=schedule.form == "drift",
     )
-    st = SolveState.start(p, x_T, return_trajectory)
-    solver_state = factory(config, batch, width, dim, dev, dt)
     if execution == "auto":
         execution = "graph" if dev.type == "cuda" and on_round is None else "eager"
     if on_round is not None and execution != "eager":
         raise ValueError(f"on_round: needs execution='eager' (Python runs between rounds), got {execution!r}")
+    out = solve(
+        p, x_T, ev, solver, solver_options, execution=execution, rounds_per_graph=rounds_per_graph,
+        model_dtype=model_dtype, return_trajectory=return_trajectory, progress=progress, on_round=on_round,
+    )
+    st = out.state
+    return SampleResult(
+        x0=back(_x0_row(p, st)), converged=out.converged, rounds=out.rounds, model_evals=ev.evaluations,
+        wall_time=out.wall_time, residuals=out.residuals, rounds_per_sample=out.rounds_per_sample,
+        trajectory=None if st.traj is None else back(st.traj[: s + 1].reshape(s + 1, *shape)),
+        info={"solver": solver, "config": out.config, "form": schedule.form, "stop": stop, "tol": tol, "window": width,
+              **out.info},
+    )
+
+
+@dataclass
+class Solved:
+    """What :func:`solve` leaves: the final device state and the host-side summary."""
+
+    state: SolveState
+    config: Any  #: the solver's config dataclass
+    converged: torch.Tensor  #: [B] bool, on the CPU
+    rounds: int
+    residuals: list[list[float]]  #: per round, per sample (see :attr:`SampleResult.residuals`)
+    rounds_per_sample: list[int]
+    wall_time: float
+    info: dict[str, Any]  #: execution details, the solver's fallback count
+
+
+def solve(
+    p: Problem,
+    x_T: torch.Tensor,
+    ev: ModelEvaluator,
+    solver: str,
+    solver_options: Any = None,
+    *,
+    execution: Literal["eager", "static", "graph", "audit"] = "eager",
+    rounds_per_graph: int = 4,
+    model_dtype: torch.dtype | None = None,
+    return_trajectory: bool = False,
+    progress: bool = False,
+    on_round: Callable[[torch.Tensor], None] | None = None,
+) -> Solved:
+    """Run rounds of ``p`` from ``x_T`` until every sample converged or ``max_iters`` rounds ran.
+
+    The fixed point is given by ``p`` alone (coefficients per position, stopping rule, window),
+    and ``ev`` is the only thing evaluated per row, so any chain with this triangular structure
+    solves here: :func:`sample` builds ``p`` from a :class:`Schedule`, the inversion's adjoint
+    from the chain's Jacobians (:func:`deqkern.inversion.solve_adjoint`). Arguments are those of
+    :func:`sample`, already validated.
+    """
+    config, factory = get_solver(solver, solver_options)
+    dev, dt = x_T.device, x_T.dtype
+    st = SolveState.start(p, x_T, return_trajectory)
+    solver_state = factory(config, p.batch, p.width, p.dim, dev, dt)
     if execution != "eager":
-        st.model_in = st.xw[:, :width].to(model_dtype or dt).clone()
+        st.model_in = st.xw[:, : p.width].to(model_dtype or dt).clone()
     info: dict[str, Any] = {}
 
     _sync(dev)
     start = time.perf_counter()
     if execution == "eager":
-        bar = _progress_bar(progress, s * batch)
-        while int(st.rounds) < max_iters and bool((st.k0 < s).any()):
+        bar = _progress_bar(progress, p.steps * p.batch)
+        while int(st.rounds) < p.max_iters and bool((st.k0 < p.steps).any()):
             k_before = st.k0.clone()
             run_round(p, st, solver_state, ev, static=False)
             if on_round is not None:
@@ -420,19 +472,12 @@ def sample(
     wall = time.perf_counter() - start
 
     rounds = int(st.rounds)
-    converged = (st.k0 == s).cpu()
-    x0 = _x0_row(p, st)
-    res_log = st.res_log[:rounds].cpu().tolist()
     done = st.done_round.cpu().tolist()
-    return SampleResult(
-        x0=back(x0), converged=converged, rounds=rounds, model_evals=ev.evaluations, wall_time=wall,
-        residuals=res_log, rounds_per_sample=[d if d > 0 else rounds for d in done],
-        trajectory=None if st.traj is None else back(st.traj[: s + 1].reshape(s + 1, *shape)),
-        info={
-            "solver": solver, "config": config, "form": schedule.form, "stop": stop, "tol": tol,
-            "window": width, "fallbacks": int(getattr(solver_state, "fallbacks", 0)),
-            "execution": execution, **info,
-        },
+    return Solved(
+        state=st, config=config, converged=(st.k0 == p.steps).cpu(), rounds=rounds,
+        residuals=st.res_log[:rounds].cpu().tolist(), rounds_per_sample=[d if d > 0 else rounds for d in done],
+        wall_time=wall,
+        info={"fallbacks": int(getattr(solver_state, "fallbacks", 0)), "execution": execution, **info},
     )
 
 

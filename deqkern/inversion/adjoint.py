@@ -24,10 +24,10 @@ as their unique fixed point and Picard on any of them is exact after S rounds; t
 converges fastest when ``J_k`` is near the identity, which is what a trained denoiser's steps
 look like (the identity part of the model Jacobian cancels the ``x`` term of the step).
 
-The solve reuses the engine's machinery: reversing the time axis (position ``p`` holds
-``lam_{S-p}``) turns the adjoint into the forward's lower-triangular shape, so any registered
-deqkern solver (Picard, Anderson with row or sample mixing) drives it unchanged, and the engine's
-freezing rule (the leading rows that pass the test, plus one) guarantees termination in S rounds.
+The solve IS the engine's: reversing the time axis (position ``p`` holds ``lam_{S-p}``) turns
+the adjoint into the forward's lower-triangular shape, so :func:`deqkern.engine.solve` runs it
+with the VJP rows in place of model rows — any registered solver, the same stopping rule, and
+the freezing rule (the leading rows that pass the test, plus one) that ends it in S rounds.
 """
 from __future__ import annotations
 
@@ -37,11 +37,11 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from deqkern.engine import accepted_rows, relative_row_error, window_residual
+from deqkern.engine import Problem, solve
 from deqkern.model import ModelEvaluator
-from deqkern.ops import row_mask, step_rows
+from deqkern.ops import step_rows
 from deqkern.ops.reference import linear_scan
-from deqkern.schedule import Schedule
+from deqkern.schedule import COEF_FIELDS, Schedule, X0Transform
 from deqkern.solvers import get_solver
 
 AdjointForm = Literal["drift", "scan", "plain"]
@@ -157,54 +157,41 @@ def solve_adjoint(
     ``multipliers``: ``[S]`` the form's ``L_k``. Every ``lam_k`` starts at ``lam_S``, as every
     forward latent starts at ``x_T`` (warm-starting from the previous optimisation step's adjoint
     is not offered: ``lam_S = dL/dx0`` changes direction from step to step).
+
+    It is the engine's solve (:func:`deqkern.engine.solve`) in reversed time: position ``p``
+    holds ``lam_{S-p}``, the "model" of the row at position ``p`` is the VJP of step ``S-1-p``
+    with its value as cotangent, and the step is that output plus the form's scan, i.e. the
+    coefficients ``L = L_{S-1-p}``, ``co = 1`` and all others 0. Same rounds, stopping rule,
+    freezing and solvers as sampling, with the window spanning the whole chain.
     """
     batch, dim = lam_S.shape
     s = multipliers.numel()
     dev, dt = lam_S.device, lam_S.dtype
-    max_iters = s if config.max_iters is None else config.max_iters
-    solver_cfg, factory = get_solver(config.solver, config.solver_options)
-    state = factory(solver_cfg, batch, s, dim, dev, dt)
+    coef = torch.zeros(s, len(COEF_FIELDS), device=dev, dtype=dt)
+    coef[:, COEF_FIELDS.index("L")] = multipliers.flip(0)
+    coef[:, COEF_FIELDS.index("co")] = 1.0
+    p = Problem(
+        coef=coef, timesteps=torch.arange(s, device=dev), noise_var=torch.ones(s, device=dev, dtype=torch.float64),
+        noise=None, init=None, transform=X0Transform(), shape=torch.Size((batch, dim)), width=s, tol=float(config.tol),
+        stop="relative", max_iters=s if config.max_iters is None else config.max_iters, drift=config.form == "drift",
+    )
+    vjp_rows = 0
 
-    # Reversed time: position p holds lam_{S-p}; row j computes position j+1 through step S-1-j.
-    u = lam_S.unsqueeze(1).repeat(1, s + 1, 1)
-    l_rev = multipliers.flip(0)
-    b_idx = torch.arange(batch, device=dev).unsqueeze(1)
-    j_idx = torch.arange(s, device=dev).unsqueeze(0)
-    k0 = torch.zeros(batch, dtype=torch.int64, device=dev)
-    residuals: list[list[float]] = []
-    rounds = vjp_rows = 0
-    acc = torch.float64 if dt == torch.float64 else torch.float32
-    while rounds < max_iters and bool((k0 < s).any()):
-        n = s - k0
-        live = row_mask(n, s)
-        # One batched VJP over every step: cotangent of step k is the estimate of lam_{k+1}.
-        r = vjp(u[:, :s].flip(1).transpose(0, 1)).transpose(0, 1).flip(1)
+    def rows_vjp(u: torch.Tensor, pos: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        # the live rows (sample, position) of one round, scattered to their steps for one batched
+        # VJP over the whole chain (steps are independent, so the other steps' zeros cost only time)
+        nonlocal vjp_rows
+        step = s - 1 - pos
+        v = torch.zeros(s, batch, dim, device=dev, dtype=dt)
+        v[step, sample] = u
         vjp_rows += s * batch
-        inc = r - l_rev.view(1, s, 1) * u[:, :s]  # inc[:, j]: increment from position j to j+1
-        src = (k0.unsqueeze(1) + j_idx).clamp(max=s - 1)
-        x_rows = u[b_idx, (src + 1).clamp(max=s)]
-        g = linear_scan(u[b_idx[:, 0], k0], l_rev[src], inc[b_idx, src])
-        g = torch.where(live.unsqueeze(-1), g, x_rows)
-        f = g - x_rows
-        f_sq = f.to(acc).square().sum(-1)
-        g_sq = g.to(acc).square().sum(-1)
-        gram = None if state.hist_f is None else torch.einsum("bwd,kbwd->bwk", f.to(acc), state.hist_f.to(acc))
-        # The engine's stopping rule: the leading rows that pass, plus one, freeze at G.
-        delta = accepted_rows(live & (relative_row_error(f_sq, g_sq) <= config.tol), n)
-        sample_res = window_residual(f_sq, g_sq, live)
-        residuals.append([float(v) if nb > 0 else float("nan") for v, nb in zip(sample_res.tolist(), n.tolist())])
-        x_new = state.update(x_rows, g, f, f_sq, gram, live)
-        frozen = j_idx < delta.unsqueeze(1)
-        x_new = torch.where(frozen.unsqueeze(-1), g, x_new)
-        x_new = torch.where(live.unsqueeze(-1), x_new, x_rows)
-        dst = (k0.unsqueeze(1) + 1 + j_idx)[live]
-        u[b_idx.expand(batch, s)[live], dst] = x_new[live]
-        state.shift(delta)
-        k0 = k0 + delta
-        rounds += 1
+        return vjp(v)[step, sample]
+
+    ev = ModelEvaluator(rows_vjp, {"sample": torch.arange(batch, device=dev)})
+    out = solve(p, lam_S, ev, config.solver, config.solver_options, return_trajectory=True)
     return AdjointSolution(
-        lam=u.flip(1).transpose(0, 1), rounds=rounds, converged=(k0 == s).cpu(), residuals=residuals,
-        vjp_rows=vjp_rows, fallbacks=int(getattr(state, "fallbacks", 0)),
+        lam=out.state.traj[: s + 1].flip(0), rounds=out.rounds, converged=out.converged, residuals=out.residuals,
+        vjp_rows=vjp_rows, fallbacks=out.info["fallbacks"],
     )
 
 
