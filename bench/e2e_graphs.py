@@ -4,10 +4,15 @@ Issue 3's targets, measured side by side in ONE run on ONE device:
 
 * wall time of sequential DDIM (S model calls, captured ``--per-graph`` steps per CUDA graph)
   vs the parallel solvers (captured ``--per-graph`` rounds per graph), same x_T, x0 error vs
-  the sequential result;
+  the sequential result: each sampler is made once and called ``--repeats + 1`` times, the
+  median of the later calls (graphs replayed) is the steady state, the first call (capture
+  included) is reported beside it;
 * solver work per round (everything but the model: scan, stopping test, solve, mix, slide) as
   a fraction of the model-batch time — measured by running the same fixed-shape rounds with
-  an identity "model" whose cost is one copy.
+  an identity "model" whose cost is one copy;
+* for each window ``W`` of ``--window`` (rows per round per sample), and the model's batch cost
+  curve ``t(rows)``: the speedup is ``S t(B) / (rounds(W) t(B W))`` up to solver overhead, so
+  how far ``t`` stays flat as rows grow decides which window wins on a device.
 
     python bench/e2e_graphs.py --device cuda --model ddpm-cifar10 --steps 100 --out OUT
 
@@ -59,9 +64,14 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype) -> tuple[to
 
 def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, Any]:
     """Median wall time of ``repeats`` runs after one discarded warm-up run (device synced)."""
-    out = fn()
+    return timed_first(fn, device, repeats)[1:]
+
+
+def timed_first(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, float, Any]:
+    """``(first run's seconds, median of the next repeats, last output)``, device synced: the
+    first call of a sampler captures its CUDA graphs, later ones replay them."""
     times = []
-    for _ in range(repeats):
+    for _ in range(repeats + 1):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -69,7 +79,24 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[fl
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+    return times[0], statistics.median(times[1:]), out
+
+
+def model_cost_curve(
+    model: torch.nn.Module, x: torch.Tensor, schedule: deqkern.Schedule, dtype: torch.dtype, device: torch.device,
+    repeats: int, widths: list[int],
+) -> dict[int, float]:
+    """Median seconds of one eager model call on ``rows`` rows, for the batch alone, powers of two
+    up to the largest window's rows, and every window's rows (``B W``)."""
+    batch, top = x.shape[0], x.shape[0] * max(widths)
+    sizes = sorted({batch, top, *(batch * w for w in widths), *(r for r in (2 ** i for i in range(20)) if batch < r < top)})
+    ts = schedule.timesteps.to(device)
+    curve = {}
+    for rows in sizes:
+        xs = x[torch.arange(rows, device=device) % batch].to(dtype)
+        t_rows = ts[torch.arange(rows, device=device) % ts.numel()]
+        curve[rows], _ = timed(lambda: model(xs, t_rows), device, repeats)
+    return curve
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -80,7 +107,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, nargs="+", default=[100])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--tol", type=float, default=1e-4, help="relative stop (1e-4 keeps x0 within 1e-3)")
-    ap.add_argument("--window", type=int, default=None, help="rows per round (default: S)")
+    ap.add_argument("--window", type=int, nargs="+", default=None,
+                    help="windows (rows per round per sample) to compare; default: S (values above S mean S)")
     ap.add_argument("--per-graph", type=int, default=4, help="rounds (or sequential steps) per CUDA graph")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--solvers", nargs="+", default=list(SOLVERS), choices=list(SOLVERS))
@@ -101,39 +129,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for steps in args.steps:
         schedule = deqkern.Schedule.from_diffusers(sched_cfg, steps)
         x = torch.randn(args.batch, *shape, generator=gen).to(device)
-        width = min(args.window or steps, steps)
+        widths = sorted({min(w, steps) for w in (args.window or [steps])}, reverse=True)
         with torch.inference_mode():
-            # x_T and the latents stay fp32; the model runs in --dtype
-            run_seq = lambda ex: deqkern.sample_sequential(  # noqa: E731
-                model, x, schedule, model_dtype=dtype, execution=ex, rounds_per_graph=args.per_graph)
-            t_seq_eager, seq = timed(lambda: run_seq("eager"), device, args.repeats)
-            t_seq_graph, seq_g = timed(lambda: run_seq(execution), device, args.repeats)
-            rows = x.shape[0] * width
-            xs = x.repeat_interleave(width, 0)
-            ts = schedule.timesteps.to(device)[:width].repeat(x.shape[0])
-            t_model, _ = timed(lambda: model(xs.to(dtype), ts), device, args.repeats)
+            # x_T and the latents stay fp32; the model runs in --dtype. Samplers are made once and
+            # called repeatedly, as a library would: the medians are steady state (graphs replayed)
+            seq_eager = deqkern.SequentialSampler(model, schedule, model_dtype=dtype, execution="eager")
+            seq_graph = deqkern.SequentialSampler(
+                model, schedule, model_dtype=dtype, execution=execution, rounds_per_graph=args.per_graph)
+            t_seq_eager, seq = timed(lambda: seq_eager(x), device, args.repeats)
+            t_seq_first, t_seq_graph, seq_g = timed_first(lambda: seq_graph(x), device, args.repeats)
+            curve = model_cost_curve(model, x, schedule, dtype, device, args.repeats, widths)
             rec: dict[str, Any] = dict(
-                steps=steps, batch=args.batch, window=width, sequential_eager_s=t_seq_eager,
-                sequential_graph_s=t_seq_graph, sequential_graph=seq_g.info.get("graph", False),
-                model_batch_s=t_model, model_batch_rows=rows, solvers={},
+                steps=steps, batch=args.batch, sequential_eager_s=t_seq_eager, sequential_graph_s=t_seq_graph,
+                sequential_graph_first_call_s=t_seq_first,
+                sequential_graph=seq_g.info.get("graph", False), model_batch_curve_s=curve, windows={},
             )
-            for name in args.solvers:
-                kw = dict(SOLVERS[name], tol=args.tol, window=width, model_dtype=dtype, rounds_per_graph=args.per_graph)
-                t_par, res = timed(lambda: deqkern.sample(model, x, schedule, execution=execution, **kw), device,
-                                   args.repeats)
-                # solver work per round: the same fixed-shape rounds with a one-copy "model"
-                t_free, free = timed(
-                    lambda: deqkern.sample(lambda a, b: a, x, schedule, execution=execution,
-                                           **{**kw, "max_iters": res.rounds, "model_dtype": None}),
-                    device, args.repeats)
-                per_round = t_free / max(free.info.get("rounds_executed", free.rounds), 1)
-                err = float((res.x0.double() - seq.x0.double()).norm() / seq.x0.double().norm())
-                rec["solvers"][name] = dict(
-                    wall_s=t_par, rounds=res.rounds, model_evals=res.model_evals, converged=res.all_converged,
-                    x0_rel_err=err, speedup_vs_graphed_sequential=t_seq_graph / t_par,
-                    speedup_vs_eager_sequential=t_seq_eager / t_par, graph=res.info.get("graph", False),
-                    solver_s_per_round=per_round, solver_fraction_of_model=per_round / t_model,
-                )
+            for width in widths:
+                rows = x.shape[0] * width
+                win: dict[str, Any] = dict(model_batch_s=curve[rows], model_batch_rows=rows, solvers={})
+                for name in args.solvers:
+                    kw = dict(SOLVERS[name], tol=args.tol, window=width, rounds_per_graph=args.per_graph,
+                              execution=execution)
+                    par = deqkern.ParallelSampler(model, schedule, model_dtype=dtype, **kw)
+                    t_first, t_par, res = timed_first(lambda: par(x), device, args.repeats)
+                    # solver work per round: the same fixed-shape rounds with a one-copy "model"
+                    free_sampler = deqkern.ParallelSampler(lambda a, b: a, schedule, max_iters=res.rounds, **kw)
+                    t_free, free = timed(lambda: free_sampler(x), device, args.repeats)
+                    per_round = t_free / max(free.info.get("rounds_executed", free.rounds), 1)
+                    err = float((res.x0.double() - seq.x0.double()).norm() / seq.x0.double().norm())
+                    win["solvers"][name] = dict(
+                        wall_s=t_par, first_call_s=t_first, rounds=res.rounds, model_evals=res.model_evals, converged=res.all_converged,
+                        x0_rel_err=err, speedup_vs_graphed_sequential=t_seq_graph / t_par,
+                        speedup_vs_eager_sequential=t_seq_eager / t_par, graph=res.info.get("graph", False),
+                        solver_s_per_round=per_round, solver_fraction_of_model=per_round / curve[rows],
+                    )
+                rec["windows"][width] = win
         records.append(rec)
 
     result = dict(
@@ -145,12 +175,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "e2e.json").write_text(json.dumps(result, indent=2))
     print(f"device={result['device']} model={args.model} dtype={args.dtype}")
-    print(f"{'S':>5} {'solver':>14} {'rounds':>6} {'wall ms':>9} {'seq-graph ms':>12} {'speedup':>7} {'x0 err':>8} {'solver/model':>12}")
+    print(f"{'S':>5} {'W':>4} {'solver':>14} {'rounds':>6} {'wall ms':>9} {'seq-graph ms':>12} {'speedup':>7} "
+          f"{'x0 err':>8} {'solver/model':>12}")
     for rec in records:
-        for name, r in rec["solvers"].items():
-            print(f"{rec['steps']:>5} {name:>14} {r['rounds']:>6} {1e3 * r['wall_s']:>9.2f} "
-                  f"{1e3 * rec['sequential_graph_s']:>12.2f} {r['speedup_vs_graphed_sequential']:>7.2f} "
-                  f"{r['x0_rel_err']:>8.1e} {r['solver_fraction_of_model']:>12.3f}")
+        for width, win in rec["windows"].items():
+            for name, r in win["solvers"].items():
+                print(f"{rec['steps']:>5} {width:>4} {name:>14} {r['rounds']:>6} {1e3 * r['wall_s']:>9.2f} "
+                      f"{1e3 * rec['sequential_graph_s']:>12.2f} {r['speedup_vs_graphed_sequential']:>7.2f} "
+                      f"{r['x0_rel_err']:>8.1e} {r['solver_fraction_of_model']:>12.3f}")
+        t1 = rec["model_batch_curve_s"][rec["batch"]]
+        print(f"  model batch cost, S={rec['steps']}: " + ", ".join(
+            f"{rows} rows {t / t1:.2f}x" for rows, t in rec["model_batch_curve_s"].items()))
     return result
 
 

@@ -34,7 +34,8 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider bench/ --benchmark-only --b
   --benchmark-json="$OUT/kernels.json" \
   > "$OUT/kernels.log" 2>&1 || rc=1
 tail -3 "$OUT/kernels.log"
-timeout 150 python3 bench/e2e_graphs.py --device "$DEVICE" --model "$E2E_MODEL" --steps 100 --batch 1 --out "$OUT" \
+timeout 150 python3 bench/e2e_graphs.py --device "$DEVICE" --model "$E2E_MODEL" --steps 100 --batch 1 \
+  --window 100 25 10 --out "$OUT" \
   > "$OUT/e2e.log" 2>&1 || rc=1
 timeout 90 python3 -m deqkern.bench --device "$DEVICE" --steps 25 100 --out "$OUT/bench" > "$OUT/bench.log" 2>&1 || rc=1
 echo "=== end-to-end (graphed parallel vs graphed sequential) ==="

@@ -8,7 +8,7 @@
 Importing deqkern imports only torch and numpy: diffusers, triton, matplotlib and cupy are
 loaded on first use by the parts that need them.
 """
-from deqkern.engine import SampleResult, sample, sample_sequential
+from deqkern.sampling import ParallelSampler, SampleResult, SequentialSampler, sample, sample_sequential
 from deqkern.errors import CaptureHazard, NonFiniteModelOutput, UnsupportedSchedulerOption
 from deqkern.model import Guidance
 from deqkern.pipelines import PipelineResult, sample_pipeline
@@ -18,7 +18,7 @@ from deqkern.solvers import AndersonConfig, PicardConfig, register_solver, solve
 __version__ = "0.1.0"
 
 __all__ = [
-    "AndersonConfig", "CaptureHazard", "Guidance", "NonFiniteModelOutput", "PicardConfig", "PipelineResult", "SampleResult",
-    "Schedule", "UnsupportedSchedulerOption", "X0Transform", "register_solver", "sample", "sample_pipeline",
-    "sample_sequential", "solver_names",
+    "AndersonConfig", "CaptureHazard", "Guidance", "NonFiniteModelOutput", "ParallelSampler", "PicardConfig",
+    "PipelineResult", "SampleResult", "Schedule", "SequentialSampler", "UnsupportedSchedulerOption", "X0Transform",
+    "register_solver", "sample", "sample_pipeline", "sample_sequential", "solver_names",
 ]

@@ -29,7 +29,7 @@ from deqkern.solvers import Solver
 log = logging.getLogger("deqkern")
 
 
-def _state_tensors(*objs: Any) -> list[torch.Tensor]:
+def state_tensors(*objs: Any) -> list[torch.Tensor]:
     """Every tensor held by the given state objects (dataclass fields or attributes)."""
     out = []
     for obj in objs:
@@ -39,7 +39,7 @@ def _state_tensors(*objs: Any) -> list[torch.Tensor]:
     return out
 
 
-def _snapshot(state: list[torch.Tensor]) -> Callable[[], None]:
+def snapshot(state: list[torch.Tensor]) -> Callable[[], None]:
     """A function that puts ``state`` back, in place, as it is now."""
     saved = [t.clone() for t in state]
 
@@ -60,7 +60,7 @@ def capture(chunk: Callable[[], None], state: list[torch.Tensor]) -> tuple[torch
     """
     if not all(t.is_cuda for t in state):
         return None, "CUDA graphs need every state tensor on a CUDA device"
-    restore = _snapshot(state)
+    restore = snapshot(state)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     try:
@@ -78,51 +78,64 @@ def capture(chunk: Callable[[], None], state: list[torch.Tensor]) -> tuple[torch
     return graph, ""
 
 
-def _runner(
-    chunk: Callable[[], None], state: list[torch.Tensor], what: str, mode: str, info: dict[str, Any]
-) -> tuple[Callable[[], None], ReplayAudit | None]:
-    """How each chunk runs, recorded in ``info``: ``mode="graph"`` replays a captured graph (or,
-    when capture fails, runs the chunk with the reason logged); ``"audit"`` runs it as a graph
-    would, on any device — warm-up, state restored, then every call recorded and checked
-    against the first (:mod:`deqkern.graph_audit`); ``"static"`` runs it plainly. Returns the
-    step and the audit, if any."""
-    info["graph"] = False
-    if mode == "graph":
-        graph, reason = capture(chunk, state)
-        if graph is not None:
-            info["graph"] = True
-            return graph.replay, None
-        log.warning("deqkern: %s without a CUDA graph (%s)", what, reason)
-        info["graph_fallback"] = reason
-    elif mode == "audit":
-        restore = _snapshot(state)
-        chunk()  # the warm-up a capture runs, undone as capture undoes it
-        restore()
-        audit = ReplayAudit()
-        return lambda: audit.record(chunk), audit
-    return chunk, None
+class ChunkRunner:
+    """One chunk of fixed-shape work over fixed buffers, made once and run many times.
+
+    ``mode="graph"`` captures the chunk when made and replays the graph on every call (or, when
+    capture fails, runs the chunk, with the reason logged); ``"audit"`` runs it as a graph would,
+    on any device — warm-up, state restored, then every call recorded and checked against the
+    first (:mod:`deqkern.graph_audit`); ``"static"`` runs it plainly. Made after the state holds
+    real data: the warm-up runs on it.
+    """
+
+    def __init__(self, chunk: Callable[[], None], state: list[torch.Tensor], what: str, mode: str) -> None:
+        self.info: dict[str, Any] = {"graph": False}
+        self.audit: ReplayAudit | None = None
+        self._step = chunk
+        if mode == "graph":
+            graph, reason = capture(chunk, state)
+            if graph is not None:
+                self.info["graph"] = True
+                self._step = graph.replay
+            else:
+                log.warning("deqkern: %s without a CUDA graph (%s)", what, reason)
+                self.info["graph_fallback"] = reason
+        elif mode == "audit":
+            restore = snapshot(state)
+            chunk()  # the warm-up a capture runs, undone as capture undoes it
+            restore()
+            audit = self.audit = ReplayAudit()
+            self._step = lambda: audit.record(chunk)
+
+    def __call__(self) -> None:
+        self._step()
+
+    def summary(self) -> dict[str, Any]:
+        """Execution info for a result: graph or not (and why), the audit's counts."""
+        out = dict(self.info)
+        if self.audit is not None:
+            out.update(audited_calls=self.audit.calls, ops_per_chunk=self.audit.ops_per_call)
+        return out
 
 
-def _audit_info(audit: ReplayAudit | None) -> dict[str, Any]:
-    return {} if audit is None else {"audited_calls": audit.calls, "ops_per_chunk": audit.ops_per_call}
-
-
-def run_static(
+def static_runner(
     p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, rounds_per_graph: int, mode: str
-) -> dict[str, Any]:
-    """Run fixed-shape rounds in chunks of ``rounds_per_graph`` until every sample converged or
-    ``max_iters`` rounds ran; one host sync per chunk. ``mode``: ``"static"``, ``"graph"`` or
-    ``"audit"`` (see :func:`_runner`). Returns execution info for the result."""
+) -> ChunkRunner:
+    """The chunk of ``rounds_per_graph`` fixed-shape rounds over ``st`` and ``solver``'s buffers."""
 
     def chunk() -> None:
         for _ in range(rounds_per_graph):
             run_round(p, st, solver, ev, static=True)
 
-    info: dict[str, Any] = {"rounds_per_graph": rounds_per_graph}
-    step, audit = _runner(chunk, _state_tensors(st, solver), "fixed-shape rounds", mode, info)
+    return ChunkRunner(chunk, state_tensors(st, solver), "fixed-shape rounds", mode)
+
+
+def run_static(p: Problem, st: SolveState, ev: ModelEvaluator, runner: ChunkRunner, rounds_per_graph: int) -> dict[str, Any]:
+    """Run ``runner``'s chunks until every sample converged or ``max_iters`` rounds ran; one host
+    sync per chunk. Returns execution info for the result."""
     replays = 0
     while True:
-        step()
+        runner()
         replays += 1
         bad = st.bad_t[: p.max_iters]
         if bool((bad >= 0).any()):  # the chunk's one host sync
@@ -133,45 +146,60 @@ def run_static(
     # every executed round evaluates all B*W rows, including rounds after convergence in the
     # last chunk: that is what the device actually computed
     ev.evaluations = replays * rounds_per_graph * p.batch * p.width
-    info["rounds_executed"] = replays * rounds_per_graph
-    return {**info, **_audit_info(audit)}
+    return {"rounds_per_graph": rounds_per_graph, "rounds_executed": replays * rounds_per_graph, **runner.summary()}
 
 
-def run_sequential_static(
-    schedule: Schedule, x: torch.Tensor, noise: torch.Tensor | None, ev: ModelEvaluator,
-    steps_per_graph: int, mode: str,
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The sequential chain with the step index on the device, ``steps_per_graph`` steps per
-    captured graph (the fair baseline for graphed parallel sampling); ``mode`` as in
-    :func:`run_static`. Returns ``(x0, info)``."""
-    s, batch = schedule.num_steps, x.shape[0]
-    dev, dt = x.device, x.dtype
-    coef = schedule.packed(dev, dt)
-    ts = schedule.timesteps.to(dev)
-    idx = torch.arange(batch, device=dev)
-    state = x.reshape(batch, -1).clone()
-    k = torch.zeros(1, dtype=torch.int64, device=dev)
-    zflat = None if noise is None else noise.reshape(s, batch, -1)
+class SequentialWorkspace:
+    """The sequential chain on fixed buffers, the step index on the device, ``steps_per_graph``
+    steps per chunk (captured as one CUDA graph in ``mode="graph"``: the fair baseline for
+    graphed parallel sampling). Made once per input shape; :meth:`run` loads new inputs in
+    place and reuses the chunk, so later runs replay without capturing again."""
 
-    def one_step() -> None:
-        e = ev.raw(state.reshape(x.shape), ts.index_select(0, k).expand(batch), idx).reshape(batch, -1)
-        z = None if zflat is None else zflat.index_select(0, k)[0]
-        state.copy_(step_rows(state, e, z, coef.index_select(0, k).expand(batch, -1), schedule.transform))
-        k.add_(1)
+    def __init__(
+        self, schedule: Schedule, x: torch.Tensor, has_noise: bool, ev: ModelEvaluator, steps_per_graph: int, mode: str
+    ) -> None:
+        s, batch = schedule.num_steps, x.shape[0]
+        dev, dt = x.device, x.dtype
+        self.schedule, self.shape, self.ev, self.mode, self.steps_per_graph = schedule, x.shape, ev, mode, steps_per_graph
+        self.coef = schedule.packed(dev, dt)
+        self.ts = schedule.timesteps.to(dev)
+        self.idx = torch.arange(batch, device=dev)
+        self.state = x.reshape(batch, -1).clone()
+        self.k = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.z = torch.zeros(s, batch, self.state.shape[1], device=dev, dtype=dt) if has_noise else None
+        self.runner: ChunkRunner | None = None
 
-    def chunk() -> None:
-        for _ in range(steps_per_graph):
-            one_step()
+    def _one_step(self) -> None:
+        batch = self.shape[0]
+        e = self.ev.raw(self.state.reshape(self.shape), self.ts.index_select(0, self.k).expand(batch), self.idx)
+        z = None if self.z is None else self.z.index_select(0, self.k)[0]
+        coef = self.coef.index_select(0, self.k).expand(batch, -1)
+        self.state.copy_(step_rows(self.state, e.reshape(batch, -1), z, coef, self.schedule.transform))
+        self.k.add_(1)
 
-    info: dict[str, Any] = {"rounds_per_graph": steps_per_graph, "graph": False}
-    full, rest = divmod(s, steps_per_graph)
-    step, audit = _runner(chunk, [state, k], "sequential steps", mode, info) if full > 0 else (chunk, None)
-    for _ in range(full):
-        step()
-    for _ in range(rest):
-        one_step()
-    ev.evaluations = s * batch
-    out = state.reshape(x.shape)
-    if not bool(torch.isfinite(out).all()):
-        raise NonFiniteModelOutput("model output is not finite in the sequential chain (graphed: round unknown)")
-    return out, {**info, **_audit_info(audit)}
+    def _chunk(self) -> None:
+        for _ in range(self.steps_per_graph):
+            self._one_step()
+
+    def run(self, x: torch.Tensor, noise: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """x0 of the chain from ``x`` (a new tensor) and execution info."""
+        s = self.schedule.num_steps
+        self.state.copy_(x.reshape(self.state.shape))
+        self.k.zero_()
+        if self.z is not None:
+            self.z.copy_(noise.reshape(self.z.shape))
+        full, rest = divmod(s, self.steps_per_graph)
+        if self.runner is None and full > 0:
+            self.runner = ChunkRunner(self._chunk, [self.state, self.k], "sequential steps", self.mode)
+        for _ in range(full):
+            self.runner()
+        for _ in range(rest):
+            self._one_step()
+        self.ev.evaluations = s * self.shape[0]
+        out = self.state.reshape(self.shape).clone()
+        if not bool(torch.isfinite(out).all()):
+            raise NonFiniteModelOutput("model output is not finite in the sequential chain (graphed: round unknown)")
+        info = {"rounds_per_graph": self.steps_per_graph, "graph": False}
+        if self.runner is not None:
+            info.update(self.runner.summary())
+        return out, info

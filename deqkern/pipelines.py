@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import torch
 
-from deqkern.engine import SampleResult, sample
+from deqkern.sampling import SampleResult, sample
 from deqkern.schedule import Schedule
 
 

@@ -21,9 +21,15 @@ def _load(name: str):
 @pytest.mark.skipif(not (ROOT / "bench" / "e2e_graphs.py").exists(), reason="run from a source checkout")
 def test_e2e_graphs_script_on_cpu(tmp_path):
     e2e = _load("e2e_graphs")
-    res = e2e.main(["--device", "cpu", "--model", "tiny", "--steps", "6", "--repeats", "1", "--out", str(tmp_path)])
+    res = e2e.main(["--device", "cpu", "--model", "tiny", "--steps", "6", "--window", "6", "3", "--batch", "2",
+                    "--repeats", "1", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "e2e.json").read_text())
-    assert saved["device"] == "cpu" and saved["records"][0]["steps"] == 6
-    for name, r in res["records"][0]["solvers"].items():
-        assert r["converged"] and r["x0_rel_err"] < 1e-3, name
-        assert r["rounds"] <= 6 and r["wall_s"] > 0 and r["solver_s_per_round"] > 0
+    rec = res["records"][0]
+    assert saved["device"] == "cpu" and rec["steps"] == 6 and list(rec["windows"]) == [6, 3]
+    # the cost curve: the batch, powers of two between, and every window's rows (B W)
+    assert list(rec["model_batch_curve_s"]) == [2, 4, 6, 8, 12] and all(t > 0 for t in rec["model_batch_curve_s"].values())
+    for width, win in rec["windows"].items():
+        assert win["model_batch_rows"] == 2 * width
+        for name, r in win["solvers"].items():
+            assert r["converged"] and r["x0_rel_err"] < 1e-3, (width, name)
+            assert r["rounds"] <= 6 and r["wall_s"] > 0 and r["first_call_s"] > 0 and r["solver_s_per_round"] > 0

@@ -98,13 +98,13 @@ def test_state_buffers_are_reused_in_place(gmm64, ddim):
     cfg, factory = get_solver("anderson")
     solver = factory(cfg, 2, 6, x[0].numel(), x.device, x.dtype)
     ev = ModelEvaluator(gmm64)
-    from deqkern.graphs import _state_tensors
+    from deqkern.graphs import state_tensors
 
-    before = [t.data_ptr() for t in _state_tensors(st, solver)]
+    before = [t.data_ptr() for t in state_tensors(st, solver)]
     with torch.no_grad():
         for _ in range(3):
             run_round(p, st, solver, ev, static=True)
-    assert [t.data_ptr() for t in _state_tensors(st, solver)] == before
+    assert [t.data_ptr() for t in state_tensors(st, solver)] == before
 
 
 def _cuda_setup(ddim):

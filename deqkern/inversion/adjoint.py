@@ -37,7 +37,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from deqkern.engine import Problem, solve
+from deqkern.engine import Problem, Workspace, solve
 from deqkern.model import ModelEvaluator
 from deqkern.ops import step_rows
 from deqkern.ops.reference import linear_scan
@@ -188,9 +188,10 @@ def solve_adjoint(
         return vjp(v)[step, sample]
 
     ev = ModelEvaluator(rows_vjp, {"sample": torch.arange(batch, device=dev)})
-    out = solve(p, lam_S, ev, config.solver, config.solver_options, return_trajectory=True)
+    ws = Workspace(p, lam_S, ev, config.solver, config.solver_options, return_trajectory=True)
+    out = solve(ws)
     return AdjointSolution(
-        lam=out.state.traj[: s + 1].flip(0), rounds=out.rounds, converged=out.converged, residuals=out.residuals,
+        lam=ws.st.traj[: s + 1].flip(0), rounds=out.rounds, converged=out.converged, residuals=out.residuals,
         vjp_rows=vjp_rows, fallbacks=out.info["fallbacks"],
     )
 

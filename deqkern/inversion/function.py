@@ -15,7 +15,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from deqkern._config import config_from
-from deqkern.engine import sample
+from deqkern.sampling import sample
 from deqkern.inversion.adjoint import (
     ChainVJP, GradConfig, GradMode, adjoint_multipliers, phantom_gradient, solve_adjoint,
 )

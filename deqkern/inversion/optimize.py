@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal, Mapping
 import torch
 
 from deqkern._config import config_from
-from deqkern.engine import check_chain_inputs, sample_sequential
+from deqkern.sampling import check_chain_inputs, sample_sequential
 from deqkern.inversion.adjoint import GradConfig
 from deqkern.inversion.baselines import ddim_encode, sequential_chain
 from deqkern.inversion.function import ImplicitStats, grad_config, sample_with_implicit_grad

@@ -1,0 +1,386 @@
+"""The public samplers: the sequential oracle and the parallel fixed-point solve.
+
+:func:`sample` and :func:`sample_sequential` solve once. :class:`ParallelSampler` and
+:class:`SequentialSampler` are the same for repeated use: they keep every buffer of an input
+shape, so a CUDA graph captured by the first call is replayed by every later call — the way a
+library embedding deqkern, or a benchmark of steady-state speed, should call it.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+
+from deqkern.engine import Execution, Problem, StopRule, Workspace, _sync, _x0_row, solve
+from deqkern.interop import to_torch
+from deqkern.model import Guidance, ModelEvaluator, ModelFn
+from deqkern.ops import step_rows
+from deqkern.schedule import Form, Schedule
+from deqkern.solvers import get_solver
+
+
+@dataclass
+class SampleResult:
+    """Outcome of a solve. ``converged[b]`` is False for every sample that hit ``max_iters``
+    (its ``x0`` is then the solver's current estimate, not the sequential answer)."""
+
+    x0: torch.Tensor
+    converged: torch.Tensor
+    rounds: int
+    model_evals: int
+    wall_time: float
+    #: per round, per sample: ||F|| / ||G(X)|| over the sample's live rows (nan once frozen)
+    residuals: list[list[float]] = field(default_factory=list)
+    #: round at which each sample's last row froze (``rounds`` if it never did)
+    rounds_per_sample: list[int] = field(default_factory=list)
+    #: ``[S+1, *x_T.shape]`` latents at positions 0..S when asked for (x[0] = x_T)
+    trajectory: torch.Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def all_converged(self) -> bool:
+        return bool(self.converged.all())
+
+
+def check_chain_inputs(
+    x: torch.Tensor, schedule: Schedule, noise: torch.Tensor | None, name: str = "x_T"
+) -> None:
+    """``x`` (named ``name`` in errors) is a finite ``[batch, ...latent]`` float tensor, and
+    ``noise`` is there exactly when the schedule needs it, shaped ``[S, *x.shape]`` like ``x``."""
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule: expected a deqkern.Schedule, got {type(schedule).__name__}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.ndim < 2:
+        raise ValueError(f"{name}: expected shape [batch, ...latent], got {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name}: contains NaN or inf")
+    s = schedule.num_steps
+    if schedule.is_stochastic and noise is None:
+        raise ValueError(f"noise: the schedule is stochastic; pass the step noise of shape {(s, *x.shape)}")
+    if noise is not None:
+        if noise.shape != (s, *x.shape):
+            raise ValueError(f"noise: expected shape {(s, *x.shape)} ([S, *{name}.shape]), got {tuple(noise.shape)}")
+        if noise.dtype != x.dtype or noise.device != x.device:
+            raise ValueError(
+                f"noise: expected dtype {x.dtype} on {x.device} like {name}, got {noise.dtype} on {noise.device}"
+            )
+
+
+def _check_execution(execution: str) -> None:
+    if execution not in ("auto", "eager", "static", "graph", "audit"):
+        raise ValueError(f"execution: expected 'auto', 'eager', 'static', 'graph' or 'audit', got {execution!r}")
+
+
+def _check_cache_size(cache_size: int) -> None:
+    if not isinstance(cache_size, int) or cache_size < 1:
+        raise ValueError(f"cache_size: expected an int >= 1, got {cache_size!r}")
+
+
+class _Cache(OrderedDict):
+    """Workspaces by input signature, least recently used dropped beyond ``size`` (each holds
+    every buffer of a solve and maybe a CUDA graph)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def get_or_make(self, key: tuple, make: Callable[[], Any]) -> tuple[Any, bool]:
+        """``(workspace, made now)``."""
+        if key in self:
+            self.move_to_end(key)
+            return self[key], False
+        self[key] = make()
+        while len(self) > self.size:
+            self.popitem(last=False)
+        return self[key], True
+
+
+class SequentialSampler:
+    """The oracle for repeated use: S model calls one after another,
+    ``x[k+1] = step_k(x[k], model(x[k], t_k))``.
+
+    ``noise[k]`` is the ``variance_noise`` of step ``k`` in ``schedule.timesteps`` order.
+    ``execution="graph"`` (the default on CUDA) captures ``rounds_per_graph`` steps per CUDA
+    graph — the fair baseline for graphed parallel sampling — once per input shape, and later
+    calls replay it; ``"eager"`` checks every step's output and can return the trajectory;
+    ``"static"`` and ``"audit"`` as in :class:`ParallelSampler`.
+    """
+
+    def __init__(
+        self, model: ModelFn, schedule: Schedule, *, model_kwargs: Mapping[str, torch.Tensor] | None = None,
+        guidance: Guidance | None = None, max_batch: int | None = None, model_dtype: torch.dtype | None = None,
+        execution: Execution = "auto", rounds_per_graph: int = 10, cache_size: int = 4,
+    ) -> None:
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule: expected a deqkern.Schedule, got {type(schedule).__name__}")
+        _check_execution(execution)
+        if not isinstance(rounds_per_graph, int) or rounds_per_graph < 1:
+            raise ValueError(f"rounds_per_graph: expected an int >= 1, got {rounds_per_graph!r}")
+        _check_cache_size(cache_size)
+        self.schedule, self.execution, self.rounds_per_graph = schedule, execution, rounds_per_graph
+        self.ev = ModelEvaluator(model, model_kwargs or {}, guidance, max_batch, model_dtype)
+        self._cache = _Cache(cache_size)
+
+    def __call__(
+        self, x_T: torch.Tensor, noise: torch.Tensor | None = None, *, return_trajectory: bool = False
+    ) -> SampleResult:
+        """x0 of the chain from ``x_T`` (``[B, ...]``; with ``noise`` ``[S, *x_T.shape]`` for a
+        stochastic chain). ``x_T``/``noise`` may be any DLPack array (cupy, numpy, ...); ``x0``
+        and the trajectory come back as the same kind, zero-copy."""
+        x_T, back = to_torch(x_T, "x_T")
+        noise, _ = to_torch(noise, "noise")
+        schedule, ev = self.schedule, self.ev
+        check_chain_inputs(x_T, schedule, noise)
+        ev.check_conditioning(x_T.shape[0])
+        execution = self.execution
+        if execution == "auto":
+            execution = "graph" if x_T.is_cuda and not return_trajectory else "eager"
+        if return_trajectory and execution != "eager":
+            raise ValueError("return_trajectory: needs execution='eager'")
+        batch, shape = x_T.shape[0], x_T.shape
+        info: dict[str, Any] = {"solver": "sequential", "execution": execution}
+        _sync(x_T.device)
+        start = time.perf_counter()
+        traj = None
+        if execution == "eager":
+            ev.evaluations = 0
+            coef = schedule.packed(x_T.device, x_T.dtype)
+            ts = schedule.timesteps.to(x_T.device)
+            idx = torch.arange(batch, device=x_T.device)
+            traj = [x_T] if return_trajectory else None
+            x = x_T.reshape(batch, -1)
+            for k in range(schedule.num_steps):
+                e = ev(x.reshape(shape), ts[k].expand(batch), idx, round_index=k).reshape(batch, -1)
+                z = None if noise is None else noise[k].reshape(batch, -1)
+                x = step_rows(x, e, z, coef[k].expand(batch, -1), schedule.transform)
+                if traj is not None:
+                    traj.append(x.reshape(shape))
+            x0 = x.reshape(shape)
+        else:
+            from deqkern.graphs import SequentialWorkspace
+
+            key = (tuple(shape), x_T.dtype, x_T.device, noise is not None, execution)
+            ws, made = self._cache.get_or_make(
+                key, lambda: SequentialWorkspace(schedule, x_T, noise is not None, ev, self.rounds_per_graph, execution)
+            )
+            x0, extra = ws.run(x_T, noise)
+            info.update(extra, reused_workspace=not made)
+        _sync(x_T.device)
+        return SampleResult(
+            x0=back(x0), converged=torch.ones(batch, dtype=torch.bool), rounds=schedule.num_steps,
+            model_evals=ev.evaluations, wall_time=time.perf_counter() - start,
+            rounds_per_sample=[schedule.num_steps] * batch,
+            trajectory=back(torch.stack(traj)) if traj is not None else None, info=info,
+        )
+
+
+def sample_sequential(
+    model: ModelFn,
+    x_T: torch.Tensor,
+    schedule: Schedule,
+    noise: torch.Tensor | None = None,
+    *,
+    model_kwargs: Mapping[str, torch.Tensor] | None = None,
+    guidance: Guidance | None = None,
+    max_batch: int | None = None,
+    model_dtype: torch.dtype | None = None,
+    return_trajectory: bool = False,
+    execution: Execution = "auto",
+    rounds_per_graph: int = 10,
+) -> SampleResult:
+    """The oracle, once: :class:`SequentialSampler` with these arguments, called on ``x_T``."""
+    sampler = SequentialSampler(
+        model, schedule, model_kwargs=model_kwargs, guidance=guidance, max_batch=max_batch, model_dtype=model_dtype,
+        execution=execution, rounds_per_graph=rounds_per_graph, cache_size=1,
+    )
+    return sampler(x_T, noise, return_trajectory=return_trajectory)
+
+
+class ParallelSampler:
+    """Sample by solving the whole chain as one fixed point, all timesteps of a window per model
+    call — for repeated use: every buffer of an input shape is kept (up to ``cache_size``
+    shapes), so the CUDA graph the first call captures is replayed by every later call.
+
+    Args:
+        model: ``model(x[N, ...], t[N], **kwargs)``; diffusers models are accepted directly.
+        schedule: the chain (:class:`Schedule`); ``form`` overrides its fixed-point form.
+        solver: a registered solver name (``"anderson"``, ``"picard"``, ...).
+        tol: stopping tolerance (> 0). ``stop="relative"``: a row passes when
+            ``||G(x) - x|| <= tol ||G(x)||``; ``stop="noise"`` (ParaDiGMS): when
+            ``||G(x) - x||^2 / (D var_k) <= tol^2`` with ``var_k`` the step's posterior variance.
+        max_iters: most rounds (batched model calls); default S, enough for exactness.
+        window: rows per sample per round (ParaDiGMS' ``parallel``); default S (no window).
+        solver_options: the solver's config dataclass or a mapping of its fields.
+        model_kwargs, guidance: conditioning (per sample or shared), fixed for the sampler: a
+            captured graph reads these very tensors, so update them in place to change them.
+        max_batch: most model rows per call; a round is split into chunks above it.
+        execution: ``"eager"`` evaluates only live rows and checks convergence every round;
+            ``"static"`` runs fixed-shape, sync-free rounds (all B*W rows) and checks once per
+            ``rounds_per_graph`` rounds; ``"graph"`` captures those rounds as one CUDA graph
+            (falls back to ``"static"`` with the reason logged when capture is impossible);
+            ``"audit"`` runs the static rounds as a graph would, on any device (a CPU too), and
+            raises :class:`~deqkern.errors.CaptureHazard` if a chunk syncs with the host or
+            differs from the captured one (:mod:`deqkern.graph_audit`); ``"auto"``: graph on
+            CUDA, eager elsewhere.
+    """
+
+    def __init__(
+        self,
+        model: ModelFn,
+        schedule: Schedule,
+        solver: str = "anderson",
+        tol: float = 1e-3,
+        max_iters: int | None = None,
+        window: int | None = None,
+        *,
+        stop: StopRule = "relative",
+        form: Form | None = None,
+        solver_options: Any = None,
+        model_kwargs: Mapping[str, torch.Tensor] | None = None,
+        guidance: Guidance | None = None,
+        max_batch: int | None = None,
+        model_dtype: torch.dtype | None = None,
+        execution: Execution = "auto",
+        rounds_per_graph: int = 4,
+        cache_size: int = 4,
+    ) -> None:
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule: expected a deqkern.Schedule, got {type(schedule).__name__}")
+        if form is not None:
+            schedule = schedule.with_form(form)
+        s = schedule.num_steps
+        if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+            raise ValueError(f"tol: expected a finite value > 0, got {tol!r}")
+        max_iters = s if max_iters is None else max_iters
+        if not isinstance(max_iters, int) or max_iters < 1:
+            raise ValueError(f"max_iters: expected an int >= 1, got {max_iters!r}")
+        width = s if window is None else window
+        if not isinstance(width, int) or not 1 <= width <= s:
+            raise ValueError(f"window: expected an int in [1, S={s}], got {window!r}")
+        if stop not in ("relative", "noise"):
+            raise ValueError(f"stop: expected 'relative' or 'noise', got {stop!r}")
+        _check_execution(execution)
+        if not isinstance(rounds_per_graph, int) or rounds_per_graph < 1:
+            raise ValueError(f"rounds_per_graph: expected an int >= 1, got {rounds_per_graph!r}")
+        _check_cache_size(cache_size)
+        get_solver(solver, solver_options)  # a bad name or option fails before any work
+        self.schedule, self.solver, self.solver_options = schedule, solver, solver_options
+        self.tol, self.max_iters, self.width, self.stop = float(tol), max_iters, width, stop
+        self.execution, self.rounds_per_graph, self.model_dtype = execution, rounds_per_graph, model_dtype
+        self.ev = ModelEvaluator(model, model_kwargs or {}, guidance, max_batch, model_dtype)
+        self._cache = _Cache(cache_size)
+
+    def __call__(
+        self,
+        x_T: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        *,
+        init: torch.Tensor | None = None,
+        return_trajectory: bool = False,
+        progress: bool = False,
+        on_round: Callable[[torch.Tensor], None] | None = None,
+    ) -> SampleResult:
+        """Solve from ``x_T``.
+
+        Args:
+            x_T: ``[B, ...]`` initial noise.
+            noise: ``[S, *x_T.shape]`` pre-drawn step noise, required for stochastic chains.
+            init: ``[S, *x_T.shape]`` warm start for positions 1..S (e.g. a previous trajectory).
+            return_trajectory: also return all latents ``[S+1, *x_T.shape]``.
+            progress: a tqdm bar of frozen steps (eager execution).
+            on_round: called after every round (eager execution only) with the current x0
+                estimate ``[B, *x_T.shape[1:]]``: the x0 row computed in that round, or the frozen
+                x0 of a finished sample; NaN for samples whose window has not reached x0 yet.
+
+        ``x_T``, ``noise`` and ``init`` may be any DLPack array (cupy, numpy, ...): ``x0`` and
+        the trajectory then come back as the same kind, zero-copy.
+        """
+        x_T, back = to_torch(x_T, "x_T")
+        noise, _ = to_torch(noise, "noise")
+        init, _ = to_torch(init, "init")
+        schedule, s = self.schedule, self.schedule.num_steps
+        check_chain_inputs(x_T, schedule, noise)
+        if init is not None and (init.shape != (s, *x_T.shape) or init.dtype != x_T.dtype or init.device != x_T.device):
+            raise ValueError(f"init: expected {x_T.dtype} of shape {(s, *x_T.shape)} on {x_T.device}, got "
+                             f"{init.dtype} {tuple(init.shape)} on {init.device}")
+        batch, shape = x_T.shape[0], x_T.shape
+        self.ev.check_conditioning(batch)
+        execution = self.execution
+        if execution == "auto":
+            execution = "graph" if x_T.is_cuda and on_round is None else "eager"
+        if on_round is not None and execution != "eager":
+            raise ValueError(f"on_round: needs execution='eager' (Python runs between rounds), got {execution!r}")
+        key = (tuple(shape), x_T.dtype, x_T.device, noise is not None, init is not None, return_trajectory, execution)
+        ws, made = self._cache.get_or_make(key, lambda: self._workspace(x_T, noise, init, return_trajectory, execution))
+        if not made:
+            ws.load(x_T, noise, init)
+        out = solve(ws, progress=progress, on_round=on_round)
+        st, p = ws.st, ws.p
+        return SampleResult(
+            x0=back(_x0_row(p, st)), converged=out.converged, rounds=out.rounds, model_evals=self.ev.evaluations,
+            wall_time=out.wall_time, residuals=out.residuals, rounds_per_sample=out.rounds_per_sample,
+            # a copy: the workspace's buffer is the next call's
+            trajectory=None if st.traj is None else back(st.traj[: s + 1].reshape(s + 1, *shape).clone()),
+            info={"solver": self.solver, "config": ws.config, "form": schedule.form, "stop": self.stop,
+                  "tol": self.tol, "window": self.width, **out.info},
+        )
+
+    def _workspace(
+        self, x_T: torch.Tensor, noise: torch.Tensor | None, init: torch.Tensor | None, return_trajectory: bool,
+        execution: str,
+    ) -> Workspace:
+        schedule, s = self.schedule, self.schedule.num_steps
+        batch, dim = x_T.shape[0], x_T[0].numel()
+        dev, dt = x_T.device, x_T.dtype
+        p = Problem(
+            coef=schedule.packed(dev, dt), timesteps=schedule.timesteps.to(dev),
+            noise_var=schedule.noise_var.to(dev, torch.float64),
+            noise=None if noise is None else noise.reshape(s, batch, dim).clone(),
+            init=None if init is None else torch.cat([x_T.reshape(1, batch, dim), init.reshape(s, batch, dim)]),
+            transform=schedule.transform, shape=x_T.shape, width=self.width, tol=self.tol, stop=self.stop,
+            max_iters=self.max_iters, drift=schedule.form == "drift",
+        )
+        return Workspace(
+            p, x_T, self.ev, self.solver, self.solver_options, execution=execution,
+            rounds_per_graph=self.rounds_per_graph, model_dtype=self.model_dtype, return_trajectory=return_trajectory,
+        )
+
+
+def sample(
+    model: ModelFn,
+    x_T: torch.Tensor,
+    schedule: Schedule,
+    solver: str = "anderson",
+    tol: float = 1e-3,
+    max_iters: int | None = None,
+    window: int | None = None,
+    noise: torch.Tensor | None = None,
+    *,
+    stop: StopRule = "relative",
+    form: Form | None = None,
+    solver_options: Any = None,
+    model_kwargs: Mapping[str, torch.Tensor] | None = None,
+    guidance: Guidance | None = None,
+    max_batch: int | None = None,
+    model_dtype: torch.dtype | None = None,
+    init: torch.Tensor | None = None,
+    return_trajectory: bool = False,
+    execution: Execution = "auto",
+    rounds_per_graph: int = 4,
+    progress: bool = False,
+    on_round: Callable[[torch.Tensor], None] | None = None,
+) -> SampleResult:
+    """Sample once: :class:`ParallelSampler` with these arguments, called on ``x_T`` (see both
+    for the arguments). A graph captured here is not kept; to replay it, keep the sampler."""
+    sampler = ParallelSampler(
+        model, schedule, solver, tol, max_iters, window, stop=stop, form=form, solver_options=solver_options,
+        model_kwargs=model_kwargs, guidance=guidance, max_batch=max_batch, model_dtype=model_dtype,
+        execution=execution, rounds_per_graph=rounds_per_graph, cache_size=1,
+    )
+    return sampler(x_T, noise, init=init, return_trajectory=return_trajectory, progress=progress, on_round=on_round)
+
