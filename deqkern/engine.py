@@ -249,7 +249,17 @@ def solve(
     triangular structure solves here: :func:`deqkern.sample` builds the problem from a
     :class:`Schedule`, the inversion's adjoint from the chain's Jacobians
     (:func:`deqkern.inversion.solve_adjoint`). ``progress`` and ``on_round`` need eager execution.
+
+    Runs without autograd whatever the caller's grad mode: backpropagating through the solver's
+    rounds would record every round (memory growing with the rounds, and no CUDA graph) for a
+    gradient that is not the chain's. Gradients through the fixed point come from the implicit
+    function theorem: :func:`deqkern.inversion.sample_with_implicit_grad`.
     """
+    with torch.no_grad():  # see below: a solve is never differentiated through its rounds
+        return _solve(ws, progress, on_round)
+
+
+def _solve(ws: Workspace, progress: bool, on_round: Callable[[torch.Tensor], None] | None) -> Solved:
     p, st, solver, ev = ws.p, ws.st, ws.solver, ws.ev
     dev = st.xw.device
     ev.evaluations = 0

@@ -107,8 +107,9 @@ class SequentialSampler:
     ``noise[k]`` is the ``variance_noise`` of step ``k`` in ``schedule.timesteps`` order.
     ``execution="graph"`` (the default on CUDA) captures ``rounds_per_graph`` steps per CUDA
     graph — the fair baseline for graphed parallel sampling — once per input shape, and later
-    calls replay it; ``"eager"`` checks every step's output and can return the trajectory;
-    ``"static"`` and ``"audit"`` as in :class:`ParallelSampler`.
+    calls replay it; ``"eager"`` checks every step's output, can return the trajectory and is
+    differentiable by autograd (the inversion tests' oracle); ``"static"`` and ``"audit"`` as
+    in :class:`ParallelSampler` (without autograd).
     """
 
     def __init__(
@@ -164,11 +165,12 @@ class SequentialSampler:
         else:
             from deqkern.graphs import SequentialWorkspace
 
-            key = (tuple(shape), x_T.dtype, x_T.device, noise is not None, execution)
+            key = (tuple(shape), x_T.dtype, x_T.device, noise is not None, execution, torch.is_inference_mode_enabled())
             ws, made = self._cache.get_or_make(
                 key, lambda: SequentialWorkspace(schedule, x_T, noise is not None, ev, self.rounds_per_graph, execution)
             )
-            x0, extra = ws.run(x_T, noise)
+            with torch.no_grad():  # in-place steps on fixed buffers: not differentiable (eager is)
+                x0, extra = ws.run(x_T, noise)
             info.update(extra, reused_workspace=not made)
         _sync(x_T.device)
         return SampleResult(
@@ -227,6 +229,9 @@ class ParallelSampler:
             raises :class:`~deqkern.errors.CaptureHazard` if a chunk syncs with the host or
             differs from the captured one (:mod:`deqkern.graph_audit`); ``"auto"``: graph on
             CUDA, eager elsewhere.
+
+    The solve runs without autograd (see :func:`deqkern.engine.solve`); for gradients through
+    the fixed point use :func:`deqkern.inversion.sample_with_implicit_grad`.
     """
 
     def __init__(
@@ -315,7 +320,9 @@ class ParallelSampler:
             execution = "graph" if x_T.is_cuda and on_round is None else "eager"
         if on_round is not None and execution != "eager":
             raise ValueError(f"on_round: needs execution='eager' (Python runs between rounds), got {execution!r}")
-        key = (tuple(shape), x_T.dtype, x_T.device, noise is not None, init is not None, return_trajectory, execution)
+        # buffers made under inference mode cannot be updated outside it, and the reverse
+        key = (tuple(shape), x_T.dtype, x_T.device, noise is not None, init is not None, return_trajectory, execution,
+               torch.is_inference_mode_enabled())
         ws, made = self._cache.get_or_make(key, lambda: self._workspace(x_T, noise, init, return_trajectory, execution))
         if not made:
             ws.load(x_T, noise, init)

@@ -107,3 +107,35 @@ def test_graph_is_captured_once_and_replayed_by_later_calls(ddim):
             want = deqkern.sample(model, x, sched, tol=1e-5, execution="static", rounds_per_graph=4)
             assert got.info["graph"] and got.info["reused_workspace"] == (call > 0)
             assert torch.equal(got.x0, want.x0) and got.rounds == want.rounds
+
+
+def test_the_parallel_solve_never_records_autograd(ddim):
+    """A model with trainable parameters, grad mode on: the rounds record nothing (a graph over
+    every round would grow memory and block CUDA graphs); the eager oracle stays differentiable."""
+    from conftest import tiny_unet
+
+    unet = tiny_unet()
+    sched = deqkern.Schedule.from_diffusers(ddim, 6)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.is_grad_enabled() and any(p.requires_grad for p in unet.parameters())
+    for execution in ("eager", "static"):
+        assert not deqkern.sample(unet, x, sched, execution=execution).x0.requires_grad
+        assert not deqkern.sample_sequential(unet, x, sched, execution="static").x0.requires_grad
+    assert deqkern.sample_sequential(unet, x, sched, execution="eager").x0.requires_grad
+
+
+@pytest.mark.parametrize("execution", ["eager", "static"])
+def test_inference_mode_and_normal_calls_share_a_sampler(gmm64, ddim, execution):
+    """Buffers made under torch.inference_mode cannot be updated outside it (and the reverse):
+    each mode gets its own workspace."""
+    sched = deqkern.Schedule.from_diffusers(ddim, S)
+    sampler = deqkern.ParallelSampler(gmm64, sched, execution=execution, tol=1e-6)
+    seq = deqkern.SequentialSampler(gmm64, sched, execution="static")
+    x = _inputs(0)[0]
+    with torch.inference_mode():
+        a, sa = sampler(x), seq(x)
+    with torch.no_grad():
+        b, sb = sampler(x), seq(x)
+    c = sampler(x)
+    assert not b.info["reused_workspace"] and c.info["reused_workspace"]
+    assert torch.equal(a.x0, b.x0) and torch.equal(b.x0, c.x0) and torch.equal(sa.x0, sb.x0)
