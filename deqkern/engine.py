@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Literal
 
 import torch
@@ -27,6 +27,7 @@ import torch
 from deqkern._nvtx import annotate
 from deqkern.model import ModelEvaluator
 from deqkern.ops import commit_window, row_mask, scan_residual
+from deqkern.ops.reference import slide_rows
 from deqkern.schedule import X0Transform
 from deqkern.solvers import Solver, get_solver
 
@@ -55,6 +56,7 @@ class Problem:
     stop: StopRule
     max_iters: int
     drift: bool  #: the drift form (every L = 1)
+    secant: bool = False  #: the secant form: L per (sample, row), adapted every round (SolveState.secant)
 
     @property
     def steps(self) -> int:
@@ -84,6 +86,8 @@ class SolveState:
     #: [B, W, D] the next model input in the model's dtype (fixed-shape rounds only): written by
     #: the round's commit, read by the next model call
     model_in: torch.Tensor | None = None
+    #: the secant form's per-row state (see :func:`secant_update`), window rows like ``xw[:, :W]``
+    secant: SecantState | None = None
 
     @classmethod
     def start(cls, p: Problem, x_T: torch.Tensor, return_trajectory: bool) -> "SolveState":
@@ -97,13 +101,76 @@ class SolveState:
         if return_trajectory:
             traj = torch.zeros(p.steps + 2, b, d, device=dev, dtype=x_T.dtype)
             traj[0] = flat
-        return cls(
+        secant = SecantState.start(b, p.width, d, dev, x_T.dtype, p.coef.dtype) if p.secant else None
+        return cls(secant=secant, 
             xw=xw, k0=torch.zeros(b, dtype=torch.int64, device=dev),
             rounds=torch.zeros((), dtype=torch.int64, device=dev),
             done_round=torch.zeros(b, dtype=torch.int64, device=dev),
             res_log=torch.full((p.max_iters + 1, b), float("nan"), dtype=torch.float64, device=dev),
             bad_t=torch.full((p.max_iters + 1,), -1, dtype=torch.int64, device=dev), traj=traj,
         )
+
+
+#: Range of the secant form's multipliers. Measured on the digits model (S = 25, 100, 1000): see
+#: ``bench/results/rounds_cpu.md``; below 0 or above 1 the scan stops being a contraction.
+SECANT_RANGE = (0.0, 1.0)
+
+
+@dataclass
+class SecantState:
+    """Per window row ``(b, j)``: the multiplier ``L`` the next scan uses, and the row's input
+    and step output of the last round with whether they are valid."""
+
+    mult: torch.Tensor  #: [B, W] L (starts at 1: the drift form)
+    x: torch.Tensor  #: [B, W, D] last round's input x_j
+    s: torch.Tensor  #: [B, W, D] last round's step output step_j(x_j)
+    valid: torch.Tensor  #: [B, W] bool: x and s hold the row's position
+
+    @classmethod
+    def start(cls, batch: int, width: int, dim: int, device, dtype, coef_dtype) -> "SecantState":
+        return cls(
+            mult=torch.ones(batch, width, device=device, dtype=coef_dtype),
+            x=torch.zeros(batch, width, dim, device=device, dtype=dtype),
+            s=torch.zeros(batch, width, dim, device=device, dtype=dtype),
+            valid=torch.zeros(batch, width, device=device, dtype=torch.bool),
+        )
+
+
+def secant_update(sec: SecantState, xw: torch.Tensor, g: torch.Tensor, live: torch.Tensor) -> None:
+    """The secant form: each row's next multiplier, a scalar secant estimate of its step's Jacobian.
+
+    The scan of a round, ``g_j = L_j g_{j-1} + (s_j - L_j x_j)`` (``g_{-1}`` = the anchor), has
+    the chain as its fixed point for ANY multipliers; they only decide the speed, and Newton's
+    method is ``L_j = d step_j / d x_j``. The drift form takes ``L = 1``, the scan form the step's
+    affine part. This form fits a scalar per (sample, row) to the step as the solve moves:
+
+        L_j = <s_j - s'_j, x_j - x'_j> / ||x_j - x'_j||^2,   clamped to SECANT_RANGE
+
+    (``'``: the same position one round earlier; ``s_j = g_j - L_j (g_{j-1} - x_j)`` recovered from
+    the scan). A row without a previous round, or whose input did not move, keeps its ``L``.
+    Fixed shapes, no host sync. ``xw``: the window ``[B, W+1, D]`` before the commit.
+    """
+    width = g.shape[1]
+    x = xw[:, :width]
+    g_prev = torch.cat([xw[:, :1], g[:, :-1]], dim=1)
+    s = g - sec.mult.unsqueeze(-1).to(g.dtype) * (g_prev - x)
+    dx, ds = x - sec.x, s - sec.s
+    num = (ds * dx).sum(-1).to(sec.mult.dtype)
+    den = (dx * dx).sum(-1).to(sec.mult.dtype)
+    tiny = torch.finfo(den.dtype).tiny
+    fit = (num / den.clamp(min=tiny)).clamp(*SECANT_RANGE)
+    sec.mult.copy_(torch.where(sec.valid & live & (den > tiny), fit, sec.mult))
+    sec.x.copy_(x)
+    sec.s.copy_(s)
+    sec.valid.copy_(live)
+
+
+def slide_secant(sec: SecantState, delta: torch.Tensor) -> None:
+    """Slide the secant state with the window; rows entering start as drift rows with no history."""
+    slide_rows(sec.mult, delta, 1.0)
+    slide_rows(sec.x, delta, 0.0)
+    slide_rows(sec.s, delta, 0.0)
+    slide_rows(sec.valid, delta, False)
 
 
 def relative_row_error(f_sq: torch.Tensor, g_sq: torch.Tensor) -> torch.Tensor:
@@ -138,6 +205,8 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     live = row_mask(n, width)
     pos = (st.k0.unsqueeze(1) + j).clamp(max=s - 1)
     coef = p.coef[pos]
+    if st.secant is not None:
+        coef = torch.cat([st.secant.mult.unsqueeze(-1), coef[..., 1:]], dim=-1)
     t = p.timesteps[pos]
     log_at = st.rounds.clamp(max=p.max_iters).view(1)
     with annotate("model"):
@@ -163,6 +232,8 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
         err = (res.f_sq.to(torch.float64) / (dim * p.noise_var[pos])).sqrt()
     delta = accepted_rows(live & (err <= p.tol), n)
     ratio = window_residual(res.f_sq, res.g_sq, live).to(torch.float64)
+    if st.secant is not None:
+        secant_update(st.secant, st.xw, res.g, live)
     st.res_log.index_copy_(0, log_at, torch.where(active, ratio, float("nan")).unsqueeze(0))
     with annotate("solve+mix"):
         x_new = solver.update(st.xw[:, 1:], res.g, res.f, res.f_sq, res.gram, live)
@@ -175,6 +246,8 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     with annotate("commit"):
         commit_window(st.xw, x_new, res.g, delta, n, st.k0, p.init, st.model_in)
     solver.shift(delta)
+    if st.secant is not None:
+        slide_secant(st.secant, delta)
     st.done_round.copy_(torch.where((st.k0 + delta == s) & (delta > 0), st.rounds + 1, st.done_round))
     st.k0.add_(delta)
     st.rounds.add_(active.any().to(torch.int64))
@@ -233,6 +306,9 @@ class Workspace:
         for name in ("xw", "k0", "rounds", "done_round", "res_log", "bad_t", "traj"):
             if getattr(st, name) is not None:
                 getattr(st, name).copy_(getattr(fresh, name))
+        if st.secant is not None:
+            for f in fields(SecantState):
+                getattr(st.secant, f.name).copy_(getattr(fresh.secant, f.name))
         if st.model_in is not None:
             st.model_in.copy_(st.xw[:, : p.width])
         self._fresh_solver()

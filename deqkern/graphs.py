@@ -30,12 +30,17 @@ log = logging.getLogger("deqkern")
 
 
 def state_tensors(*objs: Any) -> list[torch.Tensor]:
-    """Every tensor held by the given state objects (dataclass fields or attributes)."""
+    """Every tensor held by the given state objects (dataclass fields or attributes), and by
+    the state objects they hold (the solve state's secant state), depth first."""
     out = []
     for obj in objs:
         is_dc = hasattr(obj, "__dataclass_fields__")
         items = [getattr(obj, f.name) for f in fields(obj)] if is_dc else vars(obj).values()
-        out.extend(v for v in items if isinstance(v, torch.Tensor))
+        for v in items:
+            if isinstance(v, torch.Tensor):
+                out.append(v)
+            elif hasattr(v, "__dataclass_fields__"):
+                out.extend(state_tensors(v))
     return out
 
 

@@ -350,7 +350,7 @@ class ParallelSampler:
             noise=None if noise is None else noise.reshape(s, batch, dim).clone(),
             init=None if init is None else torch.cat([x_T.reshape(1, batch, dim), init.reshape(s, batch, dim)]),
             transform=schedule.transform, shape=x_T.shape, width=self.width, tol=self.tol, stop=self.stop,
-            max_iters=self.max_iters, drift=schedule.form == "drift",
+            max_iters=self.max_iters, drift=schedule.form == "drift", secant=schedule.form == "secant",
         )
         return Workspace(
             p, x_T, self.ev, self.solver, self.solver_options, execution=execution,

@@ -23,11 +23,12 @@ import torch
 from deqkern.errors import UnsupportedSchedulerOption
 
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
-Form = Literal["drift", "scan"]
+Form = Literal["drift", "scan", "secant"]
 
 #: Order of the per-step coefficients in the packed ``[S, 7]`` tensor the kernels read.
 #: ``L`` is the scan multiplier of the fixed-point form (math.md §3): ``A`` for the scan
-#: form, ``1`` for the drift form; it is filled in by :meth:`Schedule.packed`.
+#: form, ``1`` for the drift form and the secant form's start (the engine adapts that one per
+#: row, :func:`deqkern.engine.secant_update`); it is filled in by :meth:`Schedule.packed`.
 COEF_FIELDS = ("L", "cx", "co", "c0", "px", "po", "sigma")
 
 
@@ -102,8 +103,8 @@ class Schedule:
                     f"{name}: non-finite coefficient; alpha_cumprod is 0 or 1 where this prediction type "
                     f"({self.prediction_type}) divides by it (zero-SNR schedules need v_prediction)"
                 )
-        if self.form not in ("drift", "scan"):
-            raise ValueError(f"form: expected 'drift' or 'scan', got {self.form!r}")
+        if self.form not in ("drift", "scan", "secant"):
+            raise ValueError(f"form: expected 'drift', 'scan' or 'secant', got {self.form!r}")
         if self.form == "scan" and not self.is_affine:
             raise ValueError(
                 "form='scan' needs affine steps; this schedule has a nonlinear x0 transform "

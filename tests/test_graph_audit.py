@@ -33,17 +33,19 @@ def _setup(ddim, eta=0.0, batch=2, seed=0, shape=(2, 2, 4), clip=None):
 
 
 @pytest.mark.parametrize(
-    "solver,opts,window,eta,clip",
+    "solver,opts,window,eta,clip,form",
     [
-        ("picard", None, S, 0.0, None),
-        ("anderson", {"mixing": "row"}, 5, 0.5, None),
-        ("anderson", {"mixing": "sample"}, S, 0.0, 1.0),
-        ("anderson", {"mixing": "triangular"}, 7, 0.3, 1.0),
+        ("picard", None, S, 0.0, None, "drift"),
+        ("anderson", {"mixing": "row"}, 5, 0.5, None, "drift"),
+        ("anderson", {"mixing": "sample"}, S, 0.0, 1.0, "drift"),
+        ("anderson", {"mixing": "triangular"}, 7, 0.3, 1.0, "drift"),
+        ("picard", None, 5, 0.3, 1.0, "secant"),
+        ("anderson", {"mixing": "triangular"}, S, 0.0, None, "secant"),
     ],
 )
-def test_static_rounds_pass_the_audit_and_match_static(gmm64, ddim, solver, opts, window, eta, clip):
+def test_static_rounds_pass_the_audit_and_match_static(gmm64, ddim, solver, opts, window, eta, clip, form):
     sched, x, noise = _setup(ddim, eta, clip=clip)
-    kw = dict(solver=solver, tol=1e-6, window=window, noise=noise, solver_options=opts, rounds_per_graph=3)
+    kw = dict(solver=solver, tol=1e-6, window=window, noise=noise, solver_options=opts, rounds_per_graph=3, form=form)
     with torch.no_grad():
         static = deqkern.sample(gmm64, x, sched, execution="static", **kw)
         audited = deqkern.sample(gmm64, x, sched, execution="audit", **kw)

@@ -384,12 +384,14 @@ ref = deqkern.sample_sequential(model, x, sched, noise, execution="eager").x0
 out = {"backend": dispatch.backend_for(x)}
 cases = [("picard", "picard", "kernel", "eager"), ("anderson-kernel", "anderson", "kernel", "eager"),
          ("anderson-solve_ex", "anderson", "solve_ex", "eager"), ("anderson-static", "anderson", "kernel", "static"),
-         ("anderson-audit", "anderson", "kernel", "audit"), ("anderson-solve_ex-audit", "anderson", "solve_ex", "audit")]
+         ("anderson-audit", "anderson", "kernel", "audit"), ("anderson-solve_ex-audit", "anderson", "solve_ex", "audit"),
+         ("picard-secant-static", "picard", "kernel", "static")]
 if dev.type == "cuda":
     cases.append(("anderson-graph", "anderson", "kernel", "graph"))
 for name, solver, solve, execution in cases:
     dispatch.ANDERSON_SOLVE = solve
-    res = deqkern.sample(model, x, sched, solver=solver, tol=1e-5, window=5, noise=noise, execution=execution)
+    form = "secant" if name.endswith("secant-static") else None  # per-row multipliers in the scan kernel
+    res = deqkern.sample(model, x, sched, solver=solver, tol=1e-5, window=5, noise=noise, execution=execution, form=form)
     out[name] = {"converged": res.all_converged, "rounds": res.rounds,
                  "err": float((res.x0 - ref).double().norm() / ref.double().norm()), "info": str(res.info.get("graph"))}
 out["triton_loaded"] = "triton" in sys.modules
@@ -400,8 +402,9 @@ print(json.dumps(out))
 def test_engine_on_kernels(ops):
     """The whole parallel solve with every op dispatched to the kernels (clipped, stochastic DDIM,
     a sliding window, so rows die and the history shifts; eager and fixed-shape "static" rounds,
-    the same audited as a CUDA graph would replay them (deqkern.graph_audit), CUDA-graphed rounds
-    on CUDA; both Anderson solve paths) equals the sequential sampler. In a
+    the same audited as a CUDA graph would replay them (deqkern.graph_audit), the secant form's
+    per-row multipliers, CUDA-graphed rounds on CUDA; both Anderson solve paths) equals the
+    sequential sampler. In a
     subprocess, where dispatch sees TRITON_INTERPRET (CPU) at import."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(Path(__file__).parent)
@@ -414,7 +417,7 @@ def test_engine_on_kernels(ops):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["backend"] == "triton" and out["triton_loaded"]
     cases = [k for k in out if k not in ("backend", "triton_loaded")]
-    assert len(cases) == (7 if CUDA else 6)
+    assert len(cases) == (8 if CUDA else 7)
     for name in cases:
         assert out[name]["converged"], out
         assert out[name]["err"] <= 1e-4, out

@@ -26,12 +26,12 @@ def _inputs(seed, batch=2, eta=0.0, with_init=False):
 
 @pytest.mark.parametrize("execution", ["eager", "static", "audit"])
 @pytest.mark.parametrize(
-    "solver,opts,eta,window,with_init",
-    [("picard", None, 0.0, S, False), ("anderson", {"mixing": "triangular"}, 0.5, 5, False),
-     ("anderson", {"mixing": "row"}, 0.0, S, True)],
+    "solver,opts,eta,window,with_init,form",
+    [("picard", None, 0.0, S, False, "drift"), ("anderson", {"mixing": "triangular"}, 0.5, 5, False, "drift"),
+     ("anderson", {"mixing": "row"}, 0.0, S, True, "drift"), ("picard", None, 0.5, 5, True, "secant")],
 )
-def test_reused_workspace_equals_a_fresh_solve(gmm64, ddim, execution, solver, opts, eta, window, with_init):
-    sched = deqkern.Schedule.from_diffusers(ddim, S, eta=eta)
+def test_reused_workspace_equals_a_fresh_solve(gmm64, ddim, execution, solver, opts, eta, window, with_init, form):
+    sched = deqkern.Schedule.from_diffusers(ddim, S, eta=eta).with_form(form)
     kw = dict(solver=solver, tol=1e-6, window=window, solver_options=opts, rounds_per_graph=3)
     sampler = deqkern.ParallelSampler(gmm64, sched, execution=execution, **kw)
     with torch.no_grad():

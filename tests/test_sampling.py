@@ -67,6 +67,60 @@ def test_parallel_equals_sequential_scan_form(gmm64, ddim, solver, opts, eta, wi
     assert res.all_converged and rel_err(res.x0, ref.x0) <= tol
 
 
+@pytest.mark.parametrize("solver,opts", SOLVERS[:2] + SOLVERS[3:4], ids=[IDS[0], IDS[1], IDS[3]])
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("window", [S, 6])
+def test_parallel_equals_sequential_secant_form(gmm64, ddim, solver, opts, eta, clip, window):
+    """Any multipliers have the chain as fixed point: the secant form's adapted ones too."""
+    tol = 1e-4
+    sched = _sched(ddim, eta, clip).with_form("secant")
+    x, noise = _inputs(3, eta)
+    with torch.no_grad():
+        ref = deqkern.sample_sequential(gmm64, x, sched, noise)
+        res = deqkern.sample(gmm64, x, sched, solver=solver, tol=tol, window=window, noise=noise, solver_options=opts)
+    assert res.all_converged and res.rounds <= S and res.info["form"] == "secant"
+    for b in range(3):
+        assert rel_err(res.x0[b], ref.x0[b]) <= tol
+
+
+def test_secant_form_fits_a_linear_chain_exactly(ddim):
+    """Steps linear in x, ``step_k(x) = a_k x`` (model output ``beta x``): the secant multipliers
+    become the exact ``a_k`` after two rounds, the scan is then Newton's method on a linear
+    system, and round 3 lands on the sequential chain to rounding. The drift form (L = 1) still
+    has a visible error after those three rounds. float64."""
+    from deqkern.engine import Problem, SolveState, _x0_row, run_round
+    from deqkern.model import ModelEvaluator
+    from deqkern.solvers import get_solver
+
+    sched = _sched(ddim).with_form("secant")
+    beta = 1.5
+    a = sched.cx + sched.co * beta  # d step_k / dx, a scalar per step
+    assert bool(((a > 0) & (a < 1)).all())  # inside SECANT_RANGE, so the fit is not clamped
+    model = ModelEvaluator(lambda x, t: beta * x)
+    x, _ = _inputs(2, 0.0, seed=5)
+    p = Problem(
+        coef=sched.packed(dtype=torch.float64), timesteps=sched.timesteps, noise_var=sched.noise_var, noise=None,
+        init=None, transform=sched.transform, shape=x.shape, width=S, tol=1e-300, stop="relative", max_iters=S,
+        drift=False, secant=True,
+    )
+    st = SolveState.start(p, x, return_trajectory=True)
+    cfg, factory = get_solver("picard")
+    with torch.no_grad():
+        for _ in range(2):
+            run_round(p, st, factory(cfg), model, static=False)
+        # rows still in the window fitted their step's a_k (positions k0 + j)
+        pos = st.k0.unsqueeze(1) + torch.arange(S).unsqueeze(0)
+        fitted = st.secant.valid & (pos < S)
+        assert fitted.sum() >= S  # most of the window
+        torch.testing.assert_close(st.secant.mult[fitted], a[pos[fitted]], rtol=1e-10, atol=0)
+        run_round(p, st, factory(cfg), model, static=False)
+        ref = deqkern.sample_sequential(lambda x, t: beta * x, x, sched, return_trajectory=True).trajectory
+        drift = deqkern.sample(lambda x, t: beta * x, x, sched.with_form("drift"), "picard", tol=1e-300, max_iters=3)
+    assert rel_err(_x0_row(p, st), ref[S]) < 1e-12  # the window's row at position S
+    assert rel_err(drift.x0, ref[S]) > 1e-6
+
+
 @pytest.mark.parametrize("stop", ["relative", "noise"])
 def test_unet_float32(ddim, stop):
     """A real diffusers UNet2DModel (random weights), float32, batch 2, bound 1e-3."""
@@ -166,3 +220,43 @@ def test_on_round_reports_x0_estimates(gmm64, ddim):
     assert torch.equal(seen[-1], res.x0)
     with pytest.raises(ValueError, match="on_round"):
         deqkern.sample(gmm64, x, sched, execution="static", on_round=print)
+
+
+def test_slide_rows_moves_each_sample_by_its_own_count():
+    """``t[b, j] <- t[b, j + delta[b]]``, ``fill`` past the end, in place, also through a
+    permuted view (how the Anderson history ``[m, B, W, D]`` is slid)."""
+    from deqkern.ops.reference import slide_rows
+
+    g = torch.Generator().manual_seed(0)
+    hist = torch.randn(3, 4, 6, 5, generator=g)  # [m, B, W, D]
+    delta = torch.tensor([0, 1, 5, 6])
+    want = torch.full_like(hist, -1.0)
+    for b, d in enumerate(delta.tolist()):
+        want[:, b, : 6 - d] = hist[:, b, d:]
+    slide_rows(hist.permute(1, 2, 0, 3), delta, -1.0)
+    assert torch.equal(hist, want)
+    flags = torch.ones(4, 6, dtype=torch.bool)
+    slide_rows(flags, delta, False)
+    assert flags.sum(1).tolist() == [6, 5, 1, 0]
+
+
+def test_anderson_history_slides_with_the_window():
+    """After ``shift(delta)`` row j of every history tensor holds what row j + delta held; rows
+    entering the window start with no history (age 0)."""
+    from deqkern.solvers import get_solver
+
+    cfg, factory = get_solver("anderson", {"history": 3})
+    st = factory(cfg, 2, 5, 4, torch.device("cpu"), torch.float64)
+    g = torch.Generator().manual_seed(1)
+    for t in (st.hist_x, st.hist_f, st.gram, st.prev_f_sq):
+        t.copy_(torch.rand(t.shape, generator=g, dtype=t.dtype))
+    st.age.copy_(torch.randint(1, 4, st.age.shape, generator=g))
+    before = {k: getattr(st, k).clone() for k in ("hist_x", "hist_f", "gram", "age", "prev_f_sq")}
+    st.shift(torch.tensor([2, 0]))
+    assert torch.equal(st.hist_x[:, 0, :3], before["hist_x"][:, 0, 2:])
+    assert torch.equal(st.hist_f[:, 0, :3], before["hist_f"][:, 0, 2:])
+    assert torch.equal(st.gram[0, :3], before["gram"][0, 2:]) and torch.equal(st.age[0, :3], before["age"][0, 2:])
+    assert st.age[0, 3:].eq(0).all() and st.prev_f_sq[0, 3:].isinf().all()
+    for k, v in before.items():  # delta 0: untouched
+        assert torch.equal(getattr(st, k)[:, 1] if k.startswith("hist") else getattr(st, k)[1],
+                           v[:, 1] if k.startswith("hist") else v[1])

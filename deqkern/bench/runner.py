@@ -36,8 +36,9 @@ class OursSpec:
     windowed: bool = False
 
 
-#: Our variants. ``-scan`` solves the seed's scan form, the others the drift form; ``-win`` uses
-#: the benchmark's ``window`` (ParaDiGMS' ``parallel``) instead of all S steps.
+#: Our variants. ``-scan`` solves the seed's scan form, ``-secant`` the secant form (multipliers
+#: fitted per row as the solve moves), the others the drift form; ``-win`` uses the benchmark's
+#: ``window`` (ParaDiGMS' ``parallel``) instead of all S steps.
 OURS: dict[str, OursSpec] = {
     "picard": OursSpec("picard", None, "drift"),
     "anderson-row": OursSpec("anderson", "row", "drift"),
@@ -49,6 +50,9 @@ OURS: dict[str, OursSpec] = {
     "picard-win": OursSpec("picard", None, "drift", windowed=True),
     "anderson-row-win": OursSpec("anderson", "row", "drift", windowed=True),
     "anderson-tri-win": OursSpec("anderson", "triangular", "drift", windowed=True),
+    "picard-secant": OursSpec("picard", None, "secant"),
+    "anderson-tri-secant": OursSpec("anderson", "triangular", "secant"),
+    "picard-secant-win": OursSpec("picard", None, "secant", windowed=True),
 }
 #: Our best setting, chosen by measurement (bench/results/rounds_cpu.md): the fewest rounds for the
 #: worst sample of a batch to reach x0 error 1e-3 at S = 100 and 1000 (ties go to the library
@@ -81,6 +85,9 @@ DESCRIPTIONS: dict[str, str] = {
     "picard-win": "deqkern Picard, drift form, window --window (ParaDiGMS' algorithm, relative stop)",
     "anderson-row-win": "deqkern Anderson per row, drift form, window --window",
     "anderson-tri-win": "deqkern triangular Anderson, drift form, window --window",
+    "picard-secant": "deqkern Picard, secant form (scan multipliers fitted per row by a secant), window S",
+    "anderson-tri-secant": "deqkern triangular Anderson, secant form, window S",
+    "picard-secant-win": "deqkern Picard, secant form, window --window",
 }
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -229,7 +229,8 @@ def phantom_gradient(
     dim = math.prod(shape)
     dev, dt = trajectory.device, trajectory.dtype
     coef = schedule.packed(dev, dt).unsqueeze(1).expand(s, batch, -1)
-    mult = adjoint_multipliers(schedule, schedule.form, dev, dt)
+    # the secant form's multipliers adapt during a solve; its map starts as the drift form's
+    mult = adjoint_multipliers(schedule, "drift" if schedule.form == "secant" else schedule.form, dev, dt)
     ts = schedule.timesteps.to(dev).repeat_interleave(batch)
     idx = torch.arange(batch, device=dev).repeat(s)
     steps, tau = config.phantom_steps, config.phantom_tau

@@ -60,6 +60,16 @@ def row_mask(n_rows: torch.Tensor, width: int) -> torch.Tensor:
     return torch.arange(width, device=n_rows.device).unsqueeze(0) < n_rows.unsqueeze(1)
 
 
+def slide_rows(t: torch.Tensor, delta: torch.Tensor, fill: float) -> None:
+    """Slide every sample's window rows in place, ``t[b, j] <- t[b, j + delta[b]]``, with ``fill``
+    past the end. ``t``: ``[B, W, ...]`` (any strides, e.g. a transposed view); ``delta``: ``[B]``."""
+    batch, width = t.shape[:2]
+    idx = torch.arange(width, device=t.device).unsqueeze(0) + delta.unsqueeze(1)
+    inside = (idx < width).view(batch, width, *[1] * (t.ndim - 2))
+    b = torch.arange(batch, device=t.device).unsqueeze(1)
+    t.copy_(torch.where(inside, t[b, idx.clamp(max=width - 1)], fill))
+
+
 def linear_scan(anchor: torch.Tensor, mult: torch.Tensor, inc: torch.Tensor, unit: bool | None = None) -> torch.Tensor:
     """``g_j = mult_j g_{j-1} + inc_j`` for ``j = 0 .. W-1``, ``g_{-1} = anchor``.
 

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 
 from deqkern.ops import anderson_mix, anderson_weights
-from deqkern.ops.reference import one_hot
+from deqkern.ops.reference import one_hot, slide_rows
 from deqkern.solvers.base import register_solver
 
 
@@ -119,16 +119,12 @@ class AndersonSolver:
         return torch.where(full.unsqueeze(-1), a.unsqueeze(1), picard)
 
     def shift(self, delta: torch.Tensor) -> None:
-        batch, width = self.age.shape
-        idx = torch.arange(width, device=delta.device).unsqueeze(0) + delta.unsqueeze(1)
-        inside = idx < width
-        idx = idx.clamp(max=width - 1)
-        b = torch.arange(batch, device=delta.device).unsqueeze(1)
-        self.hist_x.copy_(self.hist_x[:, b, idx])
-        self.hist_f.copy_(self.hist_f[:, b, idx])
-        self.gram.copy_(self.gram[b, idx])
-        self.age.copy_(torch.where(inside, self.age[b, idx], torch.zeros_like(self.age)))
-        self.prev_f_sq.copy_(torch.where(inside, self.prev_f_sq[b, idx], float("inf")))
+        # rows past the window's end start empty: age 0 marks their history slots invalid
+        slide_rows(self.hist_x.permute(1, 2, 0, 3), delta, 0.0)  # [m, B, W, D] as [B, W, m, D]
+        slide_rows(self.hist_f.permute(1, 2, 0, 3), delta, 0.0)
+        slide_rows(self.gram, delta, 0.0)
+        slide_rows(self.age, delta, 0)
+        slide_rows(self.prev_f_sq, delta, float("inf"))
 
 
 register_solver("anderson", AndersonConfig, AndersonSolver)
