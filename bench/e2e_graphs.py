@@ -36,6 +36,8 @@ SOLVERS: dict[str, dict[str, Any]] = {
     "picard": dict(solver="picard"),
     "anderson-row": dict(solver="anderson", solver_options={"mixing": "row", "history": 2}),
     "anderson-tri": dict(solver="anderson", solver_options={"mixing": "triangular", "history": 2}),
+    "picard-secant": dict(solver="picard", form="secant"),
+    "anderson-tri-secant": dict(solver="anderson", solver_options={"mixing": "triangular", "history": 2}, form="secant"),
 }
 
 
@@ -175,12 +177,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "e2e.json").write_text(json.dumps(result, indent=2))
     print(f"device={result['device']} model={args.model} dtype={args.dtype}")
-    print(f"{'S':>5} {'W':>4} {'solver':>14} {'rounds':>6} {'wall ms':>9} {'seq-graph ms':>12} {'speedup':>7} "
+    print(f"{'S':>5} {'W':>4} {'solver':>19} {'rounds':>6} {'wall ms':>9} {'seq-graph ms':>12} {'speedup':>7} "
           f"{'x0 err':>8} {'solver/model':>12}")
     for rec in records:
         for width, win in rec["windows"].items():
             for name, r in win["solvers"].items():
-                print(f"{rec['steps']:>5} {width:>4} {name:>14} {r['rounds']:>6} {1e3 * r['wall_s']:>9.2f} "
+                print(f"{rec['steps']:>5} {width:>4} {name:>19} {r['rounds']:>6} {1e3 * r['wall_s']:>9.2f} "
                       f"{1e3 * rec['sequential_graph_s']:>12.2f} {r['speedup_vs_graphed_sequential']:>7.2f} "
                       f"{r['x0_rel_err']:>8.1e} {r['solver_fraction_of_model']:>12.3f}")
         t1 = rec["model_batch_curve_s"][rec["batch"]]
