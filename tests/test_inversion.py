@@ -83,6 +83,26 @@ def test_exact_gradient_equals_sequential_backprop(gmm64, ddim, eta, clip, form,
     assert stats.backward_evals == (S + 1) * S * 2  # graph build + one VJP row per step, sample, round
 
 
+@pytest.mark.parametrize("eta,clip", [(0.0, False), (1.0, True)])
+@pytest.mark.parametrize("window", [None, 3])
+def test_recomputed_vjps_in_a_window_give_the_exact_gradient(gmm64, ddim, eta, clip, window):
+    """``vjp="recompute"``: each round re-evaluates only its live rows with autograd, so memory
+    is O(window) instead of O(S); the gradient is the same, and only live rows are computed
+    (S*B per round without a window — the same count as the stored graph's VJPs — fewer with)."""
+    sched = _sched(ddim, eta, clip)
+    x, noise, target = _inputs(2, eta)
+    ref_x, ref_z = _reference_grads(gmm64, x, noise, target, sched)
+    stats = ImplicitStats()
+    cfg = GradConfig(tol=1e-300, vjp="recompute", window=window)
+    g_x, g_z = _implicit_grads(gmm64, x, noise, target, sched, grad_options=cfg, stats=stats, **EXACT)
+    assert rel_err(g_x, ref_x) <= 1e-8
+    if eta:
+        assert rel_err(g_z, ref_z) <= 1e-8
+    assert stats.backward_converged and stats.backward_rounds == S
+    live_rows = sum(min(window or S, S - r) for r in range(S)) * 2  # one row freezes per round here
+    assert stats.backward_evals == live_rows
+
+
 @pytest.mark.parametrize("eta,clip", [(0.0, False), (0.5, True)])
 def test_adjoint_tolerance(gmm64, ddim, eta, clip):
     """Stopped by its tolerance, the drift-form adjoint needs fewer than S rounds and stays accurate."""
@@ -301,6 +321,10 @@ def test_bad_input(shaped, ddim):
         invert(shaped, good, _sched(ddim, clip=True), grad_options={"form": "scan"})
     with pytest.raises(ValueError, match="grad_options.tol"):
         GradConfig(tol=0)
+    with pytest.raises(ValueError, match="grad_options.window: expected an int >= 1"):
+        GradConfig(window=0)
+    with pytest.raises(ValueError, match="grad_options.vjp: expected 'stored' or 'recompute'"):
+        GradConfig(vjp="checkpoint")
     with pytest.raises(ValueError, match="grad"):
         sample_with_implicit_grad(shaped, good, sched, grad="ift")
     with pytest.raises(ValueError, match="optimize_noise"):

@@ -10,13 +10,15 @@
 * :func:`invert` — optimise ``x_T`` so the chain reproduces a target; methods ``"implicit"``,
   ``"phantom"``, ``"sequential_backprop"``, ``"ddim_encode"``.
 """
-from deqkern.inversion.adjoint import AdjointSolution, ChainVJP, GradConfig, phantom_gradient, solve_adjoint
+from deqkern.inversion.adjoint import (
+    AdjointSolution, ChainVJP, GradConfig, RecomputeVJP, phantom_gradient, solve_adjoint,
+)
 from deqkern.inversion.baselines import ddim_encode, sequential_chain
 from deqkern.inversion.function import ImplicitStats, sample_with_implicit_grad
 from deqkern.inversion.optimize import METHODS, InversionResult, InversionStep, InvertConfig, invert, mse
 
 __all__ = [
     "METHODS", "AdjointSolution", "ChainVJP", "GradConfig", "ImplicitStats", "InversionResult", "InversionStep",
-    "InvertConfig", "ddim_encode", "invert", "mse", "phantom_gradient", "sample_with_implicit_grad",
+    "InvertConfig", "RecomputeVJP", "ddim_encode", "invert", "mse", "phantom_gradient", "sample_with_implicit_grad",
     "sequential_chain", "solve_adjoint",
 ]

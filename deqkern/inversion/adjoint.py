@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 
@@ -45,6 +45,7 @@ from deqkern.schedule import COEF_FIELDS, Schedule, X0Transform
 from deqkern.solvers import get_solver
 
 AdjointForm = Literal["drift", "scan", "plain"]
+VJPMode = Literal["stored", "recompute"]
 GradMode = Literal["exact", "phantom"]
 
 
@@ -54,7 +55,13 @@ class GradConfig:
 
     Exact (``grad="exact"``): the adjoint solved by ``solver`` (any registered deqkern solver,
     ``solver_options`` its config) in the given ``form`` until every row passes
-    ``||lam' - lam|| <= tol ||lam'||``, at most ``max_iters`` rounds (default S, which is exact).
+    ``||lam' - lam|| <= tol ||lam'||``, at most ``max_iters`` rounds (default S, which is exact),
+    ``window`` adjoint rows per sample per round (default S). Its vector-Jacobian products:
+    ``vjp="stored"`` builds one autograd graph of all S steps at the fixed point (one model batch
+    of S*B rows; each round is then one backward pass; the graph's activations, O(S B), stay in
+    memory for the whole solve), ``vjp="recompute"`` evaluates the model with grad on just the
+    round's live rows and backpropagates (a forward and a backward per row and round; memory
+    O(window B)) — for models whose S-step graph does not fit.
 
     Phantom (``grad="phantom"``): ``phantom_steps`` damped unrolled steps with damping
     ``phantom_tau`` from the detached fixed point (see :func:`phantom_gradient`).
@@ -71,6 +78,8 @@ class GradConfig:
     tol: float = 1e-3
     max_iters: int | None = None
     form: AdjointForm = "drift"
+    window: int | None = None
+    vjp: VJPMode = "stored"
     phantom_steps: int = 1
     phantom_tau: float = 0.1
 
@@ -81,6 +90,10 @@ class GradConfig:
             raise ValueError(f"grad_options.max_iters: expected an int >= 1 or None, got {self.max_iters!r}")
         if self.form not in ("drift", "scan", "plain"):
             raise ValueError(f"grad_options.form: expected 'drift', 'scan' or 'plain', got {self.form!r}")
+        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
+            raise ValueError(f"grad_options.window: expected an int >= 1 or None, got {self.window!r}")
+        if self.vjp not in ("stored", "recompute"):
+            raise ValueError(f"grad_options.vjp: expected 'stored' or 'recompute', got {self.vjp!r}")
         if not isinstance(self.phantom_steps, int) or self.phantom_steps < 1:
             raise ValueError(f"grad_options.phantom_steps: expected an int >= 1, got {self.phantom_steps!r}")
         if not 0 < self.phantom_tau <= 1:
@@ -125,13 +138,46 @@ class ChainVJP:
             self.x = trajectory[:s].detach().requires_grad_()
             e = ev(self.x.reshape(s * batch, *shape), ts, idx, round_index=0)
             self.out = step_rows(self.x.reshape(self.shape), e.reshape(self.shape), None, coef, schedule.transform)
-        #: model rows evaluated to build the graph
+        #: model rows evaluated to build the graph, and VJP rows computed since
         self.build_rows = s * batch
+        self.vjp_rows = 0
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         """``v``: ``[S, B, D]`` cotangents of ``x[1..S]``; returns ``[S, B, D]`` ``J_k^T v_k``."""
+        self.vjp_rows += self.shape[0] * self.shape[1]
         (r,) = torch.autograd.grad(self.out, self.x, grad_outputs=v, retain_graph=True)
         return r.reshape(self.shape)
+
+    def rows(self, v: torch.Tensor, step: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """``J_k^T v`` for rows ``(step k, sample b)``: scattered into one batched VJP over the
+        whole chain (steps are independent, so the other steps' zeros cost only time)."""
+        full = torch.zeros(self.shape, device=v.device, dtype=v.dtype)
+        full[step, sample] = v
+        return self(full)[step, sample]
+
+
+class RecomputeVJP:
+    """``J_k^T v`` for any rows ``(step k, sample b)``, recomputing each row's step with autograd
+    on the call: memory O(rows), a model forward and backward per row (``vjp="recompute"``)."""
+
+    def __init__(self, ev: ModelEvaluator, trajectory: torch.Tensor, schedule: Schedule) -> None:
+        s, batch = schedule.num_steps, trajectory.shape[1]
+        self.ev, self.schedule = ev, schedule
+        self.x = trajectory[:s].detach().reshape(s, batch, -1)
+        self.shape = trajectory.shape[2:]
+        self.ts = schedule.timesteps.to(trajectory.device)
+        self.coef = schedule.packed(trajectory.device, trajectory.dtype)
+        self.build_rows = 0  #: no graph is built up front
+        self.vjp_rows = 0
+
+    def rows(self, v: torch.Tensor, step: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x = self.x[step, sample].requires_grad_()
+            e = self.ev(x.reshape(-1, *self.shape), self.ts[step], sample, round_index=0).reshape(x.shape)
+            out = step_rows(x, e, None, self.coef[step], self.schedule.transform)
+            (r,) = torch.autograd.grad(out, x, grad_outputs=v)
+        self.vjp_rows += step.numel()
+        return r
 
 
 @dataclass
@@ -149,11 +195,11 @@ class AdjointSolution:
 
 
 def solve_adjoint(
-    vjp: Callable[[torch.Tensor], torch.Tensor], lam_S: torch.Tensor, multipliers: torch.Tensor, config: GradConfig
+    vjp: ChainVJP | RecomputeVJP, lam_S: torch.Tensor, multipliers: torch.Tensor, config: GradConfig
 ) -> AdjointSolution:
     """Solve ``lam_k = J_k^T lam_{k+1}`` for all k at once (module docstring).
 
-    ``vjp``: ``[S, B, D] -> [S, B, D]``, ``v_k -> J_k^T v_k``; ``lam_S``: ``[B, D]``;
+    ``vjp``: row VJPs ``vjp.rows(v, step, sample) = J_step^T v``; ``lam_S``: ``[B, D]``;
     ``multipliers``: ``[S]`` the form's ``L_k``. Every ``lam_k`` starts at ``lam_S``, as every
     forward latent starts at ``x_T`` (warm-starting from the previous optimisation step's adjoint
     is not offered: ``lam_S = dL/dx0`` changes direction from step to step).
@@ -162,37 +208,33 @@ def solve_adjoint(
     holds ``lam_{S-p}``, the "model" of the row at position ``p`` is the VJP of step ``S-1-p``
     with its value as cotangent, and the step is that output plus the form's scan, i.e. the
     coefficients ``L = L_{S-1-p}``, ``co = 1`` and all others 0. Same rounds, stopping rule,
-    freezing and solvers as sampling, with the window spanning the whole chain.
+    freezing, solvers and window as sampling.
     """
     batch, dim = lam_S.shape
     s = multipliers.numel()
     dev, dt = lam_S.device, lam_S.dtype
+    width = s if config.window is None else min(config.window, s)
     coef = torch.zeros(s, len(COEF_FIELDS), device=dev, dtype=dt)
     coef[:, COEF_FIELDS.index("L")] = multipliers.flip(0)
     coef[:, COEF_FIELDS.index("co")] = 1.0
     p = Problem(
         coef=coef, timesteps=torch.arange(s, device=dev), noise_var=torch.ones(s, device=dev, dtype=torch.float64),
-        noise=None, init=None, transform=X0Transform(), shape=torch.Size((batch, dim)), width=s, tol=float(config.tol),
-        stop="relative", max_iters=s if config.max_iters is None else config.max_iters, drift=config.form == "drift",
+        noise=None, init=None, transform=X0Transform(), shape=torch.Size((batch, dim)), width=width,
+        tol=float(config.tol), stop="relative", max_iters=s if config.max_iters is None else config.max_iters,
+        drift=config.form == "drift",
     )
-    vjp_rows = 0
+    before = vjp.vjp_rows
 
     def rows_vjp(u: torch.Tensor, pos: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        # the live rows (sample, position) of one round, scattered to their steps for one batched
-        # VJP over the whole chain (steps are independent, so the other steps' zeros cost only time)
-        nonlocal vjp_rows
-        step = s - 1 - pos
-        v = torch.zeros(s, batch, dim, device=dev, dtype=dt)
-        v[step, sample] = u
-        vjp_rows += s * batch
-        return vjp(v)[step, sample]
+        # the live rows (sample, position) of one round; position p is lam_{S-p}, step S-1-p
+        return vjp.rows(u, s - 1 - pos, sample)
 
     ev = ModelEvaluator(rows_vjp, {"sample": torch.arange(batch, device=dev)})
     ws = Workspace(p, lam_S, ev, config.solver, config.solver_options, return_trajectory=True)
     out = solve(ws)
     return AdjointSolution(
         lam=ws.st.traj[: s + 1].flip(0), rounds=out.rounds, converged=out.converged, residuals=out.residuals,
-        vjp_rows=vjp_rows, fallbacks=out.info["fallbacks"],
+        vjp_rows=vjp.vjp_rows - before, fallbacks=out.info["fallbacks"],
     )
 
 

@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 from deqkern._config import config_from
 from deqkern.sampling import sample
 from deqkern.inversion.adjoint import (
-    ChainVJP, GradConfig, GradMode, adjoint_multipliers, phantom_gradient, solve_adjoint,
+    ChainVJP, GradConfig, GradMode, RecomputeVJP, adjoint_multipliers, phantom_gradient, solve_adjoint,
 )
 from deqkern.model import Guidance, ModelEvaluator, ModelFn
 from deqkern.schedule import Schedule
@@ -99,7 +99,7 @@ class _ImplicitChain(torch.autograd.Function):
             )
             st.backward_rounds, st.backward_evals, st.backward_converged = 0, evals + vjp_rows, True
         else:
-            vjp = ChainVJP(ev, traj, p.schedule)
+            vjp = (ChainVJP if p.grad_config.vjp == "stored" else RecomputeVJP)(ev, traj, p.schedule)
             mult = adjoint_multipliers(p.schedule, p.grad_config.form, grad_x0.device, grad_x0.dtype)
             sol = solve_adjoint(vjp, grad_x0.reshape(batch, -1), mult, p.grad_config)
             st.backward_rounds, st.backward_evals = sol.rounds, vjp.build_rows + sol.vjp_rows
