@@ -27,7 +27,7 @@ import torch
 from deqkern._nvtx import annotate
 from deqkern.model import ModelEvaluator
 from deqkern.ops import commit_window, row_mask, scan_residual
-from deqkern.ops.reference import slide_rows
+from deqkern.ops.reference import RowSlide
 from deqkern.schedule import X0Transform
 from deqkern.solvers import Solver, get_solver
 
@@ -167,10 +167,11 @@ def secant_update(sec: SecantState, xw: torch.Tensor, g: torch.Tensor, live: tor
 
 def slide_secant(sec: SecantState, delta: torch.Tensor) -> None:
     """Slide the secant state with the window; rows entering start as drift rows with no history."""
-    slide_rows(sec.mult, delta, 1.0)
-    slide_rows(sec.x, delta, 0.0)
-    slide_rows(sec.s, delta, 0.0)
-    slide_rows(sec.valid, delta, False)
+    slide = RowSlide(delta, sec.mult.shape[1])
+    slide.apply(sec.mult, 1.0)
+    slide.apply(sec.x, 0.0)
+    slide.apply(sec.s, 0.0)
+    slide.apply(sec.valid, False)
 
 
 def relative_row_error(f_sq: torch.Tensor, g_sq: torch.Tensor) -> torch.Tensor:

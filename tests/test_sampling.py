@@ -222,10 +222,10 @@ def test_on_round_reports_x0_estimates(gmm64, ddim):
         deqkern.sample(gmm64, x, sched, execution="static", on_round=print)
 
 
-def test_slide_rows_moves_each_sample_by_its_own_count():
+def test_row_slide_moves_each_sample_by_its_own_count():
     """``t[b, j] <- t[b, j + delta[b]]``, ``fill`` past the end, in place, also through a
     permuted view (how the Anderson history ``[m, B, W, D]`` is slid)."""
-    from deqkern.ops.reference import slide_rows
+    from deqkern.ops.reference import RowSlide
 
     g = torch.Generator().manual_seed(0)
     hist = torch.randn(3, 4, 6, 5, generator=g)  # [m, B, W, D]
@@ -233,10 +233,11 @@ def test_slide_rows_moves_each_sample_by_its_own_count():
     want = torch.full_like(hist, -1.0)
     for b, d in enumerate(delta.tolist()):
         want[:, b, : 6 - d] = hist[:, b, d:]
-    slide_rows(hist.permute(1, 2, 0, 3), delta, -1.0)
+    slide = RowSlide(delta, 6)
+    slide.apply(hist.permute(1, 2, 0, 3), -1.0)
     assert torch.equal(hist, want)
     flags = torch.ones(4, 6, dtype=torch.bool)
-    slide_rows(flags, delta, False)
+    slide.apply(flags, False)
     assert flags.sum(1).tolist() == [6, 5, 1, 0]
 
 

@@ -60,14 +60,21 @@ def row_mask(n_rows: torch.Tensor, width: int) -> torch.Tensor:
     return torch.arange(width, device=n_rows.device).unsqueeze(0) < n_rows.unsqueeze(1)
 
 
-def slide_rows(t: torch.Tensor, delta: torch.Tensor, fill: float) -> None:
-    """Slide every sample's window rows in place, ``t[b, j] <- t[b, j + delta[b]]``, with ``fill``
-    past the end. ``t``: ``[B, W, ...]`` (any strides, e.g. a transposed view); ``delta``: ``[B]``."""
-    batch, width = t.shape[:2]
-    idx = torch.arange(width, device=t.device).unsqueeze(0) + delta.unsqueeze(1)
-    inside = (idx < width).view(batch, width, *[1] * (t.ndim - 2))
-    b = torch.arange(batch, device=t.device).unsqueeze(1)
-    t.copy_(torch.where(inside, t[b, idx.clamp(max=width - 1)], fill))
+class RowSlide:
+    """One round's window slide, ``t[b, j] <- t[b, j + delta[b]]`` for every per-row tensor of
+    the window, with a fill past the end. The gather index is built once per round and applied
+    to each tensor (each build is four small kernels; a round slides up to nine tensors)."""
+
+    def __init__(self, delta: torch.Tensor, width: int) -> None:
+        idx = torch.arange(width, device=delta.device).unsqueeze(0) + delta.unsqueeze(1)
+        self.inside = idx < width  # [B, W]
+        self.idx = idx.clamp(max=width - 1)
+        self.b = torch.arange(delta.shape[0], device=delta.device).unsqueeze(1)
+
+    def apply(self, t: torch.Tensor, fill: float) -> None:
+        """Slide ``t`` ``[B, W, ...]`` in place (any strides, e.g. a permuted view)."""
+        inside = self.inside.view(*self.inside.shape, *[1] * (t.ndim - 2))
+        t.copy_(torch.where(inside, t[self.b, self.idx], fill))
 
 
 def linear_scan(anchor: torch.Tensor, mult: torch.Tensor, inc: torch.Tensor, unit: bool | None = None) -> torch.Tensor:

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 
 from deqkern.ops import anderson_mix, anderson_weights
-from deqkern.ops.reference import one_hot, slide_rows
+from deqkern.ops.reference import RowSlide, one_hot
 from deqkern.solvers.base import register_solver
 
 
@@ -119,12 +119,13 @@ class AndersonSolver:
         return torch.where(full.unsqueeze(-1), a.unsqueeze(1), picard)
 
     def shift(self, delta: torch.Tensor) -> None:
+        slide = RowSlide(delta, self.age.shape[1])
         # rows past the window's end start empty: age 0 marks their history slots invalid
-        slide_rows(self.hist_x.permute(1, 2, 0, 3), delta, 0.0)  # [m, B, W, D] as [B, W, m, D]
-        slide_rows(self.hist_f.permute(1, 2, 0, 3), delta, 0.0)
-        slide_rows(self.gram, delta, 0.0)
-        slide_rows(self.age, delta, 0)
-        slide_rows(self.prev_f_sq, delta, float("inf"))
+        slide.apply(self.hist_x.permute(1, 2, 0, 3), 0.0)  # [m, B, W, D] as [B, W, m, D]
+        slide.apply(self.hist_f.permute(1, 2, 0, 3), 0.0)
+        slide.apply(self.gram, 0.0)
+        slide.apply(self.age, 0)
+        slide.apply(self.prev_f_sq, float("inf"))
 
 
 register_solver("anderson", AndersonConfig, AndersonSolver)
