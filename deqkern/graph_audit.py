@@ -42,7 +42,7 @@ _SYNC_OPS = {
     "aten::masked_select": "masked_select has a data-dependent shape",
     "aten::_unique2": "unique has a data-dependent shape",
     "aten::unique_consecutive": "unique_consecutive has a data-dependent shape",
-    "aten::repeat_interleave": "repeat_interleave with tensor repeats has a data-dependent shape",
+    "aten::repeat_interleave": "repeat_interleave with tensor repeats and no output_size has a data-dependent shape",
     # only for data with a dimension: a 0-d one is a Python number (``x[i] = 1.0`` wraps it),
     # which becomes a fill on a CUDA tensor
     "aten::lift_fresh": "torch.tensor(data) copies host data to the device",
@@ -122,7 +122,10 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         name = func._schema.name
         leaves, _ = tree_flatten((args, kwargs))
-        if name in _SYNC_OPS and not (name == "aten::lift_fresh" and leaves[0].dim() == 0):
+        benign = (name == "aten::lift_fresh" and leaves[0].dim() == 0) or (
+            name == "aten::repeat_interleave" and kwargs.get("output_size") is not None  # size given: no sync
+        )
+        if name in _SYNC_OPS and not benign:
             self.hazards.append(f"{name}: {_SYNC_OPS[name]}, at {_caller()}")
         elif name in _INDEX_OPS and any(
             isinstance(v, torch.Tensor) and v.dtype == torch.bool for v in leaves[1:]

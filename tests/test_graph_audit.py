@@ -208,3 +208,20 @@ def test_bench_models_pass_the_audit(name):
     with torch.no_grad():
         res = deqkern.sample(unet, x, sched, noise=noise, execution="audit", rounds_per_graph=1, tol=1e-3)
     assert res.info["audited_calls"] >= 2 and res.info["ops_per_chunk"] > 500
+
+
+def test_benign_look_alikes_are_not_refused():
+    """Ops that look like syncs but are not on a GPU: repeat_interleave with int repeats or with
+    ``output_size``, and a Python number written into a tensor (a fill, not a host copy)."""
+    x = torch.randn(3, 4)
+    reps = torch.tensor([1, 2, 1])
+    buf = torch.zeros(3)
+
+    def chunk():
+        x.repeat_interleave(2, 0)
+        x.repeat_interleave(reps, 0, output_size=4)
+        buf[0] = 1.0
+
+    assert audit_replay(chunk).ops_per_call > 0
+    with pytest.raises(CaptureHazard, match="repeat_interleave with tensor repeats and no output_size"):
+        audit_replay(lambda: x.repeat_interleave(reps, 0))
