@@ -271,7 +271,7 @@ class Workspace:
 
     Holds the problem (with its per-solve inputs, the step noise and the warm start, as
     buffers), the solve state, the solver's state and, for fixed-shape execution, the chunk
-    runner. :meth:`load` starts a new solve *in place*: every address stays the same, so a CUDA
+    runners. :meth:`load` starts a new solve *in place*: every address stays the same, so a CUDA
     graph captured by the first solve is replayed by every later one without capturing again.
     """
 
@@ -290,7 +290,7 @@ class Workspace:
 
         # the solver as constructed, put back by every later load
         self._fresh_solver = snapshot(state_tensors(self.solver))
-        self.runner = None  # made by the first fixed-shape solve, after its load (capture needs the data)
+        self.runners = None  # made by the first fixed-shape solve, after its load (capture needs the data)
         self.solves = 0
 
     def load(self, x_T: torch.Tensor, noise: torch.Tensor | None = None, init: torch.Tensor | None = None) -> None:
@@ -355,11 +355,11 @@ def _solve(ws: Workspace, progress: bool, on_round: Callable[[torch.Tensor], Non
         if bar is not None:
             bar.close()
     else:
-        from deqkern.graphs import run_static, static_runner
+        from deqkern.graphs import run_static, static_runners
 
-        if ws.runner is None:
-            ws.runner = static_runner(p, st, solver, ev, ws.rounds_per_graph, ws.execution)
-        info.update(run_static(p, st, ev, ws.runner, ws.rounds_per_graph))
+        if ws.runners is None:
+            ws.runners = static_runners(p, st, solver, ev, ws.rounds_per_graph, ws.execution)
+        info.update(run_static(p, st, ev, ws.runners))
     _sync(dev)
     wall = time.perf_counter() - start
     ws.solves += 1

@@ -13,7 +13,7 @@ device), so parallel-vs-sequential timings compare like with like.
 from __future__ import annotations
 
 import logging
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 import torch
@@ -123,35 +123,86 @@ class ChunkRunner:
         return out
 
 
-def static_runner(
+#: A solve whose worst window residual is at most this many times the tolerance runs the rest
+#: of its rounds one per chunk. Each chunk ends at a host sync, so a K-round chunk can run up to
+#: K-1 rounds past convergence, each a full B*W-row model batch; one-round chunks cost a sync
+#: per round instead. Measured (digits model, CPU static rounds, K = 4;
+#: bench/results/tail_chunks_cpu.md): at 100x, no round past convergence in 7 of 8 chains
+#: (whole chunks: up to 3, +23% model batches), at most one more sync than whole chunks.
+TAIL_FACTOR = 100.0
+
+
+@dataclass
+class StaticRunners:
+    """The chunks of fixed-shape rounds over one workspace: ``bulk`` runs ``rounds`` rounds and
+    ``tail`` one (``None`` when ``rounds`` is 1)."""
+
+    bulk: ChunkRunner
+    tail: ChunkRunner | None
+    rounds: int
+
+    def summary(self) -> dict[str, Any]:
+        """Execution info of both: graphed only if both were captured; the audit's calls of both,
+        its ops per chunk of the bulk and (``ops_per_round``) of the tail."""
+        out = self.bulk.summary()
+        if self.tail is not None:
+            tail = self.tail.summary()
+            out["graph"] = out["graph"] and tail["graph"]
+            if "graph_fallback" in tail:
+                out.setdefault("graph_fallback", tail["graph_fallback"])
+            if self.tail.audit is not None:
+                out["audited_calls"] += tail["audited_calls"]
+                out["ops_per_round"] = tail["ops_per_chunk"]
+        return out
+
+
+def static_runners(
     p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, rounds_per_graph: int, mode: str
-) -> ChunkRunner:
-    """The chunk of ``rounds_per_graph`` fixed-shape rounds over ``st`` and ``solver``'s buffers."""
+) -> StaticRunners:
+    """Chunks of ``rounds_per_graph`` fixed-shape rounds and of one round over ``st`` and
+    ``solver``'s buffers (each captured as its own CUDA graph in ``mode="graph"``)."""
 
-    def chunk() -> None:
-        for _ in range(rounds_per_graph):
-            run_round(p, st, solver, ev, static=True)
+    def chunk(rounds: int) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(rounds):
+                run_round(p, st, solver, ev, static=True)
 
-    return ChunkRunner(chunk, state_tensors(st, solver), "fixed-shape rounds", mode)
+        return run
+
+    state = state_tensors(st, solver)
+    bulk = ChunkRunner(chunk(rounds_per_graph), state, "fixed-shape rounds", mode)
+    tail = ChunkRunner(chunk(1), state, "fixed-shape rounds", mode) if rounds_per_graph > 1 else None
+    return StaticRunners(bulk, tail, rounds_per_graph)
 
 
-def run_static(p: Problem, st: SolveState, ev: ModelEvaluator, runner: ChunkRunner, rounds_per_graph: int) -> dict[str, Any]:
-    """Run ``runner``'s chunks until every sample converged or ``max_iters`` rounds ran; one host
-    sync per chunk. Returns execution info for the result."""
-    replays = 0
+def run_static(p: Problem, st: SolveState, ev: ModelEvaluator, runners: StaticRunners) -> dict[str, Any]:
+    """Run chunks until every sample converged or ``max_iters`` rounds ran, one host sync per
+    chunk: ``rounds``-round chunks while the worst window residual is above ``TAIL_FACTOR`` times
+    the tolerance, one-round chunks after. Returns execution info for the result."""
+    executed = tail_chunks = 0
+    near = False
     while True:
-        runner()
-        replays += 1
+        if near and runners.tail is not None:
+            runners.tail()
+            executed += 1
+            tail_chunks += 1
+        else:
+            runners.bulk()
+            executed += runners.rounds
         bad = st.bad_t[: p.max_iters]
         if bool((bad >= 0).any()):  # the chunk's one host sync
             r = int(torch.nonzero(bad >= 0)[0, 0])
             raise NonFiniteModelOutput(f"model output is not finite in round {r} at timestep(s) [{int(bad[r])}]")
-        if int(st.rounds) >= p.max_iters or bool((st.k0 >= p.steps).all()):
+        rounds = int(st.rounds)
+        if rounds >= p.max_iters or bool((st.k0 >= p.steps).all()):
             break
+        worst = st.res_log[rounds - 1].nan_to_num(nan=0.0).max() if rounds > 0 else None
+        near = worst is not None and float(worst) <= TAIL_FACTOR * p.tol
     # every executed round evaluates all B*W rows, including rounds after convergence in the
     # last chunk: that is what the device actually computed
-    ev.evaluations = replays * rounds_per_graph * p.batch * p.width
-    return {"rounds_per_graph": rounds_per_graph, "rounds_executed": replays * rounds_per_graph, **runner.summary()}
+    ev.evaluations = executed * p.batch * p.width
+    info = {"rounds_per_graph": runners.rounds, "rounds_executed": executed, "tail_chunks": tail_chunks}
+    return {**info, **runners.summary()}
 
 
 class SequentialWorkspace:
