@@ -190,14 +190,18 @@ def run_static(p: Problem, st: SolveState, ev: ModelEvaluator, runners: StaticRu
             runners.bulk()
             executed += runners.rounds
         bad = st.bad_t[: p.max_iters]
-        if bool((bad >= 0).any()):  # the chunk's one host sync
+        last = st.res_log.index_select(0, (st.rounds - 1).clamp(min=0).view(1))
+        status = torch.stack([
+            (bad >= 0).any().to(torch.float64), st.rounds.to(torch.float64),
+            (st.k0 >= p.steps).all().to(torch.float64), last.nan_to_num(nan=0.0).max(),
+        ])
+        any_bad, rounds, done, worst = status.tolist()  # the chunk's one host sync, one copy
+        if any_bad:
             r = int(torch.nonzero(bad >= 0)[0, 0])
             raise NonFiniteModelOutput(f"model output is not finite in round {r} at timestep(s) [{int(bad[r])}]")
-        rounds = int(st.rounds)
-        if rounds >= p.max_iters or bool((st.k0 >= p.steps).all()):
+        if rounds >= p.max_iters or done:
             break
-        worst = st.res_log[rounds - 1].nan_to_num(nan=0.0).max() if rounds > 0 else None
-        near = worst is not None and float(worst) <= TAIL_FACTOR * p.tol
+        near = rounds > 0 and worst <= TAIL_FACTOR * p.tol
     # every executed round evaluates all B*W rows, including rounds after convergence in the
     # last chunk: that is what the device actually computed
     ev.evaluations = executed * p.batch * p.width
