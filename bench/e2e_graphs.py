@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     ops = audit(x).info["ops_per_chunk"]
                     err = float((res.x0.double() - seq.x0.double()).norm() / seq.x0.double().norm())
                     win["solvers"][name] = dict(
-                        wall_s=t_par, first_call_s=t_first, rounds=res.rounds, model_evals=res.model_evals, converged=res.all_converged,
+                        wall_s=t_par, first_call_s=t_first, rounds=res.rounds,
+                        rounds_executed=res.info.get("rounds_executed", res.rounds), model_evals=res.model_evals, converged=res.all_converged,
                         x0_rel_err=err, speedup_vs_graphed_sequential=t_seq_graph / t_par,
                         speedup_vs_eager_sequential=t_seq_eager / t_par, graph=res.info.get("graph", False),
                         solver_s_per_round=per_round, solver_fraction_of_model=per_round / curve[rows],
