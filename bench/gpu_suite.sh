@@ -26,7 +26,8 @@ print("torch", torch.__version__, "triton", triton.__version__, "deqkern", deqke
 print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
 PY
 rc=0
-timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_graphs.py tests/test_graph_audit.py tests/test_interop.py \
+timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_graphs.py tests/test_graph_audit.py tests/test_samplers.py \
+  tests/test_interop.py \
   tests/test_kernels.py \
   -m "gpu or not interpreter" --junitxml="$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1 || rc=1
 tail -3 "$OUT/gpu_tests.log"
