@@ -46,6 +46,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="learning rate for every method (default: per method)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[1e-3, 1e-4],
                    help="reconstruction MSE levels to time (default 1e-3 1e-4)")
+    p.add_argument("--adjoint-window", type=int, default=None,
+                   help="exact implicit gradient: recompute each adjoint round's live rows in a window of this "
+                        "many steps (memory O(window), grad_options vjp='recompute'); default: one stored graph")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
     p.add_argument("--out-dir", type=Path, help="write inversion.json and inversion.png here instead")
@@ -56,6 +59,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--num-images: expected >= 1, got {args.num_images}")
     if any(s < 1 for s in args.steps):
         p.error(f"--steps: expected values >= 1, got {args.steps}")
+    if args.adjoint_window is not None and args.adjoint_window < 1:
+        p.error(f"--adjoint-window: expected >= 1, got {args.adjoint_window}")
     return args
 
 
@@ -163,7 +168,7 @@ def _plot(path: Path, runs: list[dict[str, Any]], targets: torch.Tensor, recons:
     ax = fig.add_subplot(grid[rows, :])
     labels = ["target"] + [f"{m} S={s}" for (s, m) in recons]
     tiles = [targets] + list(recons.values())
-    ax.imshow(_mosaic(tiles), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+    ax.imshow(_mosaic(tiles).numpy(), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
     ax.set_yticks([(i + 0.5) * (targets.shape[-2] + 1) for i in range(len(labels))], labels, fontsize=8)
     ax.set_xticks([])
     ax.set_title("targets and reconstructions (sequential chain at the best x_T)")
@@ -207,8 +212,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         schedules[s] = schedule_summary(sched)
         for method in args.methods:
             print(f"S={s} {method}: up to {args.budget:g} s ...", flush=True)
+            grad_options = None
+            if args.adjoint_window is not None and method == "implicit":
+                grad_options = {"vjp": "recompute", "window": args.adjoint_window}
             res = invert(unet, targets, sched, method, time_budget=args.budget, max_steps=args.max_steps, lr=args.lr,
-                         exact_curve=True)
+                         exact_curve=True, grad_options=grad_options)
             runs.append({"S": s, "method": method, **_run_summary(res, args.budget, args.thresholds)})
             recons[(s, method)] = res.reconstruction.cpu()
 
