@@ -12,8 +12,9 @@ One round (math.md §2-§4), per sample ``b`` with frozen prefix ``x[0..k0_b]``:
    rounds and Picard reproduces the sequential chain exactly);
 4. the solver (Picard, Anderson, ...) proposes the next iterate of the other rows;
 5. ``commit_window``: each sample's window slides by its own frozen count (new rows start from
-   the last computed row, as ParaDiGMS does, or from ``init``) and, in fixed-shape rounds, the
-   next model input is written in the model's dtype — one pass.
+   ``init``, or continue the last step linearly for deterministic chains, or copy the last
+   computed row as ParaDiGMS does) and, in fixed-shape rounds, the next model input is written
+   in the model's dtype — one pass.
 """
 from __future__ import annotations
 
@@ -57,6 +58,9 @@ class Problem:
     max_iters: int
     drift: bool  #: the drift form (every L = 1)
     secant: bool = False  #: the secant form: L per (sample, row), adapted every round (SolveState.secant)
+    #: rows entering the window continue the last step linearly instead of copying the last row
+    #: (deqkern.ops.commit_window; measured in bench/results/extrapolate_cpu.md)
+    extrapolate: bool = False
 
     @property
     def steps(self) -> int:
@@ -245,7 +249,7 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
         st.traj[dest, b_idx.unsqueeze(1)] = res.g
     # freeze the accepted rows at G, slide every window, write the next model input: one pass
     with annotate("commit"):
-        commit_window(st.xw, x_new, res.g, delta, n, st.k0, p.init, st.model_in)
+        commit_window(st.xw, x_new, res.g, delta, n, st.k0, p.init, st.model_in, p.extrapolate)
     solver.shift(delta)
     if st.secant is not None:
         slide_secant(st.secant, delta)

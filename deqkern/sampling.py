@@ -221,6 +221,10 @@ class ParallelSampler:
         model_kwargs, guidance: conditioning (per sample or shared), fixed for the sampler: a
             captured graph reads these very tensors, so update them in place to change them.
         max_batch: most model rows per call; a round is split into chunks above it.
+        extrapolate: rows entering a sliding window (``window < S``) continue the last step
+            linearly (True) or copy the last computed row as ParaDiGMS does (False); default
+            (None): True for deterministic chains, where it saves rounds, False for stochastic
+            ones, where it does not (``bench/results/extrapolate_cpu.md``). ``init`` overrides it.
         execution: ``"eager"`` evaluates only live rows and checks convergence every round;
             ``"static"`` runs fixed-shape, sync-free rounds (all B*W rows) and checks once per
             ``rounds_per_graph`` rounds; ``"graph"`` captures those rounds as one CUDA graph
@@ -252,10 +256,13 @@ class ParallelSampler:
         model_dtype: torch.dtype | None = None,
         execution: Execution = "auto",
         rounds_per_graph: int = 4,
+        extrapolate: bool | None = None,
         cache_size: int = 4,
     ) -> None:
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule: expected a deqkern.Schedule, got {type(schedule).__name__}")
+        if extrapolate not in (None, True, False):
+            raise ValueError(f"extrapolate: expected True, False or None (auto), got {extrapolate!r}")
         if form is not None:
             schedule = schedule.with_form(form)
         s = schedule.num_steps
@@ -277,6 +284,7 @@ class ParallelSampler:
         self.schedule, self.solver, self.solver_options = schedule, solver, solver_options
         self.tol, self.max_iters, self.width, self.stop = float(tol), max_iters, width, stop
         self.execution, self.rounds_per_graph, self.model_dtype = execution, rounds_per_graph, model_dtype
+        self.extrapolate = (not schedule.is_stochastic) if extrapolate is None else extrapolate
         self.ev = ModelEvaluator(model, model_kwargs or {}, guidance, max_batch, model_dtype)
         self._cache = _Cache(cache_size)
 
@@ -334,7 +342,8 @@ class ParallelSampler:
             # a copy: the workspace's buffer is the next call's
             trajectory=None if st.traj is None else back(st.traj[: s + 1].reshape(s + 1, *shape).clone()),
             info={"solver": self.solver, "config": ws.config, "form": schedule.form, "stop": self.stop,
-                  "tol": self.tol, "window": self.width, **out.info},
+                  "tol": self.tol, "window": self.width, "extrapolate": self.extrapolate and init is None,
+                  **out.info},
         )
 
     def _workspace(
@@ -351,6 +360,7 @@ class ParallelSampler:
             init=None if init is None else torch.cat([x_T.reshape(1, batch, dim), init.reshape(s, batch, dim)]),
             transform=schedule.transform, shape=x_T.shape, width=self.width, tol=self.tol, stop=self.stop,
             max_iters=self.max_iters, drift=schedule.form == "drift", secant=schedule.form == "secant",
+            extrapolate=self.extrapolate,
         )
         return Workspace(
             p, x_T, self.ev, self.solver, self.solver_options, execution=execution,
@@ -379,6 +389,7 @@ def sample(
     return_trajectory: bool = False,
     execution: Execution = "auto",
     rounds_per_graph: int = 4,
+    extrapolate: bool | None = None,
     progress: bool = False,
     on_round: Callable[[torch.Tensor], None] | None = None,
 ) -> SampleResult:
@@ -387,7 +398,7 @@ def sample(
     sampler = ParallelSampler(
         model, schedule, solver, tol, max_iters, window, stop=stop, form=form, solver_options=solver_options,
         model_kwargs=model_kwargs, guidance=guidance, max_batch=max_batch, model_dtype=model_dtype,
-        execution=execution, rounds_per_graph=rounds_per_graph, cache_size=1,
+        execution=execution, rounds_per_graph=rounds_per_graph, extrapolate=extrapolate, cache_size=1,
     )
     return sampler(x_T, noise, init=init, return_trajectory=return_trajectory, progress=progress, on_round=on_round)
 

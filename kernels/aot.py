@@ -91,12 +91,14 @@ def _mix_config(dtype: str, out: str, block: int, m: int) -> Config:
     )
 
 
-def _commit_config(dtype: str, out: str, block: int, has_init: bool) -> Config:
+def _commit_config(dtype: str, out: str, block: int, has_init: bool, extrap: bool = False) -> Config:
     return Config(
-        "commit_window", "_commit_window_kernel", f"{dtype}->{out} BLOCK_D={block} init={int(has_init)}",
+        "commit_window", "_commit_window_kernel",
+        f"{dtype}->{out} BLOCK_D={block} init={int(has_init)}" + (" extrap" if extrap else ""),
         pointers={"xw_ptr": dtype, "mixed_ptr": dtype, "g_ptr": dtype, "delta_ptr": "i64", "nrows_ptr": "i64",
                   "k0_ptr": "i64", "init_ptr": dtype, "out_ptr": out},
-        constexprs={"HAS_INIT": has_init, "HAS_OUT": True, "BLOCK_D": block}, num_warps=num_warps_for(block),
+        constexprs={"HAS_INIT": has_init, "HAS_OUT": True, "EXTRAP": extrap, "BLOCK_D": block},
+        num_warps=num_warps_for(block),
         unit=("s_xd", "s_md", "s_gd", "s_db", "s_nb", "s_kb", "s_id", "s_od"),
         aligned=("D", "s_xb", "s_xj", "s_mb", "s_mj", "s_gb", "s_gj", "s_ip", "s_ib", "s_ob", "s_oj"),
     )
@@ -127,6 +129,7 @@ def configs() -> list[Config]:
     for block in blocks:
         out.append(_commit_config("fp32", "fp32", block, True))
     out.append(_commit_config("fp32", "fp16", MAX_BLOCK_D, False))
+    out.append(_commit_config("fp32", "fp16", MAX_BLOCK_D, False, extrap=True))
     out.append(_commit_config("fp64", "fp64", MAX_BLOCK_D, True))
     return out
 

@@ -19,7 +19,7 @@ def _commit_window_kernel(
     s_db, s_nb, s_kb,
     s_ip, s_ib, s_id,
     s_ob, s_oj, s_od,
-    HAS_INIT: tl.constexpr, HAS_OUT: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_INIT: tl.constexpr, HAS_OUT: tl.constexpr, EXTRAP: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program = one sample ``b`` x one block of ``BLOCK_D`` latent elements, rows ``i = 0..W``.
 
@@ -33,12 +33,17 @@ def _commit_window_kernel(
                  = mixed[b, r]                 otherwise                      (the solver's proposal)
         out[b, i] = xw[b, i] in out's dtype   for i < W                       (the next model input)
 
+    and with ``EXTRAP`` (no init) a row entering continues the last step linearly: to the value
+    above (the last computed row, ``full[n]`` of ``full = [anchor, rows...]``) it adds
+    ``(src - n) (full[n] - full[n-1])``, ``full[n-1]`` chosen the same way (anchor, g or mixed).
+
     In place is safe: the only element of ``xw`` read is the anchor ``xw[b, 0]``, and only by rows
     that also write the anchor's value. Pointers (element strides explicit): xw ``[B, W+1, D]``;
     mixed, g ``[B, W, D]``; delta, nrows, k0 ``[B]`` int; init ``[S+1, B, D]`` (unread unless
     ``HAS_INIT``); out ``[B, W, D]`` any float dtype (unwritten unless ``HAS_OUT``). Grid
     ``(cdiv(D, BLOCK_D), B)``. Memory: reads N (one source row per row), writes N (+ N for
-    ``out``), N = B (W+1) D — it replaces a select, a concatenation, a gather and a copy.
+    ``out``), N = B (W+1) D — it replaces a select, a concatenation, a gather and a copy; with
+    ``EXTRAP`` the entering rows read one more row each.
     """
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -70,6 +75,20 @@ def _commit_window_kernel(
             p = tl.minimum(k0 + src, S).to(tl.int64)
             val += tl.load(init_ptr + p * s_ip + b * s_ib + offs * s_id, mask=offs < tl.where(keep == 0, D, 0),
                            other=0.0)
+        if EXTRAP:
+            # rows entering (src > n): + (src - n) (last - prev), prev = full[n - 1] (anchor at n <= 1)
+            ahead = tl.maximum(src - n, 0)
+            r2 = n - 2
+            r2c = tl.maximum(r2, 0).to(tl.int64)
+            p_anchor = (ahead > 0).to(tl.int32) * (r2 < 0).to(tl.int32)
+            p_g = (ahead > 0).to(tl.int32) * (r2 >= 0).to(tl.int32) * (r2 < delta).to(tl.int32)
+            p_mixed = (ahead > 0).to(tl.int32) * (r2 >= delta).to(tl.int32)
+            prev = tl.where(offs < tl.where(p_anchor > 0, D, 0), anchor, 0.0).to(anchor.dtype)
+            prev += tl.load(g_ptr + b * s_gb + r2c * s_gj + offs * s_gd, mask=offs < tl.where(p_g > 0, D, 0),
+                            other=0.0)
+            prev += tl.load(mixed_ptr + b * s_mb + r2c * s_mj + offs * s_md,
+                            mask=offs < tl.where(p_mixed > 0, D, 0), other=0.0)
+            val += tl.where(offs < tl.where(ahead > 0, D, 0), ahead.to(val.dtype) * (val - prev), 0.0).to(val.dtype)
         tl.store(xw_ptr + b * s_xb + i * s_xj + offs * s_xd, val, mask=dmask)
         if HAS_OUT:
             tl.store(out_ptr + b * s_ob + i * s_oj + offs * s_od, val.to(out_ptr.dtype.element_ty),

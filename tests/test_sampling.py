@@ -261,3 +261,23 @@ def test_anderson_history_slides_with_the_window():
     for k, v in before.items():  # delta 0: untouched
         assert torch.equal(getattr(st, k)[:, 1] if k.startswith("hist") else getattr(st, k)[1],
                            v[:, 1] if k.startswith("hist") else v[1])
+
+
+def test_entering_rows_continue_the_last_step():
+    """``commit_window(extrapolate=True)``: on a window whose rows lie on a line, ``full[j] = a +
+    j v``, the rows entering after the slide land on the same line (``a + src v``), while the
+    default copies the last computed row."""
+    from deqkern.ops.reference import commit_window
+
+    width, dim = 6, 3
+    a, v = torch.randn(2, 1, dim, dtype=torch.float64).unbind(0)
+    line = a + torch.arange(width + 1, dtype=torch.float64).view(-1, 1) * v  # [W+1, D]
+    n, delta = torch.tensor([4, 1]), torch.tensor([2, 0])
+    for extrapolate in (True, False):
+        xw = line.expand(2, -1, -1).clone()
+        commit_window(xw, xw[:, 1:].clone(), xw[:, 1:].clone(), delta, n, extrapolate=extrapolate)
+        for b in range(2):
+            for i in range(width + 1):
+                src = i + int(delta[b])
+                want = a[0] + (src if extrapolate else min(src, int(n[b]))) * v[0]
+                torch.testing.assert_close(xw[b, i], want, rtol=1e-12, atol=1e-12)

@@ -107,11 +107,12 @@ def commit_window(
     k0: torch.Tensor | None = None,
     init: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    extrapolate: bool = False,
 ) -> None:
     """:func:`deqkern.ops.reference.commit_window`, one fused kernel on the Triton backend."""
     if backend_for(xw) == "reference":
-        reference.commit_window(xw, mixed, g, delta, n_rows, k0, init, out)
+        reference.commit_window(xw, mixed, g, delta, n_rows, k0, init, out, extrapolate)
         return
     from deqkern.ops import triton_ops
 
-    triton_ops.commit_window(xw, mixed, g, delta, n_rows, k0, init, out)
+    triton_ops.commit_window(xw, mixed, g, delta, n_rows, k0, init, out, extrapolate=extrapolate)

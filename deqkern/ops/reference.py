@@ -198,14 +198,17 @@ def commit_window(
     k0: torch.Tensor | None = None,
     init: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    extrapolate: bool = False,
 ) -> None:
     """End of a round, in place: freeze, slide, and write the next model input.
 
     Row ``r < delta[b]`` of the window takes its ``G`` value ``g`` (frozen), the other live rows
     the solver's proposal ``mixed``; then sample ``b``'s window slides by ``delta[b]``: ``xw[b, i]``
-    becomes row ``src = i + delta[b]`` of ``[anchor, rows...]``. Rows past the ``n_rows[b]``
-    computed ones start from ``init[k0[b] + src, b]`` (``init``: ``[S+1, B, D]`` by position) or,
-    without ``init``, copy the last computed row (ParaDiGMS' initialisation). ``out``
+    becomes row ``src = i + delta[b]`` of ``full = [anchor, rows...]``. Rows past the
+    ``n = n_rows[b]`` computed ones start from ``init[k0[b] + src, b]`` (``init``: ``[S+1, B, D]``
+    by position) or, without ``init``, copy the last computed row ``full[n]`` (ParaDiGMS'
+    initialisation) or, with ``extrapolate``, continue the last step linearly:
+    ``full[n] + (src - n) (full[n] - full[n-1])`` (``full[-1]`` read as ``full[0]``). ``out``
     (``[B, W, D]``, any float dtype, e.g. the model's input batch) receives ``xw[:, :W]``.
     """
     batch, rows, _ = xw.shape
@@ -215,7 +218,13 @@ def commit_window(
     full = torch.cat([xw[:, :1], proposal], dim=1)
     src = torch.arange(rows, device=xw.device).unsqueeze(0) + delta.unsqueeze(1)
     b = torch.arange(batch, device=xw.device).unsqueeze(1)
-    shifted = full[b, torch.minimum(src, n_rows.unsqueeze(1))]
+    n = n_rows.unsqueeze(1)
+    shifted = full[b, torch.minimum(src, n)]
+    if extrapolate and init is None:
+        last = full[b[:, 0], n_rows]
+        prev = full[b[:, 0], (n_rows - 1).clamp(min=0)]
+        ahead = (src - n).clamp(min=0).to(xw.dtype).unsqueeze(-1)
+        shifted = shifted + ahead * (last - prev).unsqueeze(1)
     if init is not None:
         fresh = init[(k0.unsqueeze(1) + src).clamp(max=init.shape[0] - 1), b]
         shifted = torch.where((src > n_rows.unsqueeze(1)).unsqueeze(-1), fresh, shifted)

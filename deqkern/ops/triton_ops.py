@@ -223,6 +223,7 @@ def commit_window(
     init: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     *,
+    extrapolate: bool = False,
     block_d: int | None = None,
 ) -> None:
     """:func:`deqkern.ops.reference.commit_window` as one kernel (in place on ``xw``)."""
@@ -260,5 +261,6 @@ def commit_window(
             *xw.stride(), *mixed.stride(), *g.stride(),
             delta.stride(0), n_rows.stride(0), k0_t.stride(0),
             *init_strides, *out_strides,
-            HAS_INIT=init is not None, HAS_OUT=out is not None, BLOCK_D=block, num_warps=num_warps_for(block),
+            HAS_INIT=init is not None, HAS_OUT=out is not None, EXTRAP=extrapolate and init is None,
+            BLOCK_D=block, num_warps=num_warps_for(block),
         )
