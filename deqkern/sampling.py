@@ -378,27 +378,17 @@ def sample(
     window: int | None = None,
     noise: torch.Tensor | None = None,
     *,
-    stop: StopRule = "relative",
-    form: Form | None = None,
-    solver_options: Any = None,
-    model_kwargs: Mapping[str, torch.Tensor] | None = None,
-    guidance: Guidance | None = None,
-    max_batch: int | None = None,
-    model_dtype: torch.dtype | None = None,
     init: torch.Tensor | None = None,
     return_trajectory: bool = False,
-    execution: Execution = "auto",
-    rounds_per_graph: int = 4,
-    extrapolate: bool | None = None,
     progress: bool = False,
     on_round: Callable[[torch.Tensor], None] | None = None,
+    **options: Any,
 ) -> SampleResult:
-    """Sample once: :class:`ParallelSampler` with these arguments, called on ``x_T`` (see both
-    for the arguments). A graph captured here is not kept; to replay it, keep the sampler."""
-    sampler = ParallelSampler(
-        model, schedule, solver, tol, max_iters, window, stop=stop, form=form, solver_options=solver_options,
-        model_kwargs=model_kwargs, guidance=guidance, max_batch=max_batch, model_dtype=model_dtype,
-        execution=execution, rounds_per_graph=rounds_per_graph, extrapolate=extrapolate, cache_size=1,
-    )
+    """Sample once: ``ParallelSampler(model, schedule, solver, tol, max_iters, window, **options)``
+    called on ``x_T`` (and ``noise``, ``init``, ...). ``options`` are the sampler's keywords:
+    ``stop``, ``form``, ``solver_options``, ``model_kwargs``, ``guidance``, ``max_batch``,
+    ``model_dtype``, ``execution``, ``rounds_per_graph``, ``extrapolate`` (see
+    :class:`ParallelSampler` and its ``__call__``). A graph captured here is not kept; to replay
+    it, keep the sampler."""
+    sampler = ParallelSampler(model, schedule, solver, tol, max_iters, window, **options, cache_size=1)
     return sampler(x_T, noise, init=init, return_trajectory=return_trajectory, progress=progress, on_round=on_round)
-
