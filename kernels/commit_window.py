@@ -10,6 +10,21 @@ import triton.language as tl
 
 
 @triton.jit
+def _window_row(r, use, delta, anchor, g_row, m_row, s_gj, s_gd, s_mj, s_md, offs, D):
+    """Row ``r + 1`` of ``[anchor, rows...]`` for one block of elements: the anchor for ``r < 0``,
+    row ``r``'s ``G`` value (``g_row``) if it froze (``r < delta``), else the solver's proposal
+    (``m_row``); zeros, with nothing read, where ``use`` is 0."""
+    rc = tl.maximum(r, 0).to(tl.int64)
+    from_anchor = use * (r < 0).to(tl.int32)
+    from_g = use * (r >= 0).to(tl.int32) * (r < delta).to(tl.int32)
+    from_mixed = use * (r >= delta).to(tl.int32)
+    val = tl.where(offs < tl.where(from_anchor > 0, D, 0), anchor, 0.0).to(anchor.dtype)
+    val += tl.load(g_row + rc * s_gj + offs * s_gd, mask=offs < tl.where(from_g > 0, D, 0), other=0.0)
+    val += tl.load(m_row + rc * s_mj + offs * s_md, mask=offs < tl.where(from_mixed > 0, D, 0), other=0.0)
+    return val
+
+
+@triton.jit
 def _commit_window_kernel(
     xw_ptr, mixed_ptr, g_ptr, delta_ptr, nrows_ptr, k0_ptr, init_ptr, out_ptr,
     W, D, S,
@@ -54,23 +69,17 @@ def _commit_window_kernel(
     anchor = tl.load(xw_ptr + b * s_xb + offs * s_xd, mask=dmask, other=0.0)
     if HAS_INIT:
         k0 = tl.load(k0_ptr + b * s_kb)
+    g_row = g_ptr + b * s_gb
+    m_row = mixed_ptr + b * s_mb
     for i in range(0, W + 1):
         src = i + delta
-        r = tl.minimum(src, n) - 1
-        rc = tl.maximum(r, 0).to(tl.int64)
         # 0/1 flags and masks written as bounds: the CPU interpreter of triton 3.9 mis-types
         # `tensor & scalar_bool` and crashes on scalar bool `|`
         if HAS_INIT:
             keep = (src <= n).to(tl.int32)  # 0: a row entering the window, read from init
         else:
             keep = 1  # no init: rows past the computed ones copy the last computed one
-        from_anchor = keep * (r < 0).to(tl.int32)
-        from_g = keep * (r >= 0).to(tl.int32) * (r < delta).to(tl.int32)
-        from_mixed = keep * (r >= delta).to(tl.int32)
-        val = tl.where(offs < tl.where(from_anchor > 0, D, 0), anchor, 0.0).to(anchor.dtype)
-        val += tl.load(g_ptr + b * s_gb + rc * s_gj + offs * s_gd, mask=offs < tl.where(from_g > 0, D, 0), other=0.0)
-        val += tl.load(mixed_ptr + b * s_mb + rc * s_mj + offs * s_md,
-                       mask=offs < tl.where(from_mixed > 0, D, 0), other=0.0)
+        val = _window_row(tl.minimum(src, n) - 1, keep, delta, anchor, g_row, m_row, s_gj, s_gd, s_mj, s_md, offs, D)
         if HAS_INIT:
             p = tl.minimum(k0 + src, S).to(tl.int64)
             val += tl.load(init_ptr + p * s_ip + b * s_ib + offs * s_id, mask=offs < tl.where(keep == 0, D, 0),
@@ -78,16 +87,8 @@ def _commit_window_kernel(
         if EXTRAP:
             # rows entering (src > n): + (src - n) (last - prev), prev = full[n - 1] (anchor at n <= 1)
             ahead = tl.maximum(src - n, 0)
-            r2 = n - 2
-            r2c = tl.maximum(r2, 0).to(tl.int64)
-            p_anchor = (ahead > 0).to(tl.int32) * (r2 < 0).to(tl.int32)
-            p_g = (ahead > 0).to(tl.int32) * (r2 >= 0).to(tl.int32) * (r2 < delta).to(tl.int32)
-            p_mixed = (ahead > 0).to(tl.int32) * (r2 >= delta).to(tl.int32)
-            prev = tl.where(offs < tl.where(p_anchor > 0, D, 0), anchor, 0.0).to(anchor.dtype)
-            prev += tl.load(g_ptr + b * s_gb + r2c * s_gj + offs * s_gd, mask=offs < tl.where(p_g > 0, D, 0),
-                            other=0.0)
-            prev += tl.load(mixed_ptr + b * s_mb + r2c * s_mj + offs * s_md,
-                            mask=offs < tl.where(p_mixed > 0, D, 0), other=0.0)
+            prev = _window_row(n - 2, (ahead > 0).to(tl.int32), delta, anchor, g_row, m_row, s_gj, s_gd, s_mj, s_md,
+                               offs, D)
             val += tl.where(offs < tl.where(ahead > 0, D, 0), ahead.to(val.dtype) * (val - prev), 0.0).to(val.dtype)
         tl.store(xw_ptr + b * s_xb + i * s_xj + offs * s_xd, val, mask=dmask)
         if HAS_OUT:
