@@ -13,12 +13,12 @@ device), so parallel-vs-sequential timings compare like with like.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-from deqkern.engine import Problem, SolveState, run_round
+from deqkern.engine import Problem, SolveState, run_round, snapshot, state_tensors
 from deqkern.errors import NonFiniteModelOutput
 from deqkern.graph_audit import ReplayAudit
 from deqkern.model import ModelEvaluator
@@ -27,32 +27,6 @@ from deqkern.schedule import Schedule
 from deqkern.solvers import Solver
 
 log = logging.getLogger("deqkern")
-
-
-def state_tensors(*objs: Any) -> list[torch.Tensor]:
-    """Every tensor held by the given state objects (dataclass fields or attributes), and by
-    the state objects they hold (the solve state's secant state), depth first."""
-    out = []
-    for obj in objs:
-        is_dc = hasattr(obj, "__dataclass_fields__")
-        items = [getattr(obj, f.name) for f in fields(obj)] if is_dc else vars(obj).values()
-        for v in items:
-            if isinstance(v, torch.Tensor):
-                out.append(v)
-            elif hasattr(v, "__dataclass_fields__"):
-                out.extend(state_tensors(v))
-    return out
-
-
-def snapshot(state: list[torch.Tensor]) -> Callable[[], None]:
-    """A function that puts ``state`` back, in place, as it is now."""
-    saved = [t.clone() for t in state]
-
-    def restore() -> None:
-        for t, v in zip(state, saved):
-            t.copy_(v)
-
-    return restore
 
 
 def capture(chunk: Callable[[], None], state: list[torch.Tensor]) -> tuple[torch.cuda.CUDAGraph | None, str]:

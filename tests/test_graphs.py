@@ -116,7 +116,7 @@ def test_state_buffers_are_reused_in_place(gmm64, ddim):
     cfg, factory = get_solver("anderson")
     solver = factory(cfg, 2, 6, x[0].numel(), x.device, x.dtype)
     ev = ModelEvaluator(gmm64)
-    from deqkern.graphs import state_tensors
+    from deqkern.engine import state_tensors
 
     before = [t.data_ptr() for t in state_tensors(st, solver)]
     with torch.no_grad():
