@@ -35,3 +35,21 @@ def test_e2e_graphs_script_on_cpu(tmp_path):
             assert r["rounds"] <= 6 and r["wall_s"] > 0 and r["first_call_s"] > 0 and r["solver_s_per_round"] > 0
             assert 50 < r["aten_ops_per_round"] < 400, r["aten_ops_per_round"]
             assert r["rounds"] <= r["rounds_executed"]
+
+
+@pytest.mark.skipif(not (ROOT / "bench" / "solver_studies.py").exists(), reason="run from a source checkout")
+@pytest.mark.parametrize("study", ["adjoint-vjp", "ops-per-round", "stopping-rule"])
+def test_solver_studies_run_quick(tmp_path, study):
+    """The studies behind the README's solver numbers, at --quick sizes."""
+    studies = _load("solver_studies")
+    out = tmp_path / "report.json"
+    report = studies.main([study, "--quick", "--out", str(out)])
+    assert json.loads(out.read_text())["study"] == study and report["rows"]
+    if study == "adjoint-vjp":
+        assert {(r["vjp"], r["window"]) for r in report["rows"]} == {
+            ("stored", None), ("recompute", None), ("recompute", 25), ("recompute", 10)}
+        assert all(r["adjoint_rounds"] >= 1 and r["peak_rss_mb"] >= r["peak_rss_after_forward_mb"] for r in report["rows"])
+    elif study == "ops-per-round":
+        assert all(50 < r["aten_ops"] < 2000 for r in report["rows"])
+    else:
+        assert all(len(r["worst_error_over_tol"]) == 2 for r in report["rows"])

@@ -1,0 +1,153 @@
+"""CPU studies behind the README's solver numbers; each writes a JSON report to bench/results/.
+
+    python bench/solver_studies.py adjoint-vjp     # exact-gradient backward: time and peak memory per VJP mode
+    python bench/solver_studies.py ops-per-round   # ATen ops of one fixed-shape round outside the model
+    python bench/solver_studies.py stopping-rule   # x0 error at the solver's own stop against tol, many batches
+
+All on the embedded digits model, one CPU thread. ``--quick`` shrinks each study to seconds (the
+test suite runs it so the command lines stay true).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import deqkern
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _digits(scheduler: str = "ddim", clip: bool = False):
+    """The digits UNet and its scheduler (DDIM or DDPM) with x0 clipping on or off."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from deqkern.models import load_digits_model
+
+    unet, sched = load_digits_model()
+    cls = DDIMScheduler if scheduler == "ddim" else DDPMScheduler
+    return unet, cls.from_config(sched.config, clip_sample=clip)
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux ``VmHWM``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def adjoint_once(steps: int, vjp: str, window: int | None) -> dict[str, Any]:
+    """One forward and one exact-gradient backward (batch 4, adjoint tol 1e-3) in this process."""
+    from deqkern.inversion import ImplicitStats, sample_with_implicit_grad
+
+    unet, sched = _digits()
+    schedule = deqkern.Schedule.from_diffusers(sched, steps)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    target = 0.5 * torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    stats = ImplicitStats()
+    x0 = sample_with_implicit_grad(unet, x, schedule, grad_options={"vjp": vjp, "window": window, "tol": 1e-3},
+                                   stats=stats)
+    before = _peak_rss_mb()
+    ((x0 - target) ** 2).sum().backward()
+    return {
+        "steps": steps, "vjp": vjp, "window": window, "backward_s": stats.backward_time,
+        "adjoint_rounds": stats.backward_rounds, "vjp_rows": stats.backward_evals,
+        "peak_rss_after_forward_mb": before, "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def adjoint_vjp(quick: bool) -> dict[str, Any]:
+    """Each VJP mode in its own process, so each peak memory is its own."""
+    steps = 6 if quick else 100
+    modes = [("stored", None), ("recompute", None), ("recompute", 25), ("recompute", 10)]
+    rows = []
+    for vjp, window in modes:
+        cmd = [sys.executable, __file__, "_adjoint-once", str(steps), vjp, str(window or 0)]
+        rows.append(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout))
+    for r in rows:
+        print(f"S={r['steps']} vjp={r['vjp']:<9} window={r['window'] or 'S':<4} backward {r['backward_s']:.2f} s  "
+              f"rounds {r['adjoint_rounds']:>3}  VJP rows {r['vjp_rows']:>5}  "
+              f"peak +{r['peak_rss_mb'] - r['peak_rss_after_forward_mb']:.0f} MB over the forward's")
+    return {"what": "exact implicit gradient, one backward pass, digits model, batch 4", "rows": rows}
+
+
+def ops_per_round(quick: bool) -> dict[str, Any]:
+    """ATen ops of one fixed-shape round with a free "model", counted by the capture audit (the
+    reference ops stand in for the 4 Triton kernels of a GPU round)."""
+    steps = 8 if quick else 100
+    schedule = deqkern.Schedule.from_diffusers(_digits()[1], steps)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    solvers = {
+        "picard": dict(solver="picard"),
+        "anderson-tri": dict(solver="anderson", solver_options={"mixing": "triangular"}),
+        "picard-secant": dict(solver="picard", form="secant"),
+        "anderson-tri-secant": dict(solver="anderson", solver_options={"mixing": "triangular"}, form="secant"),
+    }
+    rows = []
+    for window in sorted({steps, min(10, steps)}, reverse=True):
+        for name, kw in solvers.items():
+            sampler = deqkern.ParallelSampler(lambda a, t: a, schedule, window=window, max_iters=2, execution="audit",
+                                              rounds_per_graph=1, **kw)
+            rows.append({"solver": name, "window": window, "aten_ops": sampler(x).info["ops_per_chunk"]})
+            print(f"S={steps} W={window:<4} {name:<20} {rows[-1]['aten_ops']} ATen ops per round")
+    return {"what": "ATen ops of one fixed-shape round outside the model, batch 1, 3x32x32 latents", "steps": steps,
+            "rows": rows}
+
+
+def stopping_rule(quick: bool) -> dict[str, Any]:
+    """How far the worst sample's x0 is from the sequential x0 when the solver stops, in units of
+    ``tol`` (the per-row relative stopping test bounds residuals, not this error)."""
+    steps, seeds, tol = (6, 2, 1e-4) if quick else (25, 20, 1e-4)
+    rows = []
+    for clip in (False, True):
+        unet, sched = _digits(clip=clip)
+        schedule = deqkern.Schedule.from_diffusers(sched, steps)
+        for form in ("drift", "secant"):
+            ratios = []
+            for seed in range(seeds):
+                x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+                with torch.no_grad():
+                    ref = deqkern.sample_sequential(unet, x, schedule, execution="eager").x0.flatten(1)
+                    x0 = deqkern.sample(unet, x, schedule, "picard", tol=tol, form=form, execution="eager").x0.flatten(1)
+                ratios.append(float(((x0 - ref).norm(dim=1) / ref.norm(dim=1)).max()) / tol)
+            rows.append({"clip": clip, "form": form, "worst_error_over_tol": ratios})
+            over = sum(r > 1 for r in ratios)
+            print(f"clip={clip!s:<5} {form:<6} batches with a sample above tol: {over}/{seeds}, "
+                  f"worst {max(ratios):.2f} x tol, median {sorted(ratios)[len(ratios) // 2]:.2f} x tol")
+    return {"what": "Picard, DDIM, batch 8, one batch per seed: worst sample's x0 error at stop / tol",
+            "steps": steps, "tol": tol, "rows": rows}
+
+
+STUDIES = {"adjoint-vjp": adjoint_vjp, "ops-per-round": ops_per_round, "stopping-rule": stopping_rule}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else argv
+    torch.set_num_threads(1)
+    if argv and argv[0] == "_adjoint-once":  # a child of adjoint-vjp
+        steps, vjp, window = int(argv[1]), argv[2], int(argv[3]) or None
+        print(json.dumps(adjoint_once(steps, vjp, window)))
+        return {}
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("study", choices=list(STUDIES))
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: seconds, to check the command runs")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/<study>_cpu.json)")
+    args = ap.parse_args(argv)
+    report = {"study": args.study, "device": "cpu (1 thread)", "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d"), **STUDIES[args.study](args.quick)}
+    out = args.out or RESULTS / f"{args.study.replace('-', '_')}_cpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
