@@ -3,6 +3,7 @@
     python bench/solver_studies.py adjoint-vjp     # exact-gradient backward: time and peak memory per VJP mode
     python bench/solver_studies.py ops-per-round   # ATen ops of one fixed-shape round outside the model
     python bench/solver_studies.py stopping-rule   # x0 error at the solver's own stop against tol, many batches
+    python bench/solver_studies.py stopping-x0     # the x0 rule against the relative rule: x0 error and rounds
 
 All on the embedded digits model, one CPU thread. ``--quick`` shrinks each study to seconds (the
 test suite runs it so the command lines stay true).
@@ -125,7 +126,47 @@ def stopping_rule(quick: bool) -> dict[str, Any]:
             "steps": steps, "tol": tol, "rows": rows}
 
 
-STUDIES = {"adjoint-vjp": adjoint_vjp, "ops-per-round": ops_per_round, "stopping-rule": stopping_rule}
+def stopping_x0(quick: bool) -> dict[str, Any]:
+    """The ``x0`` stopping rule against ``relative`` (at ``tol`` and ``tol / 10``): the worst
+    sample's x0 error at the stop in units of the rule's ``tol``, the rounds, and the model
+    evaluations of eager execution (live rows only), per chain, window and solver."""
+    tri = {"mixing": "triangular"}
+    chains = [("ddim", 6, None, "picard", None, 1)] if quick else [
+        ("ddim", 25, None, "picard", None, 10), ("ddim", 100, None, "picard", None, 6),
+        ("ddim", 100, None, "anderson", tri, 6), ("ddim", 100, 10, "picard", None, 4),
+        ("ddim", 100, 25, "anderson", tri, 4), ("ddpm", 100, None, "anderson", tri, 4),
+    ]
+    rules = [("relative", 1e-4), ("relative", 1e-5), ("x0", 1e-4), ("x0", 1e-3)]
+    rows = []
+    for scheduler, steps, window, solver, opts, seeds in chains:
+        unet, sched = _digits(scheduler)
+        schedule = deqkern.Schedule.from_diffusers(sched, steps)
+        runs = {rule: [] for rule in rules}
+        for seed in range(seeds):
+            g = torch.Generator().manual_seed(seed)
+            x = torch.randn(8, 1, 8, 8, generator=g)
+            noise = torch.randn(steps, 8, 1, 8, 8, generator=g) if scheduler == "ddpm" else None
+            with torch.no_grad():
+                ref = deqkern.sample_sequential(unet, x, schedule, noise, execution="eager").x0.flatten(1)
+                for stop, tol in rules:
+                    r = deqkern.sample(unet, x, schedule, solver, tol=tol, stop=stop, window=window, noise=noise,
+                                       solver_options=opts, execution="eager")
+                    err = float(((r.x0.flatten(1) - ref).norm(dim=1) / ref.norm(dim=1)).max())
+                    runs[(stop, tol)].append((err / tol, r.rounds, r.model_evals))
+        for (stop, tol), got in runs.items():
+            ratios, rounds, evals = zip(*got)
+            rows.append({"scheduler": scheduler, "steps": steps, "window": window, "solver": solver if opts is None
+                         else "anderson-tri", "stop": stop, "tol": tol, "worst_error_over_tol": list(ratios),
+                         "rounds": list(rounds), "eager_model_evals": list(evals)})
+            print(f"{scheduler} S={steps:<4} W={window or 'S':<3} {rows[-1]['solver']:<12} {stop:<8} tol {tol:g}: "
+                  f"worst x0 error {max(ratios):5.2f} x tol (above tol in {sum(r > 1 for r in ratios)}/{seeds}), "
+                  f"rounds mean {sum(rounds) / seeds:5.1f} max {max(rounds):>3}, eager evals {sum(evals) / seeds:.0f}")
+    return {"what": "batch 8, one batch per seed: worst sample's x0 error at the stop / tol, rounds, eager model "
+                    "evaluations", "rows": rows}
+
+
+STUDIES = {"adjoint-vjp": adjoint_vjp, "ops-per-round": ops_per_round, "stopping-rule": stopping_rule,
+           "stopping-x0": stopping_x0}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

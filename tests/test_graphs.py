@@ -36,9 +36,10 @@ def _setup(ddim, eta=0.0, batch=2, seed=0):
 )
 @pytest.mark.parametrize("k", [1, 3, 7])
 @pytest.mark.parametrize("window,eta", [(S, 0.0), (5, 0.5)])
-def test_static_rounds_equal_eager(gmm64, ddim, solver, opts, k, window, eta):
+@pytest.mark.parametrize("stop", ["x0", "relative"])
+def test_static_rounds_equal_eager(gmm64, ddim, solver, opts, k, window, eta, stop):
     sched, x, noise = _setup(ddim, eta)
-    kw = dict(solver=solver, tol=1e-6, window=window, noise=noise, solver_options=opts, return_trajectory=True)
+    kw = dict(solver=solver, tol=1e-6, stop=stop, window=window, noise=noise, solver_options=opts, return_trajectory=True)
     with torch.no_grad():
         eager = deqkern.sample(gmm64, x, sched, execution="eager", **kw)
         static = deqkern.sample(gmm64, x, sched, execution="static", rounds_per_graph=k, **kw)

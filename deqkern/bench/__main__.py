@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="solvers to run (default: all; see the list below)")
     p.add_argument("--tol", type=float, default=d.tol, help="relative stopping tolerance ||G(X)-X|| <= tol ||G(X)|| "
                    "for deqkern and torchdeq (default: %(default)s)")
+    p.add_argument("--stop", default=d.stop, choices=("relative", "x0"),
+                   help="deqkern's stopping rule: per-row relative residual, or x0, which bounds x0's error "
+                   "by --tol (default: %(default)s)")
     p.add_argument("--paradigms-tol", type=float, default=d.paradigms_tol,
                    help="ParaDiGMS tolerance on its noise-scaled rule (default: %(default)s, the pipeline's)")
     p.add_argument("--target-err", type=float, default=d.target_err,
@@ -95,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     values = {
         "model": args.model, "steps": tuple(args.steps), "scheduler": args.scheduler, "eta": args.eta,
-        "clip_sample": args.clip_sample, "solvers": tuple(dict.fromkeys(args.solvers)), "tol": args.tol,
+        "clip_sample": args.clip_sample, "solvers": tuple(dict.fromkeys(args.solvers)), "tol": args.tol, "stop": args.stop,
         "window": args.window, "history": args.history, "ridge": args.ridge, "max_iters": args.max_iters,
         "paradigms_tol": args.paradigms_tol, "target_err": args.target_err, "batch": args.batch,
         "device": args.device, "dtype": args.dtype, "seed": args.seed, "threads": args.threads,

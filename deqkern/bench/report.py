@@ -33,7 +33,7 @@ def format_table(result: BenchResult) -> str:
     lines = [
         f"device: {env.get('gpu', env['device'])} | torch {env['torch']} | diffusers {env['diffusers']} | "
         f"threads {env['threads']} | model: {result.model['source']} ({result.model['parameters']:,} params)",
-        f"batch {cfg.batch}, tol {cfg.tol:g} (relative), ParaDiGMS tol {cfg.paradigms_tol:g} (noise-scaled), "
+        f"batch {cfg.batch}, tol {cfg.tol:g} (deqkern: stop {cfg.stop}; torchdeq: relative), ParaDiGMS tol {cfg.paradigms_tol:g} (noise-scaled), "
         f"window {cfg.window}, Anderson m={cfg.history} ridge {cfg.ridge:g}, seed {cfg.seed}",
         f"r@tgt = rounds to x0 rel. err <= {cfg.target_err:g}; errors and PSNR: worst sample; * = our best ({BEST})",
     ]
