@@ -119,6 +119,17 @@ def test_quick_default_digits_model(tmp_path):
     assert set(q) == {"noise", "6", "10"} and "sequential" in q["10"]
 
 
+def test_quick_x0_stop_rule(tiny_model_dir, tmp_path):
+    """``--stop x0``: our solvers run under the x0 rule (recorded per run) and stay within the
+    same bound."""
+    solvers = ("sequential", "picard", "anderson-tri", "picard-win")
+    data = _run(["--model", str(tiny_model_dir), "--stop", "x0", "--solvers", *solvers, "--no-plots"], tmp_path)
+    _check(data, solvers)
+    assert data["config"]["stop"] == "x0"
+    assert {r["stop"] for r in data["runs"] if r["solver"] != "sequential"} == {"x0 0.0001"}
+    assert all(r["x0_rel_err"] <= 1e-4 for r in data["runs"])  # the rule's own bound, tol
+
+
 def test_clip_sample_skips_scan_form(tiny_model_dir, tmp_path, capsys):
     """With the model's x0 clipping kept the chain is nonlinear: scan-form solvers are reported as
     skipped (with the reason), the others still run."""
