@@ -4,6 +4,7 @@
     python bench/solver_studies.py ops-per-round   # ATen ops of one fixed-shape round outside the model
     python bench/solver_studies.py stopping-rule   # x0 error at the solver's own stop against tol, many batches
     python bench/solver_studies.py stopping-x0     # the x0 rule against the relative rule: x0 error and rounds
+    python bench/solver_studies.py tail-chunks     # fixed-shape rounds: model batches run past convergence, syncs
 
 All on the embedded digits model, one CPU thread. ``--quick`` shrinks each study to seconds (the
 test suite runs it so the command lines stay true).
@@ -165,8 +166,52 @@ def stopping_x0(quick: bool) -> dict[str, Any]:
                     "evaluations", "rows": rows}
 
 
+def tail_chunks(quick: bool) -> dict[str, Any]:
+    """Fixed-shape rounds in chunks of K end at one host sync each, so the last chunk can run up
+    to K-1 full model batches past convergence; ``deqkern.graphs.run_static`` switches to
+    one-round chunks once the worst live row is within ``TAIL_FACTOR`` of its stopping test.
+    Per chain, solver and stopping rule: rounds, model batches executed and host syncs for whole
+    chunks (factor 0), factors 10, 100 (the default) and 1000, and one-round chunks (K = 1)."""
+    import deqkern.graphs as graphs
+
+    tri = {"mixing": "triangular"}
+    chains = [("ddim", 6)] if quick else [("ddim", 25), ("ddim", 100), ("ddpm", 25), ("ddpm", 100)]
+    solvers = [("picard", None)] if quick else [("picard", None), ("anderson-tri", tri)]
+    rules = [("x0", 1e-4), ("relative", 1e-4), ("noise", 0.1)]
+    settings = [(4, 0.0), (4, 10.0), (4, 100.0), (4, 1000.0), (1, 100.0)]
+    default = graphs.TAIL_FACTOR
+    rows = []
+    try:
+        for scheduler, steps in chains:
+            unet, sched = _digits(scheduler)
+            schedule = deqkern.Schedule.from_diffusers(sched, steps)
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(8, 1, 8, 8, generator=g)
+            noise = torch.randn(steps, 8, 1, 8, 8, generator=g) if scheduler == "ddpm" else None
+            for solver, opts in solvers:
+                for stop, tol in rules:
+                    cells = []
+                    for k, factor in settings:
+                        graphs.TAIL_FACTOR = factor
+                        with torch.no_grad():
+                            r = deqkern.sample(unet, x, schedule, solver.split("-")[0], noise=noise, tol=tol, stop=stop,
+                                               solver_options=opts, execution="static", rounds_per_graph=k)
+                        executed, tail = r.info["rounds_executed"], r.info["tail_chunks"]
+                        cells.append({"rounds_per_graph": k, "tail_factor": factor, "rounds": r.rounds,
+                                      "executed": executed, "syncs": (executed - tail) // k + tail})
+                    rows.append({"scheduler": scheduler, "steps": steps, "solver": solver, "stop": stop, "tol": tol,
+                                 "settings": cells})
+                    print(f"{scheduler} S={steps:<4} {solver:<12} {stop:<8} rounds {cells[0]['rounds']:>3}: " + "  ".join(
+                        f"K={c['rounds_per_graph']} x{c['tail_factor']:g} {c['executed']} exec/{c['syncs']} syncs"
+                        for c in cells))
+    finally:
+        graphs.TAIL_FACTOR = default
+    return {"what": "static (CUDA-graph) rounds, batch 8, window S: model batches executed and host syncs per chunk "
+                    "setting", "rows": rows}
+
+
 STUDIES = {"adjoint-vjp": adjoint_vjp, "ops-per-round": ops_per_round, "stopping-rule": stopping_rule,
-           "stopping-x0": stopping_x0}
+           "stopping-x0": stopping_x0, "tail-chunks": tail_chunks}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

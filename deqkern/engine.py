@@ -86,6 +86,9 @@ class SolveState:
     done_round: torch.Tensor  #: [B] int64 round at which the sample's last row froze (0: not yet)
     res_log: torch.Tensor  #: [max_iters+1, B] float64 per-round relative residual (last row: scratch)
     bad_t: torch.Tensor  #: [max_iters+1] int64 largest timestep with non-finite output (-1: none)
+    #: [B] float64 the last round's worst live row in units of the stopping test (``err / tol``,
+    #: 0 once inactive): how near the solve is to its stop, whatever the rule
+    worst: torch.Tensor
     traj: torch.Tensor | None  #: [S+2, B, D] latents by position (last row: scratch)
     #: [B, W, D] the next model input in the model's dtype (fixed-shape rounds only): written by
     #: the round's commit, read by the next model call
@@ -112,6 +115,7 @@ class SolveState:
             done_round=torch.zeros(b, dtype=torch.int64, device=dev),
             res_log=torch.full((p.max_iters + 1, b), float("nan"), dtype=torch.float64, device=dev),
             bad_t=torch.full((p.max_iters + 1,), -1, dtype=torch.int64, device=dev), traj=traj,
+            worst=torch.full((b,), math.inf, dtype=torch.float64, device=dev),
         )
 
 
@@ -297,6 +301,7 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     else:
         delta = accepted_rows(live & (err <= p.tol), n)
     ratio = window_residual(res.f_sq, res.g_sq, live).to(torch.float64)
+    st.worst.copy_(torch.where(live, err.to(torch.float64) / p.tol, 0.0).amax(dim=1))
     if st.secant is not None:
         secant_update(st.secant, st.xw, res.g, live)
     st.res_log.index_copy_(0, log_at, torch.where(active, ratio, float("nan")).unsqueeze(0))

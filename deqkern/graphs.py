@@ -97,12 +97,15 @@ class ChunkRunner:
         return out
 
 
-#: A solve whose worst window residual is at most this many times the tolerance runs the rest
-#: of its rounds one per chunk. Each chunk ends at a host sync, so a K-round chunk can run up to
-#: K-1 rounds past convergence, each a full B*W-row model batch; one-round chunks cost a sync
-#: per round instead. Measured (digits model, CPU static rounds, K = 4;
-#: bench/results/tail_chunks_cpu.md): at 100x, no round past convergence in 7 of 8 chains
-#: (whole chunks: up to 3, +23% model batches), at most one more sync than whole chunks.
+#: A solve whose worst live row is within this factor of its stopping test (``SolveState.worst``,
+#: ``err / tol`` in the rule's own units) runs the rest of its rounds one per chunk. Each chunk
+#: ends at a host sync, so a K-round chunk can run up to K-1 rounds past convergence, each a full
+#: B*W-row model batch; one-round chunks cost a sync per round instead. Measured (digits model,
+#: CPU static rounds, K = 4, 8 chains x 2 solvers; ``python bench/solver_studies.py
+#: tail-chunks``): under the x0 rule, 1 model batch past convergence in 136 rounds (whole chunks:
+#: 16) for 44 syncs (38); 1000x saves that one batch for 11 more syncs. In the rule's own units
+#: the noise rule (tol 0.1) keeps whole chunks (30 syncs for 106 rounds) where a residual-based
+#: switch ran one sync per round.
 TAIL_FACTOR = 100.0
 
 
@@ -151,8 +154,8 @@ def static_runners(
 
 def run_static(p: Problem, st: SolveState, ev: ModelEvaluator, runners: StaticRunners) -> dict[str, Any]:
     """Run chunks until every sample converged or ``max_iters`` rounds ran, one host sync per
-    chunk: ``rounds``-round chunks while the worst window residual is above ``TAIL_FACTOR`` times
-    the tolerance, one-round chunks after. Returns execution info for the result."""
+    chunk: ``rounds``-round chunks while some live row is more than ``TAIL_FACTOR`` times away
+    from its stopping test, one-round chunks after. Returns execution info for the result."""
     executed = tail_chunks = 0
     near = False
     while True:
@@ -164,10 +167,9 @@ def run_static(p: Problem, st: SolveState, ev: ModelEvaluator, runners: StaticRu
             runners.bulk()
             executed += runners.rounds
         bad = st.bad_t[: p.max_iters]
-        last = st.res_log.index_select(0, (st.rounds - 1).clamp(min=0).view(1))
         status = torch.stack([
             (bad >= 0).any().to(torch.float64), st.rounds.to(torch.float64),
-            (st.k0 >= p.steps).all().to(torch.float64), last.nan_to_num(nan=0.0).max(),
+            (st.k0 >= p.steps).all().to(torch.float64), st.worst.max(),
         ])
         any_bad, rounds, done, worst = status.tolist()  # the chunk's one host sync, one copy
         if any_bad:
@@ -175,7 +177,7 @@ def run_static(p: Problem, st: SolveState, ev: ModelEvaluator, runners: StaticRu
             raise NonFiniteModelOutput(f"model output is not finite in round {r} at timestep(s) [{int(bad[r])}]")
         if rounds >= p.max_iters or done:
             break
-        near = rounds > 0 and worst <= TAIL_FACTOR * p.tol
+        near = rounds > 0 and worst <= TAIL_FACTOR
     # every executed round evaluates all B*W rows, including rounds after convergence in the
     # last chunk: that is what the device actually computed
     ev.evaluations = executed * p.batch * p.width

@@ -38,7 +38,7 @@ def test_e2e_graphs_script_on_cpu(tmp_path):
 
 
 @pytest.mark.skipif(not (ROOT / "bench" / "solver_studies.py").exists(), reason="run from a source checkout")
-@pytest.mark.parametrize("study", ["adjoint-vjp", "ops-per-round", "stopping-rule", "stopping-x0"])
+@pytest.mark.parametrize("study", ["adjoint-vjp", "ops-per-round", "stopping-rule", "stopping-x0", "tail-chunks"])
 def test_solver_studies_run_quick(tmp_path, study):
     """The studies behind the README's solver numbers, at --quick sizes."""
     studies = _load("solver_studies")
@@ -53,6 +53,11 @@ def test_solver_studies_run_quick(tmp_path, study):
         assert all(50 < r["aten_ops"] < 2000 for r in report["rows"])
     elif study == "stopping-rule":
         assert all(len(r["worst_error_over_tol"]) == 2 for r in report["rows"])
+    elif study == "tail-chunks":
+        for row in report["rows"]:
+            cells = row["settings"]
+            assert len({c["rounds"] for c in cells}) == 1  # the chunking never changes the answer
+            assert all(c["rounds"] <= c["executed"] < c["rounds"] + c["rounds_per_graph"] for c in cells)
     else:
         assert {(r["stop"], r["tol"]) for r in report["rows"]} == {("relative", 1e-4), ("relative", 1e-5), ("x0", 1e-4), ("x0", 1e-3)}
         assert all(len(r["rounds"]) == len(r["worst_error_over_tol"]) == 1 for r in report["rows"])

@@ -58,7 +58,7 @@ def test_static_rounds_equal_eager(gmm64, ddim, solver, opts, k, window, eta, st
 
 
 def test_one_round_chunks_near_convergence_cut_the_rounds_past_it(gmm64, ddim, monkeypatch):
-    """Near convergence (worst residual <= TAIL_FACTOR * tol) chunks shrink to one round, so
+    """Near convergence (every live row within TAIL_FACTOR of its test) chunks shrink to one round, so
     the device computes fewer full model batches past convergence; the answer is unchanged."""
     import deqkern.graphs as graphs
 
@@ -72,6 +72,28 @@ def test_one_round_chunks_near_convergence_cut_the_rounds_past_it(gmm64, ddim, m
     assert whole.info["tail_chunks"] == 0 and whole.info["rounds_executed"] % 4 == 0
     assert adaptive.info["tail_chunks"] > 0
     assert adaptive.rounds <= adaptive.info["rounds_executed"] <= whole.info["rounds_executed"]
+
+
+def test_tail_chunks_follow_the_stopping_rule_units():
+    """The switch to one-round chunks compares each live row with its own stopping test: under
+    ParaDiGMS' noise rule (tol 0.1 on a different scale than the relative residual) the solve
+    keeps whole chunks until it is near its stop (a switch on the relative residual made it
+    one sync per round: 12 syncs here). Trained digits UNet, DDPM S = 25, Picard, K = 4: 15
+    rounds in 4 chunks (bench/results/tail_chunks_cpu.json)."""
+    from diffusers import DDPMScheduler
+
+    from deqkern.models import load_digits_model
+
+    unet, sched = load_digits_model()
+    schedule = deqkern.Schedule.from_diffusers(DDPMScheduler.from_config(sched.config, clip_sample=False), 25)
+    g = torch.Generator().manual_seed(0)
+    x, noise = torch.randn(8, 1, 8, 8, generator=g), torch.randn(25, 8, 1, 8, 8, generator=g)
+    with torch.no_grad():
+        r = deqkern.sample(unet, x, schedule, "picard", noise=noise, tol=0.1, stop="noise", execution="static",
+                           rounds_per_graph=4)
+    executed, tail = r.info["rounds_executed"], r.info["tail_chunks"]
+    assert r.all_converged and executed - r.rounds <= 3
+    assert (executed - tail) // 4 + tail <= r.rounds // 4 + 2  # host syncs: about one per 4 rounds
 
 
 def test_static_respects_max_iters(gmm64, ddim):
