@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -80,26 +81,72 @@ def adjoint_vjp(quick: bool) -> dict[str, Any]:
     return {"what": "exact implicit gradient, one backward pass, digits model, batch 4", "rows": rows}
 
 
-def ops_per_round(quick: bool) -> dict[str, Any]:
-    """ATen ops of one fixed-shape round with a free "model", counted by the capture audit (the
-    reference ops stand in for the 4 Triton kernels of a GPU round)."""
+#: The solvers whose per-round work ops-per-round counts.
+OPS_SOLVERS: dict[str, dict[str, Any]] = {
+    "picard": dict(solver="picard"),
+    "anderson-tri": dict(solver="anderson", solver_options={"mixing": "triangular"}),
+    "picard-secant": dict(solver="picard", form="secant"),
+    "anderson-tri-secant": dict(solver="anderson", solver_options={"mixing": "triangular"}, form="secant"),
+}
+
+
+class _CountedKernel:
+    """A Triton kernel whose launches (``kernel[grid](...)``) are counted."""
+
+    def __init__(self, kernel: Any, name: str, counts: dict[str, int]) -> None:
+        self.kernel, self.name, self.counts = kernel, name, counts
+
+    def __getitem__(self, grid: Any) -> Any:
+        self.counts[self.name] = self.counts.get(self.name, 0) + 1
+        return self.kernel[grid]
+
+
+def ops_once(quick: bool) -> list[dict[str, Any]]:
+    """This process's backend (Triton when TRITON_INTERPRET was set at import): per solver and
+    window, one fixed-shape round with a free "model": its ATen ops and those that launch a kernel
+    (the capture audit's counts) and its Triton launches (one static round, counted)."""
+    from deqkern.ops import backend_for
+
+    backend = backend_for(torch.empty(0))
+    launches: dict[str, int] = {}
+    if backend == "triton":
+        from deqkern.ops import triton_ops
+
+        for name in [n for n in vars(triton_ops) if n.endswith("_kernel")]:
+            setattr(triton_ops, name, _CountedKernel(getattr(triton_ops, name), name, launches))
     steps = 8 if quick else 100
     schedule = deqkern.Schedule.from_diffusers(_digits()[1], steps)
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    solvers = {
-        "picard": dict(solver="picard"),
-        "anderson-tri": dict(solver="anderson", solver_options={"mixing": "triangular"}),
-        "picard-secant": dict(solver="picard", form="secant"),
-        "anderson-tri-secant": dict(solver="anderson", solver_options={"mixing": "triangular"}, form="secant"),
-    }
     rows = []
     for window in sorted({steps, min(10, steps)}, reverse=True):
-        for name, kw in solvers.items():
-            sampler = deqkern.ParallelSampler(lambda a, t: a, schedule, window=window, max_iters=2, execution="audit",
-                                              rounds_per_graph=1, **kw)
-            rows.append({"solver": name, "window": window, "aten_ops": sampler(x).info["ops_per_chunk"]})
-            print(f"S={steps} W={window:<4} {name:<20} {rows[-1]['aten_ops']} ATen ops per round")
-    return {"what": "ATen ops of one fixed-shape round outside the model, batch 1, 3x32x32 latents", "steps": steps,
+        for name, kw in OPS_SOLVERS.items():
+            audited = deqkern.ParallelSampler(lambda a, t: a, schedule, window=window, max_iters=2, execution="audit",
+                                              rounds_per_graph=1, **kw)(x).info
+            launches.clear()
+            deqkern.ParallelSampler(lambda a, t: a, schedule, window=window, max_iters=1, execution="static",
+                                    rounds_per_graph=1, **kw)(x)
+            rows.append({"backend": backend, "solver": name, "window": window, "aten_ops": audited["ops_per_chunk"],
+                         "kernel_ops": audited["kernel_ops_per_chunk"], "triton_launches": sum(launches.values())})
+    return rows
+
+
+def ops_per_round(quick: bool) -> dict[str, Any]:
+    """The work of one fixed-shape round outside the model, on both backends (each in a child
+    process: the backend is chosen when deqkern is imported): ATen ops, the ATen ops that launch
+    a kernel (on a GPU, each a node of the round's graph) and the Triton launches. The Triton
+    backend runs under the CPU interpreter here; its counts are those of a GPU round."""
+    rows = []
+    for backend in ("reference", "triton"):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        if backend == "triton":
+            env["TRITON_INTERPRET"] = "1"
+        proc = subprocess.run([sys.executable, __file__, "_ops-once", str(int(quick))], capture_output=True, text=True,
+                              env=env, check=True)
+        rows.extend(json.loads(proc.stdout.strip().splitlines()[-1]))
+    for r in rows:
+        print(f"S={8 if quick else 100} W={r['window']:<4} {r['backend']:<9} {r['solver']:<20} {r['aten_ops']:>4} ATen "
+              f"ops, {r['kernel_ops']:>4} launch a kernel, + {r['triton_launches']} Triton launches per round")
+    return {"what": "one fixed-shape round outside the model, batch 1, 3x32x32 latents", "steps": 8 if quick else 100,
             "rows": rows}
 
 
@@ -217,6 +264,9 @@ STUDIES = {"adjoint-vjp": adjoint_vjp, "ops-per-round": ops_per_round, "stopping
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     torch.set_num_threads(1)
+    if argv and argv[0] == "_ops-once":  # a child of ops-per-round
+        print(json.dumps(ops_once(bool(int(argv[1])))))
+        return {}
     if argv and argv[0] == "_adjoint-once":  # a child of adjoint-vjp
         steps, vjp, window = int(argv[1]), argv[2], int(argv[3]) or None
         print(json.dumps(adjoint_once(steps, vjp, window)))

@@ -197,6 +197,33 @@ def test_anderson_solve(benchmark, copy_gbps, impl):
     _bench(benchmark, lambda: fn(**args), nbytes, copy_gbps, "anderson_solve")
 
 
+def _status_args():
+    batch, width, _, _ = SIZES
+    g = torch.Generator(device=DEVICE).manual_seed(4)
+    steps, max_iters = 2 * width, 8
+    return dict(
+        f_sq=torch.rand(batch, width, device=DEVICE, generator=g) * 1e-3,
+        g_sq=torch.rand(batch, width, device=DEVICE, generator=g) + 0.5,
+        n_rows=torch.full((batch,), width, device=DEVICE), k0=torch.zeros(batch, dtype=torch.int64, device=DEVICE),
+        rounds=torch.zeros((), dtype=torch.int64, device=DEVICE),
+        noise_var=torch.ones(steps, dtype=torch.float64, device=DEVICE),
+        worst=torch.empty(batch, dtype=torch.float64, device=DEVICE),
+        res_log=torch.empty(max_iters + 1, batch, dtype=torch.float64, device=DEVICE),
+        done_round=torch.zeros(batch, dtype=torch.int64, device=DEVICE), stop="x0", tol=1e-3, dim=64,
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_round_status(benchmark, copy_gbps, impl):
+    """The stopping test and bookkeeping of a round: a few hundred bytes, so launch-bound — the
+    kernel's point is one launch instead of about forty; time per call is the number."""
+    batch, width, _, _ = SIZES
+    fn = _implementation(impl, "round_status")
+    args = _status_args()
+    nbytes = batch * width * 2 * 4 + batch * 4 * 8
+    _bench(benchmark, lambda: fn(**args), nbytes, copy_gbps, "round_status")
+
+
 ROUND_ITERS = 8
 
 

@@ -6,10 +6,11 @@ One round (math.md §2-§4), per sample ``b`` with frozen prefix ``x[0..k0_b]``:
 1. evaluate the model on the live rows ``x[k0_b + j]``, ``j < n_b = min(W, S - k0_b)``, of all
    samples in one batch (chunked by ``max_batch``);
 2. ``scan_residual``: new iterate ``G(X)``, residual, row norms (and the Anderson Gram row);
-3. stopping rule per row; the leading rows that pass *plus one* are frozen at their ``G`` value
-   (the first failing row's ``G`` is computed from accepted inputs, and row 0's ``G`` is always
-   exact, so the window advances by at least one row per round: the solve ends in at most S
-   rounds and Picard reproduces the sequential chain exactly);
+3. ``round_status``: the stopping rule per row; the leading rows that pass *plus one* are
+   frozen at their ``G`` value (the first failing row's ``G`` is computed from accepted inputs,
+   and row 0's ``G`` is always exact, so the window advances by at least one row per round: the
+   solve ends in at most S rounds and Picard reproduces the sequential chain exactly; the x0
+   rule refines which rows pass); the residual log and the distance to the stop;
 4. the solver (Picard, Anderson, ...) proposes the next iterate of the other rows;
 5. ``commit_window``: each sample's window slides by its own frozen count (new rows start from
    ``init``, or continue the last step linearly for deterministic chains, or copy the last
@@ -27,7 +28,7 @@ import torch
 
 from deqkern._nvtx import annotate
 from deqkern.model import ModelEvaluator
-from deqkern.ops import commit_window, row_mask, scan_residual
+from deqkern.ops import commit_window, round_status, row_mask, scan_residual
 from deqkern.ops.reference import RowSlide
 from deqkern.schedule import X0Transform
 from deqkern.solvers import Solver, get_solver
@@ -210,51 +211,6 @@ def slide_secant(sec: SecantState, delta: torch.Tensor) -> None:
     slide.apply(sec.valid, False)
 
 
-def relative_row_error(f_sq: torch.Tensor, g_sq: torch.Tensor) -> torch.Tensor:
-    """``||G(x) - x|| / ||G(x)||`` per row from the squared norms (the ``relative`` stopping rule)."""
-    return (f_sq / g_sq.clamp(min=torch.finfo(g_sq.dtype).tiny)).sqrt()
-
-
-def accepted_rows(passed: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """``[B]`` rows each sample freezes: its leading rows that pass the stopping test, plus one —
-    the first failing row's G is computed from accepted inputs — and at most its ``n`` live rows."""
-    return torch.minimum(passed.to(torch.int64).cumprod(dim=1).sum(dim=1) + 1, n)
-
-
-def x0_accepted_rows(
-    err: torch.Tensor, live: torch.Tensor, n: torch.Tensor, left: torch.Tensor, tol: float, slide_tol: float
-) -> torch.Tensor:
-    """``[B]`` rows each sample freezes under the ``x0`` stopping rule, which bounds the error of
-    x0 rather than each row's residual.
-
-    Why the ``relative`` rule does not: a row frozen at ``G`` carries the error its inputs had,
-    ``G_j - y*_j = sum_{i<j} (J_i - I) e_i`` (``J_i`` the step's Jacobian, ``e_i ~ -F_i`` near
-    convergence), and every later row inherits it. Each round that freezes a passing prefix adds
-    such an error, so x0 ends several ``tol`` away (up to 10x measured, ``bench/results/
-    stopping_rule_cpu.json``). This rule:
-
-    * freezes the leading rows with ``err <= slide_tol`` plus one, as ``relative`` does with a
-      tighter test: the caller passes ``tol / S``, so the residuals of all rows ever frozen this
-      way sum to at most ``tol`` (their error reaches x0 through ``J - I`` and the rest of the
-      chain, both about 1 or less);
-    * and once the window reaches x0 (``n == left``), freezes all its rows when every live one
-      passes ``tol``: one freeze at ``tol``, whose error at x0 is about the next round's residual.
-
-    Measured on the digits model: worst sample within 0.42 ``tol`` where ``relative`` ended up to
-    10 ``tol`` away, in the rounds ``relative`` needs at a tenth of the tolerance
-    (``bench/results/stopping_x0_cpu.json``). ``err``: ``[B, W]`` relative row residuals;
-    ``left``: ``[B]`` rows not yet frozen.
-    """
-    sliding = accepted_rows(live & (err <= slide_tol), n)
-    all_pass = ((err <= tol) | ~live).all(dim=1)
-    return torch.where((n == left) & all_pass, n, sliding)
-
-
-def window_residual(f_sq: torch.Tensor, g_sq: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-    """``[B]`` ``||F|| / ||G(X)||`` over each sample's live rows: the residual history we report."""
-    return ((f_sq * live).sum(1) / (g_sq * live).sum(1).clamp(min=1e-300)).sqrt()
-
-
 def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, static: bool) -> None:
     """One round of the parallel solve (see the module docstring), in place on ``st``.
 
@@ -292,19 +248,12 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     z = None if p.noise is None else p.noise[pos, b_idx.unsqueeze(1)]
     with annotate("scan"):
         res = scan_residual(st.xw, e, z, coef, n, p.transform, solver.hist_f, drift=p.drift)
-    if p.stop == "noise":
-        err = (res.f_sq.to(torch.float64) / (dim * p.noise_var[pos])).sqrt()
-    else:
-        err = relative_row_error(res.f_sq, res.g_sq)
-    if p.stop == "x0":
-        delta = x0_accepted_rows(err, live, n, s - st.k0, p.tol, p.tol / s)
-    else:
-        delta = accepted_rows(live & (err <= p.tol), n)
-    ratio = window_residual(res.f_sq, res.g_sq, live).to(torch.float64)
-    st.worst.copy_(torch.where(live, err.to(torch.float64) / p.tol, 0.0).amax(dim=1))
+    with annotate("status"):
+        # the stopping test, the rows to freeze, the logs and SolveState.worst/done_round
+        delta = round_status(res.f_sq, res.g_sq, n, st.k0, st.rounds, p.noise_var, st.worst, st.res_log,
+                             st.done_round, stop=p.stop, tol=p.tol, dim=dim)
     if st.secant is not None:
         secant_update(st.secant, st.xw, res.g, live)
-    st.res_log.index_copy_(0, log_at, torch.where(active, ratio, float("nan")).unsqueeze(0))
     with annotate("solve+mix"):
         x_new = solver.update(st.xw[:, 1:], res.g, res.f, res.f_sq, res.gram, live)
     if st.traj is not None:
@@ -318,7 +267,6 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     solver.shift(delta)
     if st.secant is not None:
         slide_secant(st.secant, delta)
-    st.done_round.copy_(torch.where((st.k0 + delta == s) & (delta > 0), st.rounds + 1, st.done_round))
     st.k0.add_(delta)
     st.rounds.add_(active.any().to(torch.int64))
 

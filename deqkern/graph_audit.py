@@ -59,12 +59,20 @@ class ReplayAudit:
     def __init__(self) -> None:
         self.captured: list[str] | None = None  #: the captured call's trace, one line per ATen op
         self.calls = 0  #: recorded calls
+        self._kernel_ops = 0
         self._outer: dict[int, tuple[str, torch.UntypedStorage]] = {}  # see _Recorder
 
     @property
     def ops_per_call(self) -> int:
         """ATen ops the captured call dispatched."""
         return 0 if self.captured is None else len(self.captured)
+
+    @property
+    def kernel_ops_per_call(self) -> int:
+        """Of those, the ops that launch a device kernel: not views, allocations or copies of a
+        buffer onto itself (triton's CPU interpreter makes those around each launch). On a GPU
+        each is a node of the captured graph; Triton launches come on top."""
+        return self._kernel_ops
 
     def record(self, chunk: Callable[[], None]) -> None:
         """Run ``chunk`` once, recording it; raise :class:`CaptureHazard` if it syncs with the
@@ -75,7 +83,7 @@ class ReplayAudit:
         if rec.hazards:
             raise CaptureHazard(f"call {self.calls} syncs with the host:\n  " + "\n  ".join(rec.hazards))
         if self.captured is None:
-            self.captured = rec.trace
+            self.captured, self._kernel_ops = rec.trace, rec.kernel_ops
         elif rec.trace != self.captured:
             raise CaptureHazard(
                 f"call {self.calls} differs from the captured call 0: " + _first_difference(self.captured, rec.trace)
@@ -96,6 +104,7 @@ class _Recorder(TorchDispatchMode):
         self.local: dict[int, str] = {}  # storage address -> name, for buffers made in this call
         self.trace: list[str] = []
         self.hazards: list[str] = []
+        self.kernel_ops = 0  # see ReplayAudit.kernel_ops_per_call
 
     def _name(self, storage: torch.UntypedStorage) -> str:
         ptr = storage.data_ptr()
@@ -139,6 +148,9 @@ class _Recorder(TorchDispatchMode):
         else:
             line = f"{name}({self._describe(leaves)})"
             in_ptrs = {v.untyped_storage().data_ptr() for v in leaves if isinstance(v, torch.Tensor)}
+        self_copy = name == "aten::copy_" and _same_view(leaves[0], leaves[1])
+        if not (func.is_view or name in _NO_KERNEL or self_copy):
+            self.kernel_ops += 1
         result = func(*args, **kwargs)
         outs, _ = tree_flatten(result)
         for o in outs:
@@ -150,6 +162,18 @@ class _Recorder(TorchDispatchMode):
                     self.local[ptr] = f"new{len(self.trace)}"
         self.trace.append(f"{line} -> {self._describe(outs)}")
         return result
+
+
+#: Ops that allocate or rebind storage without launching a kernel.
+_NO_KERNEL = frozenset({"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty",
+                        "aten::new_empty_strided", "aten::set_", "aten::lift_fresh"})
+
+
+def _same_view(a: Any, b: Any) -> bool:
+    """``a`` and ``b`` are the same elements of the same buffer (a copy between them moves nothing)."""
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and a.storage_offset() == b.storage_offset() and a.shape == b.shape and a.stride() == b.stride())
 
 
 def audit_replay(chunk: Callable[[], None], calls: int = 3) -> ReplayAudit:

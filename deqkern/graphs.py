@@ -93,7 +93,8 @@ class ChunkRunner:
         """Execution info for a result: graph or not (and why), the audit's counts."""
         out = dict(self.info)
         if self.audit is not None:
-            out.update(audited_calls=self.audit.calls, ops_per_chunk=self.audit.ops_per_call)
+            out.update(audited_calls=self.audit.calls, ops_per_chunk=self.audit.ops_per_call,
+                       kernel_ops_per_chunk=self.audit.kernel_ops_per_call)
         return out
 
 
@@ -120,7 +121,8 @@ class StaticRunners:
 
     def summary(self) -> dict[str, Any]:
         """Execution info of both: graphed only if both were captured; the audit's calls of both,
-        its ops per chunk of the bulk and (``ops_per_round``) of the tail."""
+        its ops (and kernel ops) per chunk of the bulk and (``ops_per_round``,
+        ``kernel_ops_per_round``) of the tail."""
         out = self.bulk.summary()
         if self.tail is not None:
             tail = self.tail.summary()
@@ -130,6 +132,7 @@ class StaticRunners:
             if self.tail.audit is not None:
                 out["audited_calls"] += tail["audited_calls"]
                 out["ops_per_round"] = tail["ops_per_chunk"]
+                out["kernel_ops_per_round"] = tail["kernel_ops_per_chunk"]
         return out
 
 

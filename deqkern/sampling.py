@@ -214,7 +214,7 @@ class ParallelSampler:
         solver: a registered solver name (``"anderson"``, ``"picard"``, ...).
         tol: stopping tolerance (> 0). ``stop="x0"`` (default): x0's relative error against the
             sequential sampler, ``||x0 - x0_seq|| <= tol ||x0_seq||`` — an estimate, not a
-            proof (:func:`deqkern.engine.x0_accepted_rows`; measured within 0.42 ``tol``).
+            proof (:func:`deqkern.ops.reference.x0_accepted_rows`; measured within 0.42 ``tol``).
             ``stop="relative"``: a row passes when ``||G(x) - x|| <= tol ||G(x)||``;
             ``stop="noise"`` (ParaDiGMS): when ``||G(x) - x||^2 / (D var_k) <= tol^2`` with
             ``var_k`` the step's posterior variance. These two bound residuals, not x0's error:

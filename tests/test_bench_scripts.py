@@ -51,6 +51,12 @@ def test_solver_studies_run_quick(tmp_path, study):
         assert all(r["adjoint_rounds"] >= 1 and r["peak_rss_mb"] >= r["peak_rss_after_forward_mb"] for r in report["rows"])
     elif study == "ops-per-round":
         assert all(50 < r["aten_ops"] < 2000 for r in report["rows"])
+        by = {(r["backend"], r["solver"], r["window"]): r for r in report["rows"]}
+        for (backend, solver, window), r in by.items():
+            assert 0 < r["kernel_ops"] < r["aten_ops"]
+            if backend == "triton":  # the kernels replace most small ops: fewer launches in all
+                ref = by[("reference", solver, window)]
+                assert r["triton_launches"] in (3, 5) and r["kernel_ops"] + 5 < ref["kernel_ops"]
     elif study == "stopping-rule":
         assert all(len(r["worst_error_over_tol"]) == 2 for r in report["rows"])
     elif study == "tail-chunks":

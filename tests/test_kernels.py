@@ -329,8 +329,9 @@ def test_anderson_mix_fp64_is_exact_to_fp64(ops):
 # ---------------------------------------------------------------------------------- CUDA graphs
 @pytest.mark.gpu
 def test_round_of_kernels_replays_in_a_cuda_graph(ops):
-    """scan + solve + mix captured once, outputs poisoned after capture, replayed: bit-identical
-    to eager launches (fixed launch configs, no atomics, no host sync inside the round)."""
+    """scan + status + solve + mix captured once, outputs poisoned after capture, replayed:
+    bit-identical to eager launches (fixed launch configs, no atomics, no host sync inside the
+    round)."""
     if not CUDA:
         pytest.skip("needs a CUDA device (CUDA graph capture)")
     m, batch, width, dim = 5, 2, 9, 1000
@@ -339,12 +340,15 @@ def test_round_of_kernels_replays_in_a_cuda_graph(ops):
     gram, valid, newest = (t.to(DEVICE) for t in _spd_problems(batch * width, m, gen))
     hx, hf, _ = _mix_inputs(m, batch, width, dim, gen)
     out = torch.empty(batch, width, dim, dtype=torch.float16, device=DEVICE)
+    status = dev(_status_inputs(batch, width, 3 * width, 4, torch.float32, gen))
+    status.update(n_rows=scan["n_rows"])
 
     def round_():
         res = ops.scan_residual(**scan, transform=X0Transform("clip", 0.8))
+        delta = ops.round_status(**{**status, "f_sq": res.f_sq, "g_sq": res.g_sq}, stop="x0", tol=1e-3, dim=dim)
         alpha, ok = ops.anderson_weights(gram, valid, newest, 1e-3)
         ops.anderson_mix(hx, hf, alpha.view(batch, width, m), 1.0, out=out)
-        return [res.g, res.f, res.f_sq, res.g_sq, res.gram, alpha, ok, out]
+        return [res.g, res.f, res.f_sq, res.g_sq, res.gram, delta, status["worst"], status["res_log"], alpha, ok, out]
 
     side = torch.cuda.Stream()  # warm-up (compiles every kernel) off the capture stream
     side.wait_stream(torch.cuda.current_stream())
@@ -356,10 +360,11 @@ def test_round_of_kernels_replays_in_a_cuda_graph(ops):
         captured = round_()
     eager = [t.clone() for t in round_()]
     for t in captured:
-        t.fill_(False if t.dtype == torch.bool else float("nan"))
+        t.fill_(False if t.dtype == torch.bool else float("nan") if t.is_floating_point() else -1)
     graph.replay()
     torch.cuda.synchronize()
-    for name, got, want in zip(("g", "f", "f_sq", "g_sq", "gram", "alpha", "ok", "out"), captured, eager):
+    names = ("g", "f", "f_sq", "g_sq", "gram", "delta", "worst", "res_log", "alpha", "ok", "out")
+    for name, got, want in zip(names, captured, eager):
         assert torch.equal(got, want), f"{name} differs after replay"
 
 
@@ -385,13 +390,16 @@ out = {"backend": dispatch.backend_for(x)}
 cases = [("picard", "picard", "kernel", "eager"), ("anderson-kernel", "anderson", "kernel", "eager"),
          ("anderson-solve_ex", "anderson", "solve_ex", "eager"), ("anderson-static", "anderson", "kernel", "static"),
          ("anderson-audit", "anderson", "kernel", "audit"), ("anderson-solve_ex-audit", "anderson", "solve_ex", "audit"),
-         ("picard-secant-static", "picard", "kernel", "static")]
+         ("picard-secant-static", "picard", "kernel", "static"), ("picard-relative-static", "picard", "kernel", "static"),
+         ("picard-noise-static", "picard", "kernel", "static")]
 if dev.type == "cuda":
     cases.append(("anderson-graph", "anderson", "kernel", "graph"))
 for name, solver, solve, execution in cases:
     dispatch.ANDERSON_SOLVE = solve
     form = "secant" if name.endswith("secant-static") else None  # per-row multipliers in the scan kernel
-    res = deqkern.sample(model, x, sched, solver=solver, tol=1e-5, window=5, noise=noise, execution=execution, form=form)
+    stop = next((rule for rule in ("relative", "noise") if rule in name), "x0")  # each rule in the status kernel
+    res = deqkern.sample(model, x, sched, solver=solver, tol=1e-5, window=5, noise=noise, execution=execution, form=form,
+                         stop=stop)
     out[name] = {"converged": res.all_converged, "rounds": res.rounds,
                  "err": float((res.x0 - ref).double().norm() / ref.double().norm()), "info": str(res.info.get("graph"))}
 out["triton_loaded"] = "triton" in sys.modules
@@ -401,7 +409,8 @@ print(json.dumps(out))
 
 def test_engine_on_kernels(ops):
     """The whole parallel solve with every op dispatched to the kernels (clipped, stochastic DDIM,
-    a sliding window, so rows die and the history shifts; eager and fixed-shape "static" rounds,
+    a sliding window, so rows die and the history shifts; every stopping rule; eager and
+    fixed-shape "static" rounds,
     the same audited as a CUDA graph would replay them (deqkern.graph_audit), the secant form's
     per-row multipliers, CUDA-graphed rounds on CUDA; both Anderson solve paths) equals the
     sequential sampler. In a
@@ -417,7 +426,7 @@ def test_engine_on_kernels(ops):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["backend"] == "triton" and out["triton_loaded"]
     cases = [k for k in out if k not in ("backend", "triton_loaded")]
-    assert len(cases) == (8 if CUDA else 7)
+    assert len(cases) == (10 if CUDA else 9)
     for name in cases:
         assert out[name]["converged"], out
         assert out[name]["err"] <= 1e-4, out
@@ -460,3 +469,63 @@ def test_commit_window(ops, batch, width, dim, has_init, extrapolate, out_dtype)
     check("xw", got["xw"], want["xw"], bound)
     if out_dtype is not None:
         check("out", got_out, want_out, 1e-3 if extrapolate and out_dtype == torch.float16 else bound)
+
+
+# ---------------------------------------------------------------------------------- round-status
+def _status_inputs(batch, width, steps, max_iters, dtype, gen):
+    """Squared norms spread over decades around the tolerances (so every row outcome occurs),
+    zeros and a NaN row; n, k0 and rounds over every corner: inactive samples, windows ending
+    before and at x0, a log row at max_iters."""
+    f = torch.exp(torch.empty(batch, width, dtype=torch.float64).uniform_(-20, -4, generator=gen)).to(dtype)
+    g = torch.exp(torch.empty(batch, width, dtype=torch.float64).uniform_(-1, 1, generator=gen)).to(dtype)
+    f[0, 0], g[-1, -1] = 0.0, 0.0
+    if batch > 2:
+        f[2, width // 2] = float("nan")
+    k0 = torch.randint(0, steps, (batch,), generator=gen)
+    k0[0] = steps - min(width, steps)  # window reaching x0 exactly
+    if batch > 1:
+        k0[1] = steps  # done
+    n = torch.where(k0 < steps, (steps - k0).clamp(max=width), 0)
+    return dict(
+        f_sq=f, g_sq=g, n_rows=n, k0=k0, rounds=torch.tensor(int(torch.randint(0, max_iters + 2, (1,), generator=gen))),
+        noise_var=torch.rand(steps, generator=gen, dtype=torch.float64) * 1e-3 + 1e-6,
+        worst=torch.full((batch,), float("nan"), dtype=torch.float64),
+        res_log=torch.randn(max_iters + 1, batch, generator=gen, dtype=torch.float64),
+        done_round=torch.randint(0, 5, (batch,), generator=gen),
+    )
+
+
+@pytest.mark.parametrize("stop", ["relative", "noise", "x0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch,width,steps,block_w", [(5, 7, 19, None), (4, 40, 40, 16), (3, 1, 3, None)])
+def test_round_status_matches_reference(ops, stop, dtype, batch, width, steps, block_w):
+    """Rows to freeze and ``done_round`` exactly; ``worst`` and the window residual logged within
+    1e-6 relative (the kernel sums the window in blocks: another order than torch's); ``worst``
+    poisoned with NaN, the log with random values (only row ``min(rounds, max_iters)`` changes).
+    W not a power of two, windows wider than the block (the loop), W = 1, fp32 and fp64 norms."""
+    gen = torch.Generator().manual_seed(batch * 1000 + width * 10 + steps)
+    for tol in (1e-4, 1e-2, 0.5):  # few, some and most rows passing
+        args = _status_inputs(batch, width, steps, 6, dtype, gen)
+        want = {k: v.clone() for k, v in args.items()}
+        want_delta = reference.round_status(**want, stop=stop, tol=tol, dim=37)
+        got = dev(args)
+        with poisoned_allocations():
+            got_delta = ops.round_status(**got, stop=stop, tol=tol, dim=37, block_w=block_w)
+        assert got_delta.cpu().tolist() == want_delta.tolist(), (tol, got_delta, want_delta)
+        assert got["done_round"].cpu().tolist() == want["done_round"].tolist()
+        check("worst", got["worst"], want["worst"], 1e-6)
+        check("res_log", got["res_log"], want["res_log"], 1e-6)
+        assert int(want_delta.sum()) > 0  # the cases exercise freezing, not only the no-op
+
+
+def test_round_status_rejects_bad_input(ops):
+    gen = torch.Generator().manual_seed(0)
+    args = dev(_status_inputs(2, 4, 9, 3, torch.float32, gen))
+    with pytest.raises(ValueError, match="stop: expected one of"):
+        ops.round_status(**args, stop="residual", tol=1e-3, dim=4)
+    with pytest.raises(ValueError, match="f_sq: expected float32 or float64"):
+        ops.round_status(**{**args, "f_sq": args["f_sq"].half()}, stop="x0", tol=1e-3, dim=4)
+    with pytest.raises(ValueError, match="k0: expected int64"):
+        ops.round_status(**{**args, "k0": args["k0"].int()}, stop="x0", tol=1e-3, dim=4)
+    with pytest.raises(ValueError, match="res_log: expected float64"):
+        ops.round_status(**{**args, "res_log": args["res_log"].float()}, stop="x0", tol=1e-3, dim=4)

@@ -35,7 +35,8 @@ def report(tmp_path_factory):
 def test_every_kernel_compiles_without_spills(report):
     rows = report["rows"]
     assert {r["kernel"] for r in rows} == {
-        "_scan_residual_kernel", "_anderson_solve_kernel", "_anderson_mix_kernel", "_commit_window_kernel"
+        "_scan_residual_kernel", "_anderson_solve_kernel", "_anderson_mix_kernel", "_commit_window_kernel",
+        "_round_status_kernel",
     }
     for sm in SMEM_LIMIT:
         assert {r["config"] for r in rows if r["sm"] == sm} == {r["config"] for r in rows}, f"sm_{sm} missing configs"

@@ -12,7 +12,7 @@ import torch
 from conftest import rel_err
 
 import deqkern
-from deqkern.engine import x0_accepted_rows
+from deqkern.ops.reference import x0_accepted_rows
 
 
 def test_x0_rule_rows_by_hand():

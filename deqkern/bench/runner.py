@@ -107,7 +107,7 @@ class BenchConfig:
     #: 1e-4 brings x0 within the 1e-3 target (tol 1e-3 leaves ~1.5e-3 on the digits model)
     tol: float = 1e-4
     #: the deqkern solvers' stopping rule: "relative" per row, or "x0", which bounds x0's error
-    #: by tol (deqkern.engine.x0_accepted_rows)
+    #: by tol (deqkern.ops.reference.x0_accepted_rows)
     stop: Literal["relative", "x0"] = "relative"
     window: int = 10
     #: Anderson history and relative ridge of every deqkern Anderson variant (the library

@@ -3,10 +3,12 @@
 Triton runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before
 import; everything else uses :mod:`deqkern.ops.reference`. Same results, same API.
 """
-from deqkern.ops.dispatch import anderson_mix, anderson_weights, backend_for, commit_window, scan_residual
+from deqkern.ops.dispatch import (
+    anderson_mix, anderson_weights, backend_for, commit_window, round_status, scan_residual,
+)
 from deqkern.ops.reference import ScanResult, row_mask, step_rows
 
 __all__ = [
-    "ScanResult", "anderson_mix", "anderson_weights", "backend_for", "commit_window", "row_mask", "scan_residual",
-    "step_rows",
+    "ScanResult", "anderson_mix", "anderson_weights", "backend_for", "commit_window", "round_status", "row_mask",
+    "scan_residual", "step_rows",
 ]

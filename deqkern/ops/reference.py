@@ -17,6 +17,7 @@ Shapes used throughout (one solver *window* per sample):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,87 @@ class ScanResult:
 def row_mask(n_rows: torch.Tensor, width: int) -> torch.Tensor:
     """``[B, W]`` bool: row ``j`` of sample ``b`` is live iff ``j < n_rows[b]``."""
     return torch.arange(width, device=n_rows.device).unsqueeze(0) < n_rows.unsqueeze(1)
+
+
+def relative_row_error(f_sq: torch.Tensor, g_sq: torch.Tensor) -> torch.Tensor:
+    """``||G(x) - x|| / ||G(x)||`` per row from the squared norms (the ``relative`` stopping rule)."""
+    return (f_sq / g_sq.clamp(min=torch.finfo(g_sq.dtype).tiny)).sqrt()
+
+
+def accepted_rows(passed: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """``[B]`` rows each sample freezes: its leading rows that pass the stopping test, plus one —
+    the first failing row's G is computed from accepted inputs — and at most its ``n`` live rows."""
+    return torch.minimum(passed.to(torch.int64).cumprod(dim=1).sum(dim=1) + 1, n)
+
+
+def x0_accepted_rows(
+    err: torch.Tensor, live: torch.Tensor, n: torch.Tensor, left: torch.Tensor, tol: float, slide_tol: float
+) -> torch.Tensor:
+    """``[B]`` rows each sample freezes under the ``x0`` stopping rule, which bounds the error of
+    x0 rather than each row's residual.
+
+    Why the ``relative`` rule does not: a row frozen at ``G`` carries the error its inputs had,
+    ``G_j - y*_j = sum_{i<j} (J_i - I) e_i`` (``J_i`` the step's Jacobian, ``e_i ~ -F_i`` near
+    convergence), and every later row inherits it. Each round that freezes a passing prefix adds
+    such an error, so x0 ends several ``tol`` away (up to 10x measured, ``bench/results/
+    stopping_rule_cpu.json``). This rule:
+
+    * freezes the leading rows with ``err <= slide_tol`` plus one, as ``relative`` does with a
+      tighter test: the caller passes ``tol / S``, so the residuals of all rows ever frozen this
+      way sum to at most ``tol`` (their error reaches x0 through ``J - I`` and the rest of the
+      chain, both about 1 or less);
+    * and once the window reaches x0 (``n == left``), freezes all its rows when every live one
+      passes ``tol``: one freeze at ``tol``, whose error at x0 is about the next round's residual.
+
+    Measured on the digits model: worst sample within 0.42 ``tol`` where ``relative`` ended up to
+    10 ``tol`` away, in about the rounds ``relative`` needs at a tenth of the tolerance
+    (``bench/results/stopping_x0_cpu.json``). ``err``: ``[B, W]`` relative row residuals;
+    ``left``: ``[B]`` rows not yet frozen.
+    """
+    sliding = accepted_rows(live & (err <= slide_tol), n)
+    all_pass = ((err <= tol) | ~live).all(dim=1)
+    return torch.where((n == left) & all_pass, n, sliding)
+
+
+def window_residual(f_sq: torch.Tensor, g_sq: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """``[B]`` ``||F|| / ||G(X)||`` over each sample's live rows: the residual history we report."""
+    return ((f_sq * live).sum(1) / (g_sq * live).sum(1).clamp(min=1e-300)).sqrt()
+
+
+def round_status(
+    f_sq: torch.Tensor, g_sq: torch.Tensor, n_rows: torch.Tensor, k0: torch.Tensor, rounds: torch.Tensor,
+    noise_var: torch.Tensor, worst: torch.Tensor, res_log: torch.Tensor, done_round: torch.Tensor,
+    *, stop: str, tol: float, dim: int,
+) -> torch.Tensor:
+    """A round's stopping test and bookkeeping; returns ``delta`` ``[B]``, the rows each sample
+    freezes (math: :func:`deqkern.kernels.round_status._round_status_kernel`).
+
+    ``f_sq``, ``g_sq``: ``[B, W]`` ``||G(x) - x||^2``, ``||G(x)||^2`` per window row; ``n_rows``:
+    ``[B]`` live rows (0: inactive); ``k0``: ``[B]`` frozen prefix; ``rounds``: ``()`` rounds so
+    far; ``noise_var``: ``[S]`` (the noise rule's scale; its length is S). In place: ``worst``
+    ``[B]`` (the worst live row's ``err / tol``), ``res_log`` ``[max_iters + 1, B]`` (row
+    ``min(rounds, max_iters)``: the window residual, NaN when inactive) and ``done_round``
+    ``[B]`` (``rounds + 1`` where the sample's last row freezes now). ``stop``: ``"relative"``,
+    ``"noise"`` or ``"x0"``; ``dim``: D, the latent size (noise rule).
+    """
+    steps, width = noise_var.numel(), f_sq.shape[1]
+    live = row_mask(n_rows, width)
+    if stop == "noise":
+        pos = (k0.unsqueeze(1) + torch.arange(width, device=k0.device)).clamp(max=steps - 1)
+        err = (f_sq.to(torch.float64) / (dim * noise_var[pos])).sqrt()
+    else:
+        err = relative_row_error(f_sq, g_sq)
+    if stop == "x0":
+        delta = x0_accepted_rows(err, live, n_rows, steps - k0, tol, tol / steps)
+    else:
+        delta = accepted_rows(live & (err <= tol), n_rows)
+    ratio = (err.to(torch.float64) / tol).nan_to_num(nan=math.inf)
+    worst.copy_(torch.where(live, ratio, 0.0).amax(dim=1))
+    log_at = rounds.clamp(max=res_log.shape[0] - 1).view(1)
+    resid = window_residual(f_sq, g_sq, live).to(torch.float64)
+    res_log.index_copy_(0, log_at, torch.where(n_rows > 0, resid, math.nan).unsqueeze(0))
+    done_round.copy_(torch.where((k0 + delta == steps) & (delta > 0), rounds + 1, done_round))
+    return delta
 
 
 class RowSlide:

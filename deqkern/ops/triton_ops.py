@@ -12,10 +12,13 @@ import contextlib
 import torch
 import triton.language as tl
 
-from deqkern.kernels._launch import SCAN_STAGES, block_d_for, next_pow2, num_warps_for, scan_block_d
+from deqkern.kernels._launch import (
+    SCAN_STAGES, block_d_for, next_pow2, num_warps_for, scan_block_d, status_block_w,
+)
 from deqkern.kernels.anderson_mix import _anderson_mix_kernel
 from deqkern.kernels.anderson_solve import _anderson_solve_kernel
 from deqkern.kernels.commit_window import _commit_window_kernel
+from deqkern.kernels.round_status import STOP_CODES, _round_status_kernel
 from deqkern.kernels.scan_residual import _scan_residual_kernel
 from deqkern.ops.reference import ScanResult
 from deqkern.schedule import X0Transform
@@ -264,3 +267,43 @@ def commit_window(
             HAS_INIT=init is not None, HAS_OUT=out is not None, EXTRAP=extrapolate and init is None,
             BLOCK_D=block, num_warps=num_warps_for(block),
         )
+
+
+def round_status(
+    f_sq: torch.Tensor, g_sq: torch.Tensor, n_rows: torch.Tensor, k0: torch.Tensor, rounds: torch.Tensor,
+    noise_var: torch.Tensor, worst: torch.Tensor, res_log: torch.Tensor, done_round: torch.Tensor,
+    *, stop: str, tol: float, dim: int, block_w: int | None = None,
+) -> torch.Tensor:
+    """:func:`deqkern.ops.reference.round_status` as one kernel; returns ``delta``."""
+    if f_sq.ndim != 2:
+        raise ValueError(f"f_sq: expected shape [B, W], got {tuple(f_sq.shape)}")
+    if f_sq.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"f_sq: expected float32 or float64 (the scan's accumulation dtype), got {f_sq.dtype}")
+    acc_tl, _ = _acc_dtype("f_sq", f_sq)
+    if stop not in STOP_CODES:
+        raise ValueError(f"stop: expected one of {sorted(STOP_CODES)}, got {stop!r}")
+    batch, width = f_sq.shape
+    steps = noise_var.numel()
+    _check("g_sq", g_sq, (batch, width), f_sq)
+    for name, t in (("n_rows", n_rows), ("k0", k0), ("done_round", done_round)):
+        if t.shape != (batch,) or t.dtype != torch.int64 or t.device != f_sq.device:
+            raise ValueError(f"{name}: expected int64 of shape ({batch},) on {f_sq.device}, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
+    if rounds.shape != () or rounds.dtype != torch.int64:
+        raise ValueError(f"rounds: expected a 0-d int64 tensor, got {rounds.dtype} {tuple(rounds.shape)}")
+    for name, t, shape in (("noise_var", noise_var, (steps,)), ("worst", worst, (batch,)),
+                           ("res_log", res_log, (res_log.shape[0], batch))):
+        if t.ndim != len(shape) or t.shape != shape or t.dtype != torch.float64 or t.device != f_sq.device:
+            raise ValueError(f"{name}: expected float64 of shape {shape} on {f_sq.device}, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
+    block = _block(block_w, lambda: status_block_w(width))
+    delta = torch.empty(batch, dtype=torch.int64, device=f_sq.device)
+    with _on(f_sq.device):
+        _round_status_kernel[(batch,)](
+            f_sq, g_sq, n_rows, k0, rounds, noise_var, delta, worst, res_log, done_round,
+            width, steps, dim, res_log.shape[0] - 1, float(tol), float(tol) / steps,
+            *f_sq.stride(), *g_sq.stride(), n_rows.stride(0), k0.stride(0), delta.stride(0), worst.stride(0),
+            *res_log.stride(), done_round.stride(0),
+            STOP=STOP_CODES[stop], ACC=acc_tl, BLOCK_W=block, num_warps=num_warps_for(block),
+        )
+    return delta

@@ -1,0 +1,109 @@
+"""A round's stopping test and bookkeeping: rows to freeze, the logs, how near the stop is.
+
+Only ``@triton.jit`` code; the launcher is :func:`deqkern.ops.triton_ops.round_status` and the
+contract :func:`deqkern.ops.reference.round_status`.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+#: ``STOP`` of each stopping rule of :data:`deqkern.engine.StopRule`.
+STOP_CODES = {"relative": 0, "noise": 1, "x0": 2}
+
+
+@triton.jit
+def _sqrt_ratio(num, den, F64: tl.constexpr):
+    """``sqrt(num / den)`` rounded to nearest: fp32 needs ``div_rn``/``sqrt_rn`` (plain ``/`` and
+    ``sqrt`` are approximate on NVIDIA GPUs); fp64 ``/`` and ``sqrt`` are already exact-rounded."""
+    if F64:
+        return tl.sqrt(num / den)
+    else:
+        return tl.sqrt_rn(tl.div_rn(num, den))
+
+
+@triton.jit
+def _round_status_kernel(
+    f_ptr, g_ptr, nrows_ptr, k0_ptr, rounds_ptr, var_ptr, delta_ptr, worst_ptr, log_ptr, done_ptr,
+    W, S, D, max_iters: tl.int32, tol: tl.float64, slide_tol: tl.float64,
+    s_fb, s_fj, s_gb, s_gj, s_nb, s_kb, s_db, s_wb, s_lr, s_lb, s_ob,
+    STOP: tl.constexpr, ACC: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """One program = one sample ``b``: the stopping test of its ``n = n_rows[b]`` live window
+    rows (``n = 0``: inactive) from their squared norms ``f = ||G(x) - x||^2``, ``g = ||G(x)||^2``,
+    and everything a round records, in one launch instead of some forty tiny ops.
+
+    Per live row ``j < n`` (position ``p = k0 + j``), the test's error::
+
+        err_j = sqrt(f_j / max(g_j, tiny))                    relative, x0   (in ACC)
+              = sqrt(f_j / (D var[min(p, S - 1)]))              noise          (in fp64)
+
+    and with ``lead`` the leading rows with ``err_j <= t`` (``t = tol``, or ``slide_tol`` for
+    x0), the rows the sample freezes::
+
+        delta = min(lead + 1, n)                               relative, noise; and x0, unless
+        delta = n    if x0, n == S - k0 and every live err_j <= tol   (the window reaches x0)
+
+    Writes ``delta[b]``; ``worst[b] = max_j err_j / tol`` over live rows in fp64 (NaN counts as
+    inf, 0 without live rows); ``log[min(rounds, max_iters), b] = sqrt(sum f / max(sum g,
+    1e-300))`` over live rows, NaN when inactive; ``done[b] = rounds + 1`` if the sample's last
+    row freezes now (``k0 + delta == S``, ``delta > 0``), else unchanged. Tolerances are
+    compared in the error's dtype, as the reference's tensor-vs-Python-float comparisons are;
+    division and square root round to nearest, as torch's do (:func:`_sqrt_ratio`).
+
+    Pointers: f, g ``[B, W]`` (ACC); n_rows, k0, delta, done ``[B]`` int64; rounds ``()``
+    int64; var ``[S]`` fp64 (read only by the noise rule); worst ``[B]`` fp64; log
+    ``[max_iters + 1, B]`` fp64. Grid ``(B,)``; the window in blocks of ``BLOCK_W``. Memory:
+    reads 2 B W values, writes 4 B — launch-bound by design: it replaces small ops, not bandwidth.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    n = tl.load(nrows_ptr + b * s_nb)
+    k0 = tl.load(k0_ptr + b * s_kb)
+    rounds = tl.load(rounds_ptr)
+    # tolerances rounded once to the error's dtype (tl.full rounds; see scan_residual's clip)
+    if STOP == 1:
+        t_row = tl.full([], tol, tl.float64)
+    elif STOP == 2:
+        t_row = tl.full([], slide_tol, ACC)
+    else:
+        t_row = tl.full([], tol, ACC)
+    t_all = tl.full([], tol, ACC)
+    if ACC == tl.float64:  # torch.finfo(dtype).tiny, as the reference clamps ||G||^2
+        tiny = tl.full([], 2.2250738585072014e-308, tl.float64)
+    else:
+        tiny = tl.full([], 1.1754943508222875e-38, tl.float32)
+    first_fail = tl.zeros([], tl.int32) + W  # first row whose test fails (rows past n: not live, fail)
+    n_fail = tl.zeros([], tl.int32)  # live rows above tol (the x0 rule's final test)
+    f_sum = tl.zeros([], ACC)
+    g_sum = tl.zeros([], ACC)
+    worst = tl.zeros([], tl.float64)
+    for w0 in range(0, W, BLOCK_W):
+        j = w0 + tl.arange(0, BLOCK_W)
+        live = j < n
+        f = tl.load(f_ptr + b * s_fb + j * s_fj, mask=live, other=0.0)
+        g = tl.load(g_ptr + b * s_gb + j * s_gj, mask=live, other=0.0)
+        if STOP == 1:
+            pos = tl.minimum(k0 + j, S - 1)
+            var = tl.load(var_ptr + pos, mask=live, other=1.0)
+            err = _sqrt_ratio(f.to(tl.float64), D * var, True)
+        else:
+            err = _sqrt_ratio(f, tl.maximum(g, tiny), ACC == tl.float64)
+        passed = live & (err <= t_row)
+        first_fail = tl.minimum(first_fail, tl.min(tl.where(passed, W, j), axis=0))
+        if STOP == 2:
+            n_fail += tl.sum((live & ~(err <= t_all)).to(tl.int32), axis=0)
+        f_sum += tl.sum(tl.where(live, f, 0.0), axis=0)
+        g_sum += tl.sum(tl.where(live, g, 0.0), axis=0)
+        ratio = err.to(tl.float64) / tol
+        ratio = tl.where(ratio != ratio, float("inf"), ratio)
+        worst = tl.maximum(worst, tl.max(tl.where(live, ratio, 0.0), axis=0))
+    delta = tl.minimum(first_fail + 1, n)
+    if STOP == 2:
+        delta = tl.where((n == S - k0) & (n_fail == 0), n, delta)
+    tl.store(delta_ptr + b * s_db, delta)
+    tl.store(worst_ptr + b * s_wb, worst)
+    resid = _sqrt_ratio(f_sum, tl.maximum(g_sum, tl.full([], 1e-300, ACC)), ACC == tl.float64).to(tl.float64)
+    log_at = tl.minimum(rounds, max_iters)
+    tl.store(log_ptr + log_at * s_lr + b * s_lb, tl.where(n > 0, resid, float("nan")))
+    done = tl.load(done_ptr + b * s_ob)
+    tl.store(done_ptr + b * s_ob, tl.where((k0 + delta == S) & (delta > 0), rounds + 1, done))
