@@ -59,3 +59,13 @@ def scan_block_d(d: int, batch: int, tiles: int, elem_bytes: int, sm_count: int 
     while block > MIN_BLOCK_D and (SCAN_STAGES - 1) * tiles * block * elem_bytes > SCAN_SMEM_BUDGET:
         block //= 2
     return block
+
+
+#: Largest block of window rows one program of the status kernel holds; wider windows loop.
+MAX_BLOCK_W = 1024
+
+
+def status_block_w(width: int) -> int:
+    """Rows per step of the status kernel's loop over a window of ``width`` rows: the whole
+    window up to ``MAX_BLOCK_W`` (at least 16, the smallest useful tile)."""
+    return min(MAX_BLOCK_W, max(16, next_pow2(width)))

@@ -33,8 +33,9 @@ from triton import knobs
 from triton.backends.compiler import GPUTarget
 
 from deqkern.kernels._launch import (
-    MAX_BLOCK_D, MIN_BLOCK_D, SCAN_STAGES, next_pow2, num_warps_for, scan_block_d,
+    MAX_BLOCK_D, MAX_BLOCK_W, MIN_BLOCK_D, SCAN_STAGES, next_pow2, num_warps_for, scan_block_d,
 )
+from deqkern.kernels.round_status import STOP_CODES
 
 ARCHS = (80, 90)
 #: Scalar arguments typed by name: sizes and element strides are 32-bit integers, as the JIT passes
@@ -104,6 +105,16 @@ def _commit_config(dtype: str, out: str, block: int, has_init: bool, extrap: boo
     )
 
 
+def _status_config(acc: str, stop: str, block: int) -> Config:
+    return Config(
+        "round_status", "_round_status_kernel", f"{acc} stop={stop} BLOCK_W={block}",
+        pointers={"f_ptr": acc, "g_ptr": acc, "nrows_ptr": "i64", "k0_ptr": "i64", "rounds_ptr": "i64",
+                  "var_ptr": "fp64", "delta_ptr": "i64", "worst_ptr": "fp64", "log_ptr": "fp64", "done_ptr": "i64"},
+        constexprs={"STOP": STOP_CODES[stop], "ACC": tl.float64 if acc == "fp64" else tl.float32, "BLOCK_W": block},
+        num_warps=num_warps_for(block), unit=("s_nb", "s_kb", "s_db", "s_wb", "s_lb", "s_ob"),
+    )
+
+
 def configs() -> list[Config]:
     """Every block size the heuristics can pick for the lightest and the heaviest variant of each
     kernel in fp32, and the low-precision and fp64 variants at their largest block."""
@@ -131,6 +142,9 @@ def configs() -> list[Config]:
     out.append(_commit_config("fp32", "fp16", MAX_BLOCK_D, False))
     out.append(_commit_config("fp32", "fp16", MAX_BLOCK_D, False, extrap=True))
     out.append(_commit_config("fp64", "fp64", MAX_BLOCK_D, True))
+    for stop in STOP_CODES:
+        out.extend(_status_config("fp32", stop, block) for block in (16, MAX_BLOCK_W))
+        out.append(_status_config("fp64", stop, MAX_BLOCK_W))
     return out
 
 
