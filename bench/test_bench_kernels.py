@@ -204,6 +204,8 @@ def _status_args():
     return dict(
         f_sq=torch.rand(batch, width, device=DEVICE, generator=g) * 1e-3,
         g_sq=torch.rand(batch, width, device=DEVICE, generator=g) + 0.5,
+        nonfinite=torch.zeros(batch, width, device=DEVICE), t=torch.zeros(batch, width, dtype=torch.int64, device=DEVICE),
+        bad_t=torch.full((max_iters + 1,), -1, dtype=torch.int64, device=DEVICE),
         n_rows=torch.full((batch,), width, device=DEVICE), k0=torch.zeros(batch, dtype=torch.int64, device=DEVICE),
         rounds=torch.zeros((), dtype=torch.int64, device=DEVICE),
         noise_var=torch.ones(steps, dtype=torch.float64, device=DEVICE),
@@ -220,7 +222,7 @@ def test_round_status(benchmark, copy_gbps, impl):
     batch, width, _, _ = SIZES
     fn = _implementation(impl, "round_status")
     args = _status_args()
-    nbytes = batch * width * 2 * 4 + batch * 4 * 8
+    nbytes = batch * width * (3 * 4 + 8) + batch * 4 * 8
     _bench(benchmark, lambda: fn(**args), nbytes, copy_gbps, "round_status")
 
 

@@ -230,16 +230,13 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     if st.secant is not None:
         coef = torch.cat([st.secant.mult.unsqueeze(-1), coef[..., 1:]], dim=-1)
     t = p.timesteps[pos]
-    log_at = st.rounds.clamp(max=p.max_iters).view(1)
     with annotate("model"):
         if static:
             rows_b = b_idx.unsqueeze(1).expand(batch, width).reshape(-1)
             x_in = st.xw[:, :width] if st.model_in is None else st.model_in
-            out = ev.raw(x_in.reshape(-1, *p.shape[1:]), t.reshape(-1), rows_b).to(st.xw.dtype)
-            e = torch.where(live.unsqueeze(-1), out.reshape(batch, width, dim), 0.0)
-            bad = live & ~torch.isfinite(e).all(-1)
-            bad_t = torch.where(bad, t, torch.full_like(t, -1)).amax().view(1)
-            st.bad_t.index_copy_(0, log_at, torch.maximum(st.bad_t.index_select(0, log_at), bad_t))
+            # dead rows' outputs are ignored by the scan; live rows' non-finite outputs are
+            # counted by it and recorded in bad_t by round_status: no pass of its own over e
+            e = ev.raw(x_in.reshape(-1, *p.shape[1:]), t.reshape(-1), rows_b).to(st.xw.dtype).reshape(batch, width, dim)
         else:
             rows_b = b_idx.unsqueeze(1).expand(batch, width)[live]
             out = ev(st.xw[:, :width][live].reshape(-1, *p.shape[1:]), t[live], rows_b, int(st.rounds))
@@ -249,9 +246,9 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     with annotate("scan"):
         res = scan_residual(st.xw, e, z, coef, n, p.transform, solver.hist_f, drift=p.drift)
     with annotate("status"):
-        # the stopping test, the rows to freeze, the logs and SolveState.worst/done_round
-        delta = round_status(res.f_sq, res.g_sq, n, st.k0, st.rounds, p.noise_var, st.worst, st.res_log,
-                             st.done_round, stop=p.stop, tol=p.tol, dim=dim)
+        # the stopping test, the rows to freeze, the logs and SolveState.worst/done_round/bad_t
+        delta = round_status(res.f_sq, res.g_sq, res.nonfinite, t, n, st.k0, st.rounds, p.noise_var, st.worst,
+                             st.res_log, st.done_round, st.bad_t, stop=p.stop, tol=p.tol, dim=dim)
     if st.secant is not None:
         secant_update(st.secant, st.xw, res.g, live)
     with annotate("solve+mix"):

@@ -24,9 +24,10 @@ def _sqrt_ratio(num, den, F64: tl.constexpr):
 
 @triton.jit
 def _round_status_kernel(
-    f_ptr, g_ptr, nrows_ptr, k0_ptr, rounds_ptr, var_ptr, delta_ptr, worst_ptr, log_ptr, done_ptr,
+    f_ptr, g_ptr, bad_ptr, t_ptr, nrows_ptr, k0_ptr, rounds_ptr, var_ptr, delta_ptr, worst_ptr, log_ptr, done_ptr,
+    badt_ptr,
     W, S, D, max_iters: tl.int32, tol: tl.float64, slide_tol: tl.float64,
-    s_fb, s_fj, s_gb, s_gj, s_nb, s_kb, s_db, s_wb, s_lr, s_lb, s_ob,
+    s_fb, s_fj, s_gb, s_gj, s_bb, s_bj, s_tb, s_tj, s_nb, s_kb, s_db, s_wb, s_lr, s_lb, s_ob, s_ar,
     STOP: tl.constexpr, ACC: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """One program = one sample ``b``: the stopping test of its ``n = n_rows[b]`` live window
@@ -47,14 +48,17 @@ def _round_status_kernel(
     Writes ``delta[b]``; ``worst[b] = max_j err_j / tol`` over live rows in fp64 (NaN counts as
     inf, 0 without live rows); ``log[min(rounds, max_iters), b] = sqrt(sum f / max(sum g,
     1e-300))`` over live rows, NaN when inactive; ``done[b] = rounds + 1`` if the sample's last
-    row freezes now (``k0 + delta == S``, ``delta > 0``), else unchanged. Tolerances are
+    row freezes now (``k0 + delta == S``, ``delta > 0``), else unchanged; ``bad_t[min(rounds,
+    max_iters)]`` raised (atomic max: the samples share it) to the largest timestep ``t[b, j]`` of
+    a live row with non-finite model outputs (``bad[b, j] > 0``). Tolerances are
     compared in the error's dtype, as the reference's tensor-vs-Python-float comparisons are;
     division and square root round to nearest, as torch's do (:func:`_sqrt_ratio`).
 
-    Pointers: f, g ``[B, W]`` (ACC); n_rows, k0, delta, done ``[B]`` int64; rounds ``()``
-    int64; var ``[S]`` fp64 (read only by the noise rule); worst ``[B]`` fp64; log
-    ``[max_iters + 1, B]`` fp64. Grid ``(B,)``; the window in blocks of ``BLOCK_W``. Memory:
-    reads 2 B W values, writes 4 B — launch-bound by design: it replaces small ops, not bandwidth.
+    Pointers: f, g, bad ``[B, W]`` (ACC); t ``[B, W]`` int64; n_rows, k0, delta, done ``[B]``
+    int64; rounds ``()`` int64; var ``[S]`` fp64 (read only by the noise rule); worst ``[B]``
+    fp64; log ``[max_iters + 1, B]`` fp64; badt ``[max_iters + 1]`` int64. Grid ``(B,)``; the
+    window in blocks of ``BLOCK_W``. Memory: reads 4 B W values, writes 4 B — launch-bound by
+    design: it replaces small ops, not bandwidth.
     """
     b = tl.program_id(0).to(tl.int64)
     n = tl.load(nrows_ptr + b * s_nb)
@@ -77,6 +81,7 @@ def _round_status_kernel(
     f_sum = tl.zeros([], ACC)
     g_sum = tl.zeros([], ACC)
     worst = tl.zeros([], tl.float64)
+    bad_t = tl.zeros([], tl.int64) - 1
     for w0 in range(0, W, BLOCK_W):
         j = w0 + tl.arange(0, BLOCK_W)
         live = j < n
@@ -97,6 +102,9 @@ def _round_status_kernel(
         ratio = err.to(tl.float64) / tol
         ratio = tl.where(ratio != ratio, float("inf"), ratio)
         worst = tl.maximum(worst, tl.max(tl.where(live, ratio, 0.0), axis=0))
+        bad = tl.load(bad_ptr + b * s_bb + j * s_bj, mask=live, other=0.0)
+        t = tl.load(t_ptr + b * s_tb + j * s_tj, mask=live, other=-1)
+        bad_t = tl.maximum(bad_t, tl.max(tl.where(bad > 0, t, -1), axis=0))
     delta = tl.minimum(first_fail + 1, n)
     if STOP == 2:
         delta = tl.where((n == S - k0) & (n_fail == 0), n, delta)
@@ -105,5 +113,6 @@ def _round_status_kernel(
     resid = _sqrt_ratio(f_sum, tl.maximum(g_sum, tl.full([], 1e-300, ACC)), ACC == tl.float64).to(tl.float64)
     log_at = tl.minimum(rounds, max_iters)
     tl.store(log_ptr + log_at * s_lr + b * s_lb, tl.where(n > 0, resid, float("nan")))
+    tl.atomic_max(badt_ptr + log_at * s_ar, bad_t, mask=bad_t >= 0)
     done = tl.load(done_ptr + b * s_ob)
     tl.store(done_ptr + b * s_ob, tl.where((k0 + delta == S) & (delta > 0), rounds + 1, done))

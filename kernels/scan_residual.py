@@ -37,22 +37,23 @@ def _scan_residual_kernel(
 
     with ``x_j = xw[b, j]``; rows ``j >= n_rows[b]`` are dead: ``g_j = x_{j+1}``, ``f_j = 0``
     (their e, z and history are not read). Per row it also reduces its block of ``f_j^2``,
-    ``g_j^2`` and ``<f_j, hist_f[k, b, j]>`` (``k < M``) and stores the partial sums, which the
-    launcher adds over the blocks in a fixed order (deterministic, no atomics).
+    ``g_j^2``, ``<f_j, hist_f[k, b, j]>`` (``k < M``) and the count of non-finite ``e_j`` on
+    live rows, and stores the partial sums, which the launcher adds over the blocks in a fixed
+    order (deterministic, no atomics).
 
     Pointers (element strides passed explicitly, ``s_<tensor><dim>``):
       xw ``[B, W+1, D]``; e, z, g, f ``[B, W, D]`` (z unread unless ``HAS_Z``); coef ``[B, W, 7]``
       in ``COEF_FIELDS`` order (L, cx, co, c0, px, po, sigma); nrows ``[B]`` int; hist ``[M, B, W,
-      D]`` (unread when ``M == 0``); part ``[n_blocks, B, W, 2 + M]`` fp32/fp64: (f_sq, g_sq,
-      gram_0 .. gram_{M-1}) of this block.
+      D]`` (unread when ``M == 0``); part ``[n_blocks, B, W, 3 + M]`` fp32/fp64: (f_sq, g_sq,
+      gram_0 .. gram_{M-1}, non-finite count) of this block.
     Constexprs: ``HAS_Z`` noise term; ``CLIP`` fuse the clip_sample clamp; ``M`` history length
     (0: no Gram row), ``M_PAD`` its next power of two; ``ACC`` accumulation dtype (fp32, fp64
     for fp64 inputs); ``BLOCK_D`` elements per program; ``NUM_STAGES`` software-pipeline depth
     of the row loop (the loads of later rows are issued while row ``j`` is reduced).
     ``clip_range`` is declared fp64 and used in ``ACC``.
     Memory: reads x once (N, each row loaded once and carried to the next step), e and z (2N),
-    hist (M N); writes g and f (2N); N = B W D; plus the partial sums, ``(2 + M) / BLOCK_D`` of N
-    (< 8%, < 2% from BLOCK_D = 512). Arithmetic is a few FMAs per element: memory-bound.
+    hist (M N); writes g and f (2N); N = B W D; plus the partial sums, ``(3 + M) / BLOCK_D`` of N
+    (< 9%, < 3% from BLOCK_D = 512). Arithmetic is a few FMAs per element: memory-bound.
     """
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)  # 64-bit row offsets: B * W * D may exceed 2**31
@@ -116,6 +117,9 @@ def _scan_residual_kernel(
                 h_row + h_offs + offs[None, :] * s_hd, mask=kmask[:, None] & lmask[None, :], other=0.0
             ).to(ACC)
             tl.store(p_row + (2 + ks) * s_pc, tl.sum(h * f[None, :], axis=1), mask=kmask)
+        # the row's non-finite model outputs (0 on dead rows: nothing read), so the round can
+        # report a diverging model without a pass of its own over e
+        tl.store(p_row + (2 + M) * s_pc, tl.sum(((out != out) | (tl.abs(out) == float("inf"))).to(ACC), axis=0))
         x = x_next
         e_row += s_ej
         z_row += s_zj

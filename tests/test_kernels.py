@@ -145,12 +145,31 @@ def test_scan_residual_matches_reference(ops, batch, width, dim, block, m, form,
         check("gram", got.gram, want.gram, RTOL_SUMS)
     else:
         assert got.gram is None
+    assert torch.equal(got.nonfinite.cpu(), want.nonfinite.float()) and not want.nonfinite.any()
     assert got.g.dtype == got.f.dtype == torch.float32 and got.f_sq.dtype == torch.float32
     for b, n in enumerate(n_rows):  # dead rows: exactly the iterate, exactly zero residual
         assert torch.equal(got.g[b, n:].cpu(), args["xw"][b, n + 1:])
         assert not got.f[b, n:].any() and not got.f_sq[b, n:].any()
         if m:
             assert not got.gram[b, n:].any()
+
+
+def test_scan_residual_counts_non_finite_model_outputs(ops):
+    """NaN and +-inf in ``e`` are counted per live row (exactly, as the reference); dead rows'
+    ``e`` is never read, so non-finite values there count nothing and leave g and f exact."""
+    args = _scan_inputs(2, 6, 300, 2, "drift", False, [4, 6], torch.Generator().manual_seed(8))
+    e = args["e"]
+    e[0, 1, 5], e[0, 1, 299], e[0, 3, 0] = float("nan"), float("inf"), -float("inf")  # live rows 1 and 3
+    e[0, 4, :7] = float("nan")  # dead row (n = 4)
+    e[1, 5, 130:140] = float("inf")  # live, in the second D-block at BLOCK_D = 128
+    with poisoned_allocations():
+        got = ops.scan_residual(**dev(args), transform=X0Transform(), block_d=128)
+    want = reference.scan_residual(**f64(args), transform=X0Transform())
+    expected = torch.zeros(2, 6)
+    expected[0, 1], expected[0, 3], expected[1, 5] = 2, 1, 10
+    assert torch.equal(want.nonfinite.float(), expected)
+    assert torch.equal(got.nonfinite.cpu(), expected)
+    assert torch.equal(got.g[0, 4:].cpu(), args["xw"][0, 5:]) and not got.f[0, 4:].any()
 
 
 def test_scan_residual_clip_changes_the_answer(ops):
@@ -330,8 +349,8 @@ def test_anderson_mix_fp64_is_exact_to_fp64(ops):
 @pytest.mark.gpu
 def test_round_of_kernels_replays_in_a_cuda_graph(ops):
     """scan + status + solve + mix captured once, outputs poisoned after capture, replayed:
-    bit-identical to eager launches (fixed launch configs, no atomics, no host sync inside the
-    round)."""
+    bit-identical to eager launches (fixed launch configs, no order-dependent atomics — the
+    status kernel's one atomic is a max —, no host sync inside the round)."""
     if not CUDA:
         pytest.skip("needs a CUDA device (CUDA graph capture)")
     m, batch, width, dim = 5, 2, 9, 1000
@@ -345,10 +364,11 @@ def test_round_of_kernels_replays_in_a_cuda_graph(ops):
 
     def round_():
         res = ops.scan_residual(**scan, transform=X0Transform("clip", 0.8))
-        delta = ops.round_status(**{**status, "f_sq": res.f_sq, "g_sq": res.g_sq}, stop="x0", tol=1e-3, dim=dim)
+        delta = ops.round_status(**{**status, "f_sq": res.f_sq, "g_sq": res.g_sq, "nonfinite": res.nonfinite},
+                                 stop="x0", tol=1e-3, dim=dim)
         alpha, ok = ops.anderson_weights(gram, valid, newest, 1e-3)
         ops.anderson_mix(hx, hf, alpha.view(batch, width, m), 1.0, out=out)
-        return [res.g, res.f, res.f_sq, res.g_sq, res.gram, delta, status["worst"], status["res_log"], alpha, ok, out]
+        return [res.g, res.f, res.f_sq, res.g_sq, res.gram, res.nonfinite, delta, status["worst"], alpha, ok, out]
 
     side = torch.cuda.Stream()  # warm-up (compiles every kernel) off the capture stream
     side.wait_stream(torch.cuda.current_stream())
@@ -359,13 +379,18 @@ def test_round_of_kernels_replays_in_a_cuda_graph(ops):
     with torch.cuda.graph(graph):
         captured = round_()
     eager = [t.clone() for t in round_()]
+    state_after_eager = {k: status[k].clone() for k in ("res_log", "done_round", "bad_t")}
     for t in captured:
         t.fill_(False if t.dtype == torch.bool else float("nan") if t.is_floating_point() else -1)
     graph.replay()
     torch.cuda.synchronize()
-    names = ("g", "f", "f_sq", "g_sq", "gram", "delta", "worst", "res_log", "alpha", "ok", "out")
+    names = ("g", "f", "f_sq", "g_sq", "gram", "nonfinite", "delta", "worst", "alpha", "ok", "out")
     for name, got, want in zip(names, captured, eager):
         assert torch.equal(got, want), f"{name} differs after replay"
+    # the status kernel's in/out state (one log row, done, bad_t: max-accumulated) is not poisoned:
+    # its updates are idempotent, so every replay leaves what the eager calls left
+    for name in ("res_log", "done_round", "bad_t"):
+        assert torch.equal(status[name], state_after_eager[name]), f"{name} differs after replay"
 
 
 # ---------------------------------------------------------------------------------- whole engine
@@ -486,8 +511,12 @@ def _status_inputs(batch, width, steps, max_iters, dtype, gen):
     if batch > 1:
         k0[1] = steps  # done
     n = torch.where(k0 < steps, (steps - k0).clamp(max=width), 0)
+    nonfinite = torch.zeros(batch, width, dtype=dtype)
+    nonfinite[torch.rand(batch, width, generator=gen) < 0.2] = 3.0  # some rows, live or dead
     return dict(
-        f_sq=f, g_sq=g, n_rows=n, k0=k0, rounds=torch.tensor(int(torch.randint(0, max_iters + 2, (1,), generator=gen))),
+        f_sq=f, g_sq=g, nonfinite=nonfinite, t=torch.randint(0, 1000, (batch, width), generator=gen),
+        bad_t=torch.randint(-1, 500, (max_iters + 1,), generator=gen),
+        n_rows=n, k0=k0, rounds=torch.tensor(int(torch.randint(0, max_iters + 2, (1,), generator=gen))),
         noise_var=torch.rand(steps, generator=gen, dtype=torch.float64) * 1e-3 + 1e-6,
         worst=torch.full((batch,), float("nan"), dtype=torch.float64),
         res_log=torch.randn(max_iters + 1, batch, generator=gen, dtype=torch.float64),
@@ -499,7 +528,8 @@ def _status_inputs(batch, width, steps, max_iters, dtype, gen):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch,width,steps,block_w", [(5, 7, 19, None), (4, 40, 40, 16), (3, 1, 3, None)])
 def test_round_status_matches_reference(ops, stop, dtype, batch, width, steps, block_w):
-    """Rows to freeze and ``done_round`` exactly; ``worst`` and the window residual logged within
+    """Rows to freeze, ``done_round`` and ``bad_t`` (the largest timestep of a live row with
+    non-finite outputs, an atomic max across samples) exactly; ``worst`` and the window residual logged within
     1e-6 relative (the kernel sums the window in blocks: another order than torch's); ``worst``
     poisoned with NaN, the log with random values (only row ``min(rounds, max_iters)`` changes).
     W not a power of two, windows wider than the block (the loop), W = 1, fp32 and fp64 norms."""
@@ -513,6 +543,7 @@ def test_round_status_matches_reference(ops, stop, dtype, batch, width, steps, b
             got_delta = ops.round_status(**got, stop=stop, tol=tol, dim=37, block_w=block_w)
         assert got_delta.cpu().tolist() == want_delta.tolist(), (tol, got_delta, want_delta)
         assert got["done_round"].cpu().tolist() == want["done_round"].tolist()
+        assert got["bad_t"].cpu().tolist() == want["bad_t"].tolist()
         check("worst", got["worst"], want["worst"], 1e-6)
         check("res_log", got["res_log"], want["res_log"], 1e-6)
         assert int(want_delta.sum()) > 0  # the cases exercise freezing, not only the no-op
@@ -527,5 +558,7 @@ def test_round_status_rejects_bad_input(ops):
         ops.round_status(**{**args, "f_sq": args["f_sq"].half()}, stop="x0", tol=1e-3, dim=4)
     with pytest.raises(ValueError, match="k0: expected int64"):
         ops.round_status(**{**args, "k0": args["k0"].int()}, stop="x0", tol=1e-3, dim=4)
+    with pytest.raises(ValueError, match="bad_t: expected int64"):
+        ops.round_status(**{**args, "bad_t": args["bad_t"][:2]}, stop="x0", tol=1e-3, dim=4)
     with pytest.raises(ValueError, match="res_log: expected float64"):
         ops.round_status(**{**args, "res_log": args["res_log"].float()}, stop="x0", tol=1e-3, dim=4)

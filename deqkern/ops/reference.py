@@ -54,6 +54,7 @@ class ScanResult:
     f_sq: torch.Tensor  #: ``[B, W]`` squared norm of each residual row
     g_sq: torch.Tensor  #: ``[B, W]`` squared norm of each new-iterate row
     gram: torch.Tensor | None  #: ``[B, W, m]`` ``<f, hist_f[k]>`` per row, when history is given
+    nonfinite: torch.Tensor  #: ``[B, W]`` non-finite model outputs ``e`` per live row (0 on dead rows)
 
 
 def row_mask(n_rows: torch.Tensor, width: int) -> torch.Tensor:
@@ -107,20 +108,23 @@ def window_residual(f_sq: torch.Tensor, g_sq: torch.Tensor, live: torch.Tensor) 
 
 
 def round_status(
-    f_sq: torch.Tensor, g_sq: torch.Tensor, n_rows: torch.Tensor, k0: torch.Tensor, rounds: torch.Tensor,
-    noise_var: torch.Tensor, worst: torch.Tensor, res_log: torch.Tensor, done_round: torch.Tensor,
-    *, stop: str, tol: float, dim: int,
+    f_sq: torch.Tensor, g_sq: torch.Tensor, nonfinite: torch.Tensor, t: torch.Tensor, n_rows: torch.Tensor,
+    k0: torch.Tensor, rounds: torch.Tensor, noise_var: torch.Tensor, worst: torch.Tensor, res_log: torch.Tensor,
+    done_round: torch.Tensor, bad_t: torch.Tensor, *, stop: str, tol: float, dim: int,
 ) -> torch.Tensor:
     """A round's stopping test and bookkeeping; returns ``delta`` ``[B]``, the rows each sample
     freezes (math: :func:`deqkern.kernels.round_status._round_status_kernel`).
 
-    ``f_sq``, ``g_sq``: ``[B, W]`` ``||G(x) - x||^2``, ``||G(x)||^2`` per window row; ``n_rows``:
-    ``[B]`` live rows (0: inactive); ``k0``: ``[B]`` frozen prefix; ``rounds``: ``()`` rounds so
-    far; ``noise_var``: ``[S]`` (the noise rule's scale; its length is S). In place: ``worst``
-    ``[B]`` (the worst live row's ``err / tol``), ``res_log`` ``[max_iters + 1, B]`` (row
-    ``min(rounds, max_iters)``: the window residual, NaN when inactive) and ``done_round``
-    ``[B]`` (``rounds + 1`` where the sample's last row freezes now). ``stop``: ``"relative"``,
-    ``"noise"`` or ``"x0"``; ``dim``: D, the latent size (noise rule).
+    ``f_sq``, ``g_sq``: ``[B, W]`` ``||G(x) - x||^2``, ``||G(x)||^2`` per window row;
+    ``nonfinite``: ``[B, W]`` non-finite model outputs per row (:class:`ScanResult`); ``t``:
+    ``[B, W]`` int64 the rows' timesteps; ``n_rows``: ``[B]`` live rows (0: inactive); ``k0``:
+    ``[B]`` frozen prefix; ``rounds``: ``()`` rounds so far; ``noise_var``: ``[S]`` (the noise
+    rule's scale; its length is S). In place: ``worst`` ``[B]`` (the worst live row's ``err /
+    tol``), ``res_log`` ``[max_iters + 1, B]`` (row ``min(rounds, max_iters)``: the window
+    residual, NaN when inactive), ``done_round`` ``[B]`` (``rounds + 1`` where the sample's last
+    row freezes now) and ``bad_t`` ``[max_iters + 1]`` (at the same row: the largest timestep of
+    a live row with a non-finite model output, if larger). ``stop``: ``"relative"``, ``"noise"``
+    or ``"x0"``; ``dim``: D, the latent size (noise rule).
     """
     steps, width = noise_var.numel(), f_sq.shape[1]
     live = row_mask(n_rows, width)
@@ -139,6 +143,8 @@ def round_status(
     resid = window_residual(f_sq, g_sq, live).to(torch.float64)
     res_log.index_copy_(0, log_at, torch.where(n_rows > 0, resid, math.nan).unsqueeze(0))
     done_round.copy_(torch.where((k0 + delta == steps) & (delta > 0), rounds + 1, done_round))
+    worst_t = torch.where(live & (nonfinite > 0), t, -1).amax().view(1)
+    bad_t.index_copy_(0, log_at, torch.maximum(bad_t.index_select(0, log_at), worst_t))
     return delta
 
 
@@ -195,8 +201,9 @@ def scan_residual(
         g_j    = L_j g_{j-1} + (s_j - L_j x_j)          j = 0 .. W-1
         f_j    = g_j - xw_{j+1}
 
-    ``L = A`` is the seed's scan form (the iterate enters only through ``e``); ``L = 1`` the
-    drift form (ParaDiGMS). ``hist_f``: ``[m, B, W, D]`` residual history; ``gram[b, j, k] =
+    Rows ``j >= n_rows[b]`` are dead (``g = xw_{j+1}``, ``f = 0``, their ``e`` ignored: it may
+    be anything, non-finite included). ``L = A`` is the seed's scan form (the iterate enters only
+    through ``e``); ``L = 1`` the drift form (ParaDiGMS). ``hist_f``: ``[m, B, W, D]`` residual history; ``gram[b, j, k] =
     <f[b, j], hist_f[k, b, j]>``. ``drift``: whether every ``L`` is 1 (then the scan is a cumulative
     sum); ``None`` inspects ``coef``, which syncs with the host — callers that know the form (the
     engine, inside CUDA-graph capture) pass it.
@@ -215,7 +222,8 @@ def scan_residual(
     gram = None
     if hist_f is not None:
         gram = torch.einsum("bwd,kbwd->bwk", f.to(acc), hist_f.to(acc))
-    return ScanResult(g=g, f=f, f_sq=f_sq, g_sq=g_sq, gram=gram)
+    nonfinite = (~torch.isfinite(e) & live).sum(-1).to(acc)
+    return ScanResult(g=g, f=f, f_sq=f_sq, g_sq=g_sq, gram=gram, nonfinite=nonfinite)
 
 
 def one_hot(index: torch.Tensor, m: int, dtype: torch.dtype) -> torch.Tensor:

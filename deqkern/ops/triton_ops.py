@@ -124,7 +124,7 @@ def scan_residual(
     n_blocks = -(-dim // block)
     g = torch.empty(batch, width, dim, dtype=xw.dtype, device=xw.device)
     f = torch.empty(batch, width, dim, dtype=xw.dtype, device=xw.device)
-    part = torch.empty(n_blocks, batch, width, 2 + m, dtype=acc_torch, device=xw.device)
+    part = torch.empty(n_blocks, batch, width, 3 + m, dtype=acc_torch, device=xw.device)
     # Absent operands: any valid pointer with zero strides; the constexprs keep them unread.
     z_t, z_s = (z, z.stride()) if z is not None else (e, (0, 0, 0))
     h_t, h_s = (hist_f, hist_f.stride()) if hist_f is not None else (e, (0, 0, 0, 0))
@@ -139,7 +139,8 @@ def scan_residual(
         )
     total = part.sum(0)
     return ScanResult(
-        g=g, f=f, f_sq=total[..., 0], g_sq=total[..., 1], gram=total[..., 2:] if hist_f is not None else None
+        g=g, f=f, f_sq=total[..., 0], g_sq=total[..., 1], gram=total[..., 2:2 + m] if hist_f is not None else None,
+        nonfinite=total[..., 2 + m],
     )
 
 
@@ -270,9 +271,9 @@ def commit_window(
 
 
 def round_status(
-    f_sq: torch.Tensor, g_sq: torch.Tensor, n_rows: torch.Tensor, k0: torch.Tensor, rounds: torch.Tensor,
-    noise_var: torch.Tensor, worst: torch.Tensor, res_log: torch.Tensor, done_round: torch.Tensor,
-    *, stop: str, tol: float, dim: int, block_w: int | None = None,
+    f_sq: torch.Tensor, g_sq: torch.Tensor, nonfinite: torch.Tensor, t: torch.Tensor, n_rows: torch.Tensor,
+    k0: torch.Tensor, rounds: torch.Tensor, noise_var: torch.Tensor, worst: torch.Tensor, res_log: torch.Tensor,
+    done_round: torch.Tensor, bad_t: torch.Tensor, *, stop: str, tol: float, dim: int, block_w: int | None = None,
 ) -> torch.Tensor:
     """:func:`deqkern.ops.reference.round_status` as one kernel; returns ``delta``."""
     if f_sq.ndim != 2:
@@ -285,25 +286,28 @@ def round_status(
     batch, width = f_sq.shape
     steps = noise_var.numel()
     _check("g_sq", g_sq, (batch, width), f_sq)
-    for name, t in (("n_rows", n_rows), ("k0", k0), ("done_round", done_round)):
-        if t.shape != (batch,) or t.dtype != torch.int64 or t.device != f_sq.device:
-            raise ValueError(f"{name}: expected int64 of shape ({batch},) on {f_sq.device}, got {t.dtype} "
-                             f"{tuple(t.shape)} on {t.device}")
+    _check("nonfinite", nonfinite, (batch, width), f_sq)
+    rows = res_log.shape[0]
+    for name, v, shape in (("t", t, (batch, width)), ("n_rows", n_rows, (batch,)), ("k0", k0, (batch,)),
+                           ("done_round", done_round, (batch,)), ("bad_t", bad_t, (rows,))):
+        if v.shape != shape or v.dtype != torch.int64 or v.device != f_sq.device:
+            raise ValueError(f"{name}: expected int64 of shape {shape} on {f_sq.device}, got {v.dtype} "
+                             f"{tuple(v.shape)} on {v.device}")
     if rounds.shape != () or rounds.dtype != torch.int64:
         raise ValueError(f"rounds: expected a 0-d int64 tensor, got {rounds.dtype} {tuple(rounds.shape)}")
-    for name, t, shape in (("noise_var", noise_var, (steps,)), ("worst", worst, (batch,)),
-                           ("res_log", res_log, (res_log.shape[0], batch))):
-        if t.ndim != len(shape) or t.shape != shape or t.dtype != torch.float64 or t.device != f_sq.device:
-            raise ValueError(f"{name}: expected float64 of shape {shape} on {f_sq.device}, got {t.dtype} "
-                             f"{tuple(t.shape)} on {t.device}")
+    for name, v, shape in (("noise_var", noise_var, (steps,)), ("worst", worst, (batch,)),
+                           ("res_log", res_log, (rows, batch))):
+        if v.shape != shape or v.dtype != torch.float64 or v.device != f_sq.device:
+            raise ValueError(f"{name}: expected float64 of shape {shape} on {f_sq.device}, got {v.dtype} "
+                             f"{tuple(v.shape)} on {v.device}")
     block = _block(block_w, lambda: status_block_w(width))
     delta = torch.empty(batch, dtype=torch.int64, device=f_sq.device)
     with _on(f_sq.device):
         _round_status_kernel[(batch,)](
-            f_sq, g_sq, n_rows, k0, rounds, noise_var, delta, worst, res_log, done_round,
-            width, steps, dim, res_log.shape[0] - 1, float(tol), float(tol) / steps,
-            *f_sq.stride(), *g_sq.stride(), n_rows.stride(0), k0.stride(0), delta.stride(0), worst.stride(0),
-            *res_log.stride(), done_round.stride(0),
+            f_sq, g_sq, nonfinite, t, n_rows, k0, rounds, noise_var, delta, worst, res_log, done_round, bad_t,
+            width, steps, dim, rows - 1, float(tol), float(tol) / steps,
+            *f_sq.stride(), *g_sq.stride(), *nonfinite.stride(), *t.stride(), n_rows.stride(0), k0.stride(0),
+            delta.stride(0), worst.stride(0), *res_log.stride(), done_round.stride(0), bad_t.stride(0),
             STOP=STOP_CODES[stop], ACC=acc_tl, BLOCK_W=block, num_warps=num_warps_for(block),
         )
     return delta
