@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Literal
 
 import torch
 
 from deqkern._nvtx import annotate
 from deqkern.model import ModelEvaluator
-from deqkern.ops import commit_window, round_status, row_mask, scan_residual
+from deqkern.ops import commit_window, round_status, scan_residual
 from deqkern.ops.reference import RowSlide
 from deqkern.schedule import X0Transform
 from deqkern.solvers import Solver, get_solver
@@ -62,6 +62,14 @@ class Problem:
     #: rows entering the window continue the last step linearly instead of copying the last row
     #: (deqkern.ops.commit_window; measured in bench/results/extrapolate_cpu.md)
     extrapolate: bool = False
+    #: ``arange(W)`` and ``arange(B)`` on the device, made once: every round indexes with them, and
+    #: inside a captured graph each arange would be a kernel node of every round
+    row_index: torch.Tensor = field(init=False, repr=False)
+    sample_index: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.row_index = torch.arange(self.width, device=self.coef.device)
+        self.sample_index = torch.arange(self.batch, device=self.coef.device)
 
     @property
     def steps(self) -> int:
@@ -220,11 +228,10 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     """
     s, width, batch, dim = p.steps, p.width, p.batch, p.dim
     dev = st.xw.device
-    j = torch.arange(width, device=dev)
-    b_idx = torch.arange(batch, device=dev)
+    j, b_idx = p.row_index, p.sample_index
     active = (st.k0 < s) & (st.rounds < p.max_iters)
-    n = torch.where(active, (s - st.k0).clamp(max=width), torch.zeros_like(st.k0))
-    live = row_mask(n, width)
+    n = (s - st.k0).clamp(max=width) * active
+    live = j < n.unsqueeze(1)
     pos = (st.k0.unsqueeze(1) + j).clamp(max=s - 1)
     coef = p.coef[pos]
     if st.secant is not None:
@@ -265,7 +272,7 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     if st.secant is not None:
         slide_secant(st.secant, delta)
     st.k0.add_(delta)
-    st.rounds.add_(active.any().to(torch.int64))
+    st.rounds.add_(active.any())
 
 
 @dataclass
