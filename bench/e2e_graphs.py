@@ -9,8 +9,8 @@ Issue 3's targets, measured side by side in ONE run on ONE device:
   included) is reported beside it;
 * solver work per round (everything but the model: scan, stopping test, solve, mix, slide) as
   a fraction of the model-batch time — measured by running the same fixed-shape rounds with
-  an identity "model" whose cost is one copy — and the ATen ops of that round (the capture
-  audit's count; with the Triton backend 4 kernel launches come on top);
+  an identity "model" whose cost is one copy — and the ATen ops of that round and those that
+  launch a kernel (the capture audit's counts; the Triton kernels come on top);
 * for each window ``W`` of ``--window`` (rows per round per sample), and the model's batch cost
   curve ``t(rows)``: the speedup is ``S t(B) / (rounds(W) t(B W))`` up to solver overhead, so
   how far ``t`` stays flat as rows grow decides which window wins on a device.
@@ -165,11 +165,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     free_sampler = deqkern.ParallelSampler(lambda a, b: a, schedule, max_iters=res.rounds, **kw)
                     t_free, free = timed(lambda: free_sampler(x), device, args.repeats)
                     per_round = t_free / max(free.info.get("rounds_executed", free.rounds), 1)
-                    # the same round's ATen ops (the model's excluded), counted by the capture
-                    # audit: on a GPU each is a kernel node, next to the 4 Triton kernels
+                    # the same round's ATen ops (the model's excluded) and those that launch a
+                    # kernel (each a node of the round's graph, next to its Triton kernels),
+                    # counted by the capture audit
                     audit = deqkern.ParallelSampler(
                         lambda a, b: a, schedule, max_iters=2, **{**kw, "rounds_per_graph": 1, "execution": "audit"})
-                    ops = audit(x).info["ops_per_chunk"]
+                    audited = audit(x).info
                     err = float((res.x0.double() - seq.x0.double()).norm() / seq.x0.double().norm())
                     win["solvers"][name] = dict(
                         wall_s=t_par, first_call_s=t_first, rounds=res.rounds,
@@ -177,7 +178,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         x0_rel_err=err, speedup_vs_graphed_sequential=t_seq_graph / t_par,
                         speedup_vs_eager_sequential=t_seq_eager / t_par, graph=res.info.get("graph", False),
                         solver_s_per_round=per_round, solver_fraction_of_model=per_round / curve[rows],
-                        aten_ops_per_round=ops,
+                        aten_ops_per_round=audited["ops_per_chunk"],
+                        kernel_ops_per_round=audited["kernel_ops_per_chunk"],
                     )
                 rec["windows"][width] = win
         records.append(rec)
