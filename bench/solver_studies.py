@@ -81,8 +81,8 @@ def adjoint_vjp(quick: bool) -> dict[str, Any]:
     return {"what": "exact implicit gradient, one backward pass, digits model, batch 4", "rows": rows}
 
 
-#: The solvers whose per-round work ops-per-round counts.
-OPS_SOLVERS: dict[str, dict[str, Any]] = {
+#: The solvers the studies run, by the label their reports use: ``deqkern.sample`` keywords.
+SOLVERS: dict[str, dict[str, Any]] = {
     "picard": dict(solver="picard"),
     "anderson-tri": dict(solver="anderson", solver_options={"mixing": "triangular"}),
     "picard-secant": dict(solver="picard", form="secant"),
@@ -119,7 +119,7 @@ def ops_once(quick: bool) -> list[dict[str, Any]]:
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     rows = []
     for window in sorted({steps, min(10, steps)}, reverse=True):
-        for name, kw in OPS_SOLVERS.items():
+        for name, kw in SOLVERS.items():
             audited = deqkern.ParallelSampler(lambda a, t: a, schedule, window=window, max_iters=2, execution="audit",
                                               rounds_per_graph=1, **kw)(x).info
             launches.clear()
@@ -178,15 +178,14 @@ def stopping_x0(quick: bool) -> dict[str, Any]:
     """The ``x0`` stopping rule against ``relative`` (at ``tol`` and ``tol / 10``): the worst
     sample's x0 error at the stop in units of the rule's ``tol``, the rounds, and the model
     evaluations of eager execution (live rows only), per chain, window and solver."""
-    tri = {"mixing": "triangular"}
-    chains = [("ddim", 6, None, "picard", None, 1)] if quick else [
-        ("ddim", 25, None, "picard", None, 10), ("ddim", 100, None, "picard", None, 6),
-        ("ddim", 100, None, "anderson", tri, 6), ("ddim", 100, 10, "picard", None, 4),
-        ("ddim", 100, 25, "anderson", tri, 4), ("ddpm", 100, None, "anderson", tri, 4),
+    chains = [("ddim", 6, None, "picard", 1)] if quick else [
+        ("ddim", 25, None, "picard", 10), ("ddim", 100, None, "picard", 6),
+        ("ddim", 100, None, "anderson-tri", 6), ("ddim", 100, 10, "picard", 4),
+        ("ddim", 100, 25, "anderson-tri", 4), ("ddpm", 100, None, "anderson-tri", 4),
     ]
     rules = [("relative", 1e-4), ("relative", 1e-5), ("x0", 1e-4), ("x0", 1e-3)]
     rows = []
-    for scheduler, steps, window, solver, opts, seeds in chains:
+    for scheduler, steps, window, solver, seeds in chains:
         unet, sched = _digits(scheduler)
         schedule = deqkern.Schedule.from_diffusers(sched, steps)
         runs = {rule: [] for rule in rules}
@@ -197,14 +196,14 @@ def stopping_x0(quick: bool) -> dict[str, Any]:
             with torch.no_grad():
                 ref = deqkern.sample_sequential(unet, x, schedule, noise, execution="eager").x0.flatten(1)
                 for stop, tol in rules:
-                    r = deqkern.sample(unet, x, schedule, solver, tol=tol, stop=stop, window=window, noise=noise,
-                                       solver_options=opts, execution="eager")
+                    r = deqkern.sample(unet, x, schedule, tol=tol, stop=stop, window=window, noise=noise,
+                                       execution="eager", **SOLVERS[solver])
                     err = float(((r.x0.flatten(1) - ref).norm(dim=1) / ref.norm(dim=1)).max())
                     runs[(stop, tol)].append((err / tol, r.rounds, r.model_evals))
         for (stop, tol), got in runs.items():
             ratios, rounds, evals = zip(*got)
-            rows.append({"scheduler": scheduler, "steps": steps, "window": window, "solver": solver if opts is None
-                         else "anderson-tri", "stop": stop, "tol": tol, "worst_error_over_tol": list(ratios),
+            rows.append({"scheduler": scheduler, "steps": steps, "window": window, "solver": solver, "stop": stop,
+                         "tol": tol, "worst_error_over_tol": list(ratios),
                          "rounds": list(rounds), "eager_model_evals": list(evals)})
             print(f"{scheduler} S={steps:<4} W={window or 'S':<3} {rows[-1]['solver']:<12} {stop:<8} tol {tol:g}: "
                   f"worst x0 error {max(ratios):5.2f} x tol (above tol in {sum(r > 1 for r in ratios)}/{seeds}), "
@@ -221,9 +220,8 @@ def tail_chunks(quick: bool) -> dict[str, Any]:
     chunks (factor 0), factors 10, 100 (the default) and 1000, and one-round chunks (K = 1)."""
     import deqkern.graphs as graphs
 
-    tri = {"mixing": "triangular"}
     chains = [("ddim", 6)] if quick else [("ddim", 25), ("ddim", 100), ("ddpm", 25), ("ddpm", 100)]
-    solvers = [("picard", None)] if quick else [("picard", None), ("anderson-tri", tri)]
+    solvers = ["picard"] if quick else ["picard", "anderson-tri"]
     rules = [("x0", 1e-4), ("relative", 1e-4), ("noise", 0.1)]
     settings = [(4, 0.0), (4, 10.0), (4, 100.0), (4, 1000.0), (1, 100.0)]
     default = graphs.TAIL_FACTOR
@@ -235,14 +233,14 @@ def tail_chunks(quick: bool) -> dict[str, Any]:
             g = torch.Generator().manual_seed(0)
             x = torch.randn(8, 1, 8, 8, generator=g)
             noise = torch.randn(steps, 8, 1, 8, 8, generator=g) if scheduler == "ddpm" else None
-            for solver, opts in solvers:
+            for solver in solvers:
                 for stop, tol in rules:
                     cells = []
                     for k, factor in settings:
                         graphs.TAIL_FACTOR = factor
                         with torch.no_grad():
-                            r = deqkern.sample(unet, x, schedule, solver.split("-")[0], noise=noise, tol=tol, stop=stop,
-                                               solver_options=opts, execution="static", rounds_per_graph=k)
+                            r = deqkern.sample(unet, x, schedule, noise=noise, tol=tol, stop=stop, execution="static",
+                                               rounds_per_graph=k, **SOLVERS[solver])
                         executed, tail = r.info["rounds_executed"], r.info["tail_chunks"]
                         cells.append({"rounds_per_graph": k, "tail_factor": factor, "rounds": r.rounds,
                                       "executed": executed, "syncs": (executed - tail) // k + tail})
