@@ -53,3 +53,16 @@ def tiny_unet(seed: int = 0):
         down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
         norm_num_groups=8,
     ).eval()
+
+
+def digits_chain(steps: int, scheduler: str = "ddim"):
+    """The embedded, trained digits UNet and an S-step DDIM or DDPM chain from its scheduler's
+    config, x0 clipping off (a random model converges too easily to test stopping rules)."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    import deqkern
+    from deqkern.models import load_digits_model
+
+    unet, sched = load_digits_model()
+    cls = DDIMScheduler if scheduler == "ddim" else DDPMScheduler
+    return unet, deqkern.Schedule.from_diffusers(cls.from_config(sched.config, clip_sample=False), steps)

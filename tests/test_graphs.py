@@ -11,7 +11,7 @@ import logging
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import digits_chain, rel_err
 
 import deqkern
 from deqkern.engine import Problem, SolveState, run_round
@@ -80,12 +80,7 @@ def test_tail_chunks_follow_the_stopping_rule_units():
     keeps whole chunks until it is near its stop (a switch on the relative residual made it
     one sync per round: 12 syncs here). Trained digits UNet, DDPM S = 25, Picard, K = 4: 15
     rounds in 4 chunks (bench/results/tail_chunks_cpu.json)."""
-    from diffusers import DDPMScheduler
-
-    from deqkern.models import load_digits_model
-
-    unet, sched = load_digits_model()
-    schedule = deqkern.Schedule.from_diffusers(DDPMScheduler.from_config(sched.config, clip_sample=False), 25)
+    unet, schedule = digits_chain(25, "ddpm")
     g = torch.Generator().manual_seed(0)
     x, noise = torch.randn(8, 1, 8, 8, generator=g), torch.randn(25, 8, 1, 8, 8, generator=g)
     with torch.no_grad():

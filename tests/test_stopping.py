@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import digits_chain, rel_err
 
 import deqkern
 from deqkern.ops.reference import x0_accepted_rows
@@ -32,16 +32,6 @@ def test_x0_rule_rows_by_hand():
     assert x0_accepted_rows(err, live, n, left, tol, slide_tol).tolist() == [3, 4, 2, 2, 0]
 
 
-def _digits_chain(steps, scheduler="ddim"):
-    from diffusers import DDIMScheduler, DDPMScheduler
-
-    from deqkern.models import load_digits_model
-
-    unet, sched = load_digits_model()
-    cls = DDIMScheduler if scheduler == "ddim" else DDPMScheduler
-    return unet, deqkern.Schedule.from_diffusers(cls.from_config(sched.config, clip_sample=False), steps)
-
-
 @pytest.mark.parametrize("solver,opts", [("picard", None), ("anderson", {"mixing": "triangular"})],
                          ids=["picard", "anderson-tri"])
 @pytest.mark.parametrize("window", [None, 6])
@@ -50,7 +40,7 @@ def test_x0_rule_keeps_every_sample_within_tol(solver, opts, window, scheduler):
     """Trained digits UNet, S = 20, batch 8, two fresh seeds: every sample's x0 within ``tol`` of
     the sequential x0 (float32 model; the rounding floor, about 1e-6, is far below ``tol``)."""
     steps, tol = 20, 1e-4
-    unet, sched = _digits_chain(steps, scheduler)
+    unet, sched = digits_chain(steps, scheduler)
     for seed in (11, 12):
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(8, 1, 8, 8, generator=g)
