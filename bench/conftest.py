@@ -2,13 +2,19 @@
 
 Without CUDA the Triton kernels run under triton's CPU interpreter, which has to be switched on
 before anything imports triton (triton reads ``TRITON_INTERPRET`` when a kernel is decorated), so
-it is set here; the sizes are then tiny and the numbers only prove the benchmarks run.
+it is set here; the sizes are then tiny and the numbers only prove the benchmarks run. The
+benchmarks check their outputs with the kernel tests' helpers (``tests/test_kernels.py``), so
+``tests/`` goes on the import path.
 """
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
