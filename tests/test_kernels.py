@@ -262,14 +262,22 @@ def test_anderson_solve_singular_and_degenerate(ops):
     assert torch.allclose(alpha[3], torch.full((m,), 1 / m, dtype=torch.float64))
 
 
-def test_anderson_solve_option(ops):
-    """Both solve paths of the dispatcher agree with the reference (on CPU in this process both
-    are the reference: see the module docstring), and a bad name is refused."""
+def test_anderson_solve_option(ops, monkeypatch):
+    """The dispatcher on the Triton backend: ``solve="kernel"`` runs the Triton kernel,
+    ``"solve_ex"`` the reference, both equal to the float64 reference; a bad name is refused. On
+    CPU the dispatcher read TRITON_INTERPRET before it was set (module docstring): it is told here."""
+    monkeypatch.setattr(deqkern.ops.dispatch, "_INTERPRET", True)
+    launches = []
+    kernel = ops.anderson_weights
+    monkeypatch.setattr(ops, "anderson_weights", lambda *args: launches.append(1) or kernel(*args))
     gram, valid, newest = _spd_problems(6, 3, torch.Generator().manual_seed(2))
     want = reference.anderson_weights(gram, valid, newest, 1e-3)
     gram, valid, newest = gram.to(DEVICE), valid.to(DEVICE), newest.to(DEVICE)
-    for solve in ("kernel", "solve_ex"):
-        alpha, ok = deqkern.ops.dispatch.anderson_weights(gram, valid, newest, 1e-3, solve=solve)
+    for solve, kernel_launches in (("kernel", 1), ("solve_ex", 0)):
+        launches.clear()
+        with poisoned_allocations():
+            alpha, ok = deqkern.ops.dispatch.anderson_weights(gram, valid, newest, 1e-3, solve=solve)
+        assert len(launches) == kernel_launches, solve
         check("alpha", alpha, want[0], RTOL_SOLVE)
         assert torch.equal(ok.cpu(), want[1])
     with pytest.raises(ValueError, match="solve"):
