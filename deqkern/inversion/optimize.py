@@ -217,11 +217,11 @@ def invert(
                                     max_batch=cfg.max_batch).x0
         loss = _finite(loss_fn(rec, target), 0)
         wall = time.perf_counter() - start
-        evals = init_evals + s * batch
+        evals = init_evals + s * batch * ev.rows_per_latent
         curve = [InversionStep(0, loss, wall, evals, exact_loss=loss)]
         return InversionResult(
             method=method, x_T=x_init, reconstruction=rec, loss=loss, curve=curve, steps=0,
-            stop_reason="no_optimisation", wall_time=wall, model_evals=evals, forward_evals=s * batch,
+            stop_reason="no_optimisation", wall_time=wall, model_evals=evals, forward_evals=s * batch * ev.rows_per_latent,
             backward_evals=0, init_time=init_time, init_evals=init_evals, noise=noise, info={"config": asdict(cfg)},
         )
 
@@ -268,7 +268,7 @@ def invert(
         grads = torch.autograd.grad(loss, params)
         if method == "sequential_backprop":
             # recomputed forwards (checkpointing) + one VJP row per model row
-            bwd = ev.evaluations - before + s * batch
+            bwd = ev.evaluations - before + s * batch * ev.rows_per_latent
         else:
             bwd = stats.backward_evals
             point.backward_rounds = stats.backward_rounds
