@@ -10,6 +10,7 @@ exactly as a diffusers pipeline does.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -66,7 +67,7 @@ class Guidance:
     uncond: Mapping[str, Any]
 
     def __post_init__(self) -> None:
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
+        if isinstance(self.scale, bool) or not isinstance(self.scale, numbers.Real) or not math.isfinite(self.scale):
             raise ValueError(f"guidance.scale: expected a finite number, got {self.scale!r}")
         _check_mapping(self.cond, "guidance.cond")
         _check_mapping(self.uncond, "guidance.uncond")

@@ -114,8 +114,9 @@ class SequentialSampler:
     ``execution="graph"`` (the default on CUDA) captures ``rounds_per_graph`` steps per CUDA
     graph — the fair baseline for graphed parallel sampling — once per input shape, and later
     calls replay it; ``"eager"`` checks every step's output, can return the trajectory and is
-    differentiable by autograd (the inversion tests' oracle); ``"static"`` and ``"audit"`` as
-    in :class:`ParallelSampler` (without autograd).
+    differentiable by autograd (the inversion tests' oracle; ``"auto"`` picks it when grad mode
+    is on and ``x_T`` or ``noise`` requires grad, which the others refuse); ``"static"`` and
+    ``"audit"`` as in :class:`ParallelSampler` (without autograd).
     """
 
     def __init__(
@@ -251,8 +252,15 @@ class ParallelSampler:
             differs from the captured one (:mod:`deqkern.graph_audit`); ``"auto"``: graph on
             CUDA, eager elsewhere.
 
-    The solve runs without autograd (see :func:`deqkern.engine.solve`); for gradients through
-    the fixed point use :func:`deqkern.inversion.sample_with_implicit_grad`.
+    The solve's rounds run without autograd (see :func:`deqkern.engine.solve`). When grad mode is
+    on and ``x_T`` or ``noise`` requires grad, ``x0`` is differentiable w.r.t. them with the
+    sequential chain's gradient: backward solves the chain's adjoint at the solved trajectory
+    (:func:`deqkern.inversion.function.differentiable_solve`) with this sampler's solver,
+    ``solver_options``, ``tol`` and window, to about ``tol`` (exact as ``tol -> 0``); it raises if
+    the forward did not converge (``max_iters``). Model parameters and conditioning get no
+    gradient, nor does ``init`` (a warm start does not move the fixed point); the trajectory
+    carries no graph. Otherwise ``x0`` carries no graph. For the phantom gradient or other
+    adjoint options use :func:`deqkern.inversion.sample_with_implicit_grad`.
     """
 
     def __init__(

@@ -281,3 +281,22 @@ def test_evaluator_counts_guided_rows_directly():
     x = torch.zeros(10, 3, dtype=torch.float64)
     ev.raw(x, torch.zeros(10, dtype=torch.int64), torch.arange(10) % 2)
     assert rec.calls == [20] and ev.evaluations == 20
+
+
+def test_inversion_exact_curve_with_nested_conditioning():
+    """invert()'s exact-curve re-evaluation tiles nested and non-tensor conditioning like the
+    solve gathers it: its exact losses equal the sequential chain's loss at the same x_T."""
+    from deqkern.inversion import invert
+
+    g = torch.Generator().manual_seed(17)
+    target = 0.5 * torch.randn(2, 4, generator=g, dtype=torch.float64)
+    kwargs = {"added_cond_kwargs": {"text_embeds": torch.randn(2, 4, generator=g, dtype=torch.float64)},
+              "cross_attention_kwargs": {"scale": 0.5}}
+
+    def cond_model(v, t, added_cond_kwargs, cross_attention_kwargs):
+        return torch.tanh(v + cross_attention_kwargs["scale"] * added_cond_kwargs["text_embeds"])
+
+    res = invert(cond_model, target, _chain("ddim"), "implicit", model_kwargs=kwargs, max_steps=1, exact_curve=True,
+                 tol=TIGHT)
+    first = res.curve[0]
+    assert first.exact_loss is not None and abs(first.exact_loss - first.loss) <= 1e-10 * first.loss

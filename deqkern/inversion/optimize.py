@@ -317,9 +317,18 @@ def _exact_losses(model, iterates, target, schedule, loss_fn, model_kwargs, guid
     return out
 
 
-def _tile(kwargs: Mapping[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
-    """Per-sample conditioning repeated for ``n`` stacked copies of the batch (shared ones kept)."""
-    return {k: v if v.shape[0] == 1 else v.repeat(n, *([1] * (v.ndim - 1))) for k, v in kwargs.items()}
+def _tile(kwargs: Mapping[str, Any], n: int) -> dict[str, Any]:
+    """Per-sample conditioning repeated for ``n`` stacked copies of the batch (shared tensors and
+    non-tensors kept, nested dicts tiled alike)."""
+    out: dict[str, Any] = {}
+    for k, v in kwargs.items():
+        if isinstance(v, Mapping):
+            out[k] = _tile(v, n)
+        elif isinstance(v, torch.Tensor) and v.shape[0] != 1:
+            out[k] = v.repeat(n, *([1] * (v.ndim - 1)))
+        else:
+            out[k] = v
+    return out
 
 
 def _stop_reason(cfg: InvertConfig, point: InversionStep, step: int) -> str | None:
