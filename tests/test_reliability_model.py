@@ -39,6 +39,11 @@ def _inputs(kind: str, seed: int, batch: int = 2, shape=(3, 4)):
     return x, noise, weight
 
 
+def _oracle(sched):
+    """The sequential chain, differentiable by autograd (eager execution)."""
+    return lambda a, z: deqkern.sample_sequential(model, a, sched, z, execution="eager")
+
+
 def _grads(run, x, noise, weight):
     """dL/dx_T and dL/dnoise of L = <weight, x0> where x0 = run(x_T, noise).x0."""
     xa = x.clone().requires_grad_()
@@ -54,7 +59,7 @@ def test_sample_gradient_is_the_sequential_chains(kind, solver):
     through the sequential chain, not the identity that the solver's in-place buffers gave."""
     sched = _chain(kind)
     x, noise, weight = _inputs(kind, seed=11 if solver == "picard" else 12)
-    ref_x, ref_z = _grads(lambda a, z: deqkern.sample_sequential(model, a, sched, z, execution="eager"), x, noise, weight)
+    ref_x, ref_z = _grads(_oracle(sched), x, noise, weight)
     got_x, got_z = _grads(lambda a, z: deqkern.sample(model, a, sched, solver, tol=TIGHT, noise=z), x, noise, weight)
     assert rel_err(got_x, ref_x) <= GRAD_RTOL
     if kind == "ddpm":
@@ -71,11 +76,11 @@ def test_reused_sampler_gradient_and_previous_input_untouched(execution):
     a = x1.clone().requires_grad_()
     first = sampler(a)
     got, _ = _grads(lambda v, z: sampler(v), x2, None, w2)
-    ref, _ = _grads(lambda v, z: deqkern.sample_sequential(model, v, sched, execution="eager"), x2, None, w2)
+    ref, _ = _grads(_oracle(sched), x2, None, w2)
     assert a.grad is None
     assert rel_err(got, ref) <= GRAD_RTOL
     (first.x0 * w1).sum().backward()
-    ref1, _ = _grads(lambda v, z: deqkern.sample_sequential(model, v, sched, execution="eager"), x1, None, w1)
+    ref1, _ = _grads(_oracle(sched), x1, None, w1)
     assert rel_err(a.grad, ref1) <= GRAD_RTOL
 
 
@@ -300,3 +305,17 @@ def test_inversion_exact_curve_with_nested_conditioning():
                  tol=TIGHT)
     first = res.curve[0]
     assert first.exact_loss is not None and abs(first.exact_loss - first.loss) <= 1e-10 * first.loss
+
+
+def test_guided_gradient_is_the_sequential_chains():
+    """The adjoint's model Jacobians see the sampler's conditioning and guidance."""
+    sched = _chain("ddim")
+    x, _, w = _inputs("ddim", seed=31)
+    guidance = _guidance(2)
+
+    def oracle(a, z):
+        return deqkern.sample_sequential(Recorder(), a, sched, guidance=guidance, execution="eager")
+
+    ref, _ = _grads(oracle, x, None, w)
+    got, _ = _grads(lambda a, z: deqkern.sample(Recorder(), a, sched, tol=TIGHT, guidance=guidance), x, None, w)
+    assert rel_err(got, ref) <= GRAD_RTOL

@@ -221,7 +221,8 @@ def invert(
         curve = [InversionStep(0, loss, wall, evals, exact_loss=loss)]
         return InversionResult(
             method=method, x_T=x_init, reconstruction=rec, loss=loss, curve=curve, steps=0,
-            stop_reason="no_optimisation", wall_time=wall, model_evals=evals, forward_evals=s * batch * ev.rows_per_latent,
+            stop_reason="no_optimisation", wall_time=wall, model_evals=evals,
+            forward_evals=s * batch * ev.rows_per_latent,
             backward_evals=0, init_time=init_time, init_evals=init_evals, noise=noise, info={"config": asdict(cfg)},
         )
 
