@@ -168,8 +168,8 @@ def test_guided_round_is_one_model_call_of_twice_the_rows(execution):
         assert set(rec.calls) == {2 * S}
     assert res.model_evals == sum(rec.calls)
     seq_rec = Recorder()
-    seq = deqkern.sample_sequential(seq_rec, x, sched, guidance=_guidance(1))
-    assert seq.model_evals == sum(seq_rec.calls) == 2 * S
+    seq = deqkern.sample_sequential(seq_rec, x, sched, guidance=_guidance(1), execution=execution, rounds_per_graph=4)
+    assert seq.model_evals == sum(seq_rec.calls) == 2 * S and set(seq_rec.calls) == {2}
 
 
 def test_guided_max_batch_counts_model_rows():
