@@ -88,7 +88,7 @@ def _check_halves(cond: Mapping[str, Any], uncond: Mapping[str, Any], path: str)
                                  "expected the same shape beyond the leading (sample) dim")
         elif isinstance(c, (torch.Tensor, Mapping)) or isinstance(u, (torch.Tensor, Mapping)) or c != u:
             raise ValueError(f"guidance.cond{where} and guidance.uncond{where}: one model call sees both, so "
-                             f"non-tensor values must be equal, got {c!r} and {u!r}")
+                             f"expected two tensors, two dicts or equal other values, got {c!r} and {u!r}")
 
 
 @dataclass
