@@ -66,10 +66,11 @@ def test_sample_gradient_is_the_sequential_chains(kind, solver):
         assert rel_err(got_z, ref_z) <= GRAD_RTOL
 
 
-@pytest.mark.parametrize("execution", ["eager", "static"])
+@pytest.mark.parametrize("execution", ["eager", "static", "audit"])
 def test_reused_sampler_gradient_and_previous_input_untouched(execution):
     """A reused ParallelSampler gives each call its own exact gradient and writes nothing into
-    an earlier call's x_T (its workspace buffers carried the first input's graph)."""
+    an earlier call's x_T (its workspace buffers carried the first input's graph). "audit" runs
+    the forward as a CUDA graph would (trajectory included), on the CPU."""
     sched = _chain("ddim")
     sampler = deqkern.ParallelSampler(model, sched, "anderson", tol=TIGHT, execution=execution)
     (x1, _, w1), (x2, _, w2) = _inputs("ddim", seed=21), _inputs("ddim", seed=22)
