@@ -191,7 +191,7 @@ class AdjointSolution:
     converged: torch.Tensor
     #: per round, per sample: ``||lam' - lam|| / ||lam'||`` over the sample's live rows
     residuals: list[list[float]] = field(default_factory=list)
-    #: vector-Jacobian product rows computed (S*B per round)
+    #: vector-Jacobian product rows computed (S*B per round, in model rows: twice that under guidance)
     vjp_rows: int = 0
     fallbacks: int = 0
 
