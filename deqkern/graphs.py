@@ -183,7 +183,7 @@ def run_static(p: Problem, st: SolveState, ev: ModelEvaluator, runners: StaticRu
         near = rounds > 0 and worst <= TAIL_FACTOR
     # every executed round evaluates all B*W rows, including rounds after convergence in the
     # last chunk: that is what the device actually computed
-    ev.evaluations = executed * p.batch * p.width
+    ev.evaluations = executed * p.batch * p.width * ev.rows_per_latent
     info = {"rounds_per_graph": runners.rounds, "rounds_executed": executed, "tail_chunks": tail_chunks}
     return {**info, **runners.summary()}
 
@@ -234,7 +234,7 @@ class SequentialWorkspace:
             self.runner()
         for _ in range(rest):
             self._one_step()
-        self.ev.evaluations = s * self.shape[0]
+        self.ev.evaluations = s * self.shape[0] * self.ev.rows_per_latent
         out = self.state.reshape(self.shape).clone()
         if not bool(torch.isfinite(out).all()):
             raise NonFiniteModelOutput("model output is not finite in the sequential chain (graphed: round unknown)")

@@ -2,11 +2,15 @@
 
 diffusers models (which return an object with ``.sample``) and tuple-returning models are
 accepted directly. The solver calls the model on many (sample, timestep) rows at once; per-sample
-conditioning tensors (``encoder_hidden_states`` ...) are gathered to the rows by sample index,
-and classifier-free guidance doubles the row batch exactly as a diffusers pipeline does.
+conditioning tensors (``encoder_hidden_states``, also inside nested dicts such as
+``added_cond_kwargs``) are gathered to the rows by sample index, other values (``cross_attention_kwargs
+={"scale": 0.5}``) are passed through unchanged, and classifier-free guidance doubles the row batch
+exactly as a diffusers pipeline does.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -15,6 +19,10 @@ import torch
 from deqkern.errors import NonFiniteModelOutput
 
 ModelFn = Callable[..., Any]
+
+#: the ``model_dtype`` names accepted besides a ``torch.dtype``
+MODEL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+                "float64": torch.float64}
 
 
 def model_output_tensor(out: Any) -> torch.Tensor:
@@ -28,57 +36,99 @@ def model_output_tensor(out: Any) -> torch.Tensor:
     raise TypeError(f"model: expected a tensor, a tuple or an object with .sample, got {type(out).__name__}")
 
 
+def resolve_model_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    """``model_dtype`` as a floating ``torch.dtype`` (or None): a dtype or one of :data:`MODEL_DTYPES`' names."""
+    if value is None or (isinstance(value, torch.dtype) and value.is_floating_point):
+        return value
+    if isinstance(value, str) and value in MODEL_DTYPES:
+        return MODEL_DTYPES[value]
+    raise ValueError(f"model_dtype: expected None, a floating torch.dtype or one of {sorted(MODEL_DTYPES)}, "
+                     f"got {value!r}")
+
+
+def _check_mapping(value: Any, name: str) -> None:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name}: expected a mapping of keyword names to values, got {type(value).__name__}")
+
+
 @dataclass
 class Guidance:
     """Classifier-free guidance: ``out = u + scale * (c - u)``.
 
     ``cond`` and ``uncond`` map keyword names (e.g. ``encoder_hidden_states``) to tensors with
     a leading dimension of 1 (shared) or the number of samples B (the negative prompt embeddings
-    go in ``uncond``).
+    go in ``uncond``), or to nested dicts of such tensors (``added_cond_kwargs``). One model call
+    sees both halves, concatenated uncond then cond, so a key's tensors must agree beyond the
+    leading dim and its non-tensor values must be equal.
     """
 
     scale: float
-    cond: Mapping[str, torch.Tensor]
-    uncond: Mapping[str, torch.Tensor]
+    cond: Mapping[str, Any]
+    uncond: Mapping[str, Any]
 
     def __post_init__(self) -> None:
-        if set(self.cond) != set(self.uncond):
-            raise ValueError(f"guidance: cond keys {sorted(self.cond)} and uncond keys {sorted(self.uncond)} differ")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, numbers.Real) or not math.isfinite(self.scale):
+            raise ValueError(f"guidance.scale: expected a finite number, got {self.scale!r}")
+        _check_mapping(self.cond, "guidance.cond")
+        _check_mapping(self.uncond, "guidance.uncond")
+        _check_halves(self.cond, self.uncond, "")
+
+
+def _check_halves(cond: Mapping[str, Any], uncond: Mapping[str, Any], path: str) -> None:
+    """``cond`` and ``uncond`` can be concatenated key by key (``path``: the keys above, for errors)."""
+    if set(cond) != set(uncond):
+        raise ValueError(f"guidance: cond{path} keys {sorted(cond)} and uncond{path} keys {sorted(uncond)} differ")
+    for key, c in cond.items():
+        u, where = uncond[key], f"{path}[{key!r}]"
+        if isinstance(c, Mapping) and isinstance(u, Mapping):
+            _check_halves(c, u, where)
+        elif isinstance(c, torch.Tensor) and isinstance(u, torch.Tensor):
+            if c.ndim == 0 or u.ndim == 0 or c.shape[1:] != u.shape[1:]:
+                raise ValueError(f"guidance.cond{where} {tuple(c.shape)} and guidance.uncond{where} {tuple(u.shape)}: "
+                                 "expected the same shape beyond the leading (sample) dim")
+        elif isinstance(c, (torch.Tensor, Mapping)) or isinstance(u, (torch.Tensor, Mapping)) or c != u:
+            raise ValueError(f"guidance.cond{where} and guidance.uncond{where}: one model call sees both, so "
+                             f"expected two tensors, two dicts or equal other values, got {c!r} and {u!r}")
 
 
 @dataclass
 class ModelEvaluator:
-    """Calls the model on rows ``(x, t, sample index)``, in chunks of at most ``max_batch`` rows.
+    """Calls the model on rows ``(x, t, sample index)``: one model call per round, or chunks of
+    at most ``max_batch`` model-batch rows.
 
-    ``max_batch`` counts model-batch rows (so a guided row costs two). Outputs are checked for
-    NaN/inf; the error names the round and the timesteps at fault.
+    ``max_batch`` and ``evaluations`` count model-batch rows: under classifier-free guidance a
+    latent row is two model rows (uncond and cond). Outputs must have the input's shape and are
+    checked for NaN/inf; the error names the round and the timesteps at fault.
     """
 
     model: ModelFn
-    model_kwargs: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
     guidance: Guidance | None = None
     max_batch: int | None = None
-    model_dtype: torch.dtype | None = None
+    model_dtype: torch.dtype | str | None = None
     evaluations: int = 0
 
     def __post_init__(self) -> None:
+        _check_mapping(self.model_kwargs, "model_kwargs")
+        if self.guidance is not None and not isinstance(self.guidance, Guidance):
+            raise TypeError(f"guidance: expected a deqkern.Guidance or None, got {type(self.guidance).__name__}")
         if self.max_batch is not None and (not isinstance(self.max_batch, int) or self.max_batch < 1):
             raise ValueError(f"max_batch: expected an int >= 1 or None, got {self.max_batch!r}")
         if self.guidance is not None and self.max_batch is not None and self.max_batch < 2:
             raise ValueError("max_batch: classifier-free guidance needs at least 2 rows per model call")
+        self.model_dtype = resolve_model_dtype(self.model_dtype)
+
+    @property
+    def rows_per_latent(self) -> int:
+        """Model-batch rows per latent row: 2 under classifier-free guidance, else 1."""
+        return 1 if self.guidance is None else 2
 
     def check_conditioning(self, batch: int) -> None:
-        """Every conditioning tensor has a leading dim of 1 or ``batch``."""
-        groups = [self.model_kwargs]
+        """Every conditioning tensor, also in nested dicts, has a leading dim of 1 or ``batch``."""
+        _check_leading(self.model_kwargs, batch, "model_kwargs")
         if self.guidance is not None:
-            groups += [self.guidance.cond, self.guidance.uncond]
-        for group in groups:
-            for name, value in group.items():
-                if not isinstance(value, torch.Tensor) or value.ndim == 0 or value.shape[0] not in (1, batch):
-                    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                    raise ValueError(
-                        f"model_kwargs[{name!r}]: expected a tensor with leading dim 1 or {batch}, got {shape}"
-                    )
+            _check_leading(self.guidance.cond, batch, "guidance.cond")
+            _check_leading(self.guidance.uncond, batch, "guidance.uncond")
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, sample_idx: torch.Tensor, round_index: int) -> torch.Tensor:
         """Model outputs for rows ``x[N, ...]`` at timesteps ``t[N]`` of samples ``sample_idx[N]``,
@@ -92,16 +142,14 @@ class ModelEvaluator:
         return out
 
     def raw(self, x: torch.Tensor, t: torch.Tensor, sample_idx: torch.Tensor) -> torch.Tensor:
-        """Model outputs in ``x``'s dtype, unchecked and without host syncs (CUDA-graph safe)."""
+        """Model outputs in ``x``'s dtype, unchecked for NaN and without host syncs (CUDA-graph safe)."""
         rows = x.shape[0]
-        per_call = self.max_batch or rows
-        if self.guidance is not None:
-            per_call = max(1, per_call // 2)
+        per_call = rows if self.max_batch is None else self.max_batch // self.rows_per_latent
         outs = [
             self._call_chunk(x[i : i + per_call], t[i : i + per_call], sample_idx[i : i + per_call])
             for i in range(0, rows, per_call)
         ]
-        self.evaluations += rows
+        self.evaluations += rows * self.rows_per_latent
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
         return out.to(x.dtype)
 
@@ -109,22 +157,58 @@ class ModelEvaluator:
         xin = x if self.model_dtype is None else x.to(self.model_dtype)
         kwargs = _gather(self.model_kwargs, idx)
         if self.guidance is None:
-            return model_output_tensor(self.model(xin, t, **kwargs))
+            return _checked_shape(model_output_tensor(self.model(xin, t, **kwargs)), xin.shape)
         g = self.guidance
-        cond = {**kwargs, **_gather(g.cond, idx)}
-        uncond = {**kwargs, **_gather(g.uncond, idx)}
-        both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
-        out = model_output_tensor(self.model(torch.cat([xin, xin]), torch.cat([t, t]), **both))
+        both = _concat({**kwargs, **_gather(g.uncond, idx)}, {**kwargs, **_gather(g.cond, idx)})
+        doubled = torch.cat([xin, xin])
+        out = _checked_shape(model_output_tensor(self.model(doubled, torch.cat([t, t]), **both)), doubled.shape)
         u, c = out.chunk(2)
         return u + g.scale * (c - u)
 
 
-def _gather(kwargs: Mapping[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-row conditioning: broadcast leading-dim-1 tensors, index per-sample ones."""
-    out = {}
+def _checked_shape(out: torch.Tensor, expected: torch.Size) -> torch.Tensor:
+    # shapes are host metadata: this check costs no sync and is safe inside a captured graph
+    if out.shape != expected:
+        raise ValueError(f"model: expected an output of the input's shape {tuple(expected)}, got {tuple(out.shape)}")
+    return out
+
+
+def _check_leading(kwargs: Mapping[str, Any], batch: int, path: str) -> None:
+    """Tensors under ``kwargs`` (recursively) have a leading dim of 1 or ``batch``; other values pass."""
     for name, value in kwargs.items():
-        if value.shape[0] == 1:
+        where = f"{path}[{name!r}]"
+        if isinstance(value, Mapping):
+            _check_leading(value, batch, where)
+        elif isinstance(value, torch.Tensor) and (value.ndim == 0 or value.shape[0] not in (1, batch)):
+            raise ValueError(f"{where}: expected a tensor with leading dim 1 or {batch}, got {tuple(value.shape)}")
+
+
+def _gather(kwargs: Mapping[str, Any], idx: torch.Tensor) -> dict[str, Any]:
+    """Per-row conditioning: broadcast leading-dim-1 tensors, index per-sample ones, recurse into
+    dicts and pass any other value through."""
+    out: dict[str, Any] = {}
+    for name, value in kwargs.items():
+        if isinstance(value, Mapping):
+            out[name] = _gather(value, idx)
+        elif not isinstance(value, torch.Tensor):
+            out[name] = value
+        elif value.shape[0] == 1:
             out[name] = value.expand(idx.shape[0], *value.shape[1:])
         else:
             out[name] = value[idx.to(value.device)]
+    return out
+
+
+def _concat(uncond: Mapping[str, Any], cond: Mapping[str, Any]) -> dict[str, Any]:
+    """The guided batch's keywords: tensors concatenated uncond then cond, dicts recursively,
+    other values (equal in both, see :class:`Guidance`) once."""
+    out: dict[str, Any] = {}
+    for name, c in cond.items():
+        u = uncond[name]
+        if isinstance(c, Mapping):
+            out[name] = _concat(u, c)
+        elif isinstance(c, torch.Tensor):
+            out[name] = torch.cat([u, c])
+        else:
+            out[name] = c
     return out

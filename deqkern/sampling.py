@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 import torch
@@ -71,6 +71,12 @@ def check_chain_inputs(
             )
 
 
+def wants_grad(x_T: torch.Tensor, noise: torch.Tensor | None) -> bool:
+    """Whether the caller differentiates x0: grad mode is on and ``x_T`` or ``noise`` requires grad."""
+    inputs = [x_T] if noise is None else [x_T, noise]
+    return torch.is_grad_enabled() and any(v.requires_grad for v in inputs)
+
+
 def _check_execution(execution: str) -> None:
     if execution not in ("auto", "eager", "static", "graph", "audit"):
         raise ValueError(f"execution: expected 'auto', 'eager', 'static', 'graph' or 'audit', got {execution!r}")
@@ -108,8 +114,9 @@ class SequentialSampler:
     ``execution="graph"`` (the default on CUDA) captures ``rounds_per_graph`` steps per CUDA
     graph — the fair baseline for graphed parallel sampling — once per input shape, and later
     calls replay it; ``"eager"`` checks every step's output, can return the trajectory and is
-    differentiable by autograd (the inversion tests' oracle); ``"static"`` and ``"audit"`` as
-    in :class:`ParallelSampler` (without autograd).
+    differentiable by autograd (the inversion tests' oracle; ``"auto"`` picks it when grad mode
+    is on and ``x_T`` or ``noise`` requires grad, which the others refuse); ``"static"`` and
+    ``"audit"`` as in :class:`ParallelSampler` (without autograd).
     """
 
     def __init__(
@@ -139,10 +146,14 @@ class SequentialSampler:
         check_chain_inputs(x_T, schedule, noise)
         ev.check_conditioning(x_T.shape[0])
         execution = self.execution
+        differentiable = wants_grad(x_T, noise)
         if execution == "auto":
-            execution = "graph" if x_T.is_cuda and not return_trajectory else "eager"
+            execution = "graph" if x_T.is_cuda and not (return_trajectory or differentiable) else "eager"
         if return_trajectory and execution != "eager":
             raise ValueError("return_trajectory: needs execution='eager'")
+        if differentiable and execution != "eager":
+            raise ValueError(f"execution: x_T or noise requires grad, and only execution='eager' is differentiable "
+                             f"(got {execution!r}); or detach them")
         batch, shape = x_T.shape[0], x_T.shape
         info: dict[str, Any] = {"solver": "sequential", "execution": execution}
         _sync(x_T.device)
@@ -167,7 +178,9 @@ class SequentialSampler:
 
             key = (tuple(shape), x_T.dtype, x_T.device, noise is not None, execution, torch.is_inference_mode_enabled())
             ws, made = self._cache.get_or_make(
-                key, lambda: SequentialWorkspace(schedule, x_T, noise is not None, ev, self.rounds_per_graph, execution)
+                key, lambda: SequentialWorkspace(
+                    schedule, x_T.detach(), noise is not None, ev, self.rounds_per_graph, execution
+                )
             )
             with torch.no_grad():  # in-place steps on fixed buffers: not differentiable (eager is)
                 x0, extra = ws.run(x_T, noise)
@@ -239,8 +252,15 @@ class ParallelSampler:
             differs from the captured one (:mod:`deqkern.graph_audit`); ``"auto"``: graph on
             CUDA, eager elsewhere.
 
-    The solve runs without autograd (see :func:`deqkern.engine.solve`); for gradients through
-    the fixed point use :func:`deqkern.inversion.sample_with_implicit_grad`.
+    The solve's rounds run without autograd (see :func:`deqkern.engine.solve`). When grad mode is
+    on and ``x_T`` or ``noise`` requires grad, ``x0`` is differentiable w.r.t. them with the
+    sequential chain's gradient: backward solves the chain's adjoint at the solved trajectory
+    (:func:`deqkern.inversion.function.differentiable_solve`) with this sampler's solver,
+    ``solver_options``, ``tol`` and window, to about ``tol`` (exact as ``tol -> 0``); it raises if
+    the forward did not converge (``max_iters``). Model parameters and conditioning get no
+    gradient, nor does ``init`` (a warm start does not move the fixed point); the trajectory
+    carries no graph. Otherwise ``x0`` carries no graph. For the phantom gradient or other
+    adjoint options use :func:`deqkern.inversion.sample_with_implicit_grad`.
     """
 
     def __init__(
@@ -288,9 +308,9 @@ class ParallelSampler:
         get_solver(solver, solver_options)  # a bad name or option fails before any work
         self.schedule, self.solver, self.solver_options = schedule, solver, solver_options
         self.tol, self.max_iters, self.width, self.stop = float(tol), max_iters, width, stop
-        self.execution, self.rounds_per_graph, self.model_dtype = execution, rounds_per_graph, model_dtype
-        self.extrapolate = (not schedule.is_stochastic) if extrapolate is None else extrapolate
         self.ev = ModelEvaluator(model, model_kwargs or {}, guidance, max_batch, model_dtype)
+        self.execution, self.rounds_per_graph, self.model_dtype = execution, rounds_per_graph, self.ev.model_dtype
+        self.extrapolate = (not schedule.is_stochastic) if extrapolate is None else extrapolate
         self._cache = _Cache(cache_size)
 
     def __call__(
@@ -326,13 +346,26 @@ class ParallelSampler:
         if init is not None and (init.shape != (s, *x_T.shape) or init.dtype != x_T.dtype or init.device != x_T.device):
             raise ValueError(f"init: expected {x_T.dtype} of shape {(s, *x_T.shape)} on {x_T.device}, got "
                              f"{init.dtype} {tuple(init.shape)} on {init.device}")
-        batch, shape = x_T.shape[0], x_T.shape
-        self.ev.check_conditioning(batch)
+        self.ev.check_conditioning(x_T.shape[0])
         execution = self.execution
         if execution == "auto":
             execution = "graph" if x_T.is_cuda and on_round is None else "eager"
         if on_round is not None and execution != "eager":
             raise ValueError(f"on_round: needs execution='eager' (Python runs between rounds), got {execution!r}")
+        if wants_grad(x_T, noise):
+            return self._differentiable(x_T, noise, init, return_trajectory, progress, on_round, execution)
+        # the workspace keeps its buffers for the next call: no autograd graph may reach them
+        x_T, noise = x_T.detach(), None if noise is None else noise.detach()
+        init = None if init is None else init.detach()
+        return self._solve(x_T, noise, init, return_trajectory, progress, on_round, execution, back)
+
+    def _solve(
+        self, x_T: torch.Tensor, noise: torch.Tensor | None, init: torch.Tensor | None, return_trajectory: bool,
+        progress: bool, on_round: Callable[[torch.Tensor], None] | None, execution: str, back: Callable,
+    ) -> SampleResult:
+        """The solve of validated, detached inputs (x0 carries no autograd graph)."""
+        schedule, s = self.schedule, self.schedule.num_steps
+        batch, shape = x_T.shape[0], x_T.shape
         # buffers made under inference mode cannot be updated outside it, and the reverse
         key = (tuple(shape), x_T.dtype, x_T.device, noise is not None, init is not None, return_trajectory, execution,
                torch.is_inference_mode_enabled())
@@ -350,6 +383,26 @@ class ParallelSampler:
                   "tol": self.tol, "window": self.width, "extrapolate": self.extrapolate and init is None,
                   **out.info},
         )
+
+    def _differentiable(
+        self, x_T: torch.Tensor, noise: torch.Tensor | None, init: torch.Tensor | None, return_trajectory: bool,
+        progress: bool, on_round: Callable[[torch.Tensor], None] | None, execution: str,
+    ) -> SampleResult:
+        """The solve with ``x0`` differentiable w.r.t. ``x_T`` and ``noise`` by the implicit adjoint
+        (:func:`deqkern.inversion.function.differentiable_solve`), solved by this sampler's solver,
+        options, ``tol`` and window. The trajectory, if asked for, carries no graph."""
+        # deqkern.inversion imports this module (its optimiser samples), so it is imported on the
+        # first differentiable call rather than at the top: no import cycle
+        from deqkern.inversion.function import differentiable_solve
+
+        def solve(x: torch.Tensor, z: torch.Tensor | None) -> SampleResult:
+            detached_init = None if init is None else init.detach()
+            return self._solve(x, z, detached_init, True, progress, on_round, execution, lambda v: v)
+
+        options = {"solver": self.solver, "solver_options": self.solver_options, "tol": self.tol,
+                   "window": self.width}
+        res = differentiable_solve(solve, x_T, noise, replace(self.ev, evaluations=0), self.schedule, options)
+        return res if return_trajectory else replace(res, trajectory=None)
 
     def _workspace(
         self, x_T: torch.Tensor, noise: torch.Tensor | None, init: torch.Tensor | None, return_trajectory: bool,

@@ -138,13 +138,15 @@ class ChainVJP:
             self.x = trajectory[:s].detach().requires_grad_()
             e = ev(self.x.reshape(s * batch, *shape), ts, idx, round_index=0)
             self.out = step_rows(self.x.reshape(self.shape), e.reshape(self.shape), None, coef, schedule.transform)
-        #: model rows evaluated to build the graph, and VJP rows computed since
-        self.build_rows = s * batch
+        #: model rows evaluated to build the graph, and VJP rows computed since (each latent row
+        #: is ev.rows_per_latent model rows: two under guidance)
+        self.build_rows = s * batch * ev.rows_per_latent
+        self.rows_per_latent = ev.rows_per_latent
         self.vjp_rows = 0
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         """``v``: ``[S, B, D]`` cotangents of ``x[1..S]``; returns ``[S, B, D]`` ``J_k^T v_k``."""
-        self.vjp_rows += self.shape[0] * self.shape[1]
+        self.vjp_rows += self.shape[0] * self.shape[1] * self.rows_per_latent
         (r,) = torch.autograd.grad(self.out, self.x, grad_outputs=v, retain_graph=True)
         return r.reshape(self.shape)
 
@@ -176,7 +178,7 @@ class RecomputeVJP:
             e = self.ev(x.reshape(-1, *self.shape), self.ts[step], sample, round_index=0).reshape(x.shape)
             out = step_rows(x, e, None, self.coef[step], self.schedule.transform)
             (r,) = torch.autograd.grad(out, x, grad_outputs=v)
-        self.vjp_rows += step.numel()
+        self.vjp_rows += step.numel() * self.ev.rows_per_latent
         return r
 
 
@@ -189,7 +191,7 @@ class AdjointSolution:
     converged: torch.Tensor
     #: per round, per sample: ``||lam' - lam|| / ||lam'||`` over the sample's live rows
     residuals: list[list[float]] = field(default_factory=list)
-    #: vector-Jacobian product rows computed (S*B per round)
+    #: vector-Jacobian product rows computed (S*B per round, in model rows: twice that under guidance)
     vjp_rows: int = 0
     fallbacks: int = 0
 
@@ -293,11 +295,11 @@ def phantom_gradient(
             elif i == 0:
                 with torch.no_grad():
                     e = ev(x_in.reshape(s * batch, *shape), ts, idx, round_index=i).reshape(s, batch, dim)
-                evals += s * batch
+                evals += s * batch * ev.rows_per_latent
             else:
                 e = ev(x_in.reshape(s * batch, *shape), ts, idx, round_index=i).reshape(s, batch, dim)
-                evals += s * batch
-                vjp_rows += s * batch
+                evals += s * batch * ev.rows_per_latent
+                vjp_rows += s * batch * ev.rows_per_latent
             inc = step_rows(x_in, e, zs, coef, schedule.transform) - mult.view(s, 1, 1) * x_in
             anchor = x_T.reshape(batch, dim)
             g = linear_scan(anchor, mult.view(1, s).expand(batch, s), inc.transpose(0, 1)).transpose(0, 1)

@@ -8,14 +8,14 @@ parameters are treated as constants.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from deqkern._config import config_from
-from deqkern.sampling import sample
+from deqkern.sampling import SampleResult, sample
 from deqkern.inversion.adjoint import (
     ChainVJP, GradConfig, GradMode, RecomputeVJP, adjoint_multipliers, phantom_gradient, solve_adjoint,
 )
@@ -27,9 +27,9 @@ from deqkern.schedule import Schedule
 class ImplicitStats:
     """Costs of the last forward and backward of :func:`sample_with_implicit_grad`.
 
-    Model evaluations count model rows (one latent at one timestep); a vector-Jacobian product
-    row through the model counts as one evaluation too (on a GPU it costs about two forwards,
-    on a CPU about the same as one to two).
+    Model evaluations count model-batch rows (one latent at one timestep; two under classifier-free
+    guidance); a vector-Jacobian product row through the model counts as one evaluation too (on
+    a GPU it costs about two forwards, on a CPU about the same as one to two).
     """
 
     forward_rounds: int = 0
@@ -48,39 +48,30 @@ class ImplicitStats:
 
 
 @dataclass
-class _Problem:
-    model: ModelFn
+class _Backward:
+    """What the backward needs besides the saved tensors; ``result`` is the forward's SampleResult."""
+
+    ev: ModelEvaluator
     schedule: Schedule
     grad: GradMode
     grad_config: GradConfig
-    solver: str
-    tol: float
-    solver_options: Any
-    window: int | None
-    max_batch: int | None
-    model_kwargs: Mapping[str, torch.Tensor] | None
-    guidance: Guidance | None
-    init: torch.Tensor | None
     stats: ImplicitStats
-
-    def evaluator(self) -> ModelEvaluator:
-        return ModelEvaluator(self.model, self.model_kwargs or {}, self.guidance, self.max_batch)
+    result: SampleResult | None = None
 
 
 class _ImplicitChain(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_T: torch.Tensor, noise: torch.Tensor | None, problem: _Problem) -> torch.Tensor:
-        res = sample(
-            problem.model, x_T.detach(), problem.schedule, solver=problem.solver, tol=problem.tol,
-            window=problem.window, noise=None if noise is None else noise.detach(),
-            solver_options=problem.solver_options, model_kwargs=problem.model_kwargs, guidance=problem.guidance,
-            max_batch=problem.max_batch, init=problem.init, return_trajectory=True,
-        )
-        st = problem.stats
+    def forward(
+        ctx, x_T: torch.Tensor, noise: torch.Tensor | None,
+        solve: Callable[[torch.Tensor, torch.Tensor | None], SampleResult], bw: _Backward,
+    ) -> torch.Tensor:
+        res = solve(x_T.detach(), None if noise is None else noise.detach())
+        st = bw.stats
         st.forward_rounds, st.forward_evals, st.forward_time = res.rounds, res.model_evals, res.wall_time
         st.forward_converged = res.all_converged
         st.trajectory = res.trajectory
-        ctx.problem = problem
+        bw.result = res
+        ctx.bw = bw
         ctx.save_for_backward(res.trajectory, noise)
         return res.x0
 
@@ -88,18 +79,22 @@ class _ImplicitChain(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_x0: torch.Tensor):
         traj, noise = ctx.saved_tensors
-        p: _Problem = ctx.problem
+        p: _Backward = ctx.bw
         st = p.stats
         s, batch = p.schedule.num_steps, grad_x0.shape[0]
+        if p.grad == "exact" and not st.forward_converged:
+            # the adjoint at a point that is not the chain's would be a wrong gradient, not an approximate one
+            late = torch.nonzero(~p.result.converged).flatten().tolist()
+            raise RuntimeError(f"x0: samples {late} did not converge in the forward solve (max_iters), so their "
+                               "implicit gradient is not the chain's; raise max_iters or check result.converged")
         start = time.perf_counter()
-        ev = p.evaluator()
         if p.grad == "phantom":
             g_x, g_z, evals, vjp_rows = phantom_gradient(
-                ev, traj, noise, p.schedule, grad_x0, p.grad_config, noise_grad=ctx.needs_input_grad[1]
+                p.ev, traj, noise, p.schedule, grad_x0, p.grad_config, noise_grad=ctx.needs_input_grad[1]
             )
             st.backward_rounds, st.backward_evals, st.backward_converged = 0, evals + vjp_rows, True
         else:
-            vjp = (ChainVJP if p.grad_config.vjp == "stored" else RecomputeVJP)(ev, traj, p.schedule)
+            vjp = (ChainVJP if p.grad_config.vjp == "stored" else RecomputeVJP)(p.ev, traj, p.schedule)
             mult = adjoint_multipliers(p.schedule, p.grad_config.form, grad_x0.device, grad_x0.dtype)
             sol = solve_adjoint(vjp, grad_x0.reshape(batch, -1), mult, p.grad_config)
             st.backward_rounds, st.backward_evals = sol.rounds, vjp.build_rows + sol.vjp_rows
@@ -113,7 +108,35 @@ class _ImplicitChain(torch.autograd.Function):
         if grad_x0.device.type == "cuda":
             torch.cuda.synchronize(grad_x0.device)
         st.backward_time = time.perf_counter() - start
-        return g_x, (g_z if ctx.needs_input_grad[1] else None), None
+        return g_x, (g_z if ctx.needs_input_grad[1] else None), None, None
+
+
+def differentiable_solve(
+    solve: Callable[[torch.Tensor, torch.Tensor | None], SampleResult],
+    x_T: torch.Tensor,
+    noise: torch.Tensor | None,
+    ev: ModelEvaluator,
+    schedule: Schedule,
+    grad_options: GradConfig | Mapping[str, Any] | None = None,
+    grad: GradMode = "exact",
+    stats: ImplicitStats | None = None,
+) -> SampleResult:
+    """``solve(x_T, noise)`` (detached inputs; its result must hold the trajectory) with ``x0``
+    made a differentiable function of ``x_T`` and ``noise``: backward solves the adjoint
+    ``lam_k = J_k^T lam_{k+1}`` at the forward's trajectory (``grad="exact"``, the gradient of
+    the sequential chain to the adjoint's ``tol``; it refuses a forward that did not converge) or
+    takes the phantom gradient. The model's Jacobians come from ``ev``; model parameters and
+    conditioning are constants. ``result.info["grad"]`` is the :class:`ImplicitStats`, its
+    backward fields filled by ``backward()``.
+    """
+    config = grad_config(grad_options)
+    if grad == "exact":
+        # fail before the forward solve, not in the middle of backward()
+        adjoint_multipliers(schedule, config.form, "cpu", torch.float64)
+    bw = _Backward(ev=ev, schedule=schedule, grad=grad, grad_config=config,
+                   stats=stats if stats is not None else ImplicitStats())
+    x0 = _ImplicitChain.apply(x_T, noise, solve, bw)
+    return replace(bw.result, x0=x0, info={**bw.result.info, "grad": bw.stats})
 
 
 def sample_with_implicit_grad(
@@ -149,16 +172,15 @@ def sample_with_implicit_grad(
     """
     if grad not in ("exact", "phantom"):
         raise ValueError(f"grad: expected 'exact' or 'phantom', got {grad!r}")
-    config = grad_config(grad_options)
-    if grad == "exact":
-        # fail before the forward solve, not in the middle of backward()
-        adjoint_multipliers(schedule, config.form, "cpu", torch.float64)
-    problem = _Problem(
-        model=model, schedule=schedule, grad=grad, grad_config=config, solver=solver, tol=tol,
-        solver_options=solver_options, window=window, max_batch=max_batch, model_kwargs=model_kwargs,
-        guidance=guidance, init=init, stats=stats if stats is not None else ImplicitStats(),
-    )
-    return _ImplicitChain.apply(x_T, noise, problem)
+
+    def solve(x: torch.Tensor, z: torch.Tensor | None) -> SampleResult:
+        return sample(
+            model, x, schedule, solver=solver, tol=tol, window=window, noise=z, solver_options=solver_options,
+            model_kwargs=model_kwargs, guidance=guidance, max_batch=max_batch, init=init, return_trajectory=True,
+        )
+
+    ev = ModelEvaluator(model, model_kwargs or {}, guidance, max_batch)
+    return differentiable_solve(solve, x_T, noise, ev, schedule, grad_options, grad, stats).x0
 
 
 def grad_config(options: GradConfig | Mapping[str, Any] | None) -> GradConfig:

@@ -217,11 +217,12 @@ def invert(
                                     max_batch=cfg.max_batch).x0
         loss = _finite(loss_fn(rec, target), 0)
         wall = time.perf_counter() - start
-        evals = init_evals + s * batch
+        evals = init_evals + s * batch * ev.rows_per_latent
         curve = [InversionStep(0, loss, wall, evals, exact_loss=loss)]
         return InversionResult(
             method=method, x_T=x_init, reconstruction=rec, loss=loss, curve=curve, steps=0,
-            stop_reason="no_optimisation", wall_time=wall, model_evals=evals, forward_evals=s * batch,
+            stop_reason="no_optimisation", wall_time=wall, model_evals=evals,
+            forward_evals=s * batch * ev.rows_per_latent,
             backward_evals=0, init_time=init_time, init_evals=init_evals, noise=noise, info={"config": asdict(cfg)},
         )
 
@@ -268,7 +269,7 @@ def invert(
         grads = torch.autograd.grad(loss, params)
         if method == "sequential_backprop":
             # recomputed forwards (checkpointing) + one VJP row per model row
-            bwd = ev.evaluations - before + s * batch
+            bwd = ev.evaluations - before + s * batch * ev.rows_per_latent
         else:
             bwd = stats.backward_evals
             point.backward_rounds = stats.backward_rounds
@@ -317,9 +318,18 @@ def _exact_losses(model, iterates, target, schedule, loss_fn, model_kwargs, guid
     return out
 
 
-def _tile(kwargs: Mapping[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
-    """Per-sample conditioning repeated for ``n`` stacked copies of the batch (shared ones kept)."""
-    return {k: v if v.shape[0] == 1 else v.repeat(n, *([1] * (v.ndim - 1))) for k, v in kwargs.items()}
+def _tile(kwargs: Mapping[str, Any], n: int) -> dict[str, Any]:
+    """Per-sample conditioning repeated for ``n`` stacked copies of the batch (shared tensors and
+    non-tensors kept, nested dicts tiled alike)."""
+    out: dict[str, Any] = {}
+    for k, v in kwargs.items():
+        if isinstance(v, Mapping):
+            out[k] = _tile(v, n)
+        elif isinstance(v, torch.Tensor) and v.shape[0] != 1:
+            out[k] = v.repeat(n, *([1] * (v.ndim - 1)))
+        else:
+            out[k] = v
+    return out
 
 
 def _stop_reason(cfg: InvertConfig, point: InversionStep, step: int) -> str | None:
