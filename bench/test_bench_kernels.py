@@ -211,7 +211,9 @@ def _status_args():
         noise_var=torch.ones(steps, dtype=torch.float64, device=DEVICE),
         worst=torch.empty(batch, dtype=torch.float64, device=DEVICE),
         res_log=torch.empty(max_iters + 1, batch, dtype=torch.float64, device=DEVICE),
-        done_round=torch.zeros(batch, dtype=torch.int64, device=DEVICE), stop="x0", tol=1e-3, dim=64,
+        done_round=torch.zeros(batch, dtype=torch.int64, device=DEVICE),
+        mult=torch.ones(batch, width, device=DEVICE), spent=torch.zeros(batch, dtype=torch.float64, device=DEVICE),
+        stop="x0", tol=1e-3, dim=64,
     )
 
 
@@ -222,7 +224,7 @@ def test_round_status(benchmark, copy_gbps, impl):
     batch, width, _, _ = SIZES
     fn = _implementation(impl, "round_status")
     args = _status_args()
-    nbytes = batch * width * (3 * 4 + 8) + batch * 4 * 8
+    nbytes = batch * width * (4 * 4 + 8) + batch * 5 * 8
     _bench(benchmark, lambda: fn(**args), nbytes, copy_gbps, "round_status")
 
 
