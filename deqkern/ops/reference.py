@@ -114,9 +114,12 @@ def x0_accepted_rows(
     * the rows frozen: the leading rows ``j`` with ``sum_{i <= j} c_i <= (tol - spent) (j + 2)
       / left``, plus one, at most ``n``.
 
-    Hence ``||x0 - x0_seq|| <= tol ||x0_seq||`` to first order wherever the trajectory's norms
-    track the chain's gains (checked by ``tests/test_x0_bound.py``; the bound and its floor are
-    stated in :func:`deqkern.sample`'s ``stop``). ``cost``: ``[B, W]`` from :func:`x0_row_costs`.
+    Hence ``||x0 - x0_seq|| <= tol ||x0_seq||`` to first order wherever the latents' norms
+    track the chain's gains; the bound as documented (``tol`` of :class:`deqkern.ParallelSampler`)
+    adds a floor, ``tol max(||x0_seq||, 1e-3 ||x_T||)``, for x0 near 0, and is checked on random
+    chains by ``tests/test_x0_bound.py``. The rule itself needs no floor: an x0 near 0 makes the
+    last rows' costs large, down to one row per round, the sequential chain. ``cost``: ``[B, W]``
+    from :func:`x0_row_costs`.
     """
     rem = (tol - spent).clamp(min=0).unsqueeze(1)
     frozen_if_pass = torch.arange(cost.shape[1], device=cost.device) + 2
