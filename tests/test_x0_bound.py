@@ -4,12 +4,11 @@ sequential sampler's, ``||x0 - x0_seq|| <= tol * max(||x0_seq||, FLOOR * ||x_T||
 Hundreds of seeded random chains (beta schedules, timestep subsets, prediction types, DDIM with
 eta 0 and > 0, DDPM), elementwise models whose gain ranges from shrinking x0 a thousandfold to
 growing it, float64 and float32, Picard and Anderson, full and small windows. The old rule (rows
-at ``tol / S``, then every row at ``tol`` once the window reaches x0) ended up to 17x ``tol``
-away on chains whose x0 shrinks (issue 10 item 3; its reproducer is the first test).
+at ``tol / S``, then every row at ``tol`` once the window reaches x0) broke the bound on 8 of
+these 400 cases, up to 76x, all on chains whose x0 shrinks (issue 10 item 3; its reproducer is
+the first test).
 """
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -86,10 +85,7 @@ def run_case(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
 def test_converged_x0_within_bound_on_random_chains(block):
     """400 random cases (100 per block): every converged sample within the bound. With the
     default ``max_iters`` (S) every solve converges, so every sample is checked."""
-    worst = 0.0
     for seed in range(100 * block, 100 * (block + 1)):
         ratio, converged = run_case(random_case(seed))
         assert bool(converged.all()), f"seed {seed}: not converged within S rounds"
-        worst = max(worst, float(ratio.max()))
         assert float(ratio.max()) <= 1.0, f"seed {seed}: x0 {float(ratio.max()):.3g} x the bound away"
-    assert math.isfinite(worst)
