@@ -78,7 +78,7 @@ def _round_status_kernel(
     else:
         tiny = tl.full([], 1.1754943508222875e-38, tl.float32)
     first_fail = tl.zeros([], tl.int32) + W  # first row whose test fails (rows past n: not live, fail)
-    # the x0 rule: its running sum of row costs, what the freeze pays, what it may spend per row
+    # the x0 rule: the running sum of row costs, what the freeze pays, the budget spent before
     spend = tl.zeros([], tl.float64)
     paid = tl.zeros([], tl.float64)
     if STOP == 2:
