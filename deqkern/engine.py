@@ -98,7 +98,8 @@ class SolveState:
     #: [B] float64 the last round's worst live row in units of the stopping test (``err / tol``,
     #: 0 once inactive): how near the solve is to its stop, whatever the rule
     worst: torch.Tensor
-    spent: torch.Tensor  #: [B] float64 the x0 rule's error budget spent, in units of ||x0|| (ops.reference.x0_accepted_rows)
+    #: [B] float64 the x0 rule's error budget spent so far, in units of ||x0|| (ops.reference.x0_accepted_rows)
+    spent: torch.Tensor
     traj: torch.Tensor | None  #: [S+2, B, D] latents by position (last row: scratch)
     #: [B, W, D] the next model input in the model's dtype (fixed-shape rounds only): written by
     #: the round's commit, read by the next model call
