@@ -256,7 +256,7 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     with annotate("scan"):
         res = scan_residual(st.xw, e, z, coef, n, p.transform, solver.hist_f, drift=p.drift)
     with annotate("status"):
-        # the stopping test, the rows to freeze, the logs and SolveState.worst/done_round/bad_t
+        # the stopping test, the rows to freeze, the logs and SolveState.worst/done_round/bad_t/spent
         delta = round_status(res.f_sq, res.g_sq, res.nonfinite, t, n, st.k0, st.rounds, p.noise_var, st.worst,
                              st.res_log, st.done_round, st.bad_t, coef[..., 0], st.spent, stop=p.stop, tol=p.tol,
                              dim=dim)
