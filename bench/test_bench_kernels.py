@@ -260,7 +260,9 @@ def _status_args():
         noise_var=torch.ones(steps, dtype=torch.float64, device=DEVICE),
         worst=torch.full((batch,), float("nan"), dtype=torch.float64, device=DEVICE),
         res_log=torch.full((max_iters + 1, batch), float("nan"), dtype=torch.float64, device=DEVICE),
-        done_round=torch.zeros(batch, dtype=torch.int64, device=DEVICE), stop="x0", tol=1e-3, dim=64,
+        done_round=torch.zeros(batch, dtype=torch.int64, device=DEVICE),
+        mult=torch.ones(batch, width, device=DEVICE), spent=torch.zeros(batch, dtype=torch.float64, device=DEVICE),
+        stop="x0", tol=1e-3, dim=64,
     )
 
 
@@ -278,10 +280,11 @@ def test_round_status(benchmark, copy_gbps, impl):
         assert got.cpu().tolist() == expected.cpu().tolist(), name
     check("worst", args["worst"], want["worst"], RTOL_ROWS)
     check("res_log", args["res_log"], want["res_log"], RTOL_SUMS)
+    check("spent", args["spent"], want["spent"], RTOL_SUMS)
     # the [B, W] norms and timesteps and the [B] state in, delta, the state and one log row out
     # (noise_var is read by the noise rule only)
-    read = [args[k] for k in ("f_sq", "g_sq", "nonfinite", "t", "n_rows", "k0", "done_round")]
-    nbytes = bytes_moved(read, [delta, args["worst"], args["done_round"], args["res_log"][0]])
+    read = [args[k] for k in ("f_sq", "g_sq", "nonfinite", "t", "n_rows", "k0", "done_round", "mult", "spent")]
+    nbytes = bytes_moved(read, [delta, args["worst"], args["done_round"], args["res_log"][0], args["spent"]])
     _bench(benchmark, lambda: fn(**args), nbytes, copy_gbps, "round_status")
 
 

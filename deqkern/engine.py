@@ -98,6 +98,8 @@ class SolveState:
     #: [B] float64 the last round's worst live row in units of the stopping test (``err / tol``,
     #: 0 once inactive): how near the solve is to its stop, whatever the rule
     worst: torch.Tensor
+    #: [B] float64 the x0 rule's error budget spent so far, in units of ||x0|| (ops.reference.x0_accepted_rows)
+    spent: torch.Tensor
     traj: torch.Tensor | None  #: [S+2, B, D] latents by position (last row: scratch)
     #: [B, W, D] the next model input in the model's dtype (fixed-shape rounds only): written by
     #: the round's commit, read by the next model call
@@ -125,6 +127,7 @@ class SolveState:
             res_log=torch.full((p.max_iters + 1, b), float("nan"), dtype=torch.float64, device=dev),
             bad_t=torch.full((p.max_iters + 1,), -1, dtype=torch.int64, device=dev), traj=traj,
             worst=torch.full((b,), math.inf, dtype=torch.float64, device=dev),
+            spent=torch.zeros(b, dtype=torch.float64, device=dev),
         )
 
 
@@ -253,9 +256,10 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     with annotate("scan"):
         res = scan_residual(st.xw, e, z, coef, n, p.transform, solver.hist_f, drift=p.drift)
     with annotate("status"):
-        # the stopping test, the rows to freeze, the logs and SolveState.worst/done_round/bad_t
+        # the stopping test, the rows to freeze, the logs and SolveState.worst/done_round/bad_t/spent
         delta = round_status(res.f_sq, res.g_sq, res.nonfinite, t, n, st.k0, st.rounds, p.noise_var, st.worst,
-                             st.res_log, st.done_round, st.bad_t, stop=p.stop, tol=p.tol, dim=dim)
+                             st.res_log, st.done_round, st.bad_t, coef[..., 0], st.spent, stop=p.stop, tol=p.tol,
+                             dim=dim)
     if st.secant is not None:
         secant_update(st.secant, st.xw, res.g, live)
     with annotate("solve+mix"):

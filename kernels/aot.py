@@ -110,7 +110,7 @@ def _status_config(acc: str, stop: str, block: int) -> Config:
         "round_status", "_round_status_kernel", f"{acc} stop={stop} BLOCK_W={block}",
         pointers={"f_ptr": acc, "g_ptr": acc, "bad_ptr": acc, "t_ptr": "i64", "nrows_ptr": "i64", "k0_ptr": "i64",
                   "rounds_ptr": "i64", "var_ptr": "fp64", "delta_ptr": "i64", "worst_ptr": "fp64", "log_ptr": "fp64",
-                  "done_ptr": "i64", "badt_ptr": "i64"},
+                  "done_ptr": "i64", "badt_ptr": "i64", "mult_ptr": acc, "spent_ptr": "fp64"},
         constexprs={"STOP": STOP_CODES[stop], "ACC": tl.float64 if acc == "fp64" else tl.float32, "BLOCK_W": block},
         num_warps=num_warps_for(block), unit=("s_tj", "s_nb", "s_kb", "s_db", "s_wb", "s_lb", "s_ob", "s_ar"),
     )

@@ -25,9 +25,9 @@ def _sqrt_ratio(num, den, F64: tl.constexpr):
 @triton.jit
 def _round_status_kernel(
     f_ptr, g_ptr, bad_ptr, t_ptr, nrows_ptr, k0_ptr, rounds_ptr, var_ptr, delta_ptr, worst_ptr, log_ptr, done_ptr,
-    badt_ptr,
-    W, S, D, max_iters: tl.int32, tol: tl.float64, slide_tol: tl.float64,
-    s_fb, s_fj, s_gb, s_gj, s_bb, s_bj, s_tb, s_tj, s_nb, s_kb, s_db, s_wb, s_lr, s_lb, s_ob, s_ar,
+    badt_ptr, mult_ptr, spent_ptr,
+    W, S, D, max_iters: tl.int32, tol: tl.float64,
+    s_fb, s_fj, s_gb, s_gj, s_bb, s_bj, s_tb, s_tj, s_nb, s_kb, s_db, s_wb, s_lr, s_lb, s_ob, s_ar, s_mb, s_mj, s_pb,
     STOP: tl.constexpr, ACC: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """One program = one sample ``b``: the stopping test of its ``n = n_rows[b]`` live window
@@ -39,11 +39,14 @@ def _round_status_kernel(
         err_j = sqrt(f_j / max(g_j, tiny))                    relative, x0   (in ACC)
               = sqrt(f_j / (D var[min(p, S - 1)]))              noise          (in fp64)
 
-    and with ``lead`` the leading rows with ``err_j <= t`` (``t = tol``, or ``slide_tol`` for
-    x0), the rows the sample freezes::
+    and with ``lead`` the leading rows that pass, the rows the sample freezes ``delta =
+    min(lead + 1, n)``. Relative, noise: row ``j`` passes if ``err_j <= tol``. x0 (in fp64; the
+    budget :func:`deqkern.ops.reference.x0_accepted_rows`, ``L_j = mult[b, j]``)::
 
-        delta = min(lead + 1, n)                               relative, noise; and x0, unless
-        delta = n    if x0, n == S - k0 and every live err_j <= tol   (the window reaches x0)
+        c_j   = sqrt(f_j) (1 / sqrt(max(g_j, tiny)) + |L_{j+1}| / sqrt(max(g_{j+1}, tiny)))
+                (0 unless j + 1 < n)
+        pass  : sum_{i <= j} c_i <= max(tol - spent[b], 0) (j + 2) / max(S - k0, 1)
+        spent[b] += sum_{i <= delta - 2} c_i                   (nothing if delta < 2)
 
     Writes ``delta[b]``; ``worst[b] = max_j err_j / tol`` over live rows in fp64 (NaN counts as
     inf, 0 without live rows); ``log[min(rounds, max_iters), b] = sqrt(sum f / max(sum g,
@@ -56,7 +59,8 @@ def _round_status_kernel(
 
     Pointers: f, g, bad ``[B, W]`` (ACC); t ``[B, W]`` int64; n_rows, k0, delta, done ``[B]``
     int64; rounds ``()`` int64; var ``[S]`` fp64 (read only by the noise rule); worst ``[B]``
-    fp64; log ``[max_iters + 1, B]`` fp64; badt ``[max_iters + 1]`` int64. Grid ``(B,)``; the
+    fp64; log ``[max_iters + 1, B]`` fp64; badt ``[max_iters + 1]`` int64; mult ``[B, W]``
+    (any float dtype; read by x0); spent ``[B]`` fp64 (read and written by x0). Grid ``(B,)``; the
     window in blocks of ``BLOCK_W``. Memory: reads 4 B W values, writes 4 B — launch-bound by
     design: it replaces small ops, not bandwidth.
     """
@@ -67,17 +71,18 @@ def _round_status_kernel(
     # tolerances rounded once to the error's dtype (tl.full rounds; see scan_residual's clip)
     if STOP == 1:
         t_row = tl.full([], tol, tl.float64)
-    elif STOP == 2:
-        t_row = tl.full([], slide_tol, ACC)
     else:
         t_row = tl.full([], tol, ACC)
-    t_all = tl.full([], tol, ACC)
     if ACC == tl.float64:  # torch.finfo(dtype).tiny, as the reference clamps ||G||^2
         tiny = tl.full([], 2.2250738585072014e-308, tl.float64)
     else:
         tiny = tl.full([], 1.1754943508222875e-38, tl.float32)
     first_fail = tl.zeros([], tl.int32) + W  # first row whose test fails (rows past n: not live, fail)
-    n_fail = tl.zeros([], tl.int32)  # live rows above tol (the x0 rule's final test)
+    # the x0 rule: the running sum of row costs, what the freeze pays, the budget spent before
+    spend = tl.zeros([], tl.float64)
+    paid = tl.zeros([], tl.float64)
+    if STOP == 2:
+        spent = tl.load(spent_ptr + b * s_pb)
     f_sum = tl.zeros([], ACC)
     g_sum = tl.zeros([], ACC)
     worst = tl.zeros([], tl.float64)
@@ -93,10 +98,25 @@ def _round_status_kernel(
             err = _sqrt_ratio(f.to(tl.float64), D * var, True)
         else:
             err = _sqrt_ratio(f, tl.maximum(g, tiny), ACC == tl.float64)
-        passed = live & (err <= t_row)
+        if STOP == 2:
+            nxt = (j + 1) < n
+            g1 = tl.load(g_ptr + b * s_gb + (j + 1) * s_gj, mask=nxt, other=1.0)
+            m1 = tl.load(mult_ptr + b * s_mb + (j + 1) * s_mj, mask=nxt, other=0.0).to(tl.float64)
+            inv_g = 1.0 / tl.sqrt(tl.maximum(g, tiny).to(tl.float64))
+            inv_g1 = 1.0 / tl.sqrt(tl.maximum(g1, tiny).to(tl.float64))
+            cost = tl.where(nxt, tl.sqrt(f.to(tl.float64)) * (inv_g + tl.abs(m1) * inv_g1), 0.0)
+            run = spend + tl.cumsum(cost, axis=0)
+            spend += tl.sum(cost, axis=0)
+            # (tol - spent) (j + 2) / left, in the reference's order of operations
+            allow = tl.maximum(tol - spent, 0.0) * (j + 2).to(tl.float64) / tl.maximum(S - k0, 1).to(tl.float64)
+            passed = live & (run <= allow)
+        else:
+            passed = live & (err <= t_row)
         first_fail = tl.minimum(first_fail, tl.min(tl.where(passed, W, j), axis=0))
         if STOP == 2:
-            n_fail += tl.sum((live & ~(err <= t_all)).to(tl.int32), axis=0)
+            # rows before the first failure and before the last live row: all passed, and the
+            # running sum grows, so its largest value there is what the freeze pays
+            paid = tl.maximum(paid, tl.max(tl.where((j < first_fail) & (j < n - 1), run, 0.0), axis=0))
         f_sum += tl.sum(tl.where(live, f, 0.0), axis=0)
         g_sum += tl.sum(tl.where(live, g, 0.0), axis=0)
         ratio = err.to(tl.float64) / tol
@@ -107,7 +127,7 @@ def _round_status_kernel(
         bad_t = tl.maximum(bad_t, tl.max(tl.where(bad > 0, t, -1), axis=0))
     delta = tl.minimum(first_fail + 1, n)
     if STOP == 2:
-        delta = tl.where((n == S - k0) & (n_fail == 0), n, delta)
+        tl.store(spent_ptr + b * s_pb, spent + paid)
     tl.store(delta_ptr + b * s_db, delta)
     tl.store(worst_ptr + b * s_wb, worst)
     resid = _sqrt_ratio(f_sum, tl.maximum(g_sum, tl.full([], 1e-300, ACC)), ACC == tl.float64).to(tl.float64)

@@ -529,6 +529,9 @@ def _status_inputs(batch, width, steps, max_iters, dtype, gen):
         worst=torch.full((batch,), float("nan"), dtype=torch.float64),
         res_log=torch.randn(max_iters + 1, batch, generator=gen, dtype=torch.float64),
         done_round=torch.randint(0, 5, (batch,), generator=gen),
+        # multipliers of either sign; budgets spent from none to past the smaller tolerances
+        mult=(torch.rand(batch, width, generator=gen, dtype=torch.float64) * 3 - 1.5).to(dtype),
+        spent=torch.rand(batch, generator=gen, dtype=torch.float64) * 1e-3,
     )
 
 
@@ -538,7 +541,8 @@ def _status_inputs(batch, width, steps, max_iters, dtype, gen):
 def test_round_status_matches_reference(ops, stop, dtype, batch, width, steps, block_w):
     """Rows to freeze, ``done_round`` and ``bad_t`` (the largest timestep of a live row with
     non-finite outputs, an atomic max across samples) exactly; ``worst`` and the window residual logged within
-    1e-6 relative (the kernel sums the window in blocks: another order than torch's); ``worst``
+    1e-6 relative (the kernel sums the window in blocks: another order than torch's), the x0 rule's
+    ``spent`` (fp64 sums) within 1e-12; ``worst``
     poisoned with NaN, the log with random values (only row ``min(rounds, max_iters)`` changes).
     W not a power of two, windows wider than the block (the loop), W = 1, fp32 and fp64 norms."""
     gen = torch.Generator().manual_seed(batch * 1000 + width * 10 + steps)
@@ -554,6 +558,7 @@ def test_round_status_matches_reference(ops, stop, dtype, batch, width, steps, b
         assert got["bad_t"].cpu().tolist() == want["bad_t"].tolist()
         check("worst", got["worst"], want["worst"], 1e-6)
         check("res_log", got["res_log"], want["res_log"], 1e-6)
+        check("spent", got["spent"], want["spent"], 1e-12)
         assert int(want_delta.sum()) > 0  # the cases exercise freezing, not only the no-op
 
 
@@ -570,3 +575,7 @@ def test_round_status_rejects_bad_input(ops):
         ops.round_status(**{**args, "bad_t": args["bad_t"][:2]}, stop="x0", tol=1e-3, dim=4)
     with pytest.raises(ValueError, match="res_log: expected float64"):
         ops.round_status(**{**args, "res_log": args["res_log"].float()}, stop="x0", tol=1e-3, dim=4)
+    with pytest.raises(ValueError, match="spent: expected float64"):
+        ops.round_status(**{**args, "spent": args["spent"].float()}, stop="x0", tol=1e-3, dim=4)
+    with pytest.raises(ValueError, match="mult: expected shape"):
+        ops.round_status(**{**args, "mult": args["mult"][:, :2]}, stop="x0", tol=1e-3, dim=4)

@@ -12,24 +12,37 @@ import torch
 from conftest import digits_chain, rel_err
 
 import deqkern
-from deqkern.ops.reference import x0_accepted_rows
+from deqkern.ops.reference import x0_accepted_rows, x0_row_costs
+
+
+def test_x0_row_costs_by_hand():
+    """``c_j = ||F_j|| (1 / ||G_j|| + |L_{j+1}| / ||G_{j+1}||)``, 0 where row j + 1 is not live:
+    a row before a tiny ``G`` (a shrinking last step) costs a hundredfold more."""
+    f_sq = torch.tensor([[1e-6, 4e-6, 1e-6, 9.0]], dtype=torch.float64)
+    g_sq = torch.tensor([[1.0, 4.0, 1e-4, 1.0]], dtype=torch.float64)
+    mult = torch.tensor([[1.0, -0.5, 1.0, 2.0]], dtype=torch.float64)
+    live = torch.tensor([[True, True, True, False]])
+    want = [1e-3 * (1 + 0.5 / 2), 2e-3 * (1 / 2 + 1 / 1e-2), 0.0, 0.0]
+    assert torch.allclose(x0_row_costs(f_sq, g_sq, mult, live)[0], torch.tensor(want, dtype=torch.float64),
+                          rtol=1e-12, atol=0)
 
 
 def test_x0_rule_rows_by_hand():
-    """Leading rows within ``slide_tol`` plus one; all live rows when the window reaches x0
-    (samples 1-3) and every one passes ``tol``. Sample 4 is inactive (no live rows)."""
-    tol, slide_tol = 1e-3, 1e-4
-    err = torch.tensor([
-        [5e-5, 5e-5, 5e-4, 1e-5],  # window ends before x0: rows 0, 1 pass slide_tol, row 2 not -> 3
-        [1e-4, 5e-4, 9e-4, 9e-4],  # reaches x0, all four pass tol -> 4
-        [5e-5, 5e-4, 2e-3, 1e-5],  # reaches x0, row 2 fails tol: row 0 passes slide_tol -> 2
-        [1e-4, 5e-4, 7.0, 7.0],    # final with 2 live rows (rows 2, 3 dead): both pass -> 2
-        [7.0, 7.0, 7.0, 7.0],      # inactive -> 0
+    """Leading rows whose running cost fits ``(tol - spent) (j + 2) / left``, plus one; the freeze
+    pays the running cost of its rows but the last. Sample 3 is inactive (no live rows)."""
+    tol = 1e-3
+    cost = torch.tensor([
+        [1e-4, 1e-4, 5e-4, 0.0],  # left 10: allowances 2e-4, 3e-4, 4e-4: rows 0, 1 pass -> 3, pays 2e-4
+        [1e-4, 2e-4, 1e-4, 0.0],  # reaches x0 (left 4), half spent: 2.5e-4, 3.75e-4, 5e-4: all -> 4, pays 4e-4
+        [1e-4, 2e-4, 3e-4, 0.0],  # spent past tol: only zero-cost rows pass: none -> 1, pays 0
+        [7.0, 7.0, 7.0, 7.0],     # inactive -> 0
     ], dtype=torch.float64)
-    n = torch.tensor([4, 4, 4, 2, 0])
-    left = torch.tensor([9, 4, 4, 2, 0])
+    n = torch.tensor([4, 4, 4, 0])
+    left = torch.tensor([10, 4, 4, 0])
+    spent = torch.tensor([0.0, 5e-4, 2e-3, 0.0], dtype=torch.float64)
     live = torch.arange(4).unsqueeze(0) < n.unsqueeze(1)
-    assert x0_accepted_rows(err, live, n, left, tol, slide_tol).tolist() == [3, 4, 2, 2, 0]
+    assert x0_accepted_rows(cost, live, n, left, tol, spent).tolist() == [3, 4, 1, 0]
+    assert torch.allclose(spent, torch.tensor([2e-4, 9e-4, 2e-3, 0.0], dtype=torch.float64), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("solver,opts", [("picard", None), ("anderson", {"mixing": "triangular"})],

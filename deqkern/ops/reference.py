@@ -73,33 +73,63 @@ def accepted_rows(passed: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     return torch.minimum(passed.to(torch.int64).cumprod(dim=1).sum(dim=1) + 1, n)
 
 
-def x0_accepted_rows(
-    err: torch.Tensor, live: torch.Tensor, n: torch.Tensor, left: torch.Tensor, tol: float, slide_tol: float
-) -> torch.Tensor:
-    """``[B]`` rows each sample freezes under the ``x0`` stopping rule, which bounds the error of
-    x0 rather than each row's residual.
+def x0_row_costs(f_sq: torch.Tensor, g_sq: torch.Tensor, mult: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """``[B, W]`` float64: what each row's residual costs x0 if the row is frozen, in units of
+    ``||x0||`` (the ``x0`` rule's budget is ``tol``; math: :func:`x0_accepted_rows`)::
 
-    Why the ``relative`` rule does not: a row frozen at ``G`` carries the error its inputs had,
-    ``G_j - y*_j = sum_{i<j} (J_i - I) e_i`` (``J_i`` the step's Jacobian, ``e_i ~ -F_i`` near
-    convergence), and every later row inherits it. Each round that freezes a passing prefix adds
-    such an error, so x0 ends several ``tol`` away (up to 10x measured, ``bench/results/
-    stopping_rule_cpu.json``). This rule:
+        c_j = ||F_j|| (1 / ||G_j|| + |L_{j+1}| / ||G_{j+1}||)      (0 unless row j + 1 is live)
 
-    * freezes the leading rows with ``err <= slide_tol`` plus one, as ``relative`` does with a
-      tighter test: the caller passes ``tol / S``, so the residuals of all rows ever frozen this
-      way sum to at most ``tol`` (their error reaches x0 through ``J - I`` and the rest of the
-      chain, both about 1 or less);
-    * and once the window reaches x0 (``n == left``), freezes all its rows when every live one
-      passes ``tol``: one freeze at ``tol``, whose error at x0 is about the next round's residual.
-
-    Measured on the digits model: worst sample within 0.42 ``tol`` where ``relative`` ended up to
-    10 ``tol`` away, in about the rounds ``relative`` needs at a tenth of the tolerance
-    (``bench/results/stopping_x0_cpu.json``). ``err``: ``[B, W]`` relative row residuals;
-    ``left``: ``[B]`` rows not yet frozen.
+    ``mult``: ``[B, W]`` the scan's multipliers ``L`` (``coef[..., 0]``, per row).
     """
-    sliding = accepted_rows(live & (err <= slide_tol), n)
-    all_pass = ((err <= tol) | ~live).all(dim=1)
-    return torch.where((n == left) & all_pass, n, sliding)
+    f = f_sq.to(torch.float64).sqrt()
+    inv_g = 1.0 / g_sq.to(torch.float64).clamp(min=torch.finfo(g_sq.dtype).tiny).sqrt()
+    nxt = torch.zeros_like(inv_g)
+    nxt[:, :-1] = mult[:, 1:].to(torch.float64).abs() * inv_g[:, 1:]
+    has_next = torch.zeros_like(live)
+    has_next[:, :-1] = live[:, 1:]
+    return torch.where(has_next, f * (inv_g + nxt), 0.0)
+
+
+def x0_accepted_rows(
+    cost: torch.Tensor, live: torch.Tensor, n: torch.Tensor, left: torch.Tensor, tol: float, spent: torch.Tensor
+) -> torch.Tensor:
+    """``[B]`` rows each sample freezes under the ``x0`` stopping rule, whose budget follows how a
+    frozen row's error reaches x0; adds what the freeze spends to ``spent`` ``[B]`` (in place).
+
+    Why (linearised, ``J_i`` the Jacobian of step ``i``, ``L_i`` the scan's multiplier): the
+    scan's new iterate ``G_j`` of a window carries the error ``eps_j = J_j eps_{j-1} - (J_j -
+    L_j) F_{j-1}`` (the anchor is exact), so freezing rows ``0 .. d-1`` moves x0 by
+    ``-sum_{j < d-1} (prod_{l > j+1} J_l) (J_{j+1} - L_{j+1}) F_j``: the first failing row's own
+    residual costs nothing (hence "plus one"), and the others' reach x0 through the rest of the
+    chain, which may shrink or grow them (prediction types ``sample``/``v_prediction`` shrink x0
+    a hundredfold in their last step while ``J - L`` stays about 1). Estimating each step's gain
+    by how it scales the latent, ``||J_{j+1}|| ~ ||G_{j+1}|| / ||G_j||`` and ``||prod_{l > j+1}
+    J_l|| ~ ||x0|| / ||G_{j+1}||``, with ``|J - L| <= ||J|| + |L|``, row ``j``'s share of x0's
+    error is at most ``c_j ||x0||`` (:func:`x0_row_costs`). The rule keeps ``sum c_j <= tol``
+    over every row a sample ever freezes:
+
+    * ``spent`` holds the sum so far; a freeze of ``d`` rows may spend ``(tol - spent) d /
+      left`` (``left`` = rows not yet frozen), so early rows leave later ones their share and
+      whatever they do not use; once the window reaches x0 (``d = left``) all of what is left;
+    * the rows frozen: the leading rows ``j`` with ``sum_{i <= j} c_i <= (tol - spent) (j + 2)
+      / left``, plus one, at most ``n``.
+
+    Hence ``||x0 - x0_seq|| <= tol ||x0_seq||`` to first order wherever the latents' norms
+    track the chain's gains; the bound as documented (``tol`` of :class:`deqkern.ParallelSampler`)
+    adds a floor, ``tol max(||x0_seq||, 1e-3 ||x_T||)``, for x0 near 0, and is checked on random
+    chains by ``tests/test_x0_bound.py``. The rule itself needs no floor: an x0 near 0 makes the
+    last rows' costs large, down to one row per round, the sequential chain. ``cost``: ``[B, W]``
+    from :func:`x0_row_costs`.
+    """
+    rem = (tol - spent).clamp(min=0).unsqueeze(1)
+    frozen_if_pass = torch.arange(cost.shape[1], device=cost.device) + 2
+    allowance = rem * frozen_if_pass / left.clamp(min=1).unsqueeze(1)
+    spend = cost.cumsum(dim=1)
+    delta = accepted_rows(live & (spend <= allowance), n)
+    # the freeze spends the residuals of its rows but the last: spend[delta - 2], none if delta < 2
+    paid = spend.gather(1, (delta - 2).clamp(min=0).unsqueeze(1)).squeeze(1)
+    spent.add_(torch.where(delta >= 2, paid, 0.0))
+    return delta
 
 
 def window_residual(f_sq: torch.Tensor, g_sq: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
@@ -110,7 +140,8 @@ def window_residual(f_sq: torch.Tensor, g_sq: torch.Tensor, live: torch.Tensor) 
 def round_status(
     f_sq: torch.Tensor, g_sq: torch.Tensor, nonfinite: torch.Tensor, t: torch.Tensor, n_rows: torch.Tensor,
     k0: torch.Tensor, rounds: torch.Tensor, noise_var: torch.Tensor, worst: torch.Tensor, res_log: torch.Tensor,
-    done_round: torch.Tensor, bad_t: torch.Tensor, *, stop: str, tol: float, dim: int,
+    done_round: torch.Tensor, bad_t: torch.Tensor, mult: torch.Tensor, spent: torch.Tensor, *, stop: str,
+    tol: float, dim: int,
 ) -> torch.Tensor:
     """A round's stopping test and bookkeeping; returns ``delta`` ``[B]``, the rows each sample
     freezes (math: :func:`deqkern.kernels.round_status._round_status_kernel`).
@@ -123,7 +154,9 @@ def round_status(
     tol``), ``res_log`` ``[max_iters + 1, B]`` (row ``min(rounds, max_iters)``: the window
     residual, NaN when inactive), ``done_round`` ``[B]`` (``rounds + 1`` where the sample's last
     row freezes now) and ``bad_t`` ``[max_iters + 1]`` (at the same row: the largest timestep of
-    a live row with a non-finite model output, if larger). ``stop``: ``"relative"``, ``"noise"``
+    a live row with a non-finite model output, if larger) and ``spent`` ``[B]`` float64 (the x0
+    rule's budget spent so far, :func:`x0_accepted_rows`; other rules leave it). ``mult``:
+    ``[B, W]`` the scan's multipliers ``L`` per row (read by the x0 rule). ``stop``: ``"relative"``, ``"noise"``
     or ``"x0"``; ``dim``: D, the latent size (noise rule).
     """
     steps, width = noise_var.numel(), f_sq.shape[1]
@@ -134,7 +167,8 @@ def round_status(
     else:
         err = relative_row_error(f_sq, g_sq)
     if stop == "x0":
-        delta = x0_accepted_rows(err, live, n_rows, steps - k0, tol, tol / steps)
+        cost = x0_row_costs(f_sq, g_sq, mult, live)
+        delta = x0_accepted_rows(cost, live, n_rows, steps - k0, tol, spent)
     else:
         delta = accepted_rows(live & (err <= tol), n_rows)
     ratio = (err.to(torch.float64) / tol).nan_to_num(nan=math.inf)

@@ -273,7 +273,8 @@ def commit_window(
 def round_status(
     f_sq: torch.Tensor, g_sq: torch.Tensor, nonfinite: torch.Tensor, t: torch.Tensor, n_rows: torch.Tensor,
     k0: torch.Tensor, rounds: torch.Tensor, noise_var: torch.Tensor, worst: torch.Tensor, res_log: torch.Tensor,
-    done_round: torch.Tensor, bad_t: torch.Tensor, *, stop: str, tol: float, dim: int, block_w: int | None = None,
+    done_round: torch.Tensor, bad_t: torch.Tensor, mult: torch.Tensor, spent: torch.Tensor, *, stop: str, tol: float,
+    dim: int, block_w: int | None = None,
 ) -> torch.Tensor:
     """:func:`deqkern.ops.reference.round_status` as one kernel; returns ``delta``."""
     if f_sq.ndim != 2:
@@ -295,8 +296,11 @@ def round_status(
                              f"{tuple(v.shape)} on {v.device}")
     if rounds.shape != () or rounds.dtype != torch.int64:
         raise ValueError(f"rounds: expected a 0-d int64 tensor, got {rounds.dtype} {tuple(rounds.shape)}")
+    _check("mult", mult, (batch, width), f_sq, same_dtype=False)
+    if not mult.is_floating_point():
+        raise TypeError(f"mult: expected a floating-point tensor (the scan's multipliers L), got {mult.dtype}")
     for name, v, shape in (("noise_var", noise_var, (steps,)), ("worst", worst, (batch,)),
-                           ("res_log", res_log, (rows, batch))):
+                           ("res_log", res_log, (rows, batch)), ("spent", spent, (batch,))):
         if v.shape != shape or v.dtype != torch.float64 or v.device != f_sq.device:
             raise ValueError(f"{name}: expected float64 of shape {shape} on {f_sq.device}, got {v.dtype} "
                              f"{tuple(v.shape)} on {v.device}")
@@ -305,9 +309,10 @@ def round_status(
     with _on(f_sq.device):
         _round_status_kernel[(batch,)](
             f_sq, g_sq, nonfinite, t, n_rows, k0, rounds, noise_var, delta, worst, res_log, done_round, bad_t,
-            width, steps, dim, rows - 1, float(tol), float(tol) / steps,
+            mult, spent, width, steps, dim, rows - 1, float(tol),
             *f_sq.stride(), *g_sq.stride(), *nonfinite.stride(), *t.stride(), n_rows.stride(0), k0.stride(0),
             delta.stride(0), worst.stride(0), *res_log.stride(), done_round.stride(0), bad_t.stride(0),
+            *mult.stride(), spent.stride(0),
             STOP=STOP_CODES[stop], ACC=acc_tl, BLOCK_W=block, num_warps=num_warps_for(block),
         )
     return delta
