@@ -77,9 +77,10 @@ def check_chain_inputs(
 #: solver history and trajectory would otherwise round at the model's precision.
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
-#: Per model dtype, the x0 relative error between two sequential runs of the same samples in
-#: another batch composition (half-precision GEMMs round differently by batch): the least ``tol``
-#: a parallel solve, whose rounds batch rows differently again, can be held to.
+#: Per model dtype, the least ``tol`` a solve can be held to: two sequential runs of the same
+#: samples that agree to float32 (another batch composition, x_T moved by 4 float32 ulps: the model
+#: rounds its input) or x0's cast to that dtype differ at x0 by up to this relative error, and a
+#: parallel solve batches and rounds its rows differently again.
 #: chosen by bench/solver_studies.py half-precision
 HALF_TOL_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
@@ -105,7 +106,7 @@ def _warn_below_floor(tol: float, model_dtype: torch.dtype | None) -> None:
     if floor is not None and tol < floor:
         warnings.warn(
             f"tol={tol:g} is below the tolerance floor {floor:g} of a {model_dtype} model (two sequential runs "
-            f"batched differently differ by that much): converged=True cannot mean x0 within tol; "
+            f"that agree to float32 differ by that much at x0): converged=True cannot mean x0 within tol; "
             f"use tol >= {floor:g} or a float32 model", UserWarning, stacklevel=3,
         )
 
