@@ -334,8 +334,8 @@ def half_precision(quick: bool) -> dict[str, Any]:
             "rows": rows}
 
 
-STUDIES = {"adjoint-vjp": adjoint_vjp, "half-precision": half_precision, "ops-per-round": ops_per_round, "stopping-rule": stopping_rule,
-           "stopping-x0": stopping_x0, "tail-chunks": tail_chunks}
+STUDIES = {"adjoint-vjp": adjoint_vjp, "ops-per-round": ops_per_round, "stopping-rule": stopping_rule,
+           "stopping-x0": stopping_x0, "tail-chunks": tail_chunks, "half-precision": half_precision}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -274,11 +274,11 @@ class ParallelSampler:
         model_kwargs, guidance: conditioning (per sample or shared), fixed for the sampler: a
             captured graph reads these very tensors, so update them in place to change them.
         max_batch: most model rows per call; a round is split into chunks above it.
-        model_dtype: the dtype the model is fed (its weights'); default ``x_T``'s. With a
-            float16/bfloat16 model (this, or a half ``x_T``) the latents and all solver state
-            (window, residuals, solver history, trajectory) stay float32 and only the model's
-            input is cast (:func:`solve_precision`); ``x0`` comes back in ``x_T``'s dtype. A
-            ``tol`` below the half model's floor (``HALF_TOL_FLOOR``) warns.
+        model_dtype: the dtype the model is fed (its weights'); default ``x_T``'s. Only the
+            model's input is cast: the latents and all solver state (window, residuals, solver
+            history, trajectory) are in ``x_T``'s dtype, float32 when that is float16/bfloat16
+            (:func:`solve_precision`); ``x0`` comes back in ``x_T``'s dtype. With a half model
+            a ``tol`` below its floor (``HALF_TOL_FLOOR``) warns.
         extrapolate: rows entering a sliding window (``window < S``) continue the last step
             linearly (True) or copy the last computed row as ParaDiGMS does (False); default
             (None): True for deterministic chains, where it saves rounds, False for stochastic
@@ -404,7 +404,8 @@ class ParallelSampler:
             model_evals=ws.ev.evaluations, wall_time=out.wall_time, residuals=out.residuals,
             rounds_per_sample=out.rounds_per_sample,
             # a copy: the workspace's buffer is the next call's
-            trajectory=None if st.traj is None else back(st.traj[: s + 1].reshape(s + 1, *shape).to(x_T.dtype, copy=True)),
+            trajectory=None if st.traj is None else back(
+                st.traj[: s + 1].reshape(s + 1, *shape).to(x_T.dtype, copy=True)),
             info={"solver": self.solver, "config": ws.config, "form": schedule.form, "stop": self.stop,
                   "tol": self.tol, "window": self.width, "extrapolate": self.extrapolate and init is None,
                   **out.info},
