@@ -116,18 +116,21 @@ def test_model_dtype_with_fp32_x_T(dtype, execution):
 
 @pytest.mark.parametrize("solver", ["picard", "anderson"])
 def test_digits_bf16_converged_within_tol(solver):
-    """The trained digits UNet in bfloat16 (the issue's case), x_T in bfloat16, ``tol`` at the
-    bf16 floor: converged means each sample's x0 within ``tol`` of the bf16 sequential x0
-    (relative error in float64 of the two bf16 results), on two seeds."""
+    """The trained digits UNet in bfloat16 (the issue's case), ``tol`` at the bf16 floor:
+    converged means each sample's x0 within ``tol`` of the bf16 sequential x0 (relative error in
+    float64), on two seeds. From a bf16 x_T the solve is the same, bit for bit, and x0 is that
+    result rounded once to bf16."""
     unet, sched = digits_chain(12)
     unet = unet.to(torch.bfloat16)
     tol = HALF_TOL_FLOOR[torch.bfloat16]
     for seed in range(2):
         x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(100 + seed)).to(torch.bfloat16)
         with torch.no_grad():
-            ref = deqkern.sample_sequential(unet, x, sched).x0
-            res = deqkern.sample(unet, x, sched, solver, tol=tol, execution="eager")
-        assert res.x0.dtype == torch.bfloat16
+            ref = deqkern.sample_sequential(unet, x.float(), sched, model_dtype=torch.bfloat16).x0
+            res = deqkern.sample(unet, x.float(), sched, solver, tol=tol, model_dtype=torch.bfloat16,
+                                 execution="eager")
+            half = deqkern.sample(unet, x, sched, solver, tol=tol, execution="eager")
+        assert half.x0.dtype == torch.bfloat16 and torch.equal(half.x0, res.x0.to(torch.bfloat16))
         for b in range(x.shape[0]):
             assert not res.converged[b] or rel_err(res.x0[b], ref[b]) <= tol, (seed, b)
 
