@@ -1,6 +1,7 @@
 """CPU studies behind the README's solver numbers; each writes a JSON report to bench/results/.
 
     python bench/solver_studies.py adjoint-vjp     # exact-gradient backward: time and peak memory per VJP mode
+    python bench/solver_studies.py half-precision  # fp16/bf16 models: tolerance floor, rounds and x0 error vs fp32
     python bench/solver_studies.py ops-per-round   # ATen ops of one fixed-shape round outside the model
     python bench/solver_studies.py stopping-rule   # x0 error at the solver's own stop against tol, many batches
     python bench/solver_studies.py stopping-x0     # the x0 rule against the relative rule: x0 error and rounds
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -255,8 +258,102 @@ def tail_chunks(quick: bool) -> dict[str, Any]:
                     "setting", "rows": rows}
 
 
+def _x0_errs(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """Per sample, the relative x0 error ``||a - b|| / ||b||``, in float64."""
+    a, b = a.double().flatten(1), b.double().flatten(1)
+    return ((a - b).norm(dim=1) / b.norm(dim=1)).tolist()
+
+
+def _x0_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The worst sample's relative x0 error."""
+    return max(_x0_errs(a, b))
+
+
+def _round_up_125(v: float) -> float:
+    """The least of 1, 2, 5 x 10^k at or above ``v``."""
+    k = math.floor(math.log10(v))
+    return next(m * 10.0**k for m in (1, 2, 5, 10) if m * 10.0**k >= v * (1 - 1e-9))
+
+
+def _half_floor(unet: torch.nn.Module, dtype: torch.dtype, steps: int, batch: int, seed: int) -> dict[str, Any]:
+    """Per sample, what separates two sequential runs of the same samples with the model in
+    ``dtype`` (the latents fp32): batched together vs one sample per call (the GEMMs round
+    differently), x_T moved by 4 float32 ulps (the model rounds its input to ``dtype``: rows equal
+    to float32 are not equal to it), and rounding the float32 x0 to ``dtype`` (what a half ``x_T``
+    gets back)."""
+    schedule = deqkern.Schedule.from_diffusers(_digits()[1], steps)
+    x = torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(1000 * steps + seed))
+    seq = deqkern.SequentialSampler(unet, schedule, model_dtype=dtype, execution="eager")
+    with torch.no_grad():
+        ref = seq(x).x0
+        alone = torch.cat([seq(x[i : i + 1]).x0 for i in range(batch)])
+        moved = seq(x * (1 + 4 * torch.finfo(torch.float32).eps)).x0
+    return {"batch_composition": _x0_errs(alone, ref), "input_ulps": _x0_errs(moved, ref),
+            "output_cast": _x0_errs(ref.to(dtype), ref)}
+
+
+#: The share of samples whose two runs must agree within the floor: the rest are chains that
+#: amplify the model's rounding far beyond it (the study reports their max), which no tolerance of
+#: a half model can hold.
+FLOOR_QUANTILE = 0.9
+
+
+def half_precision(quick: bool) -> dict[str, Any]:
+    """Half-precision models (latents and solver state float32, model in fp16/bf16): the tolerance
+    floor per dtype (``deqkern.sampling.HALF_TOL_FLOOR``: per sample the worst of
+    :func:`_half_floor`'s differences, their ``FLOOR_QUANTILE`` over samples, rounded up to 1, 2
+    or 5 x 10^k), then rounds and the worst x0 error against the same-dtype and the float32
+    sequential x0, per chain length and solver, at tol 1e-3 (the default) and at the floor. x_T is
+    float32 (``model_dtype``): errors are the solve's, not x0's cast."""
+    dtypes = [torch.float32, torch.float16, torch.bfloat16]
+    chains = [(4, 2)] if quick else [(25, 2), (100, 1)]
+    solvers = ["picard"] if quick else ["picard", "anderson-tri"]
+    floor_chains, floor_seeds, floor_batch = ([4], 1, 2) if quick else ([25, 50], 5, 4)
+    floors, floor_of, rows = [], {}, []
+    models = {dt: _digits()[0].to(dt) for dt in dtypes}
+    for dt in dtypes[1:]:
+        per_sample = []
+        for steps in floor_chains:
+            for seed in range(floor_seeds):
+                f = _half_floor(models[dt], dt, steps, floor_batch, seed)
+                floors.append({"dtype": str(dt), "steps": steps, "seed": seed, **f})
+                per_sample += [max(v) for v in zip(*f.values())]
+                print(f"floor {dt} S={steps} seed {seed}: worst sample: batch composition "
+                      f"{max(f['batch_composition']):.2e}, 4 fp32 ulps of x_T {max(f['input_ulps']):.2e}, x0 cast "
+                      f"{max(f['output_cast']):.2e}", flush=True)
+        q = sorted(per_sample)[min(len(per_sample) - 1, int(FLOOR_QUANTILE * len(per_sample)))]
+        floor_of[str(dt)] = _round_up_125(q)
+        print(f"{dt}: {len(per_sample)} samples, median {sorted(per_sample)[len(per_sample) // 2]:.2e}, "
+              f"quantile {FLOOR_QUANTILE} {q:.2e}, max {max(per_sample):.2e}: floor {floor_of[str(dt)]:g}", flush=True)
+    for steps, batch in chains:
+        schedule = deqkern.Schedule.from_diffusers(_digits()[1], steps)
+        x = torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            seq = {dt: deqkern.sample_sequential(models[dt], x, schedule, model_dtype=dt, execution="eager").x0
+                   for dt in dtypes}
+        for dt in dtypes:
+            tols = sorted({1e-3, floor_of.get(str(dt), 1e-3)})
+            for solver in solvers:
+                for tol in tols:
+                    with torch.no_grad(), warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # the below-floor warning: this study measures it
+                        r = deqkern.sample(models[dt], x, schedule, tol=tol, model_dtype=dt, execution="eager",
+                                           **SOLVERS[solver])
+                    rows.append({"dtype": str(dt), "steps": steps, "batch": batch, "solver": solver, "tol": tol,
+                                 "rounds": r.rounds, "converged": r.all_converged,
+                                 "x0_err_vs_same_dtype_seq": _x0_err(r.x0, seq[dt]),
+                                 "x0_err_vs_fp32_seq": _x0_err(r.x0, seq[torch.float32])})
+                    w = rows[-1]
+                    print(f"S={steps:<4} {str(dt):<15} {solver:<12} tol {tol:g}: rounds {r.rounds:>3} converged "
+                          f"{r.all_converged!s:<5} x0 err vs same-dtype seq {w['x0_err_vs_same_dtype_seq']:.2e}, vs "
+                          f"fp32 seq {w['x0_err_vs_fp32_seq']:.2e}", flush=True)
+    return {"what": "digits model, DDIM, eager, x_T float32 with model_dtype; floor: sequential vs sequential, per "
+                    "sample; rounds and worst x0 error of one batch per chain", "floor_quantile": FLOOR_QUANTILE,
+            "floors": floors, "floor_per_dtype": floor_of, "rows": rows}
+
+
 STUDIES = {"adjoint-vjp": adjoint_vjp, "ops-per-round": ops_per_round, "stopping-rule": stopping_rule,
-           "stopping-x0": stopping_x0, "tail-chunks": tail_chunks}
+           "stopping-x0": stopping_x0, "tail-chunks": tail_chunks, "half-precision": half_precision}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

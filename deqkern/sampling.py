@@ -7,8 +7,10 @@ library embedding deqkern, or a benchmark of steady-state speed, should call it.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
@@ -77,6 +79,45 @@ def wants_grad(x_T: torch.Tensor, noise: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(v.requires_grad for v in inputs)
 
 
+#: Model dtypes whose solve keeps its state in float32: latents, step coefficients, residuals,
+#: solver history and trajectory would otherwise round at the model's precision.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+#: Per model dtype, the least ``tol`` a solve can be held to: two sequential runs of the same
+#: samples that agree to float32 (another batch composition, x_T moved by 4 float32 ulps: the model
+#: rounds its input) or x0's cast to that dtype differ at x0 by up to this relative error in 9 of
+#: 10 samples, and a parallel solve batches and rounds its rows differently again (chains that
+#: amplify rounding differ more: up to 3.7e-3 at fp16).
+#: chosen by bench/solver_studies.py half-precision
+HALF_TOL_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 5e-3}
+
+
+def solve_precision(x_dtype: torch.dtype, ev: ModelEvaluator) -> tuple[torch.dtype, ModelEvaluator]:
+    """``(state dtype, evaluator)`` of a chain from an ``x_T`` of ``x_dtype``.
+
+    The state is float32 when ``x_T`` is half precision (``HALF_DTYPES``), else ``x_T``'s dtype.
+    The model sees its own dtype at its input only: ``model_dtype`` when given, else ``x_T``'s
+    dtype (so a half ``x_T`` is what a half model is fed, with the state kept in float32).
+    """
+    if x_dtype not in HALF_DTYPES:
+        return x_dtype, ev
+    if ev.model_dtype is not None:
+        return torch.float32, ev
+    return torch.float32, dataclasses.replace(ev, model_dtype=x_dtype)
+
+
+def _warn_below_floor(tol: float, model_dtype: torch.dtype | None) -> None:
+    """A ``UserWarning`` naming ``tol``, the dtype and its floor when ``tol`` is below what a model
+    in that dtype can be held to (``HALF_TOL_FLOOR``)."""
+    floor = HALF_TOL_FLOOR.get(model_dtype)
+    if floor is not None and tol < floor:
+        warnings.warn(
+            f"tol={tol:g} is below the tolerance floor {floor:g} of a {model_dtype} model (two sequential runs "
+            f"that agree to float32 differ by that much at x0): converged=True cannot mean x0 within tol; "
+            f"use tol >= {floor:g} or a float32 model", UserWarning, stacklevel=4,  # the caller of ParallelSampler.__call__
+        )
+
+
 def _check_execution(execution: str) -> None:
     if execution not in ("auto", "eager", "static", "graph", "audit"):
         raise ValueError(f"execution: expected 'auto', 'eager', 'static', 'graph' or 'audit', got {execution!r}")
@@ -117,6 +158,10 @@ class SequentialSampler:
     differentiable by autograd (the inversion tests' oracle; ``"auto"`` picks it when grad mode
     is on and ``x_T`` or ``noise`` requires grad, which the others refuse); ``"static"`` and
     ``"audit"`` as in :class:`ParallelSampler` (without autograd).
+
+    A half-precision model (``x_T`` in float16/bfloat16, or ``model_dtype``) sees its dtype at its
+    input only: the latents and the steps stay float32, as in :class:`ParallelSampler`, so the two
+    compare like with like (:func:`solve_precision`); ``x0`` comes back in ``x_T``'s dtype.
     """
 
     def __init__(
@@ -156,16 +201,19 @@ class SequentialSampler:
                              f"(got {execution!r}); or detach them")
         batch, shape = x_T.shape[0], x_T.shape
         info: dict[str, Any] = {"solver": "sequential", "execution": execution}
+        state_dtype, ev = solve_precision(x_T.dtype, ev)
+        x_s = x_T.to(state_dtype)
+        noise = None if noise is None else noise.to(state_dtype)
         _sync(x_T.device)
         start = time.perf_counter()
         traj = None
         if execution == "eager":
             ev.evaluations = 0
-            coef = schedule.packed(x_T.device, x_T.dtype)
+            coef = schedule.packed(x_T.device, state_dtype)
             ts = schedule.timesteps.to(x_T.device)
             idx = torch.arange(batch, device=x_T.device)
-            traj = [x_T] if return_trajectory else None
-            x = x_T.reshape(batch, -1)
+            traj = [x_s] if return_trajectory else None
+            x = x_s.reshape(batch, -1)
             for k in range(schedule.num_steps):
                 e = ev(x.reshape(shape), ts[k].expand(batch), idx, round_index=k).reshape(batch, -1)
                 z = None if noise is None else noise[k].reshape(batch, -1)
@@ -179,18 +227,19 @@ class SequentialSampler:
             key = (tuple(shape), x_T.dtype, x_T.device, noise is not None, execution, torch.is_inference_mode_enabled())
             ws, made = self._cache.get_or_make(
                 key, lambda: SequentialWorkspace(
-                    schedule, x_T.detach(), noise is not None, ev, self.rounds_per_graph, execution
+                    schedule, x_s.detach(), noise is not None, ev, self.rounds_per_graph, execution
                 )
             )
             with torch.no_grad():  # in-place steps on fixed buffers: not differentiable (eager is)
-                x0, extra = ws.run(x_T, noise)
+                x0, extra = ws.run(x_s, noise)
+            ev = ws.ev
             info.update(extra, reused_workspace=not made)
         _sync(x_T.device)
         return SampleResult(
-            x0=back(x0), converged=torch.ones(batch, dtype=torch.bool), rounds=schedule.num_steps,
+            x0=back(x0.to(x_T.dtype)), converged=torch.ones(batch, dtype=torch.bool), rounds=schedule.num_steps,
             model_evals=ev.evaluations, wall_time=time.perf_counter() - start,
             rounds_per_sample=[schedule.num_steps] * batch,
-            trajectory=back(torch.stack(traj)) if traj is not None else None, info=info,
+            trajectory=back(torch.stack(traj).to(x_T.dtype)) if traj is not None else None, info=info,
         )
 
 
@@ -242,6 +291,12 @@ class ParallelSampler:
         model_kwargs, guidance: conditioning (per sample or shared), fixed for the sampler: a
             captured graph reads these very tensors, so update them in place to change them.
         max_batch: most model rows per call; a round is split into chunks above it.
+        model_dtype: the dtype the model is fed (its weights'); default ``x_T``'s. Only the
+            model's input is cast: the latents and all solver state (window, residuals, solver
+            history, trajectory) are in ``x_T``'s dtype, float32 when that is float16/bfloat16
+            (:func:`solve_precision`); ``x0`` comes back in ``x_T``'s dtype (from a half
+            ``x_T``: the float32 result rounded once). With a half model a ``tol`` below its
+            floor (``HALF_TOL_FLOOR``) warns.
         extrapolate: rows entering a sliding window (``window < S``) continue the last step
             linearly (True) or copy the last computed row as ParaDiGMS does (False); default
             (None): True for deterministic chains, where it saves rounds, False for stochastic
@@ -372,16 +427,23 @@ class ParallelSampler:
         # buffers made under inference mode cannot be updated outside it, and the reverse
         key = (tuple(shape), x_T.dtype, x_T.device, noise is not None, init is not None, return_trajectory, execution,
                torch.is_inference_mode_enabled())
-        ws, made = self._cache.get_or_make(key, lambda: self._workspace(x_T, noise, init, return_trajectory, execution))
+        state_dtype, ev = solve_precision(x_T.dtype, self.ev)
+        _warn_below_floor(self.tol, ev.model_dtype or x_T.dtype)
+        x_s, noise, init = (None if a is None else a.to(state_dtype) for a in (x_T, noise, init))
+        ws, made = self._cache.get_or_make(
+            key, lambda: self._workspace(x_s, noise, init, return_trajectory, execution, ev)
+        )
         if not made:
-            ws.load(x_T, noise, init)
+            ws.load(x_s, noise, init)
         out = solve(ws, progress=progress, on_round=on_round)
         st, p = ws.st, ws.p
         return SampleResult(
-            x0=back(_x0_row(p, st)), converged=out.converged, rounds=out.rounds, model_evals=self.ev.evaluations,
-            wall_time=out.wall_time, residuals=out.residuals, rounds_per_sample=out.rounds_per_sample,
+            x0=back(_x0_row(p, st).to(x_T.dtype)), converged=out.converged, rounds=out.rounds,
+            model_evals=ws.ev.evaluations, wall_time=out.wall_time, residuals=out.residuals,
+            rounds_per_sample=out.rounds_per_sample,
             # a copy: the workspace's buffer is the next call's
-            trajectory=None if st.traj is None else back(st.traj[: s + 1].reshape(s + 1, *shape).clone()),
+            trajectory=None if st.traj is None else back(
+                st.traj[: s + 1].reshape(s + 1, *shape).to(x_T.dtype, copy=True)),
             info={"solver": self.solver, "config": ws.config, "form": schedule.form, "stop": self.stop,
                   "tol": self.tol, "window": self.width, "extrapolate": self.extrapolate and init is None,
                   **out.info},
@@ -409,8 +471,10 @@ class ParallelSampler:
 
     def _workspace(
         self, x_T: torch.Tensor, noise: torch.Tensor | None, init: torch.Tensor | None, return_trajectory: bool,
-        execution: str,
+        execution: str, ev: ModelEvaluator,
     ) -> Workspace:
+        """The buffers of a solve from ``x_T``, ``noise`` and ``init`` in the state dtype, with
+        the model called through ``ev`` (:func:`solve_precision`)."""
         schedule, s = self.schedule, self.schedule.num_steps
         batch, dim = x_T.shape[0], x_T[0].numel()
         dev, dt = x_T.device, x_T.dtype
@@ -424,8 +488,8 @@ class ParallelSampler:
             extrapolate=self.extrapolate,
         )
         return Workspace(
-            p, x_T, self.ev, self.solver, self.solver_options, execution=execution,
-            rounds_per_graph=self.rounds_per_graph, model_dtype=self.model_dtype, return_trajectory=return_trajectory,
+            p, x_T, ev, self.solver, self.solver_options, execution=execution,
+            rounds_per_graph=self.rounds_per_graph, model_dtype=ev.model_dtype, return_trajectory=return_trajectory,
         )
 
 

@@ -1,0 +1,169 @@
+"""Half-precision models (issue 10 item 4): the model sees float16/bfloat16 at its input only,
+while latents and all solver state stay float32, and a ``tol`` below what a half model allows
+warns by name.
+
+Oracles: the sequential sampler with the same half model (its state float32 too), compared in
+float64; ``converged`` must mean x0 within ``tol`` of it for ``tol`` at the dtype's measured floor
+(``deqkern.sampling.HALF_TOL_FLOOR``, bench/solver_studies.py half-precision).
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import digits_chain, rel_err
+
+import deqkern
+from deqkern.engine import state_tensors
+from deqkern.sampling import HALF_TOL_FLOOR
+
+HALF = [torch.float16, torch.bfloat16]
+
+
+class _TinyNet(torch.nn.Module):
+    """Two 3x3 convolutions and the timestep as a bias: a cheap model to cast to half (the
+    digits UNet in float16 costs ~50 ms per row on a CPU)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.a = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(8, 1, 3, padding=1)
+        self.seen: set[torch.dtype] = set()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.seen.add(x.dtype)
+        h = torch.nn.functional.silu(self.a(x) + (t.to(x.dtype) / 1000).view(-1, 1, 1, 1))
+        return self.b(h)
+
+
+def _tiny(dtype: torch.dtype, seed: int = 0) -> _TinyNet:
+    return _TinyNet(seed).to(dtype).eval()
+
+
+def _schedule(steps: int, eta: float = 0.0) -> deqkern.Schedule:
+    """A linear-beta DDIM chain of ``steps`` evenly spaced timesteps."""
+    ac = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    return deqkern.Schedule.ddim(ac, list(range(999, -1, -(1000 // steps)))[:steps], eta=eta)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("execution", ["eager", "static"])
+@pytest.mark.parametrize("solver", ["picard", "anderson"])
+def test_solver_state_is_fp32_with_half_x_T(dtype, execution, solver):
+    """x_T in half: every floating tensor of the solve (window, coefficients, residual log,
+    solver history, trajectory, step noise) is float32 but the model input buffer, which is in
+    the model's dtype; the model is fed its dtype; x0 and the trajectory come back in x_T's."""
+    model = _tiny(dtype)
+    sched = _schedule(8, eta=0.5)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 1, 4, 4, generator=g).to(dtype)
+    noise = torch.randn(8, 2, 1, 4, 4, generator=g).to(dtype)
+    sampler = deqkern.ParallelSampler(model, sched, solver, tol=0.05, execution=execution, cache_size=1)
+    with torch.no_grad():
+        res = sampler(x, noise, return_trajectory=True)
+    (ws,) = sampler._cache.values()
+    model_in = ws.st.model_in
+    state = [t for t in state_tensors(ws.st, ws.solver) if t.is_floating_point() and t is not model_in]
+    state += [ws.p.coef, ws.p.noise]
+    assert {t.dtype for t in state} <= {torch.float32, torch.float64}
+    assert ws.st.xw.dtype == ws.st.traj.dtype == ws.p.coef.dtype == ws.p.noise.dtype == torch.float32
+    assert model_in is None if execution == "eager" else model_in.dtype == dtype
+    assert model.seen == {dtype}
+    assert res.x0.dtype == res.trajectory.dtype == dtype
+
+
+def _seq_fp32_state(model, x, sched, dtype, **kw):
+    """The sequential chain with the model in ``dtype`` fed from a float32 ``x_T``."""
+    return deqkern.sample_sequential(model, x.float(), sched, model_dtype=dtype, **kw).x0
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("execution", ["eager", "static"])
+def test_sequential_state_is_fp32_with_half_x_T(dtype, execution):
+    """The sequential sampler from a half x_T steps in float32: its x0 equals, bit for bit, the
+    chain from the same x_T in float32 with ``model_dtype`` (a half-precision state would round
+    every step), cast to x_T's dtype."""
+    model = _tiny(dtype)
+    sched = _schedule(10)
+    x = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(2)).to(dtype)
+    with torch.no_grad():
+        res = deqkern.sample_sequential(model, x, sched, execution=execution)
+        ref = _seq_fp32_state(model, x, sched, dtype, execution=execution)
+    assert res.x0.dtype == dtype and ref.dtype == torch.float32
+    assert torch.equal(res.x0, ref.to(dtype))
+    assert model.seen == {dtype}
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("execution", ["eager", "static"])
+def test_model_dtype_with_fp32_x_T(dtype, execution):
+    """A model with half weights and a float32 x_T, ``model_dtype`` set: the model is fed its
+    dtype, x0 is float32 and converged means within ``tol`` (at the dtype's floor) of the
+    sequential chain with the same model (relative error, float64)."""
+    tol = HALF_TOL_FLOOR[dtype]
+    model = _tiny(dtype, seed=3)
+    sched = _schedule(12)
+    for seed in range(3):
+        x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            ref = deqkern.sample_sequential(model, x, sched, model_dtype=dtype).x0
+            res = deqkern.sample(model, x, sched, "picard", tol=tol, model_dtype=dtype, execution=execution)
+        assert res.x0.dtype == torch.float32 and model.seen == {dtype}
+        assert res.all_converged and rel_err(res.x0, ref) <= tol
+
+
+@pytest.mark.parametrize("solver", ["picard", "anderson"])
+def test_digits_bf16_converged_within_tol(solver):
+    """The trained digits UNet in bfloat16 (the issue's case), ``tol`` at the bf16 floor:
+    converged means each sample's x0 within ``tol`` of the bf16 sequential x0 (relative error in
+    float64), on two seeds. From a bf16 x_T the solve is the same, bit for bit, and x0 is that
+    result rounded once to bf16."""
+    unet, sched = digits_chain(12)
+    unet = unet.to(torch.bfloat16)
+    tol = HALF_TOL_FLOOR[torch.bfloat16]
+    for seed in range(2):
+        x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(100 + seed)).to(torch.bfloat16)
+        with torch.no_grad():
+            ref = deqkern.sample_sequential(unet, x.float(), sched, model_dtype=torch.bfloat16).x0
+            res = deqkern.sample(unet, x.float(), sched, solver, tol=tol, model_dtype=torch.bfloat16,
+                                 execution="eager")
+            half = deqkern.sample(unet, x, sched, solver, tol=tol, execution="eager")
+        assert half.x0.dtype == torch.bfloat16 and torch.equal(half.x0, res.x0.to(torch.bfloat16))
+        for b in range(x.shape[0]):
+            assert not res.converged[b] or rel_err(res.x0[b], ref[b]) <= tol, (seed, b)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_tol_below_floor_warns_by_name(dtype):
+    """A ``tol`` below the model dtype's floor warns naming ``tol``, the dtype and the floor,
+    whether the dtype comes from x_T or from ``model_dtype``; at the floor, or with a float32
+    model, nothing warns."""
+    floor = HALF_TOL_FLOOR[dtype]
+    sched = _schedule(4)
+    x = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match=rf"tol={floor / 2:g} .*floor {floor:g} .*{dtype}"):
+            deqkern.sample(_tiny(dtype), x.to(dtype), sched, tol=floor / 2)
+        with pytest.warns(UserWarning, match=rf"tol={floor / 2:g} .*{dtype}"):
+            deqkern.sample(_tiny(dtype), x, sched, tol=floor / 2, model_dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            deqkern.sample(_tiny(dtype), x.to(dtype), sched, tol=floor)
+            deqkern.sample(_tiny(torch.float32), x, sched, tol=1e-6)
+
+
+def test_half_precision_study_runs_quick(tmp_path):
+    """``bench/solver_studies.py half-precision`` at --quick sizes: its command line stays true and
+    it reports a floor per half dtype (of 1, 2 or 5 x 10^k) and a row per dtype."""
+    from test_bench_scripts import ROOT, _load
+
+    if not (ROOT / "bench" / "solver_studies.py").exists():
+        pytest.skip("run from a source checkout")
+    report = _load("solver_studies").main(["half-precision", "--quick", "--out", str(tmp_path / "r.json")])
+    assert set(report["floor_per_dtype"]) == {str(dt) for dt in HALF}
+    for floor in report["floor_per_dtype"].values():
+        assert f"{floor:.0e}"[0] in "125" and 1e-6 < floor < 1
+    assert {r["dtype"] for r in report["rows"]} == {"torch.float32", *map(str, HALF)}
+    assert all(r["rounds"] <= r["steps"] and r["converged"] for r in report["rows"])
