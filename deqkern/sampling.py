@@ -108,13 +108,14 @@ def solve_precision(x_dtype: torch.dtype, ev: ModelEvaluator) -> tuple[torch.dty
 
 def _warn_below_floor(tol: float, model_dtype: torch.dtype | None) -> None:
     """A ``UserWarning`` naming ``tol``, the dtype and its floor when ``tol`` is below what a model
-    in that dtype can be held to (``HALF_TOL_FLOOR``)."""
+    in that dtype can be held to (``HALF_TOL_FLOOR``), pointing at the caller of
+    ``ParallelSampler.__call__`` (which calls ``_solve``, which calls this)."""
     floor = HALF_TOL_FLOOR.get(model_dtype)
     if floor is not None and tol < floor:
         warnings.warn(
             f"tol={tol:g} is below the tolerance floor {floor:g} of a {model_dtype} model (two sequential runs "
             f"that agree to float32 differ by that much at x0): converged=True cannot mean x0 within tol; "
-            f"use tol >= {floor:g} or a float32 model", UserWarning, stacklevel=4,  # the caller of ParallelSampler.__call__
+            f"use tol >= {floor:g} or a float32 model", UserWarning, stacklevel=4,
         )
 
 
