@@ -57,15 +57,14 @@ class Bounded:
         try:
             value = self.kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {self.describe()}, got {text!r}") from None
-        if not self._in_range(value):
+            value = None
+        if value is None or not self._in_range(value):
             raise argparse.ArgumentTypeError(f"expected {self.describe()}, got {text!r}")
         return value
 
     def check(self, name: str, value: Any) -> int | float:
         """``value`` as a Python ``int``/``float``, or :class:`OptionError` naming ``name``."""
-        bool_like = value.dtype == torch.bool if isinstance(value, torch.Tensor) else isinstance(value, (bool, np.bool_))
-        if bool_like:
+        if _is_bool(value):
             raise OptionError(name, f"expected {self.describe()}, got the bool {value!r}")
         try:
             number = _as_number(value, self.kind)
@@ -74,6 +73,12 @@ class Bounded:
         if not self._in_range(number):
             raise OptionError(name, f"expected {self.describe()}, got {value!r}")
         return number
+
+
+def _is_bool(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dtype == torch.bool
+    return isinstance(value, (bool, np.bool_))
 
 
 def _as_number(value: Any, kind: type) -> int | float:
@@ -106,7 +111,9 @@ def device(text: str) -> str:
         return text
     backend = getattr(torch, dev.type, None)
     if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: this torch ({torch.__version__}) has no {dev.type} device available")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: this torch ({torch.__version__}) has no {dev.type} device available"
+        )
     count = backend.device_count() if hasattr(backend, "device_count") else 1
     if dev.index is not None and dev.index >= count:
         raise argparse.ArgumentTypeError(f"{text!r}: only {count} {dev.type} device(s) (indices 0..{count - 1})")

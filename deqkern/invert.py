@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=POSITIVE_FLOAT, default=60.0,
                    help="wall-clock seconds per (method, S) run (default 60)")
     p.add_argument("--max-steps", type=Bounded(int, 0), default=100000, help="most optimisation steps per run")
-    p.add_argument("--lr", type=POSITIVE_FLOAT, default=None, help="learning rate for every method (default: per method)")
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=None,
+                   help="learning rate for every method (default: per method)")
     p.add_argument("--thresholds", type=POSITIVE_FLOAT, nargs="+", default=[1e-3, 1e-4],
                    help="reconstruction MSE levels to time (default 1e-3 1e-4)")
     p.add_argument("--adjoint-window", type=POSITIVE_INT, default=None,

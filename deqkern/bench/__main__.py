@@ -60,20 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "sampling on the same noise.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", type=model_dir, metavar="PATH", help="local diffusers dir (unet/ + scheduler/ or a UNet2DModel dir); "
-                   "default: the embedded 8x8 digits model")
+    p.add_argument("--model", type=model_dir, metavar="PATH", help="local diffusers dir (unet/ + scheduler/ or a "
+                   "UNet2DModel dir); default: the embedded 8x8 digits model")
     p.add_argument("--steps", type=BOUNDS["steps"], nargs="+", default=list(d.steps), metavar="S",
                    help=f"chain lengths (default: {' '.join(map(str, d.steps))}; try 25 100 1000)")
     p.add_argument("--scheduler", choices=("ddim", "ddpm"), default=d.scheduler, help="sampler built from the "
                    "model's scheduler config (default: %(default)s)")
-    p.add_argument("--eta", type=BOUNDS["eta"], default=d.eta, help="DDIM eta; > 0 makes the chain stochastic with step "
-                   "noise drawn once up front (default: %(default)s)")
+    p.add_argument("--eta", type=BOUNDS["eta"], default=d.eta, help="DDIM eta; > 0 makes the chain stochastic with "
+                   "step noise drawn once up front (default: %(default)s)")
     p.add_argument("--clip-sample", action="store_true", help="keep the model config's x0 clipping/thresholding "
                    "(default: off, so the scan-form solvers deq-ddim and *-scan can run)")
     p.add_argument("--solvers", nargs="+", default=list(d.solvers), choices=ALL_SOLVERS, metavar="NAME",
                    help="solvers to run (default: all; see the list below)")
-    p.add_argument("--tol", type=BOUNDS["tol"], default=d.tol, help="relative stopping tolerance ||G(X)-X|| <= tol ||G(X)|| "
-                   "for deqkern and torchdeq (default: %(default)s)")
+    p.add_argument("--tol", type=BOUNDS["tol"], default=d.tol, help="relative stopping tolerance ||G(X)-X|| <= "
+                   "tol ||G(X)|| for deqkern and torchdeq (default: %(default)s)")
     p.add_argument("--stop", default=d.stop, choices=("relative", "x0"),
                    help="deqkern's stopping rule: per-row relative residual, or x0, which bounds x0's error "
                    "by --tol (default: %(default)s)")
@@ -81,20 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ParaDiGMS tolerance on its noise-scaled rule (default: %(default)s, the pipeline's)")
     p.add_argument("--target-err", type=BOUNDS["target_err"], default=d.target_err,
                    help="x0 relative error for the r@tgt column (default: %(default)s)")
-    p.add_argument("--window", type=BOUNDS["window"], default=d.window, help="window of paradigms and the *-win solvers "
-                   "(default: %(default)s, ParaDiGMS' parallel)")
-    p.add_argument("--history", type=BOUNDS["history"], default=d.history, help="history m of the deqkern Anderson variants "
-                   "(default: %(default)s, measured best; the library's default is 5)")
-    p.add_argument("--ridge", type=BOUNDS["ridge"], default=d.ridge, help="their ridge, relative to the mean Gram diagonal "
-                   "(default: %(default)s, measured best; the library's default is 1e-3)")
-    p.add_argument("--max-iters", type=BOUNDS["max_iters"], default=None, help="most rounds for deqkern solvers (default: S)")
+    p.add_argument("--window", type=BOUNDS["window"], default=d.window,
+                   help="window of paradigms and the *-win solvers (default: %(default)s, ParaDiGMS' parallel)")
+    p.add_argument("--history", type=BOUNDS["history"], default=d.history,
+                   help="history m of the deqkern Anderson variants (default: %(default)s, the library's)")
+    p.add_argument("--ridge", type=BOUNDS["ridge"], default=d.ridge, help="their ridge, relative to the mean Gram "
+                   "diagonal (default: %(default)s, the library's)")
+    p.add_argument("--max-iters", type=BOUNDS["max_iters"], default=None,
+                   help="most rounds for deqkern solvers (default: S)")
     p.add_argument("--batch", type=BOUNDS["batch"], default=d.batch, help="samples per solve (default: %(default)s)")
-    p.add_argument("--max-batch", type=BOUNDS["max_batch"], default=None, help="most model rows per call (default: unlimited)")
-    p.add_argument("--device", type=device_or_auto, default=d.device, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--max-batch", type=BOUNDS["max_batch"], default=None,
+                   help="most model rows per call (default: unlimited)")
+    p.add_argument("--device", type=device_or_auto, default=d.device,
+                   help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default=d.dtype, choices=("float32", "float64", "float16", "bfloat16"),
                    help="model and latent dtype (default: %(default)s)")
-    p.add_argument("--seed", type=BOUNDS["seed"], default=d.seed, help="seed of x_T and the step noise (default: %(default)s)")
-    p.add_argument("--threads", type=BOUNDS["threads"], default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=BOUNDS["seed"], default=d.seed,
+                   help="seed of x_T and the step noise (default: %(default)s)")
+    p.add_argument("--threads", type=BOUNDS["threads"], default=None,
+                   help="torch CPU threads (default: torch's choice)")
     p.add_argument("--repeats", type=BOUNDS["repeats"], default=d.repeats, help="timed runs per solver, interleaved "
                    "across the solvers; the median and min-max are reported (default: %(default)s)")
     p.add_argument("--no-warmup", action="store_true", help="time the traced run instead of separate clean runs "
@@ -104,9 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=output_file, default=None, help="JSON path (default: <out>/bench.json)")
     p.add_argument("--rounds-md", type=output_file, default=None, help="also write the rounds tables (markdown) here")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
-    p.add_argument("--quick", action="store_true",
-                   help=f"tiny run for tests: steps {QUICK['steps']}, batch {QUICK['batch']}, window {QUICK['window']} "
-                   "unless those flags are given")
+    p.add_argument("--quick", action="store_true", help=f"tiny run for tests: steps {QUICK['steps']}, batch "
+                   f"{QUICK['batch']}, window {QUICK['window']} unless those flags are given")
     return p
 
 

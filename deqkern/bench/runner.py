@@ -20,10 +20,10 @@ from typing import Any, Callable, Literal
 import torch
 
 import deqkern
+from deqkern._validate import NONNEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, Bounded, OptionError
 from deqkern.bench.peers import (
     ChainMap, DeqDdimConfig, Outcome, SolverUnsupported, run_deq_ddim, run_paradigms, run_torchdeq,
 )
-from deqkern._validate import NONNEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, Bounded, OptionError
 from deqkern.bench.trace import ErrorTrace
 from deqkern.schedule import Form, Schedule, schedule_summary
 
@@ -234,7 +234,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(device: torch.device, fn: Callable[[], Any], clock: Callable[[], float] = time.perf_counter) -> tuple[Any, float]:
+def timed(device: torch.device, fn: Callable[[], Any],
+          clock: Callable[[], float] = time.perf_counter) -> tuple[Any, float]:
     """``(fn(), seconds)`` with the device synchronised around the host timer."""
     _sync(device)
     start = clock()
@@ -309,7 +310,9 @@ def load_model(cfg: BenchConfig, device: torch.device) -> tuple[Any, Any, dict[s
         )
     limit = scheduler.config.num_train_timesteps
     if max(cfg.steps) > limit:
-        raise OptionError("steps", f"expected chain lengths <= the model's num_train_timesteps={limit}, got {list(cfg.steps)}")
+        raise OptionError(
+            "steps", f"expected chain lengths <= the model's num_train_timesteps={limit}, got {list(cfg.steps)}"
+        )
     c = unet.config
     size = c.sample_size if isinstance(c.sample_size, (tuple, list)) else (c.sample_size, c.sample_size)
     info = {
