@@ -3,9 +3,9 @@
 With no arguments: four held-out digits (the first four of the test split) at S = 25 and S = 100
 DDIM steps (eta = 0, the model's ``clip_sample`` scheduler config, drift form), each of
 ``implicit``, ``phantom``, ``sequential_backprop`` and ``ddim_encode`` with the same wall-clock
-budget per run, starting from the same DDIM encoding. Writes the record to
-``bench/results/inversion_cpu.json`` and the figure (loss vs wall time and vs model evaluations,
-target/reconstruction pairs) to ``docs/inversion.png``, and prints a table.
+budget per run, starting from the same DDIM encoding. Writes the record ``inversion.json`` and the
+figure ``inversion.png`` (loss vs wall time and vs model evaluations, target/reconstruction pairs)
+to ``--out-dir`` (default ``./deqkern_invert_out/``, under the current directory), and prints a table.
 
 Losses are the *exact* ones: every recorded ``x_T`` is re-evaluated with the sequential chain
 after the run (outside the timings). A model evaluation is one model row (one latent at one
@@ -26,41 +26,63 @@ from typing import Any, Sequence
 
 import torch
 
+from deqkern._validate import POSITIVE_FLOAT, POSITIVE_INT, Bounded, device, output_dir
 from deqkern.inversion import METHODS, InversionResult, invert
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_JSON = ROOT / "bench" / "results" / "inversion_cpu.json"
-DEFAULT_PNG = ROOT / "docs" / "inversion.png"
+DEFAULT_OUT = Path("deqkern_invert_out")
+DEFAULT_NUM_IMAGES = 4
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def image_file(text: str) -> Path:
+    """argparse type: a file PIL can read as an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text!r}: no such file")
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:  # PIL reports a corrupt file as any of these
+        raise argparse.ArgumentTypeError(f"{text!r}: not a readable image ({exc})") from None
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m deqkern.invert", description=__doc__.split("\n\n")[0])
-    p.add_argument("--image", nargs="+", type=Path, help="image file(s) to invert instead of held-out digits")
+    p.add_argument("--image", nargs="+", type=image_file, help="image file(s) to invert instead of held-out digits")
     p.add_argument("--negate", action="store_true",
                    help="invert the grey levels of --image (the digits are bright strokes on black)")
-    p.add_argument("--num-images", type=int, default=4, help="held-out digits to invert (default 4)")
-    p.add_argument("--steps", type=int, nargs="+", default=[25, 100], help="DDIM steps S (default 25 100)")
+    p.add_argument("--num-images", type=POSITIVE_INT, default=None,
+                   help=f"held-out digits to invert, at most the test split's size (default {DEFAULT_NUM_IMAGES})")
+    p.add_argument("--steps", type=POSITIVE_INT, nargs="+", default=[25, 100],
+                   help="DDIM steps S, at most the model's training timesteps (default 25 100)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--budget", type=float, default=60.0, help="wall-clock seconds per (method, S) run (default 60)")
-    p.add_argument("--max-steps", type=int, default=100000, help="most optimisation steps per run")
-    p.add_argument("--lr", type=float, default=None, help="learning rate for every method (default: per method)")
-    p.add_argument("--thresholds", type=float, nargs="+", default=[1e-3, 1e-4],
+    p.add_argument("--budget", type=POSITIVE_FLOAT, default=60.0,
+                   help="wall-clock seconds per (method, S) run (default 60)")
+    p.add_argument("--max-steps", type=Bounded(int, 0), default=100000, help="most optimisation steps per run")
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=None,
+                   help="learning rate for every method (default: per method)")
+    p.add_argument("--thresholds", type=POSITIVE_FLOAT, nargs="+", default=[1e-3, 1e-4],
                    help="reconstruction MSE levels to time (default 1e-3 1e-4)")
-    p.add_argument("--adjoint-window", type=int, default=None,
+    p.add_argument("--adjoint-window", type=POSITIVE_INT, default=None,
                    help="exact implicit gradient: recompute each adjoint round's live rows in a window of this "
                         "many steps (memory O(window), grad_options vjp='recompute'); default: one stored graph")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
-    p.add_argument("--out-dir", type=Path, help="write inversion.json and inversion.png here instead")
-    args = p.parse_args(argv)
-    if args.budget <= 0:
-        p.error(f"--budget: expected > 0, got {args.budget}")
-    if args.num_images < 1:
-        p.error(f"--num-images: expected >= 1, got {args.num_images}")
-    if any(s < 1 for s in args.steps):
-        p.error(f"--steps: expected values >= 1, got {args.steps}")
-    if args.adjoint_window is not None and args.adjoint_window < 1:
-        p.error(f"--adjoint-window: expected >= 1, got {args.adjoint_window}")
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--threads", type=POSITIVE_INT, default=1, help="torch CPU threads (default 1: a shared machine)")
+    p.add_argument("--out-dir", type=output_dir, default=DEFAULT_OUT,
+                   help="folder for inversion.json and inversion.png (default: ./%(default)s/ in the current "
+                        "directory)")
+    return p
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The flags, with the checks that involve two of them."""
+    args = parser.parse_args(argv)
+    if args.image and args.num_images is not None:
+        parser.error("argument --num-images: not allowed with --image (every --image is inverted)")
+    if args.negate and not args.image:
+        parser.error("argument --negate: applies to --image only")
     return args
 
 
@@ -78,7 +100,8 @@ def load_image(path: Path, channels: int, size: int, negate: bool = False) -> to
     return t * 2.0 - 1.0
 
 
-def _targets(args: argparse.Namespace, unet: torch.nn.Module) -> tuple[torch.Tensor, dict[str, Any]]:
+def _targets(args: argparse.Namespace, unet: torch.nn.Module, parser: argparse.ArgumentParser
+             ) -> tuple[torch.Tensor, dict[str, Any]]:
     from deqkern.models import digits_dataset
 
     if args.image:
@@ -86,7 +109,9 @@ def _targets(args: argparse.Namespace, unet: torch.nn.Module) -> tuple[torch.Ten
         imgs = torch.stack([load_image(p, channels, size, args.negate) for p in args.image])
         return imgs, {"source": [str(p) for p in args.image], "negate": args.negate}
     test = digits_dataset("test")
-    n = min(args.num_images, test.shape[0])
+    n = DEFAULT_NUM_IMAGES if args.num_images is None else args.num_images
+    if n > test.shape[0]:
+        parser.error(f"argument --num-images: the test split holds {test.shape[0]} digits, got {n}")
     return test[:n], {"source": "deqkern.models.digits_dataset('test')", "indices": list(range(n))}
 
 
@@ -190,7 +215,8 @@ def _mosaic(rows: list[torch.Tensor]) -> torch.Tensor:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parse_args(parser, argv)
     torch.set_num_threads(args.threads)
     from diffusers import DDIMScheduler
 
@@ -199,10 +225,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     unet, scheduler = load_digits_model(device=args.device)
     unet.requires_grad_(False)  # only x_T is optimised
-    targets, image_info = _targets(args, unet)
+    limit = scheduler.config.num_train_timesteps
+    if max(args.steps) > limit:
+        parser.error(f"argument --steps: expected values <= the model's num_train_timesteps={limit}, got {args.steps}")
+    targets, image_info = _targets(args, unet, parser)
     targets = targets.to(args.device)
-    json_path = args.out_dir / "inversion.json" if args.out_dir else DEFAULT_JSON
-    png_path = args.out_dir / "inversion.png" if args.out_dir else DEFAULT_PNG
+    json_path = args.out_dir / "inversion.json"
+    png_path = args.out_dir / "inversion.png"
 
     runs: list[dict[str, Any]] = []
     recons: dict[tuple[int, str], torch.Tensor] = {}

@@ -20,6 +20,7 @@ from typing import Any, Literal, Mapping
 
 import torch
 
+from deqkern._validate import POSITIVE_FLOAT, POSITIVE_INT, Bounded, OptionError
 from deqkern.errors import UnsupportedSchedulerOption
 
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
@@ -30,6 +31,9 @@ Form = Literal["drift", "scan", "secant"]
 #: form, ``1`` for the drift form and the secant form's start (the engine adapts that one per
 #: row, :func:`deqkern.engine.secant_update`); it is filled in by :meth:`Schedule.packed`.
 COEF_FIELDS = ("L", "cx", "co", "c0", "px", "po", "sigma")
+
+_QUANTILE = Bounded(float, 0.0, 1.0)
+_ALPHA = Bounded(float, 0.0, 1.0, lo_open=True)
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,13 @@ class X0Transform:
     clip_range: float = 1.0
     ratio: float = 0.995
     max_value: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("none", "clip", "threshold"):
+            raise OptionError("kind", f"expected 'none', 'clip' or 'threshold', got {self.kind!r}")
+        POSITIVE_FLOAT.check("clip_range", self.clip_range)
+        _QUANTILE.check("ratio", self.ratio)  # torch.quantile's domain
+        POSITIVE_FLOAT.check("max_value", self.max_value)  # the threshold divides by it
 
     def apply(self, x0: torch.Tensor) -> torch.Tensor:
         """Apply the transform to ``x0`` of shape ``[R, D]`` (one latent per row)."""
@@ -159,6 +170,8 @@ class Schedule:
         ts = _as_timesteps(timesteps, ac.numel())
         if eta < 0 or not math.isfinite(eta):
             raise ValueError(f"eta: expected a finite value >= 0, got {eta}")
+        # the last step moves to this alpha; 0 would divide by zero in the posterior variance
+        _ALPHA.check("final_alpha_cumprod", final_alpha_cumprod)
         if prev_timesteps is None:
             prev = torch.cat([ts[1:], torch.tensor([-1])])
         else:
@@ -246,8 +259,7 @@ class Schedule:
         from deqkern._diffusers import scheduler_from_any
 
         sched, kind = scheduler_from_any(scheduler)
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps: expected an int >= 1, got {num_inference_steps!r}")
+        num_inference_steps = POSITIVE_INT.check("num_inference_steps", num_inference_steps)
         cfg = sched.config
         if num_inference_steps > cfg.num_train_timesteps:
             raise ValueError(
@@ -331,11 +343,12 @@ def _as_f64(t: torch.Tensor | Any, name: str) -> torch.Tensor:
 
 def _as_timesteps(timesteps: torch.Tensor | list[int], num_train: int) -> torch.Tensor:
     ts = torch.as_tensor(timesteps).detach().cpu()
-    if ts.is_floating_point():
-        raise ValueError(f"timesteps: expected integer training timesteps, got dtype {ts.dtype}")
-    ts = ts.to(torch.int64)
+    # shape first: an empty list becomes a float tensor, and its dtype is not the problem
     if ts.ndim != 1 or ts.numel() < 1:
         raise ValueError(f"timesteps: expected a non-empty 1-D tensor (S >= 1), got shape {tuple(ts.shape)}")
+    if ts.is_floating_point() or ts.is_complex() or ts.dtype == torch.bool:
+        raise ValueError(f"timesteps: expected integer training timesteps, got dtype {ts.dtype}")
+    ts = ts.to(torch.int64)
     if bool((ts < 0).any()) or bool((ts >= num_train).any()):
         raise ValueError(f"timesteps: values must lie in [0, {num_train}), got {ts.tolist()}")
     if ts.numel() > 1 and not bool((ts[1:] < ts[:-1]).all()):

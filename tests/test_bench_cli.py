@@ -25,8 +25,9 @@ import pytest
 import torch
 from conftest import tiny_unet
 
-from deqkern.bench.__main__ import build_parser, config_from_args, main
-from deqkern.bench.runner import ALL_SOLVERS, OURS, BenchConfig, RunRecord
+from deqkern.bench import runner
+from deqkern.bench.__main__ import build_parser, config_from_args, main, parse_args
+from deqkern.bench.runner import ALL_SOLVERS, OURS, BenchConfig, RunRecord, interleaved
 
 DIGITS = Path(__file__).resolve().parent.parent / "deqkern" / "assets" / "digits" / "unet" / "config.json"
 
@@ -161,5 +162,79 @@ def test_flag_defaults_are_the_config_defaults():
 
 
 def test_bad_arguments_exit_2(capsys):
-    assert main(["--scheduler", "ddpm", "--eta", "0.5"]) == 2
-    assert "eta" in capsys.readouterr().err
+    """A conflict only the config sees is still reported by flag, as argparse reports its own
+    (every flag: tests/test_cli_errors.py)."""
+    with pytest.raises(SystemExit) as exc:
+        main(["--scheduler", "ddpm", "--eta", "0.5"])
+    assert exc.value.code == 2
+    assert "error: argument --eta: " in capsys.readouterr().err
+
+
+def test_quick_sizes_only_the_flags_not_given():
+    args = parse_args(build_parser(), ["--quick", "--steps", "5", "--window", "3"])
+    assert (args.steps, args.window, args.batch) == ([5], 3, 2)
+
+
+def _fake_clock_runs(names: tuple[str, ...], calls: list[str], fail: dict[str, int] | None = None):
+    """Methods that record their call order on a fake clock; the k-th call of all takes k seconds,
+    so the walls show the order too. ``fail[name] = n``: that method's n-th run raises."""
+    now = [0.0]
+
+    def method(name: str):
+        def run():
+            calls.append(name)
+            now[0] += len(calls)
+            if fail and calls.count(name) == fail.get(name):
+                raise RuntimeError(f"{name} diverged")
+            return name.upper()
+        return run
+
+    return {n: method(n) for n in names}, lambda: now[0]
+
+
+def test_timed_runs_interleave_round_robin():
+    """Repetition r of every method runs before repetition r + 1 of any, so load that comes and goes
+    hits every method alike (a contended run once timed sequential alone at 24x its idle time)."""
+    calls: list[str] = []
+    names = ("sequential", "paradigms", "picard")
+    runs, clock = _fake_clock_runs(names, calls)
+    out = interleaved(runs, 3, torch.device("cpu"), clock=clock)
+    assert calls == list(names) * 3
+    assert {n: (o, w) for n, (o, w) in out.items()} == {
+        "sequential": ("SEQUENTIAL", [1.0, 4.0, 7.0]), "paradigms": ("PARADIGMS", [2.0, 5.0, 8.0]),
+        "picard": ("PICARD", [3.0, 6.0, 9.0]),
+    }
+
+
+def test_a_failing_timed_run_drops_only_that_method():
+    calls: list[str] = []
+    runs, clock = _fake_clock_runs(("sequential", "picard"), calls, fail={"picard": 2})
+    out = interleaved(runs, 3, torch.device("cpu"), clock=clock, tolerate=(RuntimeError,))
+    assert calls == ["sequential", "picard", "sequential", "picard", "sequential"]
+    assert out["sequential"] == ("SEQUENTIAL", [1.0, 3.0, 5.0])
+    failed, walls = out["picard"]
+    assert isinstance(failed, RuntimeError) and walls == [2.0]
+
+
+def test_repeats_report_median_min_max(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """``--repeats 3``: the bench times through :func:`interleaved` (one sweep set per S over the
+    oracle and every solver), and each record and the table carry the median and the min-max."""
+    sweeps = []
+
+    def recording(runs, repeats, *args, **kwargs):
+        sweeps.append((list(runs), repeats))
+        return interleaved(runs, repeats, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "interleaved", recording)
+    solvers = ("sequential", "paradigms", "picard")
+    data = _run(["--model", str(tiny_model_dir), "--solvers", *solvers, "--repeats", "3", "--no-plots"], tmp_path)
+    _check(data, solvers)
+    assert sweeps == [(list(solvers), 3)] * 2
+    for run in data["runs"]:
+        walls = run["wall_s_runs"]
+        assert len(walls) == 3
+        assert run["wall_s"] == sorted(walls)[1] and (run["wall_s_min"], run["wall_s_max"]) == (min(walls), max(walls))
+    table = capsys.readouterr().out
+    picard = next(r for r in data["runs"] if r["solver"] == "picard" and r["steps"] == 10)
+    assert f"{picard['wall_s']:.3f} ({picard['wall_s_min']:.3f}-{picard['wall_s_max']:.3f})" in table
+    assert "interleaved" in table

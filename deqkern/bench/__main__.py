@@ -9,7 +9,10 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from deqkern.bench.runner import ALL_SOLVERS, BEST, DESCRIPTIONS, BenchConfig
+from deqkern._validate import OptionError, device_or_auto, output_dir, output_file
+from deqkern.bench.runner import ALL_SOLVERS, BEST, BOUNDS, DESCRIPTIONS, BenchConfig, run_benchmark
+from deqkern.models import CheckpointError
+from deqkern.models.loading import resolve_layout
 
 QUICK = {"steps": (6, 10), "batch": 2, "window": 4}
 
@@ -21,9 +24,11 @@ _EPILOG = "solvers:\n" + "\n".join(f"  {name:<21} {DESCRIPTIONS[name]}" for name
 table columns:
   rounds     sequential model calls (one batched call over the window per round)
   evals      model evaluations = rows pushed through the UNet, all rounds together
-  wall s     wall time of the solve, median of --repeats runs (device synchronised; a traced
-             warm-up run is discarded)
-  speedup    sequential wall time / this wall time. On a CPU a batched model call amortises
+  wall s     wall time of the solve, median of --repeats runs and (min-max) when more than one
+             (device synchronised; a traced warm-up run is discarded; the timed runs are interleaved,
+             repetition r of every method before repetition r+1 of any, so background load on a
+             shared machine hits every method alike)
+  speedup    sequential median wall time / this median. On a CPU a batched model call amortises
              only its fixed overhead: past a few hundred rows time grows with the rows, so the
              CPU speedup is small; the rounds are what a GPU turns into speed
   r@tgt      first round whose x0 is within --target-err (relative L2) of sequential, for every
@@ -37,6 +42,15 @@ error per round, log scale) and <out>/samples.png (sequential vs ours, same nois
 """
 
 
+def model_dir(text: str) -> str:
+    """argparse type: a local diffusers checkpoint folder in a layout the loader accepts."""
+    try:
+        resolve_layout(text)
+    except CheckpointError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = BenchConfig()
     p = argparse.ArgumentParser(
@@ -46,52 +60,57 @@ def build_parser() -> argparse.ArgumentParser:
                     "sampling on the same noise.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", metavar="PATH", help="local diffusers dir (unet/ + scheduler/ or a UNet2DModel dir); "
-                   "default: the embedded 8x8 digits model")
-    p.add_argument("--steps", type=int, nargs="+", default=list(d.steps), metavar="S",
+    p.add_argument("--model", type=model_dir, metavar="PATH", help="local diffusers dir (unet/ + scheduler/ or a "
+                   "UNet2DModel dir); default: the embedded 8x8 digits model")
+    p.add_argument("--steps", type=BOUNDS["steps"], nargs="+", default=list(d.steps), metavar="S",
                    help=f"chain lengths (default: {' '.join(map(str, d.steps))}; try 25 100 1000)")
     p.add_argument("--scheduler", choices=("ddim", "ddpm"), default=d.scheduler, help="sampler built from the "
                    "model's scheduler config (default: %(default)s)")
-    p.add_argument("--eta", type=float, default=d.eta, help="DDIM eta; > 0 makes the chain stochastic with step "
-                   "noise drawn once up front (default: %(default)s)")
+    p.add_argument("--eta", type=BOUNDS["eta"], default=d.eta, help="DDIM eta; > 0 makes the chain stochastic with "
+                   "step noise drawn once up front (default: %(default)s)")
     p.add_argument("--clip-sample", action="store_true", help="keep the model config's x0 clipping/thresholding "
                    "(default: off, so the scan-form solvers deq-ddim and *-scan can run)")
     p.add_argument("--solvers", nargs="+", default=list(d.solvers), choices=ALL_SOLVERS, metavar="NAME",
                    help="solvers to run (default: all; see the list below)")
-    p.add_argument("--tol", type=float, default=d.tol, help="relative stopping tolerance ||G(X)-X|| <= tol ||G(X)|| "
-                   "for deqkern and torchdeq (default: %(default)s)")
+    p.add_argument("--tol", type=BOUNDS["tol"], default=d.tol, help="relative stopping tolerance ||G(X)-X|| <= "
+                   "tol ||G(X)|| for deqkern and torchdeq (default: %(default)s)")
     p.add_argument("--stop", default=d.stop, choices=("relative", "x0"),
                    help="deqkern's stopping rule: per-row relative residual, or x0, which bounds x0's error "
                    "by --tol (default: %(default)s)")
-    p.add_argument("--paradigms-tol", type=float, default=d.paradigms_tol,
+    p.add_argument("--paradigms-tol", type=BOUNDS["paradigms_tol"], default=d.paradigms_tol,
                    help="ParaDiGMS tolerance on its noise-scaled rule (default: %(default)s, the pipeline's)")
-    p.add_argument("--target-err", type=float, default=d.target_err,
+    p.add_argument("--target-err", type=BOUNDS["target_err"], default=d.target_err,
                    help="x0 relative error for the r@tgt column (default: %(default)s)")
-    p.add_argument("--window", type=int, default=d.window, help="window of paradigms and the *-win solvers "
-                   "(default: %(default)s, ParaDiGMS' parallel)")
-    p.add_argument("--history", type=int, default=d.history, help="history m of the deqkern Anderson variants "
-                   "(default: %(default)s, measured best; the library's default is 5)")
-    p.add_argument("--ridge", type=float, default=d.ridge, help="their ridge, relative to the mean Gram diagonal "
-                   "(default: %(default)s, measured best; the library's default is 1e-3)")
-    p.add_argument("--max-iters", type=int, default=None, help="most rounds for deqkern solvers (default: S)")
-    p.add_argument("--batch", type=int, default=d.batch, help="samples per solve (default: %(default)s)")
-    p.add_argument("--max-batch", type=int, default=None, help="most model rows per call (default: unlimited)")
-    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--window", type=BOUNDS["window"], default=d.window,
+                   help="window of paradigms and the *-win solvers (default: %(default)s, ParaDiGMS' parallel)")
+    p.add_argument("--history", type=BOUNDS["history"], default=d.history,
+                   help="history m of the deqkern Anderson variants (default: %(default)s, the library's)")
+    p.add_argument("--ridge", type=BOUNDS["ridge"], default=d.ridge, help="their ridge, relative to the mean Gram "
+                   "diagonal (default: %(default)s, the library's)")
+    p.add_argument("--max-iters", type=BOUNDS["max_iters"], default=None,
+                   help="most rounds for deqkern solvers (default: S)")
+    p.add_argument("--batch", type=BOUNDS["batch"], default=d.batch, help="samples per solve (default: %(default)s)")
+    p.add_argument("--max-batch", type=BOUNDS["max_batch"], default=None,
+                   help="most model rows per call (default: unlimited)")
+    p.add_argument("--device", type=device_or_auto, default=d.device,
+                   help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default=d.dtype, choices=("float32", "float64", "float16", "bfloat16"),
                    help="model and latent dtype (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of x_T and the step noise (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--repeats", type=int, default=d.repeats, help="timed runs per solver; the median is reported "
-                   "(default: %(default)s)")
-    p.add_argument("--no-warmup", action="store_true", help="time the traced run instead of a separate clean run "
-                   "(halves the run time; timings then include tracing)")
+    p.add_argument("--seed", type=BOUNDS["seed"], default=d.seed,
+                   help="seed of x_T and the step noise (default: %(default)s)")
+    p.add_argument("--threads", type=BOUNDS["threads"], default=None,
+                   help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--repeats", type=BOUNDS["repeats"], default=d.repeats, help="timed runs per solver, interleaved "
+                   "across the solvers; the median and min-max are reported (default: %(default)s)")
+    p.add_argument("--no-warmup", action="store_true", help="time the traced run instead of separate clean runs "
+                   "(halves the run time; timings then include tracing; needs --repeats 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (default: %(default)s)")
-    p.add_argument("--json", type=Path, default=None, help="JSON path (default: <out>/bench.json)")
-    p.add_argument("--rounds-md", type=Path, default=None, help="also write the rounds tables (markdown) here")
+    p.add_argument("--out", type=output_dir, default=Path("bench_out"), help="output folder (default: %(default)s)")
+    p.add_argument("--json", type=output_file, default=None, help="JSON path (default: <out>/bench.json)")
+    p.add_argument("--rounds-md", type=output_file, default=None, help="also write the rounds tables (markdown) here")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
-    p.add_argument("--quick", action="store_true",
-                   help=f"tiny run for tests: steps {QUICK['steps']}, batch {QUICK['batch']}, window {QUICK['window']}")
+    p.add_argument("--quick", action="store_true", help=f"tiny run for tests: steps {QUICK['steps']}, batch "
+                   f"{QUICK['batch']}, window {QUICK['window']} unless those flags are given")
     return p
 
 
@@ -105,24 +124,33 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         "warmup": not args.no_warmup, "repeats": args.repeats, "progress": not args.no_progress,
         "max_batch": args.max_batch,
     }
-    if args.quick:
-        values.update(QUICK)
     # every config field has its flag: a field added to BenchConfig without one fails here
     assert set(values) == {f.name for f in fields(BenchConfig)}, "BenchConfig and the CLI flags disagree"
     return BenchConfig(**values)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from deqkern.bench import report
-    from deqkern.bench.runner import run_benchmark
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The flags; ``--quick`` changes the defaults of the flags it sizes, so explicit ones win."""
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**{k: list(v) if isinstance(v, tuple) else v for k, v in QUICK.items()})
+        args = parser.parse_args(argv)
+    return args
 
-    result = run_benchmark(cfg)
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; a bad flag (also one found when the model is loaded) exits 2 with an
+    ``error:`` line naming it, as argparse does."""
+    parser = build_parser()
+    args = parse_args(parser, argv)
+    from deqkern.bench import report
+
+    try:
+        result = run_benchmark(config_from_args(args))
+    except OptionError as exc:
+        parser.error(f"argument --{exc.name.replace('_', '-')}: {exc.message}")
+    except CheckpointError as exc:
+        parser.error(f"argument --model: {exc}")
     print(report.format_table(result))
     json_path = report.write_json(result, args.json or args.out / "bench.json")
     written = [json_path]

@@ -36,10 +36,12 @@ def format_table(result: BenchResult) -> str:
         f"batch {cfg.batch}, tol {cfg.tol:g} (deqkern: stop {cfg.stop}; torchdeq: relative), ParaDiGMS tol {cfg.paradigms_tol:g} (noise-scaled), "
         f"window {cfg.window}, Anderson m={cfg.history} ridge {cfg.ridge:g}, seed {cfg.seed}",
         f"r@tgt = rounds to x0 rel. err <= {cfg.target_err:g}; errors and PSNR: worst sample; * = our best ({BEST})",
+        f"wall s: median (min-max) of {cfg.repeats} timed run(s) per method, interleaved across the methods"
+        if cfg.warmup else "wall s: the one traced run of each method (no warm-up)",
     ]
     if "noise" in result.quality:
         lines.append(f"digits quality of pure noise: {_quality_str(result.quality['noise'])}")
-    widths = (22, 6, 5, 7, 8, 9, 8, 6, 10, 8, 5)
+    widths = (22, 6, 5, 7, 8, 21, 8, 6, 10, 8, 5)
     header = "  ".join(h.ljust(w) for h, w in zip(COLUMNS, widths))
     for steps in cfg.steps:
         lines += ["", f"S={steps}: {result.schedules[steps]['description']}", header, "-" * len(header)]
@@ -49,7 +51,7 @@ def format_table(result: BenchResult) -> str:
                 lines.append(f"{name.ljust(widths[0])}  skipped: {r.skipped}")
                 continue
             cells = (
-                name, _fmt(r.form), _fmt(r.window), _fmt(r.rounds), _fmt(r.model_evals), _fmt(r.wall_s, ".3f"),
+                name, _fmt(r.form), _fmt(r.window), _fmt(r.rounds), _fmt(r.model_evals), _wall(r),
                 _fmt(r.speedup, ".2f") + "x", _fmt(r.rounds_to_target, none="-" if r.family == "oracle" else ">"),
                 _fmt(r.x0_rel_err, ".2e"), _fmt(r.psnr_db, ".1f", none="inf"),
                 {True: "yes", False: "NO", None: "-"}[r.converged],
@@ -64,6 +66,13 @@ def format_table(result: BenchResult) -> str:
                 notes.setdefault(n, []).append(r.solver)
         lines += [f"  note [{', '.join(who)}]: {n}" for n, who in notes.items()]
     return "\n".join(lines)
+
+
+def _wall(r: RunRecord) -> str:
+    """The median wall time, with the min-max of the timed runs when there was more than one."""
+    if r.wall_s is None or len(r.wall_s_runs) < 2:
+        return _fmt(r.wall_s, ".3f")
+    return f"{r.wall_s:.3f} ({r.wall_s_min:.3f}-{r.wall_s_max:.3f})"
 
 
 def _quality_str(q: dict[str, Any]) -> str:

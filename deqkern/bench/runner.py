@@ -1,8 +1,10 @@
 """Run every solver on the same model, noise, batch and tolerance and record comparable numbers.
 
-For each chain length S: the sequential oracle first, then every selected solver. Each solver
-runs a *traced* warm-up run (per-round x0 error against the oracle, discarded for timing), then
-``repeats`` clean timed runs whose median is reported; host timers are wrapped in device
+For each chain length S: the sequential oracle's warm-up run (the reference), then every selected
+solver's *traced* warm-up run (per-round x0 error against the oracle, discarded for timing), then
+``repeats`` clean timed sweeps over the oracle and every solver, round-robin (repetition r of every
+method before repetition r + 1 of any), so that background load on a shared machine hits every
+method alike; the median and the min-max are reported. Host timers are wrapped in device
 synchronisation. Our solvers and the oracle run through kept samplers, so on a GPU the timed
 runs replay the CUDA graph an untimed run captured (steady state).
 """
@@ -18,6 +20,7 @@ from typing import Any, Callable, Literal
 import torch
 
 import deqkern
+from deqkern._validate import NONNEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, Bounded, OptionError
 from deqkern.bench.peers import (
     ChainMap, DeqDdimConfig, Outcome, SolverUnsupported, run_deq_ddim, run_paradigms, run_torchdeq,
 )
@@ -93,6 +96,17 @@ DESCRIPTIONS: dict[str, str] = {
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
+#: The numeric fields' bounds, declared once: :class:`BenchConfig` checks them and the CLI flags
+#: parse with them (``steps``: every chain length).
+BOUNDS: dict[str, Bounded] = {
+    "steps": Bounded(int, 2), "eta": NONNEGATIVE_FLOAT, "tol": POSITIVE_FLOAT, "window": POSITIVE_INT,
+    "history": Bounded(int, 1, 8), "ridge": NONNEGATIVE_FLOAT, "max_iters": POSITIVE_INT,
+    "paradigms_tol": POSITIVE_FLOAT, "target_err": POSITIVE_FLOAT, "batch": POSITIVE_INT,
+    "seed": Bounded(int, 0, 2**63 - 1), "threads": POSITIVE_INT, "repeats": POSITIVE_INT, "max_batch": POSITIVE_INT,
+}
+#: fields whose None means "the default" (no bound applies)
+_OPTIONAL = ("max_iters", "threads", "max_batch")
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -131,25 +145,25 @@ class BenchConfig:
     def __post_init__(self) -> None:
         unknown = sorted(set(self.solvers) - set(ALL_SOLVERS))
         if unknown:
-            raise ValueError(f"solvers: unknown {unknown}; choose from {list(ALL_SOLVERS)}")
-        if not self.steps or any(not isinstance(s, int) or s < 2 for s in self.steps):
-            raise ValueError(f"steps: expected chain lengths >= 2, got {self.steps}")
+            raise OptionError("solvers", f"unknown {unknown}; choose from {list(ALL_SOLVERS)}")
+        if not self.steps:
+            raise OptionError("steps", "expected at least one chain length")
+        for name, bound in BOUNDS.items():
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL:
+                continue
+            for v in value if name == "steps" else (value,):
+                bound.check(name, v)
         if self.stop not in ("relative", "x0"):
-            raise ValueError(f"stop: expected 'relative' or 'x0', got {self.stop!r}")
+            raise OptionError("stop", f"expected 'relative' or 'x0', got {self.stop!r}")
         if self.scheduler not in ("ddim", "ddpm"):
-            raise ValueError(f"scheduler: expected 'ddim' or 'ddpm', got {self.scheduler!r}")
+            raise OptionError("scheduler", f"expected 'ddim' or 'ddpm', got {self.scheduler!r}")
         if self.scheduler == "ddpm" and self.eta != 0.0:
-            raise ValueError("eta: applies to --scheduler ddim only (DDPM's noise is fixed by its variance)")
+            raise OptionError("eta", "applies to --scheduler ddim only (DDPM's noise is fixed by its variance)")
         if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        for name in ("tol", "paradigms_tol", "target_err"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v > 0):
-                raise ValueError(f"{name}: expected a finite value > 0, got {v}")
-        if self.repeats < 1:
-            raise ValueError(f"repeats: expected >= 1, got {self.repeats}")
-        if self.window < 1 or self.batch < 1 or not 1 <= self.history <= 8 or not self.ridge >= 0:
-            raise ValueError("window and batch must be >= 1, history in [1, 8], ridge >= 0")
+            raise OptionError("dtype", f"expected one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if not self.warmup and self.repeats != 1:
+            raise OptionError("repeats", f"without a warm-up the one traced run is timed; got {self.repeats} repeats")
 
 
 @dataclass
@@ -165,8 +179,11 @@ class RunRecord:
     stop: str | None = None
     rounds: int | None = None
     model_evals: int | None = None
+    #: median of the timed runs; with min and max, the spread that background load left
     wall_s: float | None = None
-    #: every timed run (``wall_s`` is their median)
+    wall_s_min: float | None = None
+    wall_s_max: float | None = None
+    #: every timed run, in the order they ran
     wall_s_runs: list[float] = field(default_factory=list)
     speedup: float | None = None
     x0_rel_err: float | None = None
@@ -217,13 +234,42 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
+def timed(device: torch.device, fn: Callable[[], Any],
+          clock: Callable[[], float] = time.perf_counter) -> tuple[Any, float]:
     """``(fn(), seconds)`` with the device synchronised around the host timer."""
     _sync(device)
-    start = time.perf_counter()
+    start = clock()
     out = fn()
     _sync(device)
-    return out, time.perf_counter() - start
+    return out, clock() - start
+
+
+def interleaved(
+    runs: dict[str, Callable[[], Any]], repeats: int, device: torch.device,
+    clock: Callable[[], float] = time.perf_counter, tolerate: tuple[type[BaseException], ...] = (),
+    after_sweep: Callable[[], None] = lambda: None,
+) -> dict[str, tuple[Any, list[float]]]:
+    """Time every run ``repeats`` times round-robin: sweep r runs each method once, in order, before
+    sweep r + 1 starts, so load that comes and goes on a shared machine hits every method alike
+    instead of whichever ran during it.
+
+    Returns per name ``(output of its last run, seconds of every run)``. A run that raises one of
+    ``tolerate`` returns the exception as its output and is not run again.
+    """
+    results: dict[str, tuple[Any, list[float]]] = {name: (None, []) for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            out, walls = results[name]
+            if isinstance(out, BaseException):
+                continue
+            try:
+                out, wall = timed(device, fn, clock)
+            except tolerate as exc:
+                results[name] = (exc, walls)
+                continue
+            results[name] = (out, [*walls, wall])
+        after_sweep()
+    return results
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -259,8 +305,13 @@ def load_model(cfg: BenchConfig, device: torch.device) -> tuple[Any, Any, dict[s
         unet, scheduler = load_pretrained(cfg.model, device=device, dtype=dtype)
         source = cfg.model
     if type(unet).__name__ != "UNet2DModel":
-        raise ValueError(
-            f"--model: the benchmark samples unconditionally and needs a UNet2DModel, got {type(unet).__name__}"
+        raise OptionError(
+            "model", f"the benchmark samples unconditionally and needs a UNet2DModel, got {type(unet).__name__}"
+        )
+    limit = scheduler.config.num_train_timesteps
+    if max(cfg.steps) > limit:
+        raise OptionError(
+            "steps", f"expected chain lengths <= the model's num_train_timesteps={limit}, got {list(cfg.steps)}"
         )
     c = unet.config
     size = c.sample_size if isinstance(c.sample_size, (tuple, list)) else (c.sample_size, c.sample_size)
@@ -290,12 +341,8 @@ class Case:
     x_T: torch.Tensor
     noise: torch.Tensor | None
     reference: torch.Tensor
-    #: the oracle's timed runs
-    sequential_walls: list[float]
-
-    @property
-    def sequential_wall(self) -> float:
-        return statistics.median(self.sequential_walls)
+    #: one run of the oracle, through a kept sampler (on a GPU its timed runs replay its graph)
+    oracle: Callable[[], Any]
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -325,7 +372,6 @@ class _Runner:
     def __init__(self, cfg: BenchConfig, model: Any, sched_conf: dict[str, Any], case: Case) -> None:
         self.cfg, self.model, self.sched_conf, self.case = cfg, model, sched_conf, case
         self.device = case.x_T.device
-        self.last_x0: torch.Tensor | None = None
         # our solvers' samplers, kept across the timed runs: on a GPU the first run captures the
         # CUDA graph and the timed runs replay it, as a library calling deqkern repeatedly would
         self._samplers: dict[OursSpec, deqkern.ParallelSampler] = {}
@@ -384,46 +430,39 @@ class _Runner:
             residuals=res.residuals, notes=notes,
         )
 
-    def record(self, name: str) -> RunRecord:
+    def traced(self, name: str) -> tuple[RunRecord, Outcome | None, float]:
+        """Solver ``name``'s traced warm-up run: its record with the per-round x0 errors (or why it
+        was skipped), its outcome and its wall time."""
         c, cfg = self.case, self.cfg
         rec = RunRecord(solver=name, family="ours" if name in OURS else "peer", steps=c.steps,
                         description=DESCRIPTIONS[name])
         rec.form, rec.window, rec.stop = self._settings(name)
+        trace = ErrorTrace(c.reference)
         try:
-            trace = ErrorTrace(c.reference)
             out, wall = timed(self.device, lambda: self.solve(name, trace))
-            walls = [wall]
-            if cfg.warmup:
-                first = out
-                walls = []
-                if name in OURS and self.device.type == "cuda":
-                    self.solve(name, None)  # captures the sampler's CUDA graph: the timed runs replay it
-                for _ in range(cfg.repeats):
-                    out, wall = timed(self.device, lambda: self.solve(name, None))
-                    walls.append(wall)
-                if out.rounds != first.rounds:
-                    rec.notes.append(f"traced run took {first.rounds} rounds, timed run {out.rounds}")
-                rec.timing = f"median of {cfg.repeats} timed run(s) after a traced warm-up"
-            else:
-                rec.timing = "single traced run (no warm-up)"
+            if cfg.warmup and name in OURS and self.device.type == "cuda":
+                self.solve(name, None)  # captures the sampler's CUDA graph: the timed runs replay it
         except SolverUnsupported as exc:
             rec.skipped = str(exc)
-            return rec
-        except (RuntimeError, ValueError, FloatingPointError) as exc:  # a solver failing is a result
-            rec.skipped = f"failed: {type(exc).__name__}: {exc}"
-            return rec
-        rec.rounds, rec.model_evals, rec.converged = out.rounds, out.model_evals, out.converged
-        rec.wall_s, rec.wall_s_runs = statistics.median(walls), walls
-        rec.speedup = c.sequential_wall / rec.wall_s if rec.wall_s > 0 else None
-        rec.x0_rel_err, rec.psnr_db = x0_metrics(out.x0, c.reference)
-        rec.residual_per_round = _worst(out.residuals)
+            return rec, None, 0.0
+        except _SOLVER_FAILURES as exc:  # a solver failing is a result
+            rec.skipped = _failure(exc)
+            return rec, None, 0.0
         rec.x0_err_per_round = trace.worst_per_round()
         rec.rounds_to_target_per_sample = trace.rounds_to(cfg.target_err)
         hits = rec.rounds_to_target_per_sample
         rec.rounds_to_target = None if any(h is None for h in hits) else max(hits)
+        return rec, out, wall
+
+    def finish(self, rec: RunRecord, first: Outcome, out: Outcome, walls: list[float]) -> None:
+        """Fill ``rec`` from the last timed run ``out`` (``first``: the traced run) and all timings."""
+        rec.rounds, rec.model_evals, rec.converged = out.rounds, out.model_evals, out.converged
+        _set_walls(rec, walls)
+        rec.x0_rel_err, rec.psnr_db = x0_metrics(out.x0, self.case.reference)
+        rec.residual_per_round = _worst(out.residuals)
+        if out.rounds != first.rounds:
+            rec.notes.append(f"traced run took {first.rounds} rounds, timed run {out.rounds}")
         rec.notes.extend(out.notes)
-        self.last_x0 = out.x0
-        return rec
 
     def _settings(self, name: str) -> tuple[str, int, str]:
         c, cfg = self.case, self.cfg
@@ -441,9 +480,23 @@ class _Runner:
 
 
 # ------------------------------------------------------------------------------ driver
-def make_case(cfg: BenchConfig, model: Any, sched_conf: dict[str, Any], steps: int, x_T: torch.Tensor) -> Case:
-    """The chain of length ``steps``, its noise (drawn once, CPU generator) and the oracle's
-    answer and timings (after a discarded warm-up run)."""
+#: what a solver run may raise and still be a result (recorded as skipped) rather than a bench bug
+_SOLVER_FAILURES = (RuntimeError, ValueError, FloatingPointError)
+
+
+def _failure(exc: BaseException) -> str:
+    return f"failed: {type(exc).__name__}: {exc}"
+
+
+def _set_walls(rec: RunRecord, walls: list[float]) -> None:
+    rec.wall_s_runs = walls
+    rec.wall_s, rec.wall_s_min, rec.wall_s_max = statistics.median(walls), min(walls), max(walls)
+
+
+def make_case(cfg: BenchConfig, model: Any, sched_conf: dict[str, Any], steps: int,
+              x_T: torch.Tensor) -> tuple[Case, float]:
+    """The chain of length ``steps``, its noise (drawn once, CPU generator) and the oracle's answer,
+    with the wall time of that first oracle run."""
     schedule = Schedule.from_diffusers(sched_conf, steps, eta=cfg.eta if cfg.scheduler == "ddim" else None)
     noise = None
     if schedule.is_stochastic:
@@ -455,10 +508,53 @@ def make_case(cfg: BenchConfig, model: Any, sched_conf: dict[str, Any], steps: i
     def oracle():
         return sequential(x_T, noise)
 
+    first, wall = timed(x_T.device, oracle)
+    return Case(steps, schedule, x_T, noise, first.x0, oracle), wall
+
+
+def run_chain(cfg: BenchConfig, runner: _Runner, solvers: list[str], first_oracle_wall: float,
+              bar: Any = None) -> tuple[list[RunRecord], dict[str, Outcome]]:
+    """Every solver at one chain length: the traced runs, then the timed runs interleaved across
+    the oracle and the solvers. Returns the records (oracle first) and each finished solver's outcome."""
+    case = runner.case
+    oracle = RunRecord(
+        solver="sequential", family="oracle", steps=case.steps, description=DESCRIPTIONS["sequential"],
+        rounds=case.steps, model_evals=case.steps * cfg.batch, speedup=1.0, x0_rel_err=0.0, converged=True,
+    )
+    _advance(bar)
+    traced: dict[str, tuple[RunRecord, Outcome | None, float]] = {}
+    for name in solvers:
+        _postfix(bar, f"S={case.steps} {name}")
+        traced[name] = runner.traced(name)
+        _advance(bar)
+    ran = [name for name in solvers if traced[name][1] is not None]
     if cfg.warmup:
-        oracle()
-    runs = [timed(x_T.device, oracle) for _ in range(cfg.repeats if cfg.warmup else 1)]
-    return Case(steps, schedule, x_T, noise, runs[-1][0].x0, [wall for _, wall in runs])
+        runs = {"sequential": case.oracle, **{name: (lambda n=name: runner.solve(n, None)) for name in ran}}
+        _postfix(bar, f"S={case.steps} timed runs")
+        timings = interleaved(runs, cfg.repeats, runner.device, tolerate=_SOLVER_FAILURES,
+                              after_sweep=lambda: _advance(bar))
+        timing = f"median of {cfg.repeats} timed run(s) after a traced warm-up, interleaved across the methods"
+    else:
+        timings = {"sequential": (None, [first_oracle_wall])}
+        timings.update({name: (traced[name][1], [traced[name][2]]) for name in ran})
+        timing = "single traced run (no warm-up)"
+    _set_walls(oracle, timings["sequential"][1])
+    oracle.timing = timing
+    records, outcomes = [oracle], {}
+    for name in solvers:
+        rec, first, _ = traced[name]
+        records.append(rec)
+        if rec.skipped is not None:
+            continue
+        out, walls = timings[name]
+        if isinstance(out, BaseException):
+            rec.skipped = _failure(out)
+            continue
+        runner.finish(rec, first, out, walls)
+        rec.timing = timing
+        rec.speedup = oracle.wall_s / rec.wall_s if rec.wall_s > 0 else None
+        outcomes[name] = out
+    return records, outcomes
 
 
 def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResult:
@@ -481,32 +577,23 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
     schedules: dict[int, dict[str, Any]] = {}
     samples: dict[int, dict[str, torch.Tensor]] = {}
     solvers = [s for s in cfg.solvers if s != "sequential"]
-    bar = _bar(cfg.progress, len(cfg.steps) * (len(solvers) + 1))
+    sweeps = cfg.repeats if cfg.warmup else 0
+    bar = _bar(cfg.progress, len(cfg.steps) * (1 + len(solvers) + sweeps))
     with torch.no_grad():
         for steps in cfg.steps:
             _postfix(bar, f"S={steps} sequential")
-            case = make_case(cfg, model, sched_conf, steps, x_T)
+            case, first_oracle_wall = make_case(cfg, model, sched_conf, steps, x_T)
             schedules[steps] = dict(schedule_summary(case.schedule))
-            records.append(RunRecord(
-                solver="sequential", family="oracle", steps=steps, description=DESCRIPTIONS["sequential"],
-                rounds=steps, model_evals=steps * cfg.batch, wall_s=case.sequential_wall,
-                wall_s_runs=case.sequential_walls, speedup=1.0,
-                x0_rel_err=0.0, converged=True,
-            ))
+            chain_records, outcomes = run_chain(cfg, _Runner(cfg, model, sched_conf, case), solvers,
+                                                first_oracle_wall, bar)
+            records += chain_records
             samples[steps] = {"x_T": x_T.cpu(), "sequential": case.reference.cpu()}
             if quality_fn is not None:
                 quality[str(steps)] = {"sequential": quality_fn(case.reference)}
-            _advance(bar)
-            runner = _Runner(cfg, model, sched_conf, case)
-            for name in solvers:
-                _postfix(bar, f"S={steps} {name}")
-                rec = runner.record(name)
-                records.append(rec)
-                if name == BEST and rec.skipped is None:
-                    samples[steps]["best"] = runner.last_x0.cpu()
-                    if quality_fn is not None:
-                        quality[str(steps)][BEST] = quality_fn(runner.last_x0)
-                _advance(bar)
+            if BEST in outcomes:
+                samples[steps]["best"] = outcomes[BEST].x0.cpu()
+                if quality_fn is not None:
+                    quality[str(steps)][BEST] = quality_fn(outcomes[BEST].x0)
     if bar is not None:
         bar.close()
     return BenchResult(cfg, env, model_info, schedules, quality, records, samples)
