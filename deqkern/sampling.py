@@ -55,8 +55,8 @@ def check_chain_inputs(
         raise TypeError(f"schedule: expected a deqkern.Schedule, got {type(schedule).__name__}")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-    if x.ndim < 2:
-        raise ValueError(f"{name}: expected shape [batch, ...latent], got {tuple(x.shape)}")
+    if x.ndim < 2 or x.numel() == 0:
+        raise ValueError(f"{name}: expected a non-empty shape [batch, ...latent], got {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name}: contains NaN or inf")
     s = schedule.num_steps
@@ -69,6 +69,8 @@ def check_chain_inputs(
             raise ValueError(
                 f"noise: expected dtype {x.dtype} on {x.device} like {name}, got {noise.dtype} on {noise.device}"
             )
+        if not bool(torch.isfinite(noise).all()):
+            raise ValueError("noise: contains NaN or inf")
 
 
 def _check_execution(execution: str) -> None:
@@ -326,6 +328,8 @@ class ParallelSampler:
         if init is not None and (init.shape != (s, *x_T.shape) or init.dtype != x_T.dtype or init.device != x_T.device):
             raise ValueError(f"init: expected {x_T.dtype} of shape {(s, *x_T.shape)} on {x_T.device}, got "
                              f"{init.dtype} {tuple(init.shape)} on {init.device}")
+        if init is not None and not bool(torch.isfinite(init).all()):
+            raise ValueError("init: contains NaN or inf")
         batch, shape = x_T.shape[0], x_T.shape
         self.ev.check_conditioning(batch)
         execution = self.execution

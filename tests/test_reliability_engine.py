@@ -36,3 +36,56 @@ def test_unconverged_fixed_shape_x0_is_the_eager_iterate(solver, execution, max_
     assert rel_err(fixed.x0, eager.x0) <= 1e-12
     seq = deqkern.sample_sequential(_tanh, x, s).x0
     assert rel_err(fixed.x0, seq) > 1e-6  # the test means something: x0 is an unfinished estimate
+
+
+# ------------------------------------------------------------------ engine-side unclear errors
+S10 = deqkern.Schedule.ddim(AC, list(range(999, -1, -111)))  # S = 10
+ETA10 = deqkern.Schedule.ddim(AC, list(range(999, -1, -111)), eta=1.0)  # stochastic: takes noise
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (2, 0), (0,), (2, 0, 4)])
+@pytest.mark.parametrize("fn", [deqkern.sample, deqkern.sample_sequential])
+def test_empty_batch_or_latent_names_x_T(fn, shape):
+    """A batch of 0 or a latent of size 0 is refused by name (it was an IndexError deep inside)."""
+    with pytest.raises(ValueError, match=r"x_T: expected a non-empty shape \[batch, \.\.\.latent\]"):
+        fn(_tanh, torch.zeros(shape), S10)
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+@pytest.mark.parametrize("fn", [deqkern.sample, deqkern.sample_sequential])
+def test_non_finite_noise_is_blamed_on_noise(fn, where):
+    """NaN in the step noise is refused by name before any model call (it was reported as a
+    non-finite model output)."""
+    x = torch.randn(2, 3, dtype=torch.float64)
+    noise = torch.randn(10, 2, 3, dtype=torch.float64)
+    noise[0 if where == "first" else -1, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match="noise: contains NaN or inf"):
+        fn(_tanh, x, ETA10, noise=noise)
+
+
+def test_non_finite_init_is_blamed_on_init():
+    """NaN (or inf) in the warm start is refused by name (it was reported as a non-finite model
+    output)."""
+    x = torch.randn(2, 3, dtype=torch.float64)
+    init = torch.randn(10, 2, 3, dtype=torch.float64)
+    init[7, 0, 1] = float("inf")
+    with pytest.raises(ValueError, match="init: contains NaN or inf"):
+        deqkern.sample(_tanh, x, S10, init=init)
+
+
+@pytest.mark.parametrize("execution,rounds_per_graph", [("static", 4), ("audit", 3), ("static", 1)])
+def test_fixed_shape_sequential_names_round_and_timestep(execution, rounds_per_graph):
+    """A graphed/static sequential chain whose model output turns non-finite names the first
+    step at fault and its timestep, as the eager chain does (it said "round unknown")."""
+    bad = 6
+    bad_t = int(S10.timesteps[bad])
+
+    def model(x, t):
+        return torch.where((t == bad_t).view(-1, 1), float("nan"), torch.tanh(x))
+
+    x = torch.randn(2, 3, dtype=torch.float64)
+    msg = rf"round {bad} at timestep\(s\) \[{bad_t}\]"
+    with pytest.raises(deqkern.NonFiniteModelOutput, match=msg):
+        deqkern.sample_sequential(model, x, S10, execution="eager")
+    with pytest.raises(deqkern.NonFiniteModelOutput, match=msg):
+        deqkern.sample_sequential(model, x, S10, execution=execution, rounds_per_graph=rounds_per_graph)
