@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from deqkern.engine import Execution, Problem, StopRule, Workspace, _sync, _x0_row, solve
+from deqkern.engine import Execution, Problem, Solved, StopRule, Workspace, _sync, _x0_row, solve
 from deqkern.interop import to_torch
 from deqkern.model import Guidance, ModelEvaluator, ModelFn
 from deqkern.ops import step_rows
@@ -224,6 +224,9 @@ class ParallelSampler:
             measured, ``bench/results/stopping_rule_cpu.json``).
         max_iters: most rounds (batched model calls); default S, enough for exactness.
         window: rows per sample per round (ParaDiGMS' ``parallel``); default S (no window).
+            Halved while the solve raises ``torch.OutOfMemoryError`` (down to 1, then it
+            propagates): ``info["window"]`` is the window that ran, ``info["window_oom"]`` the
+            ones that ran out of memory.
         solver_options: the solver's config dataclass or a mapping of its fields.
         model_kwargs, guidance: conditioning (per sample or shared), fixed for the sampler: a
             captured graph reads these very tensors, so update them in place to change them.
@@ -294,6 +297,8 @@ class ParallelSampler:
         self.extrapolate = (not schedule.is_stochastic) if extrapolate is None else extrapolate
         self.ev = ModelEvaluator(model, model_kwargs or {}, guidance, max_batch, model_dtype)
         self._cache = _Cache(cache_size)
+        #: per input signature, the windows whose solve ran out of memory (see _solve_fitting)
+        self._window_oom: dict[tuple, list[int]] = {}
 
     def __call__(
         self,
@@ -340,10 +345,7 @@ class ParallelSampler:
         # buffers made under inference mode cannot be updated outside it, and the reverse
         key = (tuple(shape), x_T.dtype, x_T.device, noise is not None, init is not None, return_trajectory, execution,
                torch.is_inference_mode_enabled())
-        ws, made = self._cache.get_or_make(key, lambda: self._workspace(x_T, noise, init, return_trajectory, execution))
-        if not made:
-            ws.load(x_T, noise, init)
-        out = solve(ws, progress=progress, on_round=on_round)
+        ws, out, window_oom = self._solve_fitting(key, x_T, noise, init, return_trajectory, execution, progress, on_round)
         st, p = ws.st, ws.p
         return SampleResult(
             x0=back(_x0_row(p, st)), converged=out.converged, rounds=out.rounds, model_evals=self.ev.evaluations,
@@ -351,13 +353,37 @@ class ParallelSampler:
             # a copy: the workspace's buffer is the next call's
             trajectory=None if st.traj is None else back(st.traj[: s + 1].reshape(s + 1, *shape).clone()),
             info={"solver": self.solver, "config": ws.config, "form": schedule.form, "stop": self.stop,
-                  "tol": self.tol, "window": self.width, "extrapolate": self.extrapolate and init is None,
-                  **out.info},
+                  "tol": self.tol, "window": ws.p.width, "window_oom": window_oom,
+                  "extrapolate": self.extrapolate and init is None, **out.info},
         )
+
+    def _solve_fitting(
+        self, key: tuple, x_T: torch.Tensor, noise: torch.Tensor | None, init: torch.Tensor | None,
+        return_trajectory: bool, execution: str, progress: bool, on_round: Callable[[torch.Tensor], None] | None,
+    ) -> tuple[Workspace, Solved, list[int]]:
+        """``(workspace, solved, windows that ran out of memory)``: the solve at the sampler's
+        window, halved after every ``torch.OutOfMemoryError`` (a round's model batch is B x W
+        rows) and started over; at window 1 the error propagates. The windows that ran out are
+        kept per input signature: later calls start at the last one that fit."""
+        failed = self._window_oom.setdefault(key, [])
+        while True:
+            width = failed[-1] // 2 if failed else self.width
+            try:
+                ws, made = self._cache.get_or_make(
+                    (*key, width), lambda: self._workspace(x_T, noise, init, return_trajectory, execution, width)
+                )
+                if not made:
+                    ws.load(x_T, noise, init)
+                return ws, solve(ws, progress=progress, on_round=on_round), list(failed)
+            except torch.OutOfMemoryError:
+                if width == 1:
+                    raise
+                self._cache.pop((*key, width), None)  # its buffers, and the solve's, are freed
+                failed.append(width)
 
     def _workspace(
         self, x_T: torch.Tensor, noise: torch.Tensor | None, init: torch.Tensor | None, return_trajectory: bool,
-        execution: str,
+        execution: str, width: int,
     ) -> Workspace:
         schedule, s = self.schedule, self.schedule.num_steps
         batch, dim = x_T.shape[0], x_T[0].numel()
@@ -367,7 +393,7 @@ class ParallelSampler:
             noise_var=schedule.noise_var.to(dev, torch.float64),
             noise=None if noise is None else noise.reshape(s, batch, dim).clone(),
             init=None if init is None else torch.cat([x_T.reshape(1, batch, dim), init.reshape(s, batch, dim)]),
-            transform=schedule.transform, shape=x_T.shape, width=self.width, tol=self.tol, stop=self.stop,
+            transform=schedule.transform, shape=x_T.shape, width=width, tol=self.tol, stop=self.stop,
             max_iters=self.max_iters, drift=schedule.form == "drift", secant=schedule.form == "secant",
             extrapolate=self.extrapolate,
         )

@@ -89,3 +89,40 @@ def test_fixed_shape_sequential_names_round_and_timestep(execution, rounds_per_g
         deqkern.sample_sequential(model, x, S10, execution="eager")
     with pytest.raises(deqkern.NonFiniteModelOutput, match=msg):
         deqkern.sample_sequential(model, x, S10, execution=execution, rounds_per_graph=rounds_per_graph)
+
+
+# ------------------------------------------------------------------ faults: out of memory
+class _RowLimitedModel:
+    """``tanh(x/2)`` that raises ``torch.OutOfMemoryError`` above ``limit`` rows per call, as a
+    GPU model would; records the batch sizes it served."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.served = limit, []
+
+    def __call__(self, x, t):
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory ({x.shape[0]} rows)")
+        self.served.append(x.shape[0])
+        return _tanh(x, t)
+
+
+@pytest.mark.parametrize("execution", ["eager", "static"])
+def test_out_of_memory_halves_the_window(execution):
+    """Out of memory at window 10 (20 rows) and 5 (10 rows): the solve runs at window 2 (4 rows),
+    says so in info, and returns the sequential x0 within 1e-6 relative (float64, tol 1e-8); a
+    second call of the same sampler starts at the window that fit (no call above the limit)."""
+    x = torch.randn(2, 3, dtype=torch.float64)
+    model = _RowLimitedModel(limit=8)
+    sampler = deqkern.ParallelSampler(model, S10, "anderson", tol=1e-8, execution=execution)
+    seq = deqkern.sample_sequential(_tanh, x, S10).x0
+    for _ in range(2):
+        r = sampler(x)
+        assert r.info["window_oom"] == [10, 5] and r.info["window"] == 2
+        assert r.all_converged and rel_err(r.x0, seq) <= 1e-6
+    assert max(model.served) <= 8
+
+
+def test_out_of_memory_at_window_1_propagates():
+    """A model that cannot take even one row per sample: the OOM reaches the caller."""
+    with pytest.raises(torch.OutOfMemoryError):
+        deqkern.sample(_RowLimitedModel(limit=1), torch.randn(2, 3, dtype=torch.float64), S10)
