@@ -126,3 +126,90 @@ def test_out_of_memory_at_window_1_propagates():
     """A model that cannot take even one row per sample: the OOM reaches the caller."""
     with pytest.raises(torch.OutOfMemoryError):
         deqkern.sample(_RowLimitedModel(limit=1), torch.randn(2, 3, dtype=torch.float64), S10)
+
+
+# ------------------------------------------------------------------ faults: divergence
+S25 = deqkern.Schedule.ddim(AC, torch.linspace(999, 0, 25).round().long().tolist())
+AGGRESSIVE = dict(history=8, ridge=0.0, restart=None, mixing="row")  # no safeguard: diverges on stiff chains
+
+
+def _stiff(x, t):
+    """A chain whose parallel iterates blow up far ahead of the frozen rows (steps expand 1.5x)."""
+    return 1.5 * x + torch.sin(5 * x)
+
+
+def _bounded(model, bound: float):
+    """``model`` where every row with some ``|x| > bound`` gets NaN, as a real network may far
+    from its data; the sequential chain stays inside the bound, so it is finite."""
+
+    def run(x, t, **kwargs):
+        far = (x.abs() > bound).flatten(1).any(1).view(-1, *[1] * (x.ndim - 1))
+        return torch.where(far, float("nan"), model(x, t, **kwargs))
+
+    return run
+
+
+@pytest.mark.parametrize("execution", ["eager", "static", "audit"])
+@pytest.mark.parametrize("solver,options", [("picard", None), ("anderson", None), ("anderson", AGGRESSIVE)])
+def test_diverging_solve_falls_back_to_the_sequential_answer(solver, options, execution):
+    """Iterates far from the chain make the model NaN (the old engine raised NonFiniteModelOutput
+    in round 1): each sample restarts from its frozen prefix with Picard steps and still ends at
+    the sequential x0 within 1e-7 relative (float64, 10 x tol), converged, the fallback reported."""
+    x = torch.randn(3, 8, dtype=torch.float64)
+    traj = deqkern.sample_sequential(_stiff, x, S25, return_trajectory=True, execution="eager").trajectory
+    model = _bounded(_stiff, 2 * float(traj.abs().max()))
+    r = deqkern.sample(model, x, S25, solver, tol=1e-8, solver_options=options, execution=execution)
+    assert r.all_converged and rel_err(r.x0, traj[-1]) <= 1e-7
+    assert len(r.info["diverged"]) == 3 and all(d > 0 for d in r.info["diverged"])
+
+
+def test_divergence_is_per_sample():
+    """Only the sample whose iterates leave the model's range falls back (per-sample models through
+    conditioning: sample 0 stiff, sample 1 tame); the other's solve is the one it has alone
+    (same rounds, x0 to 1e-12 relative) and both end at the sequential x0 (1e-7 relative: 10 x tol)."""
+
+    def mixed(x, t, stiff):
+        return torch.where(stiff.view(-1, 1) > 0, _stiff(x, t), _tanh(x, t))
+
+    x = torch.randn(2, 8, dtype=torch.float64)
+    kw = dict(model_kwargs={"stiff": torch.tensor([1.0, 0.0], dtype=torch.float64)})
+    traj = deqkern.sample_sequential(mixed, x, S25, return_trajectory=True, execution="eager", **kw).trajectory
+    model = _bounded(mixed, 2 * float(traj.abs().max()))
+    both = deqkern.sample(model, x, S25, "anderson", tol=1e-8, execution="static", **kw)
+    alone = deqkern.sample(model, x[1:], S25, "anderson", tol=1e-8, execution="static",
+                           model_kwargs={"stiff": torch.zeros(1, dtype=torch.float64)})
+    assert both.info["diverged"][0] > 0 and both.info["diverged"][1] == 0 and alone.info["diverged"] == [0]
+    assert both.rounds_per_sample[1] == alone.rounds_per_sample[0]
+    assert rel_err(both.x0[1:], alone.x0) <= 1e-12 and rel_err(both.x0, traj[-1]) <= 1e-7
+
+
+def test_growing_residual_falls_back_without_non_finite_values(monkeypatch):
+    """An unguarded Anderson solve whose window residual grows DIVERGE_ROUNDS rounds in a row
+    (finite throughout: with the growth test off, nothing falls back) restarts each sample with
+    Picard steps, reports it, and still reaches the sequential x0 (1e-7 relative, float64: 10 x tol)."""
+    import deqkern.engine as engine
+
+    def model(x, t):
+        return 0.5 * x + torch.sin(5 * x)
+
+    x = torch.randn(3, 8, dtype=torch.float64)
+    seq = deqkern.sample_sequential(model, x, S25).x0
+    kw = dict(tol=1e-8, solver_options=AGGRESSIVE, execution="static")
+    r = deqkern.sample(model, x, S25, "anderson", **kw)
+    assert r.all_converged and rel_err(r.x0, seq) <= 1e-7 and any(d > 0 for d in r.info["diverged"])
+    monkeypatch.setattr(engine, "DIVERGE_ROUNDS", 10**9)
+    assert deqkern.sample(model, x, S25, "anderson", **kw).info["diverged"] == [0, 0, 0]
+
+
+@pytest.mark.parametrize("execution", ["eager", "static"])
+def test_non_finite_output_at_the_exact_row_raises(execution):
+    """A non-finite output at the frozen anchor (the sequential chain's own step) is not a
+    divergence: it raises, naming the round and the timestep, even if it appears first at a
+    row ahead."""
+    bad_t = int(S10.timesteps[4])
+
+    def model(x, t):
+        return torch.where((t == bad_t).view(-1, 1), float("nan"), torch.tanh(x))
+
+    with pytest.raises(deqkern.NonFiniteModelOutput, match=rf"round \d+ at timestep\(s\) \[{bad_t}\]"):
+        deqkern.sample(model, torch.randn(2, 3, dtype=torch.float64), S10, "anderson", execution=execution)
