@@ -345,7 +345,9 @@ class ParallelSampler:
         # buffers made under inference mode cannot be updated outside it, and the reverse
         key = (tuple(shape), x_T.dtype, x_T.device, noise is not None, init is not None, return_trajectory, execution,
                torch.is_inference_mode_enabled())
-        ws, out, window_oom = self._solve_fitting(key, x_T, noise, init, return_trajectory, execution, progress, on_round)
+        ws, out, window_oom = self._solve_fitting(
+            key, x_T, noise, init, return_trajectory, execution, progress, on_round
+        )
         st, p = ws.st, ws.p
         return SampleResult(
             x0=back(_x0_row(p, st)), converged=out.converged, rounds=out.rounds, model_evals=self.ev.evaluations,

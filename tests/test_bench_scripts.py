@@ -39,7 +39,8 @@ def test_e2e_graphs_script_on_cpu(tmp_path):
 
 
 @pytest.mark.skipif(not (ROOT / "bench" / "solver_studies.py").exists(), reason="run from a source checkout")
-@pytest.mark.parametrize("study", ["adjoint-vjp", "ops-per-round", "stopping-rule", "stopping-x0", "tail-chunks"])
+@pytest.mark.parametrize("study", ["adjoint-vjp", "ops-per-round", "stopping-rule", "stopping-x0", "tail-chunks",
+                                   "divergence"])
 def test_solver_studies_run_quick(tmp_path, study):
     """The studies behind the README's solver numbers, at --quick sizes."""
     studies = _load("solver_studies")
