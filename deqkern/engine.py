@@ -11,8 +11,8 @@ One round (math.md §2-§4), per sample ``b`` with frozen prefix ``x[0..k0_b]``:
    and row 0's ``G`` is always exact, so the window advances by at least one row per round: the
    solve ends in at most S rounds and Picard reproduces the sequential chain exactly; the x0
    rule refines which rows pass); the residual log and the distance to the stop;
-4. the solver (Picard, Anderson, ...) proposes the next iterate of the other rows;
-   (a sample that diverges takes Picard steps from its frozen prefix: :class:`DivergenceGuard`);
+4. the solver (Picard, Anderson, ...) proposes the next iterate of the other rows (a sample that
+   diverged takes Picard steps from its frozen prefix instead: :class:`DivergenceGuard`);
 5. ``commit_window``: each sample's window slides by its own frozen count (new rows start from
    ``init``, or continue the last step linearly for deterministic chains, or copy the last
    computed row as ParaDiGMS does) and, in fixed-shape rounds, the next model input is written
@@ -31,7 +31,7 @@ from deqkern._nvtx import annotate
 from deqkern.errors import NonFiniteModelOutput
 from deqkern.model import ModelEvaluator
 from deqkern.ops import commit_window, round_status, scan_residual
-from deqkern.ops.reference import RowSlide, ScanResult, row_mask, window_residual
+from deqkern.ops.reference import RowSlide, ScanResult
 from deqkern.schedule import X0Transform
 from deqkern.solvers import Solver, get_solver
 
@@ -228,15 +228,14 @@ def slide_secant(sec: SecantState, delta: torch.Tensor) -> None:
 DIVERGE_ROUNDS = 3
 
 
-def finite_rows(res: ScanResult, n: torch.Tensor) -> torch.Tensor:
-    """``[B]`` the live rows before each sample's first row with a non-finite model output,
-    iterate or norm, and at least row 0: its input is the exact anchor, so a non-finite output
-    there is the sequential chain's own (the round's ``bad_t`` reports it); any later row's is
-    an iterate's."""
-    width = res.f_sq.shape[1]
-    j = torch.arange(width, device=n.device)
-    bad = (res.nonfinite > 0) | ~torch.isfinite(res.f_sq) | ~torch.isfinite(res.g_sq)
-    first_bad = torch.where(bad, j, width).amin(dim=1)
+def finite_rows(res: ScanResult, n: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """``[B]`` the live rows before each sample's first non-finite row, and at least row 0: its
+    input is the exact anchor, so a non-finite output there is the sequential chain's own (the
+    round's ``bad_t`` reports it); any later row's is an iterate's. A row is non-finite when its
+    ``||G||`` or ``||G - x||`` is: a non-finite model output or input makes its ``G`` so.
+    ``j``: ``arange(W)``."""
+    finite = res.f_sq + res.g_sq <= torch.finfo(res.f_sq.dtype).max  # False for inf and NaN
+    first_bad = torch.where(finite, j.numel(), j).amin(dim=1)
     return torch.minimum(n, first_bad.clamp(min=1))
 
 
@@ -244,14 +243,14 @@ def finite_rows(res: ScanResult, n: torch.Tensor) -> torch.Tensor:
 class DivergenceGuard:
     """Per sample: whether its solve diverged, and the residual trend that tells.
 
-    A sample diverges when a live row turns non-finite (model output, iterate or norm: rows past
-    :func:`finite_rows`) or its window residual ``||F|| / ||G||`` grew ``DIVERGE_ROUNDS`` rounds in
-    a row (not judged once fallen back, nor for a Picard solver). Then, on the device and for
-    that sample only, its live rows restart from its frozen prefix (rows past the finite ones,
-    or past the frozen ones when the residual grew, are refilled as rows entering the window
-    are), the solver forgets it (:meth:`Solver.reset`) and it takes Picard steps ``x <- G(x)`` to
-    the end of the solve. Row 0's ``G`` is exact, so it still advances at least one row per
-    round, to the sequential answer whenever that is finite.
+    A sample diverges when a live row turns non-finite (rows past :func:`finite_rows`) or,
+    unless the solver's steps are Picard's already, its window residual ``||F|| / ||G||`` grew
+    ``DIVERGE_ROUNDS`` rounds in a row. Then, on the device and for that sample only, its live
+    rows restart from its frozen prefix (the rows past the finite ones, or past the frozen ones
+    when the residual grew, are refilled as rows entering the window are) and it takes Picard
+    steps ``x <- G(x)`` to the end of the solve; the solver no longer sees it (its history of
+    the sample is dropped, never mixed again). Row 0's ``G`` is exact, so the sample still
+    advances at least one row per round, to the sequential answer whenever that is finite.
     """
 
     fallback: torch.Tensor  #: [B] bool: the sample takes Picard steps (it diverged)
@@ -269,25 +268,24 @@ class DivergenceGuard:
         )
 
     def check(
-        self, res: ScanResult, n: torch.Tensor, n_ok: torch.Tensor, delta: torch.Tensor, judge_growth: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One round's verdict: ``(restart [B] bool, rows [B])``, the samples that diverge now and
-        the rows of each the commit keeps (the finite ones, the frozen ones after residual
-        growth, all live ones otherwise); updates the trend and marks ``fallback``.
-        ``judge_growth``: False when the solver's steps are Picard's already."""
-        live = n > 0
-        resid = window_residual(res.f_sq, res.g_sq, row_mask(n_ok, res.f_sq.shape[1])).to(torch.float64)
-        self.grew.copy_(torch.where(live, torch.where(resid > self.last, self.grew + 1, 0), self.grew))
-        self.last.copy_(torch.where(live, resid, self.last))
+        self, n: torch.Tensor, n_ok: torch.Tensor, delta: torch.Tensor, resid: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One round's verdict, in place: marks ``fallback`` and returns ``[B]`` the rows of each
+        sample the commit keeps (the finite ones after a non-finite row, the frozen ones after
+        residual growth, all live ones otherwise). ``resid``: ``[B]`` the round's window residual
+        (NaN when inactive), None to not judge growth (the solver steps as Picard does)."""
         broke = n_ok < n
-        growing = live & ~self.fallback & (self.grew >= DIVERGE_ROUNDS) & judge_growth
-        restart = broke | growing
-        rows = torch.where(broke, n_ok, torch.where(growing, delta, n))
+        restart, kept = broke, n
+        if resid is not None:
+            up = resid > self.last
+            self.grew.mul_(up).add_(up)  # +1 while growing, else 0 (fallen-back samples: unread)
+            self.last.copy_(resid)
+            growing = (self.grew >= DIVERGE_ROUNDS) & ~self.fallback
+            restart, kept = broke | growing, torch.where(growing, delta, n)
+        rows = torch.where(broke, n_ok, kept)
         self.fallback.logical_or_(restart)
-        self.diverged.add_(restart.to(torch.int64))
-        self.grew.copy_(torch.where(restart, 0, self.grew))
-        self.last.copy_(torch.where(restart, math.inf, self.last))
-        return restart, rows
+        self.diverged.add_(restart)
+        return rows
 
 
 def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, static: bool) -> None:
@@ -325,21 +323,24 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     with annotate("scan"):
         res = scan_residual(st.xw, e, z, coef, n, p.transform, solver.hist_f, drift=p.drift)
     # the stopping rule judges the rows before the first non-finite one (row 0 always)
-    n_ok = finite_rows(res, n)
+    n_ok = finite_rows(res, n, j)
     with annotate("status"):
         # the stopping test, the rows to freeze, the logs and SolveState.worst/done_round/bad_t
         delta = round_status(res.f_sq, res.g_sq, res.nonfinite, t, n_ok, st.k0, st.rounds, p.noise_var, st.worst,
                              st.res_log, st.done_round, st.bad_t, stop=p.stop, tol=p.tol, dim=dim)
-    restart, n_commit = st.guard.check(res, n, n_ok, delta, judge_growth=not solver.picard)
-    st.worst.copy_(torch.where(restart, math.inf, st.worst))  # not near its stop: keep whole chunks
+    picard = getattr(solver, "picard", False)
+    # the round's window residual, as round_status logged it (NaN when inactive)
+    resid = None if picard else st.res_log.index_select(0, st.rounds.clamp(max=p.max_iters).view(1))[0]
+    n_commit = st.guard.check(n, n_ok, delta, resid)
     if st.secant is not None:
-        secant_update(st.secant, st.xw, res.g, j < n_ok.unsqueeze(1))
+        secant_update(st.secant, st.xw, res.g, live)
     with annotate("solve+mix"):
-        # the solver steps the samples that have not diverged; the others take Picard steps
-        fell = st.guard.fallback.view(-1, 1)
-        x_new = solver.update(st.xw[:, 1:], res.g, res.f, res.f_sq, res.gram, live & ~fell)
-        x_new = torch.where(fell.unsqueeze(-1), res.g, x_new)
-    solver.reset(restart)
+        if picard:  # the fallback's steps already
+            x_new = solver.update(st.xw[:, 1:], res.g, res.f, res.f_sq, res.gram, live)
+        else:  # the solver steps the samples that have not diverged; the others take Picard steps
+            fell = st.guard.fallback.view(-1, 1)
+            x_new = solver.update(st.xw[:, 1:], res.g, res.f, res.f_sq, res.gram, live & ~fell)
+            x_new = torch.where(fell.unsqueeze(-1), res.g, x_new)
     if st.traj is not None:
         # frozen rows land at their position; the others at the scratch row (no duplicate writes)
         frozen = j.unsqueeze(0) < delta.unsqueeze(1)

@@ -60,8 +60,6 @@ class AndersonSolver:
     """Anderson state for B samples x W rows. Every update is in place and free of host syncs
     (the ring slot lives on the device), so rounds can be captured in a CUDA graph."""
 
-    picard = False
-
     def __init__(self, config: AndersonConfig, batch: int, width: int, dim: int, device, dtype) -> None:
         m = config.history
         self.cfg = config
@@ -119,16 +117,6 @@ class AndersonSolver:
         self.fallbacks.add_((~ok & live.any(1)).sum())
         picard = one_hot(newest, m, a.dtype)
         return torch.where(full.unsqueeze(-1), a.unsqueeze(1), picard)
-
-    def reset(self, samples: torch.Tensor) -> None:
-        """The ``samples``' history is emptied (age 0, zero slots: a diverged iterate may be
-        non-finite, and a zero weight times NaN is NaN) as if their rows had just entered."""
-        keep = ~samples
-        for t in (self.hist_x, self.hist_f):
-            t.copy_(torch.where(keep.view(1, -1, 1, 1), t, 0.0))
-        self.gram.copy_(torch.where(keep.view(-1, 1, 1, 1), self.gram, 0.0))
-        self.age.copy_(torch.where(keep.unsqueeze(1), self.age, 0))
-        self.prev_f_sq.copy_(torch.where(keep.unsqueeze(1), self.prev_f_sq, float("inf")))
 
     def shift(self, delta: torch.Tensor) -> None:
         slide = RowSlide(delta, self.age.shape[1])

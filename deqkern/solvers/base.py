@@ -14,8 +14,9 @@ class Solver(Protocol):
 
     #: Residual history ``[m, B, W, D]`` whose Gram row the scan op should fuse, or None.
     hist_f: torch.Tensor | None
-    #: Its steps are plain Picard steps ``x <- G(x)``, the divergence fallback's own: a growing
-    #: residual then is no reason to restart (:class:`deqkern.engine.DivergenceGuard`).
+    #: Optional, default False: its steps are plain Picard steps ``x <- G(x)``, the divergence
+    #: fallback's own, so a growing residual is no reason to restart and there is no proposal to
+    #: replace (:class:`deqkern.engine.DivergenceGuard`).
     picard: bool
 
     def update(
@@ -27,10 +28,6 @@ class Solver(Protocol):
 
     def shift(self, delta: torch.Tensor) -> None:
         """Sample ``b``'s window slid forward by ``delta[b]`` rows."""
-
-    def reset(self, samples: torch.Tensor) -> None:
-        """Forget the state of the ``samples`` (``[B]`` bool): their solve diverged, their live rows
-        restart from the frozen prefix and take Picard steps (:class:`deqkern.engine.DivergenceGuard`)."""
 
 
 #: name -> (config dataclass, factory(config, B, W, D, device, dtype) -> Solver)

@@ -31,8 +31,5 @@ class PicardSolver:
     def shift(self, delta: torch.Tensor) -> None:
         """Picard keeps no state across rounds."""
 
-    def reset(self, samples: torch.Tensor) -> None:
-        """Picard keeps no state across rounds."""
-
 
 register_solver("picard", PicardConfig, lambda cfg, *shape: PicardSolver(cfg))
