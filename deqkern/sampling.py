@@ -56,7 +56,7 @@ def check_chain_inputs(
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.ndim < 2 or x.numel() == 0:
-        raise ValueError(f"{name}: expected a non-empty shape [batch, ...latent], got {tuple(x.shape)}")
+        raise ValueError(f"{name}: expected shape [batch, ...latent], batch and latent size >= 1, got {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name}: contains NaN or inf")
     s = schedule.num_steps

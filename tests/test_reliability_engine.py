@@ -47,7 +47,7 @@ ETA10 = deqkern.Schedule.ddim(AC, list(range(999, -1, -111)), eta=1.0)  # stocha
 @pytest.mark.parametrize("fn", [deqkern.sample, deqkern.sample_sequential])
 def test_empty_batch_or_latent_names_x_T(fn, shape):
     """A batch of 0 or a latent of size 0 is refused by name (it was an IndexError deep inside)."""
-    with pytest.raises(ValueError, match=r"x_T: expected a non-empty shape \[batch, \.\.\.latent\]"):
+    with pytest.raises(ValueError, match=r"x_T: expected shape \[batch, \.\.\.latent\], batch and latent size >= 1"):
         fn(_tanh, torch.zeros(shape), S10)
 
 
