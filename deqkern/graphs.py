@@ -205,9 +205,9 @@ class SequentialWorkspace:
         self.idx = torch.arange(batch, device=dev)
         self.state = x.reshape(batch, -1).clone()
         self.k = torch.zeros(1, dtype=torch.int64, device=dev)
-        #: the first step whose model output was not finite (-1: none), recorded on the device as
+        #: the first step whose model output was not finite (S: none), recorded on the device as
         #: the parallel rounds' ``bad_t`` is: a captured chunk cannot raise in the step at fault
-        self.bad_k = torch.full((1,), -1, dtype=torch.int64, device=dev)
+        self.bad_k = torch.full((1,), s, dtype=torch.int64, device=dev)
         self.z = torch.zeros(s, batch, self.state.shape[1], device=dev, dtype=dt) if has_noise else None
         self.runner: ChunkRunner | None = None
 
@@ -216,8 +216,8 @@ class SequentialWorkspace:
         e = self.ev.raw(self.state.reshape(self.shape), self.ts.index_select(0, self.k).expand(batch), self.idx)
         z = None if self.z is None else self.z.index_select(0, self.k)[0]
         coef = self.coef.index_select(0, self.k).expand(batch, -1)
-        first_bad = (self.bad_k < 0) & ~torch.isfinite(e).all()
-        self.bad_k.copy_(torch.where(first_bad, self.k, self.bad_k))
+        steps = self.schedule.num_steps
+        torch.minimum(self.bad_k, torch.where(torch.isfinite(e).all(), steps, self.k), out=self.bad_k)
         self.state.copy_(step_rows(self.state, e.reshape(batch, -1), z, coef, self.schedule.transform))
         self.k.add_(1)
 
@@ -230,7 +230,7 @@ class SequentialWorkspace:
         s = self.schedule.num_steps
         self.state.copy_(x.reshape(self.state.shape))
         self.k.zero_()
-        self.bad_k.fill_(-1)
+        self.bad_k.fill_(s)
         if self.z is not None:
             self.z.copy_(noise.reshape(self.z.shape))
         full, rest = divmod(s, self.steps_per_graph)
@@ -243,7 +243,7 @@ class SequentialWorkspace:
         self.ev.evaluations = s * self.shape[0]
         out = self.state.reshape(self.shape).clone()
         bad_k = int(self.bad_k)
-        if bad_k >= 0:
+        if bad_k < s:
             t = int(self.ts[bad_k])
             raise NonFiniteModelOutput(f"model output is not finite in round {bad_k} at timestep(s) [{t}]")
         if not bool(torch.isfinite(out).all()):
