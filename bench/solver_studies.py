@@ -6,6 +6,7 @@
     python bench/solver_studies.py stopping-rule   # x0 error at the solver's own stop against tol, many batches
     python bench/solver_studies.py stopping-x0     # the x0 rule against the relative rule: x0 error and rounds
     python bench/solver_studies.py tail-chunks     # fixed-shape rounds: model batches run past convergence, syncs
+    python bench/solver_studies.py divergence      # the divergence guard's growth window: false alarms, rounds
 
 All on the embedded digits model, one CPU thread. ``--quick`` shrinks each study to seconds (the
 test suite runs it so the command lines stay true).
@@ -352,8 +353,69 @@ def half_precision(quick: bool) -> dict[str, Any]:
             "floors": floors, "floor_per_dtype": floor_of, "rows": rows}
 
 
+def _longest_growth(residuals: list[list[float]], b: int) -> int:
+    """The longest run of rounds in which sample ``b``'s window residual grew."""
+    best = run = 0
+    for prev, cur in zip(residuals, residuals[1:]):
+        run = run + 1 if cur[b] > prev[b] else 0  # NaN (inactive) compares False
+        best = max(best, run)
+    return best
+
+
+def divergence(quick: bool) -> dict[str, Any]:
+    """``deqkern.engine.DIVERGE_ROUNDS``: a sample whose window residual grows that many rounds in
+    a row falls back to Picard steps from its frozen prefix (Picard solvers are not judged). On
+    solves that converge, a fallback is a false alarm (it costs rounds). Per chain, solver and
+    setting (2, 3 rounds; off): the samples that fell back, rounds, the worst x0 error against
+    the sequential chain / tol, and (off) each sample's longest run of growing residuals."""
+    import deqkern.engine as engine
+
+    chains = [("ddim", 6)] if quick else [("ddim", 25), ("ddim", 100), ("ddpm", 25)]
+    solvers = ["anderson-tri"] if quick else ["anderson-tri", "anderson-tri-secant"]
+    settings = [3] if quick else [2, 3, None]
+    seeds, tol = (1, 1e-3) if quick else (2, 1e-4)
+    default = engine.DIVERGE_ROUNDS
+    rows = []
+    try:
+        for scheduler, steps in chains:
+            unet, sched = _digits(scheduler)
+            schedule = deqkern.Schedule.from_diffusers(sched, steps)
+            inputs = []
+            for seed in range(seeds):
+                g = torch.Generator().manual_seed(seed)
+                x = torch.randn(8, 1, 8, 8, generator=g)
+                noise = torch.randn(steps, 8, 1, 8, 8, generator=g) if scheduler == "ddpm" else None
+                with torch.no_grad():
+                    ref = deqkern.sample_sequential(unet, x, schedule, noise, execution="eager").x0.flatten(1)
+                inputs.append((x, noise, ref))
+            for solver in solvers:
+                for setting in settings:
+                    engine.DIVERGE_ROUNDS = setting if setting is not None else 2**62
+                    fell, rounds, errs, streaks = [], [], [], []
+                    for x, noise, ref in inputs:
+                        with torch.no_grad():
+                            r = deqkern.sample(unet, x, schedule, noise=noise, tol=tol, execution="eager",
+                                               **SOLVERS[solver])
+                        fell.append(sum(d > 0 for d in r.info["diverged"]))
+                        rounds.append(r.rounds)
+                        errs.append(float(((r.x0.flatten(1) - ref).norm(dim=1) / ref.norm(dim=1)).max()) / tol)
+                        streaks.append(max(_longest_growth(r.residuals, b) for b in range(x.shape[0])))
+                    rows.append({"scheduler": scheduler, "steps": steps, "solver": solver, "diverge_rounds": setting,
+                                 "samples_fallen_back": fell, "rounds": rounds, "worst_error_over_tol": errs,
+                                 "longest_growth": streaks if setting is None else None})
+                    print(f"{scheduler} S={steps:<4} {solver:<20} guard {setting or 'off'!s:<4}: fell back "
+                          f"{sum(fell)}/{8 * seeds}, rounds {rounds}, worst x0 error {max(errs):.2f} x tol"
+                          + (f", longest growth {max(streaks)} rounds" if setting is None else ""))
+    finally:
+        engine.DIVERGE_ROUNDS = default
+    return {"what": f"eager, batch 8, window S, stop x0, tol {tol}, {seeds} seeds: samples that fell back (false "
+                    "alarms: every solve converges), rounds, worst x0 error / tol, longest growth run (guard off)",
+            "rows": rows}
+
+
 STUDIES = {"adjoint-vjp": adjoint_vjp, "ops-per-round": ops_per_round, "stopping-rule": stopping_rule,
-           "stopping-x0": stopping_x0, "tail-chunks": tail_chunks, "half-precision": half_precision}
+           "stopping-x0": stopping_x0, "tail-chunks": tail_chunks, "half-precision": half_precision,
+           "divergence": divergence}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -11,7 +11,8 @@ One round (math.md §2-§4), per sample ``b`` with frozen prefix ``x[0..k0_b]``:
    and row 0's ``G`` is always exact, so the window advances by at least one row per round: the
    solve ends in at most S rounds and Picard reproduces the sequential chain exactly; the x0
    rule refines which rows pass); the residual log and the distance to the stop;
-4. the solver (Picard, Anderson, ...) proposes the next iterate of the other rows;
+4. the solver (Picard, Anderson, ...) proposes the next iterate of the other rows (a sample that
+   diverged takes Picard steps from its frozen prefix instead: :class:`DivergenceGuard`);
 5. ``commit_window``: each sample's window slides by its own frozen count (new rows start from
    ``init``, or continue the last step linearly for deterministic chains, or copy the last
    computed row as ParaDiGMS does) and, in fixed-shape rounds, the next model input is written
@@ -27,9 +28,10 @@ from typing import Any, Callable, Literal
 import torch
 
 from deqkern._nvtx import annotate
+from deqkern.errors import NonFiniteModelOutput
 from deqkern.model import ModelEvaluator
 from deqkern.ops import commit_window, round_status, scan_residual
-from deqkern.ops.reference import RowSlide
+from deqkern.ops.reference import RowSlide, ScanResult
 from deqkern.schedule import X0Transform
 from deqkern.solvers import Solver, get_solver
 
@@ -101,6 +103,7 @@ class SolveState:
     #: [B] float64 the x0 rule's error budget spent so far, in units of ||x0|| (ops.reference.x0_accepted_rows)
     spent: torch.Tensor
     traj: torch.Tensor | None  #: [S+2, B, D] latents by position (last row: scratch)
+    guard: DivergenceGuard  #: per sample: has it diverged, and how its residual went
     #: [B, W, D] the next model input in the model's dtype (fixed-shape rounds only): written by
     #: the round's commit, read by the next model call
     model_in: torch.Tensor | None = None
@@ -121,7 +124,7 @@ class SolveState:
             traj[0] = flat
         secant = SecantState.start(b, p.width, d, dev, x_T.dtype, p.coef.dtype) if p.secant else None
         return cls(
-            xw=xw, k0=torch.zeros(b, dtype=torch.int64, device=dev), secant=secant,
+            xw=xw, k0=torch.zeros(b, dtype=torch.int64, device=dev), secant=secant, guard=DivergenceGuard.start(b, dev),
             rounds=torch.zeros((), dtype=torch.int64, device=dev),
             done_round=torch.zeros(b, dtype=torch.int64, device=dev),
             res_log=torch.full((p.max_iters + 1, b), float("nan"), dtype=torch.float64, device=dev),
@@ -222,6 +225,72 @@ def slide_secant(sec: SecantState, delta: torch.Tensor) -> None:
     slide.apply(sec.valid, False)
 
 
+#: A sample whose window residual grew this many rounds in a row counts as diverging (as do
+#: non-finite rows at once). Converging Anderson solves of the digits model grew at most 2 rounds
+#: in a row; 2 restarted up to 10 of 16 samples, 3 none (chosen by bench/solver_studies.py divergence).
+DIVERGE_ROUNDS = 3
+
+
+def finite_rows(res: ScanResult, n: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """``[B]`` the live rows before each sample's first non-finite row, and at least row 0: its
+    input is the exact anchor, so a non-finite output there is the sequential chain's own (the
+    round's ``bad_t`` reports it); any later row's is an iterate's. A row is non-finite when its
+    ``||G||`` or ``||G - x||`` is: a non-finite model output or input makes its ``G`` so.
+    ``j``: ``arange(W)``."""
+    finite = res.f_sq + res.g_sq <= torch.finfo(res.f_sq.dtype).max  # False for inf and NaN
+    first_bad = torch.where(finite, j.numel(), j).amin(dim=1)
+    return torch.minimum(n, first_bad.clamp(min=1))
+
+
+@dataclass
+class DivergenceGuard:
+    """Per sample: whether its solve diverged, and the residual trend that tells.
+
+    A sample diverges when a live row turns non-finite (rows past :func:`finite_rows`) or,
+    unless the solver's steps are Picard's already, its window residual ``||F|| / ||G||`` grew
+    ``DIVERGE_ROUNDS`` rounds in a row. Then, on the device and for that sample only, its live
+    rows restart from its frozen prefix (the rows past the finite ones, or past the frozen ones
+    when the residual grew, are refilled as rows entering the window are) and it takes Picard
+    steps ``x <- G(x)`` to the end of the solve; the solver no longer sees it (its history of
+    the sample is dropped, never mixed again). Row 0's ``G`` is exact, so the sample still
+    advances at least one row per round, to the sequential answer whenever that is finite.
+    """
+
+    fallback: torch.Tensor  #: [B] bool: the sample takes Picard steps (it diverged)
+    diverged: torch.Tensor  #: [B] int64 rounds in which it diverged (and restarted)
+    grew: torch.Tensor  #: [B] int64 consecutive rounds its window residual grew
+    last: torch.Tensor  #: [B] float64 its last window residual (inf: none yet)
+
+    @classmethod
+    def start(cls, batch: int, device) -> "DivergenceGuard":
+        return cls(
+            fallback=torch.zeros(batch, dtype=torch.bool, device=device),
+            diverged=torch.zeros(batch, dtype=torch.int64, device=device),
+            grew=torch.zeros(batch, dtype=torch.int64, device=device),
+            last=torch.full((batch,), math.inf, dtype=torch.float64, device=device),
+        )
+
+    def check(
+        self, n: torch.Tensor, n_ok: torch.Tensor, delta: torch.Tensor, resid: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One round's verdict, in place: marks ``fallback`` and returns ``[B]`` the rows of each
+        sample the commit keeps (the finite ones after a non-finite row, the frozen ones after
+        residual growth, all live ones otherwise). ``resid``: ``[B]`` the round's window residual
+        (NaN when inactive), None to not judge growth (the solver steps as Picard does)."""
+        broke = n_ok < n
+        restart, kept = broke, n
+        if resid is not None:
+            up = resid > self.last
+            self.grew.mul_(up).add_(up)  # +1 while growing, else 0 (fallen-back samples: unread)
+            self.last.copy_(resid)
+            growing = (self.grew >= DIVERGE_ROUNDS) & ~self.fallback
+            restart, kept = broke | growing, torch.where(growing, delta, n)
+        rows = torch.where(broke, n_ok, kept)
+        self.fallback.logical_or_(restart)
+        self.diverged.add_(restart)
+        return rows
+
+
 def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, static: bool) -> None:
     """One round of the parallel solve (see the module docstring), in place on ``st``.
 
@@ -249,21 +318,33 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
             e = ev.raw(x_in.reshape(-1, *p.shape[1:]), t.reshape(-1), rows_b).to(st.xw.dtype).reshape(batch, width, dim)
         else:
             rows_b = b_idx.unsqueeze(1).expand(batch, width)[live]
-            out = ev(st.xw[:, :width][live].reshape(-1, *p.shape[1:]), t[live], rows_b, int(st.rounds))
+            # unchecked: a non-finite output past row 0 is a diverged iterate (DivergenceGuard)
+            out = ev.raw(st.xw[:, :width][live].reshape(-1, *p.shape[1:]), t[live], rows_b)
             e = torch.zeros(batch, width, dim, device=dev, dtype=st.xw.dtype)
             e[live] = out.reshape(-1, dim)
     z = None if p.noise is None else p.noise[pos, b_idx.unsqueeze(1)]
     with annotate("scan"):
         res = scan_residual(st.xw, e, z, coef, n, p.transform, solver.hist_f, drift=p.drift)
+    # the stopping rule judges the rows before the first non-finite one (row 0 always)
+    n_ok = finite_rows(res, n, j)
     with annotate("status"):
         # the stopping test, the rows to freeze, the logs and SolveState.worst/done_round/bad_t/spent
-        delta = round_status(res.f_sq, res.g_sq, res.nonfinite, t, n, st.k0, st.rounds, p.noise_var, st.worst,
+        delta = round_status(res.f_sq, res.g_sq, res.nonfinite, t, n_ok, st.k0, st.rounds, p.noise_var, st.worst,
                              st.res_log, st.done_round, st.bad_t, coef[..., 0], st.spent, stop=p.stop, tol=p.tol,
                              dim=dim)
+    picard = getattr(solver, "picard", False)
+    # the round's window residual, as round_status logged it (NaN when inactive)
+    resid = None if picard else st.res_log.index_select(0, st.rounds.clamp(max=p.max_iters).view(1))[0]
+    n_commit = st.guard.check(n, n_ok, delta, resid)
     if st.secant is not None:
         secant_update(st.secant, st.xw, res.g, live)
     with annotate("solve+mix"):
-        x_new = solver.update(st.xw[:, 1:], res.g, res.f, res.f_sq, res.gram, live)
+        if picard:  # the fallback's steps already
+            x_new = solver.update(st.xw[:, 1:], res.g, res.f, res.f_sq, res.gram, live)
+        else:  # the solver steps the samples that have not diverged; the others take Picard steps
+            fell = st.guard.fallback.view(-1, 1)
+            x_new = solver.update(st.xw[:, 1:], res.g, res.f, res.f_sq, res.gram, live & ~fell)
+            x_new = torch.where(fell.unsqueeze(-1), res.g, x_new)
     if st.traj is not None:
         # frozen rows land at their position; the others at the scratch row (no duplicate writes)
         frozen = j.unsqueeze(0) < delta.unsqueeze(1)
@@ -271,7 +352,7 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
         st.traj[dest, b_idx.unsqueeze(1)] = res.g
     # freeze the accepted rows at G, slide every window, write the next model input: one pass
     with annotate("commit"):
-        commit_window(st.xw, x_new, res.g, delta, n, st.k0, p.init, st.model_in, p.extrapolate)
+        commit_window(st.xw, x_new, res.g, delta, n_commit, st.k0, p.init, st.model_in, p.extrapolate)
     solver.shift(delta)
     if st.secant is not None:
         slide_secant(st.secant, delta)
@@ -364,9 +445,11 @@ def _solve(ws: Workspace, progress: bool, on_round: Callable[[torch.Tensor], Non
     start = time.perf_counter()
     if ws.execution == "eager":
         bar = _progress_bar(progress, p.steps * p.batch)
-        while int(st.rounds) < p.max_iters and bool((st.k0 < p.steps).any()):
+        while (r := int(st.rounds)) < p.max_iters and bool((st.k0 < p.steps).any()):
             k_before = st.k0.clone()
             run_round(p, st, solver, ev, static=False)
+            if (bad_t := int(st.bad_t[r])) >= 0:
+                raise NonFiniteModelOutput(f"model output is not finite in round {r} at timestep(s) [{bad_t}]")
             if on_round is not None:
                 on_round(_x0_estimate(p, st, k_before))
             if bar is not None:
@@ -388,7 +471,8 @@ def _solve(ws: Workspace, progress: bool, on_round: Callable[[torch.Tensor], Non
     return Solved(
         converged=(st.k0 == p.steps).cpu(), rounds=rounds, residuals=st.res_log[:rounds].cpu().tolist(),
         rounds_per_sample=[d if d > 0 else rounds for d in done], wall_time=wall,
-        info={"fallbacks": int(getattr(solver, "fallbacks", 0)), "execution": ws.execution,
+        info={"fallbacks": int(getattr(solver, "fallbacks", 0)), "diverged": st.guard.diverged.cpu().tolist(),
+              "execution": ws.execution,
               "reused_workspace": ws.solves > 1, **info},
     )
 

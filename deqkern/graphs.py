@@ -205,6 +205,9 @@ class SequentialWorkspace:
         self.idx = torch.arange(batch, device=dev)
         self.state = x.reshape(batch, -1).clone()
         self.k = torch.zeros(1, dtype=torch.int64, device=dev)
+        #: the first step whose model output was not finite (S: none), recorded on the device as
+        #: the parallel rounds' ``bad_t`` is: a captured chunk cannot raise in the step at fault
+        self.bad_k = torch.full((1,), s, dtype=torch.int64, device=dev)
         self.z = torch.zeros(s, batch, self.state.shape[1], device=dev, dtype=dt) if has_noise else None
         self.runner: ChunkRunner | None = None
 
@@ -213,6 +216,8 @@ class SequentialWorkspace:
         e = self.ev.raw(self.state.reshape(self.shape), self.ts.index_select(0, self.k).expand(batch), self.idx)
         z = None if self.z is None else self.z.index_select(0, self.k)[0]
         coef = self.coef.index_select(0, self.k).expand(batch, -1)
+        steps = self.schedule.num_steps
+        torch.minimum(self.bad_k, torch.where(torch.isfinite(e).all(), steps, self.k), out=self.bad_k)
         self.state.copy_(step_rows(self.state, e.reshape(batch, -1), z, coef, self.schedule.transform))
         self.k.add_(1)
 
@@ -225,19 +230,24 @@ class SequentialWorkspace:
         s = self.schedule.num_steps
         self.state.copy_(x.reshape(self.state.shape))
         self.k.zero_()
+        self.bad_k.fill_(s)
         if self.z is not None:
             self.z.copy_(noise.reshape(self.z.shape))
         full, rest = divmod(s, self.steps_per_graph)
         if self.runner is None and full > 0:
-            self.runner = ChunkRunner(self._chunk, [self.state, self.k], "sequential steps", self.mode)
+            self.runner = ChunkRunner(self._chunk, [self.state, self.k, self.bad_k], "sequential steps", self.mode)
         for _ in range(full):
             self.runner()
         for _ in range(rest):
             self._one_step()
         self.ev.evaluations = s * self.shape[0] * self.ev.rows_per_latent
         out = self.state.reshape(self.shape).clone()
+        bad_k = int(self.bad_k)
+        if bad_k < s:
+            t = int(self.ts[bad_k])
+            raise NonFiniteModelOutput(f"model output is not finite in round {bad_k} at timestep(s) [{t}]")
         if not bool(torch.isfinite(out).all()):
-            raise NonFiniteModelOutput("model output is not finite in the sequential chain (graphed: round unknown)")
+            raise NonFiniteModelOutput("the sequential chain is not finite: a step overflowed (model output finite)")
         info = {"rounds_per_graph": self.steps_per_graph, "graph": False}
         if self.runner is not None:
             info.update(self.runner.summary())

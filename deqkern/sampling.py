@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from deqkern.engine import Execution, Problem, StopRule, Workspace, _sync, _x0_row, solve
+from deqkern.engine import Execution, Problem, Solved, StopRule, Workspace, _sync, _x0_row, solve
 from deqkern.interop import to_torch
 from deqkern.model import Guidance, ModelEvaluator, ModelFn
 from deqkern.ops import step_rows
@@ -57,8 +57,8 @@ def check_chain_inputs(
         raise TypeError(f"schedule: expected a deqkern.Schedule, got {type(schedule).__name__}")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-    if x.ndim < 2:
-        raise ValueError(f"{name}: expected shape [batch, ...latent], got {tuple(x.shape)}")
+    if x.ndim < 2 or x.numel() == 0:
+        raise ValueError(f"{name}: expected shape [batch, ...latent], batch and latent size >= 1, got {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name}: contains NaN or inf")
     s = schedule.num_steps
@@ -71,6 +71,8 @@ def check_chain_inputs(
             raise ValueError(
                 f"noise: expected dtype {x.dtype} on {x.device} like {name}, got {noise.dtype} on {noise.device}"
             )
+        if not bool(torch.isfinite(noise).all()):
+            raise ValueError("noise: contains NaN or inf")
 
 
 def wants_grad(x_T: torch.Tensor, noise: torch.Tensor | None) -> bool:
@@ -288,6 +290,9 @@ class ParallelSampler:
             measured, ``bench/results/stopping_rule_cpu.json``).
         max_iters: most rounds (batched model calls); default S, enough for exactness.
         window: rows per sample per round (ParaDiGMS' ``parallel``); default S (no window).
+            Halved while the solve raises ``torch.OutOfMemoryError`` (down to 1, then it
+            propagates): ``info["window"]`` is the window that ran, ``info["window_oom"]`` the
+            ones that ran out of memory.
         solver_options: the solver's config dataclass or a mapping of its fields.
         model_kwargs, guidance: conditioning (per sample or shared), fixed for the sampler: a
             captured graph reads these very tensors, so update them in place to change them.
@@ -371,6 +376,8 @@ class ParallelSampler:
         self.execution, self.rounds_per_graph, self.model_dtype = execution, rounds_per_graph, self.ev.model_dtype
         self.extrapolate = (not schedule.is_stochastic) if extrapolate is None else extrapolate
         self._cache = _Cache(cache_size)
+        #: per input signature, the windows whose solve ran out of memory (see _solve_fitting)
+        self._window_oom: dict[tuple, list[int]] = {}
 
     def __call__(
         self,
@@ -405,6 +412,8 @@ class ParallelSampler:
         if init is not None and (init.shape != (s, *x_T.shape) or init.dtype != x_T.dtype or init.device != x_T.device):
             raise ValueError(f"init: expected {x_T.dtype} of shape {(s, *x_T.shape)} on {x_T.device}, got "
                              f"{init.dtype} {tuple(init.shape)} on {init.device}")
+        if init is not None and not bool(torch.isfinite(init).all()):
+            raise ValueError("init: contains NaN or inf")
         self.ev.check_conditioning(x_T.shape[0])
         execution = self.execution
         if execution == "auto":
@@ -431,12 +440,9 @@ class ParallelSampler:
         state_dtype, ev = solve_precision(x_T.dtype, self.ev)
         _warn_below_floor(self.tol, ev.model_dtype or x_T.dtype)
         x_s, noise, init = (None if a is None else a.to(state_dtype) for a in (x_T, noise, init))
-        ws, made = self._cache.get_or_make(
-            key, lambda: self._workspace(x_s, noise, init, return_trajectory, execution, ev)
+        ws, out, window_oom = self._solve_fitting(
+            key, x_s, noise, init, return_trajectory, execution, progress, on_round, ev
         )
-        if not made:
-            ws.load(x_s, noise, init)
-        out = solve(ws, progress=progress, on_round=on_round)
         st, p = ws.st, ws.p
         return SampleResult(
             x0=back(_x0_row(p, st).to(x_T.dtype)), converged=out.converged, rounds=out.rounds,
@@ -446,8 +452,8 @@ class ParallelSampler:
             trajectory=None if st.traj is None else back(
                 st.traj[: s + 1].reshape(s + 1, *shape).to(x_T.dtype, copy=True)),
             info={"solver": self.solver, "config": ws.config, "form": schedule.form, "stop": self.stop,
-                  "tol": self.tol, "window": self.width, "extrapolate": self.extrapolate and init is None,
-                  **out.info},
+                  "tol": self.tol, "window": ws.p.width, "window_oom": window_oom,
+                  "extrapolate": self.extrapolate and init is None, **out.info},
         )
 
     def _differentiable(
@@ -470,9 +476,34 @@ class ParallelSampler:
         res = differentiable_solve(solve, x_T, noise, replace(self.ev, evaluations=0), self.schedule, options)
         return res if return_trajectory else replace(res, trajectory=None)
 
+    def _solve_fitting(
+        self, key: tuple, x_T: torch.Tensor, noise: torch.Tensor | None, init: torch.Tensor | None,
+        return_trajectory: bool, execution: str, progress: bool, on_round: Callable[[torch.Tensor], None] | None,
+        ev: ModelEvaluator,
+    ) -> tuple[Workspace, Solved, list[int]]:
+        """``(workspace, solved, windows that ran out of memory)``: the solve at the sampler's
+        window, halved after every ``torch.OutOfMemoryError`` (a round's model batch is B x W
+        rows) and started over; at window 1 the error propagates. The windows that ran out are
+        kept per input signature: later calls start at the last one that fit."""
+        failed = self._window_oom.setdefault(key, [])
+        while True:
+            width = failed[-1] // 2 if failed else self.width
+            try:
+                ws, made = self._cache.get_or_make(
+                    (*key, width), lambda: self._workspace(x_T, noise, init, return_trajectory, execution, width, ev)
+                )
+                if not made:
+                    ws.load(x_T, noise, init)
+                return ws, solve(ws, progress=progress, on_round=on_round), list(failed)
+            except torch.OutOfMemoryError:
+                if width == 1:
+                    raise
+                self._cache.pop((*key, width), None)  # its buffers, and the solve's, are freed
+                failed.append(width)
+
     def _workspace(
         self, x_T: torch.Tensor, noise: torch.Tensor | None, init: torch.Tensor | None, return_trajectory: bool,
-        execution: str, ev: ModelEvaluator,
+        execution: str, width: int, ev: ModelEvaluator,
     ) -> Workspace:
         """The buffers of a solve from ``x_T``, ``noise`` and ``init`` in the state dtype, with
         the model called through ``ev`` (:func:`solve_precision`)."""
@@ -484,7 +515,7 @@ class ParallelSampler:
             noise_var=schedule.noise_var.to(dev, torch.float64),
             noise=None if noise is None else noise.reshape(s, batch, dim).clone(),
             init=None if init is None else torch.cat([x_T.reshape(1, batch, dim), init.reshape(s, batch, dim)]),
-            transform=schedule.transform, shape=x_T.shape, width=self.width, tol=self.tol, stop=self.stop,
+            transform=schedule.transform, shape=x_T.shape, width=width, tol=self.tol, stop=self.stop,
             max_iters=self.max_iters, drift=schedule.form == "drift", secant=schedule.form == "secant",
             extrapolate=self.extrapolate,
         )

@@ -48,12 +48,16 @@ def _commit_window_kernel(
                  = mixed[b, r]                 otherwise                      (the solver's proposal)
         out[b, i] = xw[b, i] in out's dtype   for i < W                       (the next model input)
 
+    except that an inactive sample (``n == 0``) keeps its rows (``xw[b, i]`` unchanged): they are
+    the solve's current estimate, and inactive rounds still run in fixed-shape chunks.
+
     and with ``EXTRAP`` (no init) a row entering continues the last step linearly: to the value
     above (the last computed row, ``full[n]`` of ``full = [anchor, rows...]``) it adds
     ``(src - n) (full[n] - full[n-1])``, ``full[n-1]`` chosen the same way (anchor, g or mixed).
 
-    In place is safe: the only element of ``xw`` read is the anchor ``xw[b, 0]``, and only by rows
-    that also write the anchor's value. Pointers (element strides explicit): xw ``[B, W+1, D]``;
+    In place is safe: the elements of ``xw`` read are the anchor ``xw[b, 0]``, only by rows that
+    also write the anchor's value, and an inactive sample's row ``i``, read just before it is
+    written by the same program. Pointers (element strides explicit): xw ``[B, W+1, D]``;
     mixed, g ``[B, W, D]``; delta, nrows, k0 ``[B]`` int; init ``[S+1, B, D]`` (unread unless
     ``HAS_INIT``); out ``[B, W, D]`` any float dtype (unwritten unless ``HAS_OUT``). Grid
     ``(cdiv(D, BLOCK_D), B)``. Memory: reads N (one source row per row), writes N (+ N for
@@ -90,6 +94,8 @@ def _commit_window_kernel(
             prev = _window_row(n - 2, (ahead > 0).to(tl.int32), delta, anchor, g_row, m_row, s_gj, s_gd, s_mj, s_md,
                                offs, D)
             val += tl.where(offs < tl.where(ahead > 0, D, 0), ahead.to(val.dtype) * (val - prev), 0.0).to(val.dtype)
+        idle = offs < tl.where(n == 0, D, 0)
+        val = tl.where(idle, tl.load(xw_ptr + b * s_xb + i * s_xj + offs * s_xd, mask=idle, other=0.0), val)
         tl.store(xw_ptr + b * s_xb + i * s_xj + offs * s_xd, val, mask=dmask)
         if HAS_OUT:
             tl.store(out_ptr + b * s_ob + i * s_oj + offs * s_od, val.to(out_ptr.dtype.element_ty),

@@ -33,13 +33,14 @@ def test_e2e_graphs_script_on_cpu(tmp_path):
         for name, r in win["solvers"].items():
             assert r["converged"] and r["x0_rel_err"] < 1e-3, (width, name)
             assert r["rounds"] <= 6 and r["wall_s"] > 0 and r["first_call_s"] > 0 and r["solver_s_per_round"] > 0
-            assert 50 < r["aten_ops_per_round"] < 400, r["aten_ops_per_round"]
+            assert 50 < r["aten_ops_per_round"] < 450, r["aten_ops_per_round"]
             assert 0 < r["kernel_ops_per_round"] < r["aten_ops_per_round"]
             assert r["rounds"] <= r["rounds_executed"]
 
 
 @pytest.mark.skipif(not (ROOT / "bench" / "solver_studies.py").exists(), reason="run from a source checkout")
-@pytest.mark.parametrize("study", ["adjoint-vjp", "ops-per-round", "stopping-rule", "stopping-x0", "tail-chunks"])
+@pytest.mark.parametrize("study", ["adjoint-vjp", "ops-per-round", "stopping-rule", "stopping-x0", "tail-chunks",
+                                   "divergence"])
 def test_solver_studies_run_quick(tmp_path, study):
     """The studies behind the README's solver numbers, at --quick sizes."""
     studies = _load("solver_studies")
@@ -60,6 +61,8 @@ def test_solver_studies_run_quick(tmp_path, study):
                 assert r["triton_launches"] in (3, 5) and r["kernel_ops"] + 5 < ref["kernel_ops"]
     elif study == "stopping-rule":
         assert all(len(r["worst_error_over_tol"]) == 2 for r in report["rows"])
+    elif study == "divergence":  # a converging solve is no divergence
+        assert all(r["samples_fallen_back"] == [0] and r["worst_error_over_tol"][0] <= 1 for r in report["rows"])
     elif study == "tail-chunks":
         for row in report["rows"]:
             cells = row["settings"]

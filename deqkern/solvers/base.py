@@ -14,6 +14,10 @@ class Solver(Protocol):
 
     #: Residual history ``[m, B, W, D]`` whose Gram row the scan op should fuse, or None.
     hist_f: torch.Tensor | None
+    #: Optional, default False: its steps are plain Picard steps ``x <- G(x)``, the divergence
+    #: fallback's own, so a growing residual is no reason to restart and there is no proposal to
+    #: replace (:class:`deqkern.engine.DivergenceGuard`).
+    picard: bool
 
     def update(
         self, x: torch.Tensor, g: torch.Tensor, f: torch.Tensor, f_sq: torch.Tensor,

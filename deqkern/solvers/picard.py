@@ -23,6 +23,7 @@ class PicardSolver:
 
     def __init__(self, config: PicardConfig) -> None:
         self.beta = config.damping
+        self.picard = self.beta == 1.0
 
     def update(self, x, g, f, f_sq, gram, live):  # noqa: D401 - protocol method
         return g if self.beta == 1.0 else x + self.beta * f
