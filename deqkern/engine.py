@@ -32,7 +32,7 @@ from deqkern.errors import NonFiniteModelOutput
 from deqkern.model import ModelEvaluator
 from deqkern.ops import commit_window, round_status, scan_residual
 from deqkern.ops.reference import RowSlide, ScanResult
-from deqkern.schedule import X0Transform
+from deqkern.schedule import Form, X0Transform
 from deqkern.solvers import Solver, get_solver
 
 StopRule = Literal["relative", "noise", "x0"]
@@ -59,8 +59,9 @@ class Problem:
     tol: float
     stop: StopRule
     max_iters: int
-    drift: bool  #: the drift form (every L = 1)
-    secant: bool = False  #: the secant form: L per (sample, row), adapted every round (SolveState.secant)
+    #: the fixed-point form: "drift" (every L = 1), "scan" (L from ``coef``) or "secant" (L per
+    #: sample and row, adapted every round: SolveState.secant)
+    form: Form
     #: rows entering the window continue the last step linearly instead of copying the last row
     #: (deqkern.ops.commit_window; measured in bench/results/extrapolate_cpu.md)
     extrapolate: bool = False
@@ -72,6 +73,14 @@ class Problem:
     def __post_init__(self) -> None:
         self.row_index = torch.arange(self.width, device=self.coef.device)
         self.sample_index = torch.arange(self.batch, device=self.coef.device)
+
+    @property
+    def drift(self) -> bool:
+        return self.form == "drift"
+
+    @property
+    def secant(self) -> bool:
+        return self.form == "secant"
 
     @property
     def steps(self) -> int:

@@ -8,7 +8,6 @@ library embedding deqkern, or a benchmark of steady-state speed, should call it.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 import warnings
 from collections import OrderedDict
@@ -17,6 +16,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from deqkern._config import config_from
+from deqkern._validate import POSITIVE_INT
+from deqkern.config import EXECUTIONS, SolveConfig, check_choice
 from deqkern.engine import Execution, Problem, Solved, StopRule, Workspace, _sync, _x0_row, solve
 from deqkern.interop import to_torch
 from deqkern.model import Guidance, ModelEvaluator, ModelFn
@@ -121,11 +123,6 @@ def _warn_below_floor(tol: float, model_dtype: torch.dtype | None) -> None:
         )
 
 
-def _check_execution(execution: str) -> None:
-    if execution not in ("auto", "eager", "static", "graph", "audit"):
-        raise ValueError(f"execution: expected 'auto', 'eager', 'static', 'graph' or 'audit', got {execution!r}")
-
-
 def _check_cache_size(cache_size: int) -> None:
     if not isinstance(cache_size, int) or cache_size < 1:
         raise ValueError(f"cache_size: expected an int >= 1, got {cache_size!r}")
@@ -174,9 +171,8 @@ class SequentialSampler:
     ) -> None:
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule: expected a deqkern.Schedule, got {type(schedule).__name__}")
-        _check_execution(execution)
-        if not isinstance(rounds_per_graph, int) or rounds_per_graph < 1:
-            raise ValueError(f"rounds_per_graph: expected an int >= 1, got {rounds_per_graph!r}")
+        check_choice("execution", execution, EXECUTIONS)
+        rounds_per_graph = POSITIVE_INT.check("rounds_per_graph", rounds_per_graph)
         _check_cache_size(cache_size)
         self.schedule, self.execution, self.rounds_per_graph = schedule, execution, rounds_per_graph
         self.ev = ModelEvaluator(model, model_kwargs or {}, guidance, max_batch, model_dtype)
@@ -276,9 +272,15 @@ class ParallelSampler:
     Args:
         model: ``model(x[N, ...], t[N], **kwargs)``; diffusers models are accepted directly.
         schedule: the chain (:class:`Schedule`); ``form`` overrides its fixed-point form.
-        solver: a registered solver name (``"anderson"``, ``"picard"``, ...).
-        tol: stopping tolerance (> 0). ``stop="x0"`` (default): x0's relative error against the
-            sequential sampler, ``||x0 - x0_seq|| <= tol max(||x0_seq||, 1e-3 ||x_T||)`` (the
+        config: the solve's options as a :class:`~deqkern.config.SolveConfig` (or a mapping of
+            its fields). The keywords ``solver``, ``tol``, ``max_iters``, ``window``, ``stop``,
+            ``form``, ``solver_options``, ``execution``, ``rounds_per_graph`` and ``extrapolate``
+            are its fields too: each one given (not None) overrides ``config``'s value, each one
+            left None keeps it (or the field's default). ``sampler.config`` is the result,
+            resolved for the schedule (window, max_iters, form and extrapolate filled in).
+        solver: a registered solver name (``"anderson"``, the default; ``"picard"``, ...).
+        tol: stopping tolerance (> 0; default 1e-3). ``stop="x0"`` (default): x0's relative
+            error against the sequential sampler, ``||x0 - x0_seq|| <= tol max(||x0_seq||, 1e-3 ||x_T||)`` (the
             floor: below a thousandth of x_T, both chains' rounding is a sizeable part of x0) — to first order in
             the residuals, with each step's gain estimated from the latents' norms: an estimate,
             not a proof (:func:`deqkern.ops.reference.x0_accepted_rows`; within 0.42 ``tol`` on 400
@@ -331,50 +333,36 @@ class ParallelSampler:
         self,
         model: ModelFn,
         schedule: Schedule,
-        solver: str = "anderson",
-        tol: float = 1e-3,
+        solver: str | None = None,
+        tol: float | None = None,
         max_iters: int | None = None,
         window: int | None = None,
         *,
-        stop: StopRule = "x0",
+        stop: StopRule | None = None,
         form: Form | None = None,
         solver_options: Any = None,
         model_kwargs: Mapping[str, torch.Tensor] | None = None,
         guidance: Guidance | None = None,
         max_batch: int | None = None,
         model_dtype: torch.dtype | None = None,
-        execution: Execution = "auto",
-        rounds_per_graph: int = 4,
+        execution: Execution | None = None,
+        rounds_per_graph: int | None = None,
         extrapolate: bool | None = None,
         cache_size: int = 4,
+        config: SolveConfig | Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule: expected a deqkern.Schedule, got {type(schedule).__name__}")
-        if extrapolate not in (None, True, False):
-            raise ValueError(f"extrapolate: expected True, False or None (auto), got {extrapolate!r}")
-        if form is not None:
-            schedule = schedule.with_form(form)
-        s = schedule.num_steps
-        if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
-            raise ValueError(f"tol: expected a finite value > 0, got {tol!r}")
-        max_iters = s if max_iters is None else max_iters
-        if not isinstance(max_iters, int) or max_iters < 1:
-            raise ValueError(f"max_iters: expected an int >= 1, got {max_iters!r}")
-        width = s if window is None else window
-        if not isinstance(width, int) or not 1 <= width <= s:
-            raise ValueError(f"window: expected an int in [1, S={s}], got {window!r}")
-        if stop not in ("relative", "noise", "x0"):
-            raise ValueError(f"stop: expected 'relative', 'noise' or 'x0', got {stop!r}")
-        _check_execution(execution)
-        if not isinstance(rounds_per_graph, int) or rounds_per_graph < 1:
-            raise ValueError(f"rounds_per_graph: expected an int >= 1, got {rounds_per_graph!r}")
+        given = dict(solver=solver, tol=tol, max_iters=max_iters, window=window, stop=stop, form=form,
+                     solver_options=solver_options, execution=execution, rounds_per_graph=rounds_per_graph,
+                     extrapolate=extrapolate)
+        base = config_from(SolveConfig, config, "config")
+        # a keyword left at None is not given: the config's value (or the default) stands
+        self.config = replace(base, **{k: v for k, v in given.items() if v is not None}).resolved(schedule)
         _check_cache_size(cache_size)
-        get_solver(solver, solver_options)  # a bad name or option fails before any work
-        self.schedule, self.solver, self.solver_options = schedule, solver, solver_options
-        self.tol, self.max_iters, self.width, self.stop = float(tol), max_iters, width, stop
+        self.schedule = schedule if schedule.form == self.config.form else schedule.with_form(self.config.form)
         self.ev = ModelEvaluator(model, model_kwargs or {}, guidance, max_batch, model_dtype)
-        self.execution, self.rounds_per_graph, self.model_dtype = execution, rounds_per_graph, self.ev.model_dtype
-        self.extrapolate = (not schedule.is_stochastic) if extrapolate is None else extrapolate
+        self.model_dtype = self.ev.model_dtype
         self._cache = _Cache(cache_size)
         #: per input signature, the windows whose solve ran out of memory (see _solve_fitting)
         self._window_oom: dict[tuple, list[int]] = {}
@@ -415,7 +403,7 @@ class ParallelSampler:
         if init is not None and not bool(torch.isfinite(init).all()):
             raise ValueError("init: contains NaN or inf")
         self.ev.check_conditioning(x_T.shape[0])
-        execution = self.execution
+        execution = self.config.execution
         if execution == "auto":
             execution = "graph" if x_T.is_cuda and on_round is None else "eager"
         if on_round is not None and execution != "eager":
@@ -438,7 +426,7 @@ class ParallelSampler:
         key = (tuple(shape), x_T.dtype, x_T.device, noise is not None, init is not None, return_trajectory, execution,
                torch.is_inference_mode_enabled())
         state_dtype, ev = solve_precision(x_T.dtype, self.ev)
-        _warn_below_floor(self.tol, ev.model_dtype or x_T.dtype)
+        _warn_below_floor(self.config.tol, ev.model_dtype or x_T.dtype)
         x_s, noise, init = (None if a is None else a.to(state_dtype) for a in (x_T, noise, init))
         ws, out, window_oom = self._solve_fitting(
             key, x_s, noise, init, return_trajectory, execution, progress, on_round, ev
@@ -451,9 +439,9 @@ class ParallelSampler:
             # a copy: the workspace's buffer is the next call's
             trajectory=None if st.traj is None else back(
                 st.traj[: s + 1].reshape(s + 1, *shape).to(x_T.dtype, copy=True)),
-            info={"solver": self.solver, "config": ws.config, "form": schedule.form, "stop": self.stop,
-                  "tol": self.tol, "window": ws.p.width, "window_oom": window_oom,
-                  "extrapolate": self.extrapolate and init is None, **out.info},
+            info={"solver": self.config.solver, "config": ws.config, "form": schedule.form, "stop": self.config.stop,
+                  "tol": self.config.tol, "window": ws.p.width, "window_oom": window_oom,
+                  "extrapolate": self.config.extrapolate and init is None, **out.info},
         )
 
     def _differentiable(
@@ -471,8 +459,8 @@ class ParallelSampler:
             detached_init = None if init is None else init.detach()
             return self._solve(x, z, detached_init, True, progress, on_round, execution, lambda v: v)
 
-        options = {"solver": self.solver, "solver_options": self.solver_options, "tol": self.tol,
-                   "window": self.width}
+        c = self.config
+        options = {"solver": c.solver, "solver_options": c.solver_options, "tol": c.tol, "window": c.window}
         res = differentiable_solve(solve, x_T, noise, replace(self.ev, evaluations=0), self.schedule, options)
         return res if return_trajectory else replace(res, trajectory=None)
 
@@ -487,7 +475,7 @@ class ParallelSampler:
         kept per input signature: later calls start at the last one that fit."""
         failed = self._window_oom.setdefault(key, [])
         while True:
-            width = failed[-1] // 2 if failed else self.width
+            width = failed[-1] // 2 if failed else self.config.window
             try:
                 ws, made = self._cache.get_or_make(
                     (*key, width), lambda: self._workspace(x_T, noise, init, return_trajectory, execution, width, ev)
@@ -507,7 +495,7 @@ class ParallelSampler:
     ) -> Workspace:
         """The buffers of a solve from ``x_T``, ``noise`` and ``init`` in the state dtype, with
         the model called through ``ev`` (:func:`solve_precision`)."""
-        schedule, s = self.schedule, self.schedule.num_steps
+        schedule, s, c = self.schedule, self.schedule.num_steps, self.config
         batch, dim = x_T.shape[0], x_T[0].numel()
         dev, dt = x_T.device, x_T.dtype
         p = Problem(
@@ -515,13 +503,12 @@ class ParallelSampler:
             noise_var=schedule.noise_var.to(dev, torch.float64),
             noise=None if noise is None else noise.reshape(s, batch, dim).clone(),
             init=None if init is None else torch.cat([x_T.reshape(1, batch, dim), init.reshape(s, batch, dim)]),
-            transform=schedule.transform, shape=x_T.shape, width=width, tol=self.tol, stop=self.stop,
-            max_iters=self.max_iters, drift=schedule.form == "drift", secant=schedule.form == "secant",
-            extrapolate=self.extrapolate,
+            transform=schedule.transform, shape=x_T.shape, width=width, tol=c.tol, stop=c.stop,
+            max_iters=c.max_iters, form=c.form, extrapolate=c.extrapolate,
         )
         return Workspace(
-            p, x_T, ev, self.solver, self.solver_options, execution=execution,
-            rounds_per_graph=self.rounds_per_graph, model_dtype=ev.model_dtype, return_trajectory=return_trajectory,
+            p, x_T, ev, c.solver, c.solver_options, execution=execution, rounds_per_graph=c.rounds_per_graph,
+            model_dtype=ev.model_dtype, return_trajectory=return_trajectory,
         )
 
 
@@ -529,8 +516,8 @@ def sample(
     model: ModelFn,
     x_T: torch.Tensor,
     schedule: Schedule,
-    solver: str = "anderson",
-    tol: float = 1e-3,
+    solver: str | None = None,
+    tol: float | None = None,
     max_iters: int | None = None,
     window: int | None = None,
     noise: torch.Tensor | None = None,
@@ -544,7 +531,7 @@ def sample(
     """Sample once: ``ParallelSampler(model, schedule, solver, tol, max_iters, window, **options)``
     called on ``x_T`` (and ``noise``, ``init``, ...). ``options`` are the sampler's keywords:
     ``stop``, ``form``, ``solver_options``, ``model_kwargs``, ``guidance``, ``max_batch``,
-    ``model_dtype``, ``execution``, ``rounds_per_graph``, ``extrapolate`` (see
+    ``model_dtype``, ``execution``, ``rounds_per_graph``, ``extrapolate``, ``config`` (see
     :class:`ParallelSampler` and its ``__call__``). A graph captured here is not kept; to replay
     it, keep the sampler."""
     sampler = ParallelSampler(model, schedule, solver, tol, max_iters, window, **options, cache_size=1)

@@ -129,7 +129,7 @@ def test_state_buffers_are_reused_in_place(gmm64, ddim):
     p = Problem(
         coef=sched.packed(dtype=torch.float64), timesteps=sched.timesteps, noise_var=sched.noise_var, noise=None,
         init=None, transform=sched.transform, shape=x.shape, width=6, tol=1e-6, stop="relative", max_iters=S,
-        drift=True,
+        form="drift",
     )
     st = SolveState.start(p, x, return_trajectory=True)
     cfg, factory = get_solver("anderson")
@@ -172,7 +172,7 @@ def test_poisoned_outputs_are_rewritten_by_replay(ddim):
     p = Problem(
         coef=sched.packed(dev), timesteps=sched.timesteps.to(dev), noise_var=sched.noise_var.to(dev), noise=None,
         init=None, transform=sched.transform, shape=x.shape, width=S, tol=1e-5, stop="relative", max_iters=S,
-        drift=True,
+        form="drift",
     )
     cfg, factory = get_solver("picard")
     with torch.no_grad():

@@ -74,7 +74,7 @@ def test_exact_gradient_equals_sequential_backprop(gmm64, ddim, eta, clip, form,
     x, noise, target = _inputs(2, eta)
     ref_x, ref_z = _reference_grads(gmm64, x, noise, target, sched)
     stats = ImplicitStats()
-    cfg = GradConfig(solver=solver, solver_options=opts, tol=1e-300, form=form)
+    cfg = GradConfig(solve={"solver": solver, "solver_options": opts, "tol": 1e-300}, form=form)
     g_x, g_z = _implicit_grads(gmm64, x, noise, target, sched, grad_options=cfg, stats=stats, **EXACT)
     assert rel_err(g_x, ref_x) <= 1e-8
     if eta:
@@ -93,7 +93,7 @@ def test_recomputed_vjps_in_a_window_give_the_exact_gradient(gmm64, ddim, eta, c
     x, noise, target = _inputs(2, eta)
     ref_x, ref_z = _reference_grads(gmm64, x, noise, target, sched)
     stats = ImplicitStats()
-    cfg = GradConfig(tol=1e-300, vjp="recompute", window=window)
+    cfg = GradConfig(solve={"tol": 1e-300, "window": window}, vjp="recompute")
     g_x, g_z = _implicit_grads(gmm64, x, noise, target, sched, grad_options=cfg, stats=stats, **EXACT)
     assert rel_err(g_x, ref_x) <= 1e-8
     if eta:
@@ -124,7 +124,7 @@ def test_gradcheck(gmm64, ddim):
     steps = 4
     sched = _sched(ddim, 0.5, steps=steps)
     x, noise, _ = _inputs(1, 0.5, steps, seed=2)
-    cfg = GradConfig(solver="picard", tol=1e-300)
+    cfg = GradConfig(solve={"solver": "picard", "tol": 1e-300})
 
     def fn(x_T, z):
         return sample_with_implicit_grad(gmm64, x_T, sched, z, grad_options=cfg, **EXACT)
@@ -319,10 +319,10 @@ def test_bad_input(shaped, ddim):
         invert(shaped, good, sched, lr=-1.0)
     with pytest.raises(ValueError, match="grad_options.form"):
         invert(shaped, good, _sched(ddim, clip=True), grad_options={"form": "scan"})
-    with pytest.raises(ValueError, match="grad_options.tol"):
-        GradConfig(tol=0)
-    with pytest.raises(ValueError, match="grad_options.window: expected an int >= 1"):
-        GradConfig(window=0)
+    with pytest.raises(ValueError, match="grad_options.solve.tol"):
+        GradConfig(solve={"tol": 0})
+    with pytest.raises(ValueError, match="grad_options.window: expected an integer >= 1"):
+        invert(shaped, good, sched, grad_options={"window": 0})
     with pytest.raises(ValueError, match="grad_options.vjp: expected 'stored' or 'recompute'"):
         GradConfig(vjp="checkpoint")
     with pytest.raises(ValueError, match="grad"):

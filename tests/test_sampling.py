@@ -102,7 +102,7 @@ def test_secant_form_fits_a_linear_chain_exactly(ddim):
     p = Problem(
         coef=sched.packed(dtype=torch.float64), timesteps=sched.timesteps, noise_var=sched.noise_var, noise=None,
         init=None, transform=sched.transform, shape=x.shape, width=S, tol=1e-300, stop="relative", max_iters=S,
-        drift=False, secant=True,
+        form="secant",
     )
     st = SolveState.start(p, x, return_trajectory=True)
     cfg, factory = get_solver("picard")

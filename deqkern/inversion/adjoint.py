@@ -42,64 +42,66 @@ from deqkern.model import ModelEvaluator
 from deqkern.ops import step_rows
 from deqkern.ops.reference import linear_scan
 from deqkern.schedule import COEF_FIELDS, Schedule, X0Transform
-from deqkern.solvers import get_solver
+from deqkern._validate import OptionError
+from deqkern.config import SolveConfig, solve_config
 
 AdjointForm = Literal["drift", "scan", "plain"]
 VJPMode = Literal["stored", "recompute"]
 GradMode = Literal["exact", "phantom"]
 
 
+#: The adjoint solve's defaults: the relative stop on ``lam`` (the x0 and noise rules are the
+#: forward chain's), rows entering a window extrapolated (the adjoint chain is deterministic).
+ADJOINT_SOLVE = SolveConfig(tol=1e-3, stop="relative", extrapolate=True, execution="eager")
+
+
 @dataclass(frozen=True)
 class GradConfig:
     """How the backward pass through the fixed point is computed.
 
-    Exact (``grad="exact"``): the adjoint solved by ``solver`` (any registered deqkern solver,
-    ``solver_options`` its config) in the given ``form`` until every row passes
-    ``||lam' - lam|| <= tol ||lam'||``, at most ``max_iters`` rounds (default S, which is exact),
-    ``window`` adjoint rows per sample per round (default S). Its vector-Jacobian products:
-    ``vjp="stored"`` builds one autograd graph of all S steps at the fixed point (one model batch
-    of S*B rows; each round is then one backward pass; the graph's activations, O(S B), stay in
-    memory for the whole solve), ``vjp="recompute"`` evaluates the model with grad on just the
-    round's live rows and backpropagates (a forward and a backward per row and round; memory
-    O(window B)) — for models whose S-step graph does not fit.
+    Exact (``grad="exact"``): the adjoint solved as ``solve`` says (a :class:`SolveConfig`, or a
+    mapping of its fields over :data:`ADJOINT_SOLVE`: any registered solver and its options,
+    ``tol`` for ``||lam' - lam|| <= tol ||lam'||`` on every row, at most ``max_iters`` rounds
+    (default S, which is exact), ``window`` adjoint rows per sample per round (default S)) in
+    the adjoint ``form`` (``solve.form`` stays None: the adjoint's forms are its own). Its
+    vector-Jacobian products: ``vjp="stored"`` builds one autograd graph of all S steps at the
+    fixed point (one model batch of S*B rows; each round is then one backward pass; the graph's
+    activations, O(S B), stay in memory for the whole solve), ``vjp="recompute"`` evaluates the
+    model with grad on just the round's live rows and backpropagates (a forward and a backward
+    per row and round; memory O(window B)) — for models whose S-step graph does not fit.
 
     Phantom (``grad="phantom"``): ``phantom_steps`` damped unrolled steps with damping
     ``phantom_tau`` from the detached fixed point (see :func:`phantom_gradient`).
 
-    Defaults by measurement (digits UNet, clip_sample, 4 images, relative error of dL/dx_T
-    against the exact adjoint): drift-form Anderson with the solver's defaults (triangular
-    mixing, m=2) at tol 1e-3 took 7 rounds at S=25 and 10 at S=100 (error ~1e-4 to 5e-4);
-    drift Picard 8 and 13, per-sample Anderson 8 and 11, per-row m=5 9 and 15. The plain form
-    ``lam_k = J_k^T lam_{k+1}`` needed all S rounds (25 and 99-100) with every solver.
+    The defaults (drift-form triangular Anderson, m=2, tol 1e-3): fewest adjoint rounds on the
+    digits model; the plain form needed all S rounds with every solver.
     """
 
-    solver: str = "anderson"
-    solver_options: Any = None
-    tol: float = 1e-3
-    max_iters: int | None = None
+    solve: SolveConfig = ADJOINT_SOLVE
     form: AdjointForm = "drift"
-    window: int | None = None
     vjp: VJPMode = "stored"
     phantom_steps: int = 1
     phantom_tau: float = 0.1
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.tol, (int, float)) and math.isfinite(self.tol) and self.tol > 0):
-            raise ValueError(f"grad_options.tol: expected a finite value > 0, got {self.tol!r}")
-        if self.max_iters is not None and (not isinstance(self.max_iters, int) or self.max_iters < 1):
-            raise ValueError(f"grad_options.max_iters: expected an int >= 1 or None, got {self.max_iters!r}")
+        solve = solve_config(self.solve, "grad_options.solve", base=ADJOINT_SOLVE)
+        object.__setattr__(self, "solve", solve)  # frozen: the mapping, as a config, once
+        if solve.stop != "relative":
+            raise OptionError("grad_options.solve.stop", f"the adjoint stops on 'relative' only, got {solve.stop!r}")
+        if solve.form is not None:
+            raise OptionError("grad_options.solve.form", f"expected None (the adjoint's form is grad_options.form), "
+                                                         f"got {solve.form!r}")
+        if solve.execution not in ("auto", "eager"):
+            raise OptionError("grad_options.solve.execution", f"the adjoint runs eager rounds (an autograd "
+                                                              f"backward per round), got {solve.execution!r}")
         if self.form not in ("drift", "scan", "plain"):
             raise ValueError(f"grad_options.form: expected 'drift', 'scan' or 'plain', got {self.form!r}")
-        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
-            raise ValueError(f"grad_options.window: expected an int >= 1 or None, got {self.window!r}")
         if self.vjp not in ("stored", "recompute"):
             raise ValueError(f"grad_options.vjp: expected 'stored' or 'recompute', got {self.vjp!r}")
         if not isinstance(self.phantom_steps, int) or self.phantom_steps < 1:
             raise ValueError(f"grad_options.phantom_steps: expected an int >= 1, got {self.phantom_steps!r}")
         if not 0 < self.phantom_tau <= 1:
             raise ValueError(f"grad_options.phantom_tau: expected 0 < tau <= 1, got {self.phantom_tau!r}")
-        # Validate the solver name and options now, not in the middle of a backward pass.
-        get_solver(self.solver, self.solver_options)
 
 
 def adjoint_multipliers(schedule: Schedule, form: AdjointForm, device, dtype) -> torch.Tensor:
@@ -215,17 +217,17 @@ def solve_adjoint(
     batch, dim = lam_S.shape
     s = multipliers.numel()
     dev, dt = lam_S.device, lam_S.dtype
-    width = s if config.window is None else min(config.window, s)
+    c = config.solve
+    width = s if c.window is None else min(c.window, s)
     coef = torch.zeros(s, len(COEF_FIELDS), device=dev, dtype=dt)
     coef[:, COEF_FIELDS.index("L")] = multipliers.flip(0)
     coef[:, COEF_FIELDS.index("co")] = 1.0
     p = Problem(
         coef=coef, timesteps=torch.arange(s, device=dev), noise_var=torch.ones(s, device=dev, dtype=torch.float64),
         noise=None, init=None, transform=X0Transform(), shape=torch.Size((batch, dim)), width=width,
-        tol=float(config.tol), stop="relative", max_iters=s if config.max_iters is None else config.max_iters,
-        # a deterministic chain: rows entering a window continue the last step (digits, S = 100:
-        # 27 -> 24 adjoint rounds at window 10, 16 -> 15 at 25)
-        drift=config.form == "drift", extrapolate=True,
+        tol=c.tol, stop=c.stop, max_iters=s if c.max_iters is None else c.max_iters,
+        # the plain and scan adjoints are both scans with the multipliers in coef's L column
+        form="drift" if config.form == "drift" else "scan", extrapolate=c.extrapolate is not False,
     )
     before = vjp.vjp_rows
 
@@ -234,7 +236,7 @@ def solve_adjoint(
         return vjp.rows(u, s - 1 - pos, sample)
 
     ev = ModelEvaluator(rows_vjp, {"sample": torch.arange(batch, device=dev)})
-    ws = Workspace(p, lam_S, ev, config.solver, config.solver_options, return_trajectory=True)
+    ws = Workspace(p, lam_S, ev, c.solver, c.solver_options, return_trajectory=True)
     out = solve(ws)
     return AdjointSolution(
         lam=ws.st.traj[: s + 1].flip(0), rounds=out.rounds, converged=out.converged, residuals=out.residuals,

@@ -8,19 +8,25 @@ parameters are treated as constants.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Mapping
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from deqkern._config import config_from
+from deqkern.config import SolveConfig, solve_config, split_solve_options
 from deqkern.sampling import SampleResult, sample
 from deqkern.inversion.adjoint import (
-    ChainVJP, GradConfig, GradMode, RecomputeVJP, adjoint_multipliers, phantom_gradient, solve_adjoint,
+    ADJOINT_SOLVE, ChainVJP, GradConfig, GradMode, RecomputeVJP, adjoint_multipliers, phantom_gradient,
+    solve_adjoint,
 )
 from deqkern.model import Guidance, ModelEvaluator, ModelFn
 from deqkern.schedule import Schedule
+
+
+#: The forward solve's defaults: x0 within 1e-4, so the loss being optimised is the chain's
+IMPLICIT_FORWARD = SolveConfig(tol=1e-4)
 
 
 @dataclass
@@ -146,21 +152,21 @@ def sample_with_implicit_grad(
     noise: torch.Tensor | None = None,
     grad: GradMode = "exact",
     *,
-    solver: str = "anderson",
-    tol: float = 1e-4,
-    solver_options: Any = None,
-    window: int | None = None,
+    config: SolveConfig | Mapping[str, Any] | None = None,
     max_batch: int | None = None,
     model_kwargs: Mapping[str, torch.Tensor] | None = None,
     guidance: Guidance | None = None,
     init: torch.Tensor | None = None,
     grad_options: GradConfig | Mapping[str, Any] | None = None,
     stats: ImplicitStats | None = None,
+    **solve_options: Any,
 ) -> torch.Tensor:
     """``x0`` of the chain from ``x_T`` (and step noise), differentiable w.r.t. ``x_T`` and ``noise``.
 
-    The forward is :func:`deqkern.sample` with ``solver``, ``tol``, ``window``, ``init`` ...
-    (default max_iters = S, so it always converges). ``grad="exact"`` gives the implicit gradient
+    The forward is :func:`deqkern.sample` as ``config`` says (a :class:`SolveConfig` or a mapping
+    of its fields over :data:`IMPLICIT_FORWARD`, tol 1e-4), its fields also accepted as keywords
+    (``solver``, ``tol``, ``window``, ... which win), warm-started from ``init`` (default
+    max_iters = S, so it always converges). ``grad="exact"`` gives the implicit gradient
     (equal to backprop through the sequential chain up to the adjoint's ``tol`` and the forward's
     ``tol``); ``grad="phantom"`` the DEQ-DDIM phantom gradient (an approximation). ``grad_options``
     (a :class:`GradConfig` or a mapping of its fields) configures either. Pass an
@@ -172,17 +178,30 @@ def sample_with_implicit_grad(
     """
     if grad not in ("exact", "phantom"):
         raise ValueError(f"grad: expected 'exact' or 'phantom', got {grad!r}")
+    forward = config_from(SolveConfig, solve_options, "sample_with_implicit_grad() options",
+                          base=config_from(SolveConfig, config, "config", base=IMPLICIT_FORWARD))
 
     def solve(x: torch.Tensor, z: torch.Tensor | None) -> SampleResult:
         return sample(
-            model, x, schedule, solver=solver, tol=tol, window=window, noise=z, solver_options=solver_options,
-            model_kwargs=model_kwargs, guidance=guidance, max_batch=max_batch, init=init, return_trajectory=True,
+            model, x, schedule, noise=z, config=forward, model_kwargs=model_kwargs, guidance=guidance,
+            max_batch=max_batch, init=init, return_trajectory=True,
         )
 
     ev = ModelEvaluator(model, model_kwargs or {}, guidance, max_batch)
     return differentiable_solve(solve, x_T, noise, ev, schedule, grad_options, grad, stats).x0
 
 
+#: GradConfig's own fields: a key of grad_options that is one of them is not an adjoint solve option
+_GRAD_FIELDS = {f.name for f in fields(GradConfig)}
+
+
 def grad_config(options: GradConfig | Mapping[str, Any] | None) -> GradConfig:
-    """A :class:`GradConfig` from itself, a mapping of its fields (unknown keys are named) or None."""
+    """A :class:`GradConfig` from itself, a mapping of its fields (unknown keys are named) or None.
+    A mapping may also give the adjoint solve's fields directly (``{"tol": 1e-4}``): they
+    override its ``solve``."""
+    if isinstance(options, Mapping):
+        flat, options = split_solve_options(options, _GRAD_FIELDS)
+        if flat:
+            base = solve_config(options.get("solve"), "grad_options.solve", base=ADJOINT_SOLVE)
+            options = {**options, "solve": solve_config(flat, "grad_options", base=base)}
     return config_from(GradConfig, options, "grad_options")

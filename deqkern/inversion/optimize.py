@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Literal, Mapping
 
 import torch
 
 from deqkern._config import config_from
+from deqkern.config import SolveConfig, solve_config, split_solve_options
 from deqkern.sampling import check_chain_inputs, sample_sequential
 from deqkern.inversion.adjoint import GradConfig
 from deqkern.inversion.baselines import ddim_encode, sequential_chain
-from deqkern.inversion.function import ImplicitStats, grad_config, sample_with_implicit_grad
+from deqkern.inversion.function import IMPLICIT_FORWARD, ImplicitStats, grad_config, sample_with_implicit_grad
 from deqkern.model import Guidance, ModelEvaluator, ModelFn
 from deqkern.schedule import Schedule
 
@@ -51,10 +52,11 @@ class InvertConfig:
     model evaluations (the loss threshold is tested on the recorded loss, see ``exact_curve``).
     ``optimize_noise`` also optimises the step noise of a stochastic chain.
 
-    Forward solve (implicit, phantom): ``solver``/``tol``/``solver_options``/``window`` of
-    :func:`deqkern.sample`, warm-started from the previous step's trajectory if ``warm_start``;
-    ``grad_options`` configures the backward (:class:`GradConfig`). ``max_batch`` caps model rows
-    per call (all methods).
+    Forward solve (implicit, phantom): ``solve``, a :class:`SolveConfig` (default
+    :data:`IMPLICIT_FORWARD`, tol 1e-4; :func:`invert` also takes its fields as keywords:
+    ``tol=...``, ``solver=...``), warm-started from the previous step's trajectory if
+    ``warm_start``; ``grad_options`` configures the backward (:class:`GradConfig`).
+    ``max_batch`` caps model rows per call (all methods).
 
     ``exact_curve``: after the run, re-evaluate every curve point's ``x_T`` with the sequential
     chain (all points in one batch; not counted in the costs) and store it as
@@ -77,10 +79,7 @@ class InvertConfig:
     eval_budget: int | None = None
     optimize_noise: bool = False
     seed: int = 0
-    solver: str = "anderson"
-    tol: float = 1e-4
-    solver_options: Any = None
-    window: int | None = None
+    solve: SolveConfig = IMPLICIT_FORWARD
     warm_start: bool = True
     grad_options: GradConfig = field(default_factory=GradConfig)
     max_batch: int | None = None
@@ -88,6 +87,7 @@ class InvertConfig:
     exact_curve: bool = False
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "solve", solve_config(self.solve, "solve", base=IMPLICIT_FORWARD))
         if self.init not in ("ddim_encode", "noise"):
             raise ValueError(f"init: expected 'ddim_encode' or 'noise', got {self.init!r}")
         if self.optimizer not in ("adam", "sgd"):
@@ -246,8 +246,8 @@ def invert(
             rounds = s
         else:
             x0 = sample_with_implicit_grad(
-                model, x, schedule, z, grad="exact" if method == "implicit" else "phantom", solver=cfg.solver,
-                tol=cfg.tol, solver_options=cfg.solver_options, window=cfg.window, max_batch=cfg.max_batch,
+                model, x, schedule, z, grad="exact" if method == "implicit" else "phantom", config=cfg.solve,
+                max_batch=cfg.max_batch,
                 model_kwargs=model_kwargs, guidance=guidance, init=prev_traj if cfg.warm_start else None,
                 grad_options=cfg.grad_options, stats=stats,
             )
@@ -354,11 +354,18 @@ def _finite(loss: torch.Tensor, step: int) -> float:
 
 
 def _config(config: InvertConfig | None, options: Mapping[str, Any]) -> InvertConfig:
+    """``config`` with the keyword ``options`` over it; those that are :class:`SolveConfig` fields
+    (``tol``, ``solver``, ...) override its forward ``solve``."""
     base = config_from(InvertConfig, config, "config")
-    changes = dict(options)
+    flat, changes = split_solve_options(options, _INVERT_FIELDS)
+    if flat:
+        changes["solve"] = replace(solve_config(changes.get("solve"), "solve", base=base.solve), **flat)
     if "grad_options" in changes:
         changes["grad_options"] = grad_config(changes["grad_options"])
     return config_from(InvertConfig, changes, "invert() options", base=base)
+
+
+_INVERT_FIELDS = {f.name for f in fields(InvertConfig)}
 
 
 def _model_shape(model: ModelFn) -> tuple[int, ...] | None:
