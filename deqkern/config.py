@@ -34,8 +34,9 @@ class SolveConfig:
 
     Fields:
         solver: a registered solver name (``deqkern.solver_names()``).
-        solver_options: the solver's config dataclass or a mapping of its fields; stored as that
-            solver's config dataclass (``AndersonConfig``, ``PicardConfig``, ...).
+        solver_options: the solver's config dataclass or a mapping of its fields, stored as that
+            dataclass (``AndersonConfig``, ``PicardConfig``, ...); None: the solver's defaults
+            (kept None, so that ``replace(config, solver="picard")`` takes Picard's).
         tol: stopping tolerance, > 0, in the units of ``stop``.
         stop: ``"x0"``: x0's estimated relative error against the sequential chain
             ``<= tol`` (docs/math.md §4); ``"relative"``: every row's
@@ -71,7 +72,9 @@ class SolveConfig:
         set_ = object.__setattr__
         if not isinstance(self.solver, str) or self.solver not in solver_names():
             raise OptionError("solver", f"unknown solver {self.solver!r}; registered: {solver_names()}")
-        set_(self, "solver_options", _solver_options(self.solver, self.solver_options))
+        options = _solver_options(self.solver, self.solver_options)
+        if self.solver_options is not None:
+            set_(self, "solver_options", options)
         set_(self, "tol", POSITIVE_FLOAT.check("tol", self.tol))
         check_choice("stop", self.stop, STOP_RULES)
         if self.form is not None:

@@ -14,7 +14,7 @@ import math
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Literal
 
 import torch
@@ -25,6 +25,7 @@ from deqkern.bench.peers import (
     ChainMap, DeqDdimConfig, Outcome, SolverUnsupported, run_deq_ddim, run_paradigms, run_torchdeq,
 )
 from deqkern.bench.trace import ErrorTrace
+from deqkern.config import SolveConfig
 from deqkern.schedule import Form, Schedule, schedule_summary
 
 Family = Literal["oracle", "peer", "ours"]
@@ -38,6 +39,15 @@ class OursSpec:
     mixing: Literal["row", "sample", "triangular"] | None
     form: Form
     windowed: bool = False
+
+    def solve_config(self, cfg: BenchConfig, steps: int) -> SolveConfig:
+        """This variant's solve of a chain of ``steps`` under the run's ``tol``, ``stop``,
+        ``max_iters``, ``window`` (when windowed) and Anderson ``history`` and ``ridge``."""
+        options = None if self.mixing is None else {"history": cfg.history, "ridge": cfg.ridge, "mixing": self.mixing}
+        return SolveConfig(
+            self.solver, options, tol=cfg.tol, stop=cfg.stop, form=self.form, max_iters=cfg.max_iters,
+            window=min(cfg.window, steps) if self.windowed else None,
+        )
 
 
 #: Our variants. ``-scan`` solves the seed's scan form, ``-secant`` the secant form (multipliers
@@ -406,20 +416,15 @@ class _Runner:
         c, cfg = self.case, self.cfg
         if spec.form == "scan":
             self._need_affine("the scan form")
-        options = None
-        if spec.mixing is not None:
-            options = {"history": cfg.history, "ridge": cfg.ridge, "mixing": spec.mixing}
-        kwargs: dict[str, Any] = dict(
-            tol=cfg.tol, stop=cfg.stop, max_iters=cfg.max_iters, window=min(cfg.window, c.steps) if spec.windowed else None,
-            form=spec.form, max_batch=cfg.max_batch, solver_options=options,
-        )
+        config = spec.solve_config(cfg, c.steps)
         if trace is not None:
             # eager rounds: the trace hook runs Python between rounds (no CUDA-graph capture)
-            res = deqkern.sample(self.model, c.x_T, c.schedule, spec.solver, noise=c.noise, on_round=trace,
-                                 execution="eager", **kwargs)
+            res = deqkern.sample(self.model, c.x_T, c.schedule, noise=c.noise, on_round=trace, max_batch=cfg.max_batch,
+                                 config=replace(config, execution="eager"))
         else:
             if spec not in self._samplers:
-                self._samplers[spec] = deqkern.ParallelSampler(self.model, c.schedule, spec.solver, **kwargs)
+                self._samplers[spec] = deqkern.ParallelSampler(self.model, c.schedule, max_batch=cfg.max_batch,
+                                                               config=config)
             res = self._samplers[spec](c.x_T, c.noise)
         notes = []
         fallbacks = int(res.info.get("fallbacks", 0))
