@@ -8,6 +8,7 @@
 Importing deqkern imports only torch and numpy: diffusers, triton, matplotlib and cupy are
 loaded on first use by the parts that need them.
 """
+from deqkern.config import SolveConfig
 from deqkern.sampling import ParallelSampler, SampleResult, SequentialSampler, sample, sample_sequential
 from deqkern.errors import CaptureHazard, NonFiniteModelOutput, UnsupportedSchedulerOption
 from deqkern.model import Guidance
@@ -19,6 +20,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AndersonConfig", "CaptureHazard", "Guidance", "NonFiniteModelOutput", "ParallelSampler", "PicardConfig",
-    "PipelineResult", "SampleResult", "Schedule", "SequentialSampler", "UnsupportedSchedulerOption", "X0Transform",
-    "register_solver", "sample", "sample_pipeline", "sample_sequential", "solver_names",
+    "PipelineResult", "SampleResult", "Schedule", "SequentialSampler", "SolveConfig", "UnsupportedSchedulerOption",
+    "X0Transform", "register_solver", "sample", "sample_pipeline", "sample_sequential", "solver_names",
 ]
