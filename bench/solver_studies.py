@@ -85,12 +85,12 @@ def adjoint_vjp(quick: bool) -> dict[str, Any]:
     return {"what": "exact implicit gradient, one backward pass, digits model, batch 4", "rows": rows}
 
 
-#: The solvers the studies run, by the label their reports use: ``deqkern.sample`` keywords.
-SOLVERS: dict[str, dict[str, Any]] = {
-    "picard": dict(solver="picard"),
-    "anderson-tri": dict(solver="anderson", solver_options={"mixing": "triangular"}),
-    "picard-secant": dict(solver="picard", form="secant"),
-    "anderson-tri-secant": dict(solver="anderson", solver_options={"mixing": "triangular"}, form="secant"),
+#: The solvers the studies run, by the label their reports use; each study's keywords override them.
+SOLVERS: dict[str, deqkern.SolveConfig] = {
+    "picard": deqkern.SolveConfig("picard"),
+    "anderson-tri": deqkern.SolveConfig("anderson", {"mixing": "triangular"}),
+    "picard-secant": deqkern.SolveConfig("picard", form="secant"),
+    "anderson-tri-secant": deqkern.SolveConfig("anderson", {"mixing": "triangular"}, form="secant"),
 }
 
 
@@ -123,12 +123,12 @@ def ops_once(quick: bool) -> list[dict[str, Any]]:
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     rows = []
     for window in sorted({steps, min(10, steps)}, reverse=True):
-        for name, kw in SOLVERS.items():
+        for name, config in SOLVERS.items():
             audited = deqkern.ParallelSampler(lambda a, t: a, schedule, window=window, max_iters=2, execution="audit",
-                                              rounds_per_graph=1, **kw)(x).info
+                                              rounds_per_graph=1, config=config)(x).info
             launches.clear()
             deqkern.ParallelSampler(lambda a, t: a, schedule, window=window, max_iters=1, execution="static",
-                                    rounds_per_graph=1, **kw)(x)
+                                    rounds_per_graph=1, config=config)(x)
             rows.append({"backend": backend, "solver": name, "window": window, "aten_ops": audited["ops_per_chunk"],
                          "kernel_ops": audited["kernel_ops_per_chunk"], "triton_launches": sum(launches.values())})
     return rows
@@ -201,7 +201,7 @@ def stopping_x0(quick: bool) -> dict[str, Any]:
                 ref = deqkern.sample_sequential(unet, x, schedule, noise, execution="eager").x0.flatten(1)
                 for stop, tol in rules:
                     r = deqkern.sample(unet, x, schedule, tol=tol, stop=stop, window=window, noise=noise,
-                                       execution="eager", **SOLVERS[solver])
+                                       execution="eager", config=SOLVERS[solver])
                     err = float(((r.x0.flatten(1) - ref).norm(dim=1) / ref.norm(dim=1)).max())
                     runs[(stop, tol)].append((err / tol, r.rounds, r.model_evals))
         for (stop, tol), got in runs.items():
@@ -244,7 +244,7 @@ def tail_chunks(quick: bool) -> dict[str, Any]:
                         graphs.TAIL_FACTOR = factor
                         with torch.no_grad():
                             r = deqkern.sample(unet, x, schedule, noise=noise, tol=tol, stop=stop, execution="static",
-                                               rounds_per_graph=k, **SOLVERS[solver])
+                                               rounds_per_graph=k, config=SOLVERS[solver])
                         executed, tail = r.info["rounds_executed"], r.info["tail_chunks"]
                         cells.append({"rounds_per_graph": k, "tail_factor": factor, "rounds": r.rounds,
                                       "executed": executed, "syncs": (executed - tail) // k + tail})
@@ -339,7 +339,7 @@ def half_precision(quick: bool) -> dict[str, Any]:
                     with torch.no_grad(), warnings.catch_warnings():
                         warnings.simplefilter("ignore")  # the below-floor warning: this study measures it
                         r = deqkern.sample(models[dt], x, schedule, tol=tol, model_dtype=dt, execution="eager",
-                                           **SOLVERS[solver])
+                                           config=SOLVERS[solver])
                     rows.append({"dtype": str(dt), "steps": steps, "batch": batch, "solver": solver, "tol": tol,
                                  "rounds": r.rounds, "converged": r.all_converged,
                                  "x0_err_vs_same_dtype_seq": _x0_err(r.x0, seq[dt]),
@@ -395,7 +395,7 @@ def divergence(quick: bool) -> dict[str, Any]:
                     for x, noise, ref in inputs:
                         with torch.no_grad():
                             r = deqkern.sample(unet, x, schedule, noise=noise, tol=tol, execution="eager",
-                                               **SOLVERS[solver])
+                                               config=SOLVERS[solver])
                         fell.append(sum(d > 0 for d in r.info["diverged"]))
                         rounds.append(r.rounds)
                         errs.append(float(((r.x0.flatten(1) - ref).norm(dim=1) / ref.norm(dim=1)).max()) / tol)
