@@ -24,7 +24,6 @@ from deqkern.interop import to_torch
 from deqkern.model import Guidance, ModelEvaluator, ModelFn
 from deqkern.ops import step_rows
 from deqkern.schedule import Form, Schedule
-from deqkern.solvers import get_solver
 
 
 @dataclass

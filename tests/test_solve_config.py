@@ -45,7 +45,8 @@ def test_bad_field_is_named(field, value):
 
 
 def test_mappings_become_the_solvers_config_and_numbers_python_numbers():
-    c = deqkern.SolveConfig("anderson", {"history": 3}, tol=torch.tensor(1e-4, dtype=torch.float64), window=torch.tensor(4))
+    tol = torch.tensor(1e-4, dtype=torch.float64)
+    c = deqkern.SolveConfig("anderson", {"history": 3}, tol=tol, window=torch.tensor(4))
     assert c.solver_options == AndersonConfig(history=3)
     assert type(c.tol) is float and c.tol == 1e-4 and type(c.window) is int and c.window == 4
     # None stays "the solver's defaults", so another solver can be swapped in
@@ -127,7 +128,8 @@ def test_bad_option_fails_with_one_message_through_every_entry_point(gmm64, sche
 
 def test_inversion_holds_solve_configs():
     g = grad_config({"tol": 1e-5, "solver": "picard", "form": "plain", "vjp": "recompute"})
-    assert (g.solve.solver, g.solve.tol, g.solve.stop, g.form, g.vjp) == ("picard", 1e-5, "relative", "plain", "recompute")
+    got = (g.solve.solver, g.solve.tol, g.solve.stop, g.form, g.vjp)
+    assert got == ("picard", 1e-5, "relative", "plain", "recompute")
     with pytest.raises(OptionError, match="^grad_options.solve.stop: "):
         GradConfig(solve={"stop": "x0"})
     with pytest.raises(OptionError, match="^grad_options.solve.form: "):
