@@ -32,7 +32,8 @@ from gmm import GMMDenoiser  # noqa: E402
 _PROFILE = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("ci", derandomize=True, max_examples=20, print_blob=True, **_PROFILE)
 settings.register_profile("deep", max_examples=2700, **_PROFILE)
-settings.load_profile("ci")
+if settings.get_current_profile_name() == "default":  # not when --hypothesis-profile chose one already
+    settings.load_profile("ci")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -114,14 +114,14 @@ def transforms(draw) -> X0Transform:
 
 
 @st.composite
-def schedules(draw, min_steps: int, max_steps: int) -> Schedule:
+def schedules(draw, min_steps: int, max_steps: int, predictions: tuple[str, ...]) -> Schedule:
     """A DDIM/DDPM chain through ``Schedule.ddim``/``ddpm`` or ``Schedule.from_diffusers``."""
     steps = draw(st.integers(min_steps, max_steps))
     beta = draw(st.sampled_from(["linear", "scaled_linear", "squaredcos_cap_v2"]))
     start = draw(st.sampled_from([1e-4, 8.5e-4]))
     end = draw(st.sampled_from([0.012, 0.02]))
     spacing = draw(st.sampled_from(["linspace", "leading", "trailing"]))
-    pred = draw(st.sampled_from(["epsilon", "sample", "v_prediction"]))
+    pred = draw(st.sampled_from(predictions))
     eta = draw(st.sampled_from([0.0, 0.0, 0.5, 1.0]))
     tf = draw(transforms())
     if draw(st.booleans()):
@@ -194,10 +194,15 @@ class Case:
 
 @st.composite
 def cases(draw, min_steps: int = 1, max_steps: int = 12, unet: bool = True,
-          executions=("eager", "static", "audit"), max_iters: str = "any", chunks: str = "any") -> Case:
+          executions=("eager", "static", "audit"), max_iters: str = "any", chunks: str = "any",
+          shrinking_x0: str = "any") -> Case:
     """A random solve. ``max_iters``: "any" (None or 1..S+2) or "short" (1..S-1, needs S >= 2);
-    ``chunks``: whether ``rounds_per_graph`` divides ``max_iters``: "any", "divides", "not_divides"."""
-    schedule = draw(schedules(min_steps, max_steps))
+    ``chunks``: whether ``rounds_per_graph`` divides ``max_iters``: "any", "divides", "not_divides";
+    ``shrinking_x0``: the x0 rule at a real tolerance on a "sample"/"v_prediction" chain (issue 10
+    item 3): "any", "only", "exclude"."""
+    only = shrinking_x0 == "only"
+    preds = ("sample", "v_prediction") if only else ("epsilon", "sample", "v_prediction")
+    schedule = draw(schedules(min_steps, max_steps, preds))
     s = schedule.num_steps
     dtype = draw(st.sampled_from([torch.float64, torch.float32]))
     kind = draw(st.sampled_from(["affine", "tanh", "sin", "unet"] if unet else ["affine", "tanh", "sin"]))
@@ -206,7 +211,8 @@ def cases(draw, min_steps: int = 1, max_steps: int = 12, unet: bool = True,
     if kind == "unet":
         model, shape = Unet(draw(st.integers(0, 1))), (1, 8, 8)
     else:
-        a = draw(st.floats(-2.0, 2.0, allow_nan=False, width=32))
+        # small slopes too: they make x0 small against the latents it came from
+        a = draw(st.one_of(st.sampled_from([0.008, 0.1]), st.floats(-2.0, 2.0, width=32)))
         model = Elementwise(kind, a, draw(st.floats(-1.0, 1.0, width=32)) if kind == "affine" else 0.0)
         shape = draw(st.sampled_from([(1,), (4,), (2, 3)]))
         # conditioning per sample (leading dim B) or shared (1), or none
@@ -225,12 +231,15 @@ def cases(draw, min_steps: int = 1, max_steps: int = 12, unet: bool = True,
     rounds_per_graph = draw(st.integers(1 if chunks != "not_divides" else 2, 4))
     if chunks != "any":
         assume(((iters or s) % rounds_per_graph == 0) == (chunks == "divides"))
+    stop = draw(st.sampled_from(["x0"] if only else ["x0", "relative", "noise"]))
+    tol = draw(st.sampled_from([t for t in TOLS[dtype] if not (only and t == TINY)]))
+    if shrinking_x0 == "exclude":
+        assume(not (stop == "x0" and tol != TINY and schedule.prediction_type != "epsilon"))
     return Case(
         schedule=schedule, model=model, x=x, noise=noise, init=init, model_kwargs=kwargs,
         solver=draw(st.sampled_from(deqkern.solver_names())), form=form,
-        execution=draw(st.sampled_from(executions)),
-        window=draw(st.one_of(st.none(), st.integers(1, s))), stop=draw(st.sampled_from(["x0", "relative", "noise"])),
-        tol=draw(st.sampled_from(TOLS[dtype])), max_iters=iters, rounds_per_graph=rounds_per_graph,
+        execution=draw(st.sampled_from(executions)), window=draw(st.one_of(st.none(), st.integers(1, s))),
+        stop=stop, tol=tol, max_iters=iters, rounds_per_graph=rounds_per_graph,
     )
 
 
@@ -267,9 +276,7 @@ def _assert_within_bound(case: Case, res: deqkern.SampleResult) -> None:
 
 
 # ---------------------------------------------------------------------------------- properties
-@examples(3)
-@given(case=cases())
-def test_converged_means_within_bound_of_sequential(case: Case):
+def _assert_converged_within_bound(case: Case) -> None:
     """(a) A sample flagged converged has x0 within :func:`x0_bound` of the sequential sampler's;
     the solve ends within S rounds whatever the rule (the window advances a row per round), and
     a sample is unconverged only because ``max_iters`` cut it."""
@@ -281,6 +288,21 @@ def test_converged_means_within_bound_of_sequential(case: Case):
         assert res.rounds == iters, f"unconverged after {res.rounds} rounds, max_iters={iters}"
     assert res.x0.dtype == case.x.dtype and res.x0.shape == case.x.shape
     _assert_within_bound(case, res)
+
+
+@examples(2.5)
+@given(case=cases(shrinking_x0="exclude"))
+def test_converged_means_within_bound_of_sequential(case: Case):
+    """(a) on every chain but the x0 rule on shrinking chains (the next test)."""
+    _assert_converged_within_bound(case)
+
+
+@examples(1)
+@given(case=cases(shrinking_x0="only"))
+@pytest.mark.xfail(strict=False, reason="issue 10 item 3: stop='x0' misses its bound on 'sample'/'v_prediction' chains")
+def test_converged_means_within_bound_x0_rule_shrinking_chains(case: Case):
+    """(a) for ``stop="x0"`` at a real tolerance on "sample"/"v_prediction" chains."""
+    _assert_converged_within_bound(case)
 
 
 @examples(1)
@@ -314,7 +336,8 @@ def _assert_fixed_shape_is_eager(case: Case) -> None:
 
 
 @examples(1)
-@given(case=cases(min_steps=2, unet=False, executions=("static", "audit"), max_iters="short", chunks="divides"))
+@given(case=cases(min_steps=2, unet=False, executions=("static", "audit"), max_iters="short", chunks="divides",
+                  shrinking_x0="exclude"))
 def test_unconverged_fixed_shape_x0_is_eager_x0(case: Case):
     """(b) Unconverged (few rounds, ``rounds_per_graph`` dividing ``max_iters``): static and
     audit return the eager solve's current estimate."""
@@ -323,7 +346,7 @@ def test_unconverged_fixed_shape_x0_is_eager_x0(case: Case):
 
 @examples(0.5)
 @given(case=cases(min_steps=2, unet=False, executions=("static", "audit"), max_iters="short",
-                  chunks="not_divides"))
+                  chunks="not_divides", shrinking_x0="exclude"))
 @pytest.mark.xfail(strict=False, reason="issue 10 item 2: static/audit return a stale latent when max_iters "
                    "is not a multiple of rounds_per_graph")
 def test_unconverged_fixed_shape_x0_is_eager_x0_partial_chunk(case: Case):
@@ -370,10 +393,7 @@ def test_repeat_calls_bit_identical(case: Case, other_seed: int):
 
 
 @examples(0.5)
-@given(case=cases(min_steps=13, max_steps=50, unet=False))
+@given(case=cases(min_steps=13, max_steps=50, unet=False, shrinking_x0="exclude"))
 def test_long_chains_converged_within_bound(case: Case):
     """(a) on chains of 13 to 50 steps (elementwise models only, to stay fast)."""
-    res = case.solve()
-    if not res.all_converged:
-        assert res.rounds == (case.steps if case.max_iters is None else case.max_iters)
-    _assert_within_bound(case, res)
+    _assert_converged_within_bound(case)
