@@ -30,7 +30,7 @@ from gmm import GMMDenoiser  # noqa: E402
 # "deep" (--hypothesis-profile=deep) runs over 20,000 examples. Solve times vary with the drawn
 # chain, so no deadline; drawn chains are large by design, so no too_slow/data_too_large checks.
 _PROFILE = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("ci", derandomize=True, max_examples=20, print_blob=True, **_PROFILE)
+settings.register_profile("ci", derandomize=True, max_examples=50, print_blob=True, **_PROFILE)
 settings.register_profile("deep", max_examples=2700, **_PROFILE)
 if settings.get_current_profile_name() == "default":  # not when --hypothesis-profile chose one already
     settings.load_profile("ci")

@@ -76,7 +76,8 @@ class Unet:
 
 @functools.lru_cache(maxsize=None)
 def _unet(seed: int, dtype: torch.dtype) -> torch.nn.Module:
-    return tiny_unet(seed).to(dtype)
+    unet = tiny_unet(seed)
+    return unet.double() if dtype == torch.float64 else unet
 
 
 # ---------------------------------------------------------------------------------- schedules
@@ -118,13 +119,13 @@ def schedules(draw, min_steps: int, max_steps: int, predictions: tuple[str, ...]
     """A DDIM/DDPM chain through ``Schedule.ddim``/``ddpm`` or ``Schedule.from_diffusers``."""
     steps = draw(st.integers(min_steps, max_steps))
     beta = draw(st.sampled_from(["linear", "scaled_linear", "squaredcos_cap_v2"]))
-    start = draw(st.sampled_from([1e-4, 8.5e-4]))
-    end = draw(st.sampled_from([0.012, 0.02]))
-    spacing = draw(st.sampled_from(["linspace", "leading", "trailing"]))
+    start = draw(st.one_of(st.sampled_from([1e-4, 8.5e-4]), st.floats(1e-4, 2e-3)))
+    end = draw(st.one_of(st.sampled_from([0.012, 0.02]), st.floats(5e-3, 3e-2)))
+    spacing = draw(st.sampled_from(["linspace", "leading", "trailing", "random"]))
     pred = draw(st.sampled_from(predictions))
     eta = draw(st.sampled_from([0.0, 0.0, 0.5, 1.0]))
     tf = draw(transforms())
-    if draw(st.booleans()):
+    if spacing != "random" and draw(st.booleans()):
         from diffusers import DDIMScheduler, DDPMScheduler
 
         cfg = dict(num_train_timesteps=T_TRAIN, beta_schedule=beta, beta_start=start, beta_end=end,
@@ -137,7 +138,11 @@ def schedules(draw, min_steps: int, max_steps: int, predictions: tuple[str, ...]
         variance = draw(st.sampled_from(["fixed_small", "fixed_large"]))
         return Schedule.from_diffusers(DDPMScheduler(**cfg, variance_type=variance), steps)
     ac = torch.cumprod(1 - _betas(beta, start, end), 0)
-    ts = _timesteps(spacing, steps, draw(st.integers(0, 3)))
+    if spacing == "random":  # any strictly descending timesteps
+        ts = sorted(draw(st.lists(st.integers(0, T_TRAIN - 1), min_size=steps, max_size=steps, unique=True)),
+                    reverse=True)
+    else:
+        ts = _timesteps(spacing, steps, draw(st.integers(0, 3)))
     if draw(st.booleans()):
         return Schedule.ddim(ac, ts, eta, prediction_type=pred, transform=tf)
     return Schedule.ddpm(ac, ts, prediction_type=pred, transform=tf)
@@ -155,6 +160,7 @@ class Case:
     init: torch.Tensor | None
     model_kwargs: dict[str, torch.Tensor]
     solver: str
+    solver_options: dict[str, Any] | None
     form: str
     execution: str
     window: int | None
@@ -169,7 +175,7 @@ class Case:
 
     def options(self, **override: Any) -> dict[str, Any]:
         """The ParallelSampler's arguments."""
-        kw = dict(solver=self.solver, tol=self.tol, max_iters=self.max_iters, window=self.window, stop=self.stop,
+        kw = dict(solver=self.solver, solver_options=self.solver_options, tol=self.tol, max_iters=self.max_iters, window=self.window, stop=self.stop,
                   form=self.form, model_kwargs=self.model_kwargs, execution=self.execution,
                   rounds_per_graph=self.rounds_per_graph)
         return {**kw, **override}
@@ -190,6 +196,18 @@ class Case:
         with torch.no_grad():
             return deqkern.sample_sequential(self.model, self.x.to(dtype), self.schedule, noise, model_kwargs=cast,
                                              execution="eager").x0
+
+
+@st.composite
+def solver_options(draw, solver: str) -> dict[str, Any] | None:
+    """The default options, or some of the solver's own (damping, Anderson's history and mixing)."""
+    if draw(st.booleans()):
+        return None
+    opts = {"damping": draw(st.sampled_from([1.0, 0.6]))}
+    if solver == "anderson":
+        opts.update(history=draw(st.integers(1, 3)), mixing=draw(st.sampled_from(["row", "sample", "triangular"])),
+                    restart=draw(st.sampled_from([1.0, None])))
+    return opts
 
 
 @st.composite
@@ -228,16 +246,19 @@ def cases(draw, min_steps: int = 1, max_steps: int = 12, unet: bool = True,
         iters = draw(st.integers(1, s - 1))
     else:
         iters = draw(st.one_of(st.none(), st.integers(1, s + 2)))
-    rounds_per_graph = draw(st.integers(1 if chunks != "not_divides" else 2, 4))
-    if chunks != "any":
-        assume(((iters or s) % rounds_per_graph == 0) == (chunks == "divides"))
+    if chunks == "any":
+        rounds_per_graph = draw(st.integers(1, 4))
+    else:  # max_iters <= 11 here, so some of 2..4 does not divide it
+        divides = chunks == "divides"
+        rounds_per_graph = draw(st.sampled_from([r for r in range(1, 5) if (iters % r == 0) == divides]))
+    solver = draw(st.sampled_from(deqkern.solver_names()))
     stop = draw(st.sampled_from(["x0"] if only else ["x0", "relative", "noise"]))
     tol = draw(st.sampled_from([t for t in TOLS[dtype] if not (only and t == TINY)]))
     if shrinking_x0 == "exclude":
         assume(not (stop == "x0" and tol != TINY and schedule.prediction_type != "epsilon"))
     return Case(
         schedule=schedule, model=model, x=x, noise=noise, init=init, model_kwargs=kwargs,
-        solver=draw(st.sampled_from(deqkern.solver_names())), form=form,
+        solver=solver, solver_options=draw(solver_options(solver)), form=form,
         execution=draw(st.sampled_from(executions)), window=draw(st.one_of(st.none(), st.integers(1, s))),
         stop=stop, tol=tol, max_iters=iters, rounds_per_graph=rounds_per_graph,
     )
