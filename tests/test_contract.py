@@ -25,7 +25,7 @@ from typing import Any, Callable
 import pytest
 import torch
 from conftest import tiny_unet
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings, target
 from hypothesis import strategies as st
 
 import deqkern
@@ -230,7 +230,7 @@ def cases(draw, min_steps: int = 1, max_steps: int = 12, unet: bool = True,
         model, shape = Unet(draw(st.integers(0, 1))), (1, 8, 8)
     else:
         # small slopes too: they make x0 small against the latents it came from
-        a = draw(st.one_of(st.sampled_from([0.008, 0.1]), st.floats(-2.0, 2.0, width=32)))
+        a = draw(st.one_of(st.floats(-2.0, 2.0, width=32), st.sampled_from([1e-3, 0.008, 0.03, 0.1])))
         model = Elementwise(kind, a, draw(st.floats(-1.0, 1.0, width=32)) if kind == "affine" else 0.0)
         shape = draw(st.sampled_from([(1,), (4,), (2, 3)]))
         # conditioning per sample (leading dim B) or shared (1), or none
@@ -281,19 +281,24 @@ def x0_bound(tol: float, x0_seq: torch.Tensor, x0_seq64: torch.Tensor, x_T: torc
 
 
 def _assert_within_bound(case: Case, res: deqkern.SampleResult) -> None:
+    """Every converged sample's x0 within :func:`x0_bound`; hypothesis is steered towards the
+    worst ratio of error to bound (targeted search)."""
+    # relative/noise bound residuals, not x0 (ParallelSampler's docstring): only at TINY, where
+    # no inexact row passes, do they promise x0 (the sequential chain, to rounding)
+    tol = 0.0 if case.tol == TINY else case.tol if case.stop == "x0" else None
+    if tol is None or not bool(res.converged.any()):
+        return
     x0_seq = case.sequential(case.x.dtype)
     x0_seq64 = x0_seq if case.x.dtype == torch.float64 else case.sequential(torch.float64)
-    for b in range(case.x.shape[0]):
-        if not bool(res.converged[b]):
-            continue
-        # relative/noise bound residuals, not x0 (ParallelSampler's docstring): only at TINY,
-        # where no inexact row passes, do they promise x0 (the sequential chain, to rounding)
-        tol = 0.0 if case.tol == TINY else case.tol if case.stop == "x0" else None
-        if tol is None:
-            continue
+    failures, worst = [], 0.0
+    for b in torch.nonzero(res.converged).flatten().tolist():
         err = float((res.x0[b].double() - x0_seq[b].double()).norm())
         bound = x0_bound(tol, x0_seq[b], x0_seq64[b], case.x[b], case.steps)
-        assert err <= bound, f"sample {b}: ||x0 - x0_seq|| = {err:.3e} > bound {bound:.3e} (tol={case.tol})"
+        worst = max(worst, err / bound)
+        if err > bound:
+            failures.append(f"sample {b}: ||x0 - x0_seq|| = {err:.3e} > bound {bound:.3e} (tol={case.tol})")
+    target(worst, label="x0 error / x0_bound")
+    assert not failures, failures
 
 
 # ---------------------------------------------------------------------------------- properties
@@ -318,8 +323,21 @@ def test_converged_means_within_bound_of_sequential(case: Case):
     _assert_converged_within_bound(case)
 
 
+#: issue 10 item 3's reproducer: converged at x0 error 0.169 with tol 1e-2
+_ITEM3 = Case(
+    schedule=Schedule.ddim(torch.cumprod(1 - torch.linspace(0.0005697633622623655, 0.01451780031411802, T_TRAIN,
+                                                            dtype=torch.float64), 0),
+                           [795, 357, 196, 192], prediction_type="sample"),
+    model=Elementwise("tanh", 0.008), x=torch.randn(1, 6, generator=torch.Generator().manual_seed(7415),
+                                                    dtype=torch.float64),
+    noise=None, init=None, model_kwargs={}, solver="picard", solver_options=None, form="drift", execution="eager",
+    window=None, stop="x0", tol=1e-2, max_iters=None, rounds_per_graph=1,
+)
+
+
 @examples(1)
 @given(case=cases(shrinking_x0="only"))
+@example(case=_ITEM3)
 @pytest.mark.xfail(strict=False, reason="issue 10 item 3: stop='x0' misses its bound on 'sample'/'v_prediction' chains")
 def test_converged_means_within_bound_x0_rule_shrinking_chains(case: Case):
     """(a) for ``stop="x0"`` at a real tolerance on "sample"/"v_prediction" chains."""
