@@ -175,9 +175,9 @@ class Case:
 
     def options(self, **override: Any) -> dict[str, Any]:
         """The ParallelSampler's arguments."""
-        kw = dict(solver=self.solver, solver_options=self.solver_options, tol=self.tol, max_iters=self.max_iters, window=self.window, stop=self.stop,
-                  form=self.form, model_kwargs=self.model_kwargs, execution=self.execution,
-                  rounds_per_graph=self.rounds_per_graph)
+        kw = dict(solver=self.solver, solver_options=self.solver_options, tol=self.tol, max_iters=self.max_iters,
+                  window=self.window, stop=self.stop, form=self.form, model_kwargs=self.model_kwargs,
+                  execution=self.execution, rounds_per_graph=self.rounds_per_graph)
         return {**kw, **override}
 
     def sampler(self, **override: Any) -> deqkern.ParallelSampler:
