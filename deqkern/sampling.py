@@ -17,7 +17,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from deqkern.engine import Execution, Problem, Solved, StopRule, Workspace, _sync, _x0_row, solve
+from deqkern.engine import (
+    Execution, Problem, Solved, StopRule, Workspace, _sync, _x0_row, current_trajectory, solve,
+)
 from deqkern.interop import to_torch
 from deqkern.model import Guidance, ModelEvaluator, ModelFn
 from deqkern.ops import step_rows
@@ -450,7 +452,7 @@ class ParallelSampler:
             rounds_per_sample=out.rounds_per_sample,
             # a copy: the workspace's buffer is the next call's
             trajectory=None if st.traj is None else back(
-                st.traj[: s + 1].reshape(s + 1, *shape).to(x_T.dtype, copy=True)),
+                current_trajectory(p, st).reshape(s + 1, *shape).to(x_T.dtype)),
             info={"solver": self.solver, "config": ws.config, "form": schedule.form, "stop": self.stop,
                   "tol": self.tol, "window": ws.p.width, "window_oom": window_oom,
                   "extrapolate": self.extrapolate and init is None, **out.info},
