@@ -446,7 +446,8 @@ def _sigma_space(cls, sched, kind, num_inference_steps, form, kwargs) -> Schedul
         sched.set_timesteps(**kwargs)  # Euler refuses a step count next to custom sigmas/timesteps
     else:
         sched.set_timesteps(num_inference_steps, **kwargs)
-    ts, sigmas = sched.timesteps.detach().cpu(), sched.sigmas.detach().cpu()
+    # step k reads sigmas[k] and sigmas[k + 1]: Euler's log_linear interpolation leaves one unused sigma more
+    ts, sigmas = sched.timesteps.detach().cpu(), sched.sigmas.detach().cpu()[: num_inference_steps + 1]
     if ts.numel() != num_inference_steps:
         raise ValueError(f"num_inference_steps: {num_inference_steps}, but {name}.set_timesteps({kwargs}) made "
                          f"{ts.numel()} steps")
@@ -515,7 +516,9 @@ def _bridge_var(a: torch.Tensor, b: torch.Tensor, a_next: torch.Tensor, b_next: 
     return torch.nan_to_num(tau_sq * b_next**2 / b**2, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _build(cls, ts, cx, co, c0, px, po, sigma, var, transform, prediction_type, form, desc, step_inputs=None) -> Schedule:
+def _build(
+    cls, ts, cx, co, c0, px, po, sigma, var, transform, prediction_type, form, desc, step_inputs=None
+) -> Schedule:
     if transform.kind == "none":
         # Affine step: fold the x0 term into the x and output coefficients.
         cx, co, c0 = cx + c0 * px, co + c0 * po, torch.zeros_like(c0)
