@@ -130,8 +130,9 @@ class Schedule:
             if v.shape != (s,) or v.dtype != torch.float64:
                 raise ValueError(f"{name}: expected float64 of shape ({s},), got {v.dtype} {tuple(v.shape)}")
             if not bool(torch.isfinite(v).all()):
+                k = int(torch.nonzero(~torch.isfinite(v))[0, 0])
                 raise ValueError(
-                    f"{name}: non-finite coefficient; alpha_cumprod is 0 or 1 where this prediction type "
+                    f"{name}: non-finite coefficient at step {k}; alpha_cumprod is 0 or 1 where this prediction type "
                     f"({self.prediction_type}) divides by it (zero-SNR schedules need v_prediction)"
                 )
         if self.form not in ("drift", "scan", "secant"):
