@@ -53,6 +53,8 @@ CASES = [
     ("EulerDiscreteScheduler", dict(interpolation_type="log_linear"), {}),
     ("EulerDiscreteScheduler", dict(timestep_type="continuous", prediction_type="v_prediction"), {}),
     ("EulerDiscreteScheduler", dict(), dict(s_churn=0.0)),
+    ("EulerDiscreteScheduler", dict(), dict(sigmas=[14.6, 10.0, 7.0, 5.0, 3.5, 2.2, 1.3, 0.7, 0.3, 0.1, 0.0])),
+    ("EulerDiscreteScheduler", dict(), dict(timesteps=[999, 950, 800, 640, 500, 333, 250, 101, 40, 1])),
     # EulerAncestralDiscreteScheduler (no sample prediction in diffusers)
     *[("EulerAncestralDiscreteScheduler", dict(timestep_spacing=sp), {}) for sp in ("linspace", "leading", "trailing")],
     ("EulerAncestralDiscreteScheduler", dict(prediction_type="v_prediction", beta_schedule="scaled_linear"), {}),
@@ -91,7 +93,7 @@ def diffusers_loop(sched, x: torch.Tensor, kw: dict, seed: int) -> tuple[torch.T
     name = type(sched).__name__
     set_kw = {k: v for k, v in kw.items() if k not in ("eta", "s_churn")}
     step_kw = {k: v for k, v in kw.items() if k in ("eta", "s_churn")}
-    if "sigmas" in set_kw and name == "EulerDiscreteScheduler":
+    if ("sigmas" in set_kw or "timesteps" in set_kw) and name == "EulerDiscreteScheduler":
         sched.set_timesteps(**set_kw)
     else:
         sched.set_timesteps(STEPS, **set_kw)
@@ -126,7 +128,7 @@ def _case(cls_name: str, cfg: dict, kw: dict, seed: int = 0):
     twin = _make(cls_name, cfg)
     x_T = torch.randn(SHAPE, generator=g, dtype=torch.float64)
     set_kw = {k: v for k, v in kw.items() if k not in ("eta", "s_churn")}
-    if "sigmas" in set_kw and cls_name == "EulerDiscreteScheduler":
+    if ("sigmas" in set_kw or "timesteps" in set_kw) and cls_name == "EulerDiscreteScheduler":
         twin.set_timesteps(**set_kw)
     else:
         twin.set_timesteps(STEPS, **set_kw)
