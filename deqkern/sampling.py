@@ -181,7 +181,8 @@ class SequentialSampler:
             raise ValueError(f"rounds_per_graph: expected an int >= 1, got {rounds_per_graph!r}")
         _check_cache_size(cache_size)
         self.schedule, self.execution, self.rounds_per_graph = schedule, execution, rounds_per_graph
-        self.ev = ModelEvaluator(model, model_kwargs or {}, guidance, max_batch, model_dtype)
+        self.ev = ModelEvaluator(model, model_kwargs or {}, guidance, max_batch, model_dtype,
+                                 inputs=schedule.step_inputs)
         self._cache = _Cache(cache_size)
 
     def __call__(
@@ -374,7 +375,8 @@ class ParallelSampler:
         get_solver(solver, solver_options)  # a bad name or option fails before any work
         self.schedule, self.solver, self.solver_options = schedule, solver, solver_options
         self.tol, self.max_iters, self.width, self.stop = float(tol), max_iters, width, stop
-        self.ev = ModelEvaluator(model, model_kwargs or {}, guidance, max_batch, model_dtype)
+        self.ev = ModelEvaluator(model, model_kwargs or {}, guidance, max_batch, model_dtype,
+                                 inputs=schedule.step_inputs)
         self.execution, self.rounds_per_graph, self.model_dtype = execution, rounds_per_graph, self.ev.model_dtype
         self.extrapolate = (not schedule.is_stochastic) if extrapolate is None else extrapolate
         self._cache = _Cache(cache_size)
