@@ -5,11 +5,21 @@ from typing import Any, Literal
 
 from deqkern.errors import UnsupportedSchedulerOption
 
-_SUPPORTED = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm"}
+Kind = Literal["ddim", "ddpm", "euler", "euler_a", "flow"]
+
+#: The schedulers :meth:`deqkern.Schedule.from_diffusers` reproduces, by class name, and their step
+#: rule (the Parallel twins share DDIM's and DDPM's maths).
+SUPPORTED: dict[str, Kind] = {
+    "DDIMScheduler": "ddim", "DDIMParallelScheduler": "ddim",
+    "DDPMScheduler": "ddpm", "DDPMParallelScheduler": "ddpm",
+    "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_a",
+    "FlowMatchEulerDiscreteScheduler": "flow",
+}
 
 
-def scheduler_from_any(scheduler: Any) -> tuple[Any, Literal["ddim", "ddpm"]]:
-    """A fresh DDIM/DDPM scheduler built from ``scheduler`` (an object or a config mapping).
+def scheduler_from_any(scheduler: Any) -> tuple[Any, Kind]:
+    """A fresh supported scheduler built from ``scheduler`` (an object or a config mapping), and
+    its step rule.
 
     A config mapping names its class in ``_class_name`` (as ``scheduler_config.json`` does).
     We always rebuild from the config so ``set_timesteps`` never mutates the caller's object.
@@ -27,13 +37,14 @@ def scheduler_from_any(scheduler: Any) -> tuple[Any, Literal["ddim", "ddpm"]]:
         name = config.get("_class_name")
         if name is None:
             raise ValueError(
-                "scheduler: a config mapping must name its class in '_class_name' (DDIMScheduler or DDPMScheduler)"
+                f"scheduler: a config mapping must name its class in '_class_name' (one of {sorted(SUPPORTED)})"
             )
     else:
         raise TypeError(f"scheduler: expected a diffusers scheduler or its config dict, got {type(scheduler).__name__}")
-    if name not in _SUPPORTED:
+    if name not in SUPPORTED:
         raise UnsupportedSchedulerOption(
-            f"scheduler class {name!r}: deqkern reproduces {sorted(_SUPPORTED)} exactly; other schedulers are refused"
+            f"scheduler class {name!r}: deqkern reproduces {sorted(SUPPORTED)} exactly; other schedulers "
+            "(DPM-Solver++ multistep, UniPC, Heun, ...) are refused"
         )
     cls = getattr(diffusers, name)
-    return cls.from_config(config), _SUPPORTED[name]  # type: ignore[return-value]
+    return cls.from_config(config), SUPPORTED[name]

@@ -493,6 +493,18 @@ def _x0_row(p: Problem, st: SolveState) -> torch.Tensor:
     return st.xw[torch.arange(p.batch, device=st.xw.device), row].reshape(p.shape)
 
 
+def current_trajectory(p: Problem, st: SolveState) -> torch.Tensor:
+    """``[S+1, B, D]`` latents by position as the solve left them: the frozen prefix ``x[0..k0]``,
+    then the window's current iterates, then (past the window) its last row — so that position S
+    is always the x0 :func:`_x0_row` returns, converged or not (a fresh tensor)."""
+    s = p.steps
+    pos = torch.arange(s + 1, device=st.xw.device).unsqueeze(1)
+    ahead = pos - st.k0.unsqueeze(0)  # [S+1, B]: window row of each position, <= 0 where frozen
+    last = (s - st.k0).clamp(min=0, max=p.width).unsqueeze(0)
+    rows = st.xw[p.sample_index.unsqueeze(0), ahead.clamp(min=0).minimum(last)]
+    return torch.where((ahead > 0).unsqueeze(-1), rows, st.traj[: s + 1])
+
+
 def _x0_estimate(p: Problem, st: SolveState, k_before: torch.Tensor) -> torch.Tensor:
     """x0 as a round left it: where that round computed the x0 row (or x0 is frozen); NaN where
     the window has not reached x0."""

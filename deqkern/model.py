@@ -91,6 +91,45 @@ def _check_halves(cond: Mapping[str, Any], uncond: Mapping[str, Any], path: str)
                              f"expected two tensors, two dicts or equal other values, got {c!r} and {u!r}")
 
 
+@dataclass(frozen=True)
+class StepInputs:
+    """What the model receives at each step when that is not ``(x[k], timesteps[k])``: the
+    diffusers loop's ``model(scale_model_input(x, t), t)`` with a per-step input scale and a
+    float timestep (Euler: ``x / sqrt(sigma_k^2 + 1)`` and ``t_k`` interpolated between training
+    timesteps; flow matching: scale 1 and ``t_k = 1000 sigma_k``).
+
+    The chain then labels its rows by step position ``k`` (the int64 ``t`` the kernels and the
+    solver's bookkeeping carry, :attr:`deqkern.Schedule.timesteps`), and the evaluator maps a label
+    to the model's input: ``x * scale[k]`` and ``timesteps[k]``.
+    """
+
+    timesteps: torch.Tensor  #: [S] the timestep the model gets at step k, in the scheduler's dtype
+    scale: torch.Tensor | None  #: [S] float64 model-input scale (None: 1, nothing multiplied)
+    #: per (device, dtype) copies, made on first use: inside a captured CUDA graph a copy from the
+    #: host would be a sync
+    _on: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        s = self.timesteps.shape
+        if self.timesteps.ndim != 1 or not bool(torch.isfinite(self.timesteps.double()).all()):
+            raise ValueError(f"step_inputs.timesteps: expected a finite 1-D tensor, got shape {tuple(s)}")
+        if self.scale is not None and (self.scale.shape != s or self.scale.dtype != torch.float64
+                                       or not bool((self.scale > 0).all() & torch.isfinite(self.scale).all())):
+            raise ValueError(f"step_inputs.scale: expected finite positive float64 of shape {tuple(s)}, "
+                             f"got {self.scale.dtype} {tuple(self.scale.shape)}")
+
+    def apply(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x * scale[labels], timesteps[labels])`` for rows ``x[N, ...]`` labelled by step position."""
+        key = (x.device, x.dtype)
+        if key not in self._on:
+            scale = None if self.scale is None else self.scale.to(x.device, x.dtype)
+            self._on[key] = (self.timesteps.to(x.device), scale)
+        ts, scale = self._on[key]
+        if scale is not None:
+            x = x * scale[labels].reshape(-1, *[1] * (x.ndim - 1))
+        return x, ts[labels]
+
+
 @dataclass
 class ModelEvaluator:
     """Calls the model on rows ``(x, t, sample index)``: one model call per round, or chunks of
@@ -98,7 +137,9 @@ class ModelEvaluator:
 
     ``max_batch`` and ``evaluations`` count model-batch rows: under classifier-free guidance a
     latent row is two model rows (uncond and cond). Outputs must have the input's shape and are
-    checked for NaN/inf; the error names the round and the timesteps at fault.
+    checked for NaN/inf; the error names the round and the timesteps at fault. With ``inputs``
+    (a schedule's :class:`StepInputs`) the ``t`` it is called with are step positions, mapped to
+    the model's scaled input and timestep here, so every caller feeds the model alike.
     """
 
     model: ModelFn
@@ -107,6 +148,7 @@ class ModelEvaluator:
     max_batch: int | None = None
     model_dtype: torch.dtype | str | None = None
     evaluations: int = 0
+    inputs: StepInputs | None = None
 
     def __post_init__(self) -> None:
         _check_mapping(self.model_kwargs, "model_kwargs")
@@ -138,12 +180,15 @@ class ModelEvaluator:
         bad = ~torch.isfinite(out.reshape(rows, -1)).all(dim=1)
         if bool(bad.any()):
             ts = sorted(set(t[bad].tolist()))
-            raise NonFiniteModelOutput(f"model output is not finite in round {round_index} at timestep(s) {ts}")
+            what = "timestep(s)" if self.inputs is None else "step(s)"
+            raise NonFiniteModelOutput(f"model output is not finite in round {round_index} at {what} {ts}")
         return out
 
     def raw(self, x: torch.Tensor, t: torch.Tensor, sample_idx: torch.Tensor) -> torch.Tensor:
         """Model outputs in ``x``'s dtype, unchecked for NaN and without host syncs (CUDA-graph safe)."""
         rows = x.shape[0]
+        if self.inputs is not None:
+            x, t = self.inputs.apply(x, t)
         per_call = rows if self.max_batch is None else self.max_batch // self.rows_per_latent
         outs = [
             self._call_chunk(x[i : i + per_call], t[i : i + per_call], sample_idx[i : i + per_call])

@@ -19,7 +19,9 @@ import torch
 from deqkern._config import config_from
 from deqkern._validate import POSITIVE_INT
 from deqkern.config import EXECUTIONS, SolveConfig, check_choice
-from deqkern.engine import Execution, Problem, Solved, StopRule, Workspace, _sync, _x0_row, solve
+from deqkern.engine import (
+    Execution, Problem, Solved, StopRule, Workspace, _sync, _x0_row, current_trajectory, solve,
+)
 from deqkern.interop import to_torch
 from deqkern.model import Guidance, ModelEvaluator, ModelFn
 from deqkern.ops import step_rows
@@ -174,7 +176,8 @@ class SequentialSampler:
         rounds_per_graph = POSITIVE_INT.check("rounds_per_graph", rounds_per_graph)
         _check_cache_size(cache_size)
         self.schedule, self.execution, self.rounds_per_graph = schedule, execution, rounds_per_graph
-        self.ev = ModelEvaluator(model, model_kwargs or {}, guidance, max_batch, model_dtype)
+        self.ev = ModelEvaluator(model, model_kwargs or {}, guidance, max_batch, model_dtype,
+                                 inputs=schedule.step_inputs)
         self._cache = _Cache(cache_size)
 
     def __call__(
@@ -360,7 +363,8 @@ class ParallelSampler:
         self.config = replace(base, **{k: v for k, v in given.items() if v is not None}).resolved(schedule)
         _check_cache_size(cache_size)
         self.schedule = schedule if schedule.form == self.config.form else schedule.with_form(self.config.form)
-        self.ev = ModelEvaluator(model, model_kwargs or {}, guidance, max_batch, model_dtype)
+        self.ev = ModelEvaluator(model, model_kwargs or {}, guidance, max_batch, model_dtype,
+                                 inputs=schedule.step_inputs)
         self.model_dtype = self.ev.model_dtype
         self._cache = _Cache(cache_size)
         #: per input signature, the windows whose solve ran out of memory (see _solve_fitting)
@@ -437,7 +441,7 @@ class ParallelSampler:
             rounds_per_sample=out.rounds_per_sample,
             # a copy: the workspace's buffer is the next call's
             trajectory=None if st.traj is None else back(
-                st.traj[: s + 1].reshape(s + 1, *shape).to(x_T.dtype, copy=True)),
+                current_trajectory(p, st).reshape(s + 1, *shape).to(x_T.dtype)),
             info={"solver": self.config.solver, "config": ws.config, "form": schedule.form, "stop": self.config.stop,
                   "tol": self.config.tol, "window": ws.p.width, "window_oom": window_oom,
                   "extrapolate": self.config.extrapolate and init is None, **out.info},

@@ -11,6 +11,11 @@ the identity the step is affine, ``x_next = A x + B out + sigma z`` (math.md §1
 ``c0`` into ``cx``/``co`` so that ``c0 == 0``. The coefficients are computed in float64 from the
 scheduler's own float32 ``alphas_cumprod`` with the scheduler's own rule for the previous alpha, so
 the chain reproduces ``scheduler.step()`` to float32 rounding.
+
+The first-order sigma-space schedulers (Euler, Euler ancestral, flow-matching Euler) are affine in
+``(x, out)`` plus the step noise too (:meth:`Schedule.euler`, :meth:`Schedule.flow_match`), so they
+share this representation; they also scale the model's input and pass it float timesteps
+(:class:`deqkern.model.StepInputs`, carried as :attr:`Schedule.step_inputs`).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import torch
 
 from deqkern._validate import POSITIVE_FLOAT, POSITIVE_INT, Bounded, OptionError
 from deqkern.errors import UnsupportedSchedulerOption
+from deqkern.model import StepInputs
 
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
 Form = Literal["drift", "scan", "secant"]
@@ -77,6 +83,11 @@ class Schedule:
 
     Index ``k = 0 .. S-1`` is the k-th step in the scheduler's ``timesteps`` order (descending
     timesteps): it maps latent ``x[k]`` to ``x[k+1]``, with ``x[0] = x_T`` and ``x[S] = x_0``.
+
+    ``timesteps`` are int64 labels of the steps, what the kernels and the solver's bookkeeping
+    carry (and errors name): the integer training timesteps of a DDIM/DDPM chain, fed to the model
+    as they are; with ``step_inputs`` (Euler, flow matching: float timesteps and a model-input
+    scale) the step positions ``0 .. S-1``, which the model evaluator maps to what the model gets.
     """
 
     timesteps: torch.Tensor
@@ -96,6 +107,8 @@ class Schedule:
     prediction_type: PredictionType = "epsilon"
     form: Form = "drift"
     description: str = ""
+    #: the model's input scale and timestep per step (None: ``x[k]`` and ``timesteps[k]``)
+    step_inputs: StepInputs | None = None
 
     def __post_init__(self) -> None:
         s = self.timesteps.numel()
@@ -103,15 +116,23 @@ class Schedule:
             raise ValueError(f"timesteps: expected at least one step, got {s}")
         if self.timesteps.ndim != 1:
             raise ValueError(f"timesteps: expected a 1-D tensor, got shape {tuple(self.timesteps.shape)}")
-        if s > 1 and not bool((self.timesteps[1:] < self.timesteps[:-1]).all()):
-            raise ValueError(f"timesteps: expected strictly descending values, got {self.timesteps.tolist()}")
+        if self.step_inputs is None:
+            if s > 1 and not bool((self.timesteps[1:] < self.timesteps[:-1]).all()):
+                raise ValueError(f"timesteps: expected strictly descending values, got {self.timesteps.tolist()}")
+        else:
+            if not torch.equal(self.timesteps, torch.arange(s)):
+                raise ValueError("timesteps: with step_inputs the labels are the step positions arange(S), "
+                                 f"got {self.timesteps.tolist()}")
+            if self.step_inputs.timesteps.shape != (s,):
+                raise ValueError(f"step_inputs: expected {s} steps, got {tuple(self.step_inputs.timesteps.shape)}")
         for name in ("cx", "co", "c0", "px", "po", "sigma", "a_coef", "noise_var"):
             v = getattr(self, name)
             if v.shape != (s,) or v.dtype != torch.float64:
                 raise ValueError(f"{name}: expected float64 of shape ({s},), got {v.dtype} {tuple(v.shape)}")
             if not bool(torch.isfinite(v).all()):
+                k = int(torch.nonzero(~torch.isfinite(v))[0, 0])
                 raise ValueError(
-                    f"{name}: non-finite coefficient; alpha_cumprod is 0 or 1 where this prediction type "
+                    f"{name}: non-finite coefficient at step {k}; alpha_cumprod is 0 or 1 where this prediction type "
                     f"({self.prediction_type}) divides by it (zero-SNR schedules need v_prediction)"
                 )
         if self.form not in ("drift", "scan", "secant"):
@@ -239,6 +260,75 @@ class Schedule:
         return _build(cls, ts, c_x, zeros, c_x0, px, po, sigma, var, transform, prediction_type, form, desc)
 
     @classmethod
+    def euler(
+        cls,
+        sigmas: torch.Tensor,
+        model_timesteps: torch.Tensor,
+        *,
+        prediction_type: PredictionType = "epsilon",
+        ancestral: bool = False,
+        form: Form = "drift",
+    ) -> "Schedule":
+        """An Euler chain in sigma space: diffusers' ``EulerDiscreteScheduler`` (``s_churn = 0``) or,
+        with ``ancestral``, ``EulerAncestralDiscreteScheduler``.
+
+        The latents are variance exploding, ``x = x0 + sigma eps``; the model sees ``x / sqrt(sigma_k^2
+        + 1)`` at timestep ``model_timesteps[k]`` (:class:`deqkern.model.StepInputs`). ``sigmas``:
+        ``[S+1]``, ``sigma_k > 0`` strictly descending over the S steps, ``0 <= sigma_S <= sigma_{S-1}``
+        (the final step may be a no-op, as Karras sigmas with ``final_sigmas_type="sigma_min"`` make it).
+        Step k, with ``s = sigma_k``, ``s' = sigma_{k+1}``::
+
+            x0_hat = px x + po out:  epsilon (1, -s);  v_prediction (1/(s^2+1), -s/sqrt(s^2+1));  sample (0, 1)
+            x_next = x + (x - x0_hat) (s_to - s) / s + s_up z
+
+        plain Euler: ``s_to = s'``, ``s_up = 0``; ancestral: ``s_up = sqrt(s'^2 (s^2 - s'^2) / s^2)``,
+        ``s_to = sqrt(s'^2 - s_up^2)``. So with ``r = (s_to - s) / s``: ``cx = 1 + r``, ``co = 0``,
+        ``c0 = -r``, ``sigma = s_up``: affine, and folded into ``cx``/``co``. The noise rule's scale is
+        the step's posterior variance ``s'^2 (s^2 - s'^2) / s^2`` (ancestral: the noise it adds).
+        """
+        sig, ts = _sigma_chain(sigmas, model_timesteps)
+        s, nxt = sig[:-1], sig[1:]
+        px, po = _ve_x0_coefs(s, prediction_type)
+        up_sq = nxt**2 * (s**2 - nxt**2) / s**2
+        if ancestral:
+            up, to = up_sq.sqrt(), (nxt**2 - up_sq).clamp(min=0).sqrt()
+        else:
+            up, to = torch.zeros_like(s), nxt
+        r = (to - s) / s
+        kind = "EulerAncestral" if ancestral else "Euler"
+        desc = f"{kind} S={s.numel()} prediction={prediction_type}"
+        return _build(cls, torch.arange(s.numel()), 1 + r, torch.zeros_like(s), -r, px, po, up, up_sq,
+                      X0Transform(), prediction_type, form, desc, StepInputs(ts, 1 / (s**2 + 1).sqrt()))
+
+    @classmethod
+    def flow_match(
+        cls, sigmas: torch.Tensor, model_timesteps: torch.Tensor, *, stochastic: bool = False, form: Form = "drift"
+    ) -> "Schedule":
+        """A flow-matching Euler chain: diffusers' ``FlowMatchEulerDiscreteScheduler``.
+
+        The latents interpolate, ``x = (1 - sigma) x0 + sigma eps``, and the model predicts the
+        velocity ``out = eps - x0``, so ``x0_hat = x - s out`` (``px = 1``, ``po = -s``); it sees ``x``
+        unscaled at timestep ``model_timesteps[k]`` (``1000 sigma_k`` unless given). ``sigmas`` as in
+        :meth:`euler`. Step k, ``s = sigma_k``, ``s' = sigma_{k+1}``::
+
+            deterministic:                   x_next = x + (s' - s) out        (cx = 1, co = s' - s)
+            stochastic_sampling (re-noise):  x_next = (1 - s') x0_hat + s' z  (c0 = 1 - s', sigma = s')
+
+        The noise rule's scale: the posterior variance of ``x_{k+1}`` given ``x_k`` and ``x0``
+        (deterministic; :func:`_bridge_var`) or the variance the step adds, ``s'^2`` (stochastic).
+        """
+        sig, ts = _sigma_chain(sigmas, model_timesteps)
+        s, nxt = sig[:-1], sig[1:]
+        zeros, ones = torch.zeros_like(s), torch.ones_like(s)
+        if stochastic:
+            cx, co, c0, noise, var = zeros, zeros, 1 - nxt, nxt, nxt**2
+        else:
+            cx, co, c0, noise, var = ones, nxt - s, zeros, zeros, _bridge_var(1 - s, s, 1 - nxt, nxt)
+        desc = f"FlowMatchEuler S={s.numel()} stochastic={stochastic}"
+        return _build(cls, torch.arange(s.numel()), cx, co, c0, ones, -s, noise, var, X0Transform(), "v_prediction",
+                      form, desc, StepInputs(ts, None))
+
+    @classmethod
     def from_diffusers(
         cls,
         scheduler: Any,
@@ -247,61 +337,128 @@ class Schedule:
         *,
         use_clipped_model_output: bool = False,
         form: Form = "drift",
+        **set_timesteps_kwargs: Any,
     ) -> "Schedule":
-        """The chain of a diffusers ``DDIMScheduler`` or ``DDPMScheduler`` (object or config dict).
+        """The chain of a diffusers scheduler (object or config dict), reproducing its ``step()``.
 
-        The scheduler is rebuilt from its config and ``set_timesteps(num_inference_steps)`` is
-        called on the copy, so the caller's object is never mutated. ``eta`` is DDIM's; passing it
-        for DDPM is an error (DDPM's noise is set by ``variance_type``). ``thresholding`` and
-        ``clip_sample`` are reproduced (drift form only); anything else we cannot reproduce
-        exactly raises :class:`UnsupportedSchedulerOption` naming the option.
+        Supported (:data:`deqkern._diffusers.SUPPORTED`): ``DDIMScheduler``, ``DDPMScheduler`` and
+        their ``Parallel`` twins (same maths), ``EulerDiscreteScheduler`` (``s_churn = 0``),
+        ``EulerAncestralDiscreteScheduler`` and ``FlowMatchEulerDiscreteScheduler``; anything else,
+        and any option we cannot reproduce exactly, raises :class:`UnsupportedSchedulerOption`
+        naming it. The scheduler is rebuilt from its config and ``set_timesteps`` is called on the
+        copy, so the caller's object is never mutated.
+
+        Conventions: ``x_T`` is the latents the diffusers loop starts from, already multiplied by
+        ``init_noise_sigma`` (as a pipeline's ``prepare_latents`` leaves them); ``noise[k]`` is
+        the noise step k draws from its generator, in the loop's order (Euler ancestral: every
+        step; flow matching with ``stochastic_sampling``: every step, drawn in float32). Extra
+        keyword arguments go to ``set_timesteps`` (``mu``, ``sigmas``, ``timesteps``), except
+        Euler's step options ``s_churn`` (0 only), ``s_tmin``, ``s_tmax``, ``s_noise`` (no effect
+        without churn). ``eta`` and ``use_clipped_model_output`` are DDIM's; ``thresholding`` and
+        ``clip_sample`` are reproduced (drift form only).
         """
         from deqkern._diffusers import scheduler_from_any
 
         sched, kind = scheduler_from_any(scheduler)
         num_inference_steps = POSITIVE_INT.check("num_inference_steps", num_inference_steps)
-        cfg = sched.config
-        if num_inference_steps > cfg.num_train_timesteps:
-            raise ValueError(
-                f"num_inference_steps: {num_inference_steps} exceeds num_train_timesteps={cfg.num_train_timesteps}"
-            )
-        sched.set_timesteps(num_inference_steps)
-        ts = sched.timesteps.to(torch.int64).cpu()
-        ac = sched.alphas_cumprod.cpu()
-        prediction_type = cfg.prediction_type
-        if prediction_type not in ("epsilon", "sample", "v_prediction"):
-            raise UnsupportedSchedulerOption(
-                f"prediction_type={prediction_type!r} is not one of epsilon/sample/v_prediction"
-            )
-        if cfg.thresholding:
-            transform = X0Transform(
-                "threshold", ratio=float(cfg.dynamic_thresholding_ratio), max_value=float(cfg.sample_max_value)
-            )
-        elif cfg.clip_sample:
-            transform = X0Transform("clip", clip_range=float(cfg.clip_sample_range))
-        else:
-            transform = X0Transform()
-        if kind == "ddim":
-            eta = 0.0 if eta is None else float(eta)
-            step = cfg.num_train_timesteps // num_inference_steps
-            final = float(sched.final_alpha_cumprod)
-            out = cls.ddim(
-                ac, ts, eta, prev_timesteps=ts - step, final_alpha_cumprod=final,
-                prediction_type=prediction_type, transform=transform,
-                use_clipped_model_output=use_clipped_model_output, form=form,
-            )
+        if kind in ("ddim", "ddpm"):
+            if set_timesteps_kwargs:
+                raise UnsupportedSchedulerOption(
+                    f"{sorted(set_timesteps_kwargs)}: {type(sched).__name__}.set_timesteps options are not "
+                    "reproduced; pass num_inference_steps only"
+                )
+            out = _ddim_ddpm(cls, sched, kind, num_inference_steps, eta, use_clipped_model_output, form)
         else:
             if eta is not None:
-                raise ValueError("eta: applies to DDIMScheduler only; DDPMScheduler's noise is set by variance_type")
+                raise ValueError(f"eta: applies to DDIMScheduler only, not {type(sched).__name__}")
             if use_clipped_model_output:
-                raise ValueError("use_clipped_model_output: DDPMScheduler.step has no such option")
-            if not ts.eq(sched.timesteps).all():  # pragma: no cover - defensive
-                raise UnsupportedSchedulerOption("custom timesteps")
-            out = cls.ddpm(
-                ac, ts, variance_type=cfg.variance_type, prediction_type=prediction_type,
-                transform=transform, form=form,
-            )
-        return replace(out, description=f"{type(sched).__name__}({out.description}, spacing={cfg.timestep_spacing})")
+                raise ValueError(f"use_clipped_model_output: {type(sched).__name__}.step has no such option")
+            out = _sigma_space(cls, sched, kind, num_inference_steps, form, set_timesteps_kwargs)
+        return replace(out, description=f"{type(sched).__name__}({out.description})")
+
+
+# ---------------------------------------------------------------------- diffusers adapters
+def _ddim_ddpm(cls, sched, kind, num_inference_steps, eta, use_clipped_model_output, form) -> Schedule:
+    """A DDIM/DDPM chain (and their Parallel twins) from a fresh scheduler."""
+    cfg = sched.config
+    if num_inference_steps > cfg.num_train_timesteps:
+        raise ValueError(
+            f"num_inference_steps: {num_inference_steps} exceeds num_train_timesteps={cfg.num_train_timesteps}"
+        )
+    sched.set_timesteps(num_inference_steps)
+    ts = sched.timesteps.to(torch.int64).cpu()
+    ac = sched.alphas_cumprod.cpu()
+    prediction_type = cfg.prediction_type
+    if prediction_type not in ("epsilon", "sample", "v_prediction"):
+        raise UnsupportedSchedulerOption(
+            f"prediction_type={prediction_type!r} is not one of epsilon/sample/v_prediction"
+        )
+    if cfg.thresholding:
+        transform = X0Transform(
+            "threshold", ratio=float(cfg.dynamic_thresholding_ratio), max_value=float(cfg.sample_max_value)
+        )
+    elif cfg.clip_sample:
+        transform = X0Transform("clip", clip_range=float(cfg.clip_sample_range))
+    else:
+        transform = X0Transform()
+    if kind == "ddim":
+        eta = 0.0 if eta is None else float(eta)
+        step = cfg.num_train_timesteps // num_inference_steps
+        final = float(sched.final_alpha_cumprod)
+        out = cls.ddim(
+            ac, ts, eta, prev_timesteps=ts - step, final_alpha_cumprod=final,
+            prediction_type=prediction_type, transform=transform,
+            use_clipped_model_output=use_clipped_model_output, form=form,
+        )
+    else:
+        if eta is not None:
+            raise ValueError("eta: applies to DDIMScheduler only; DDPMScheduler's noise is set by variance_type")
+        if use_clipped_model_output:
+            raise ValueError("use_clipped_model_output: DDPMScheduler.step has no such option")
+        if not ts.eq(sched.timesteps).all():  # pragma: no cover - defensive
+            raise UnsupportedSchedulerOption("custom timesteps")
+        out = cls.ddpm(
+            ac, ts, variance_type=cfg.variance_type, prediction_type=prediction_type,
+            transform=transform, form=form,
+        )
+    return replace(out, description=f"{out.description}, spacing={cfg.timestep_spacing}")
+
+
+#: EulerDiscreteScheduler.step's options: churn re-noises the sample before the step (not
+#: reproduced); the other three only act with churn.
+_EULER_STEP_OPTIONS = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+
+
+def _sigma_space(cls, sched, kind, num_inference_steps, form, kwargs) -> Schedule:
+    """An Euler / Euler ancestral / flow-matching chain: ``set_timesteps(S, **kwargs)`` on the fresh
+    scheduler, then its ``sigmas`` and ``timesteps``."""
+    name, cfg = type(sched).__name__, sched.config
+    kwargs = dict(kwargs)
+    step_options = {k: kwargs.pop(k) for k in _EULER_STEP_OPTIONS if k in kwargs}
+    if step_options and kind != "euler":
+        raise UnsupportedSchedulerOption(f"{sorted(step_options)}: step options of EulerDiscreteScheduler, not {name}")
+    if step_options.get("s_churn", 0.0) != 0:
+        raise UnsupportedSchedulerOption(
+            f"s_churn={step_options['s_churn']!r}: deqkern reproduces {name}.step with s_churn = 0 only"
+        )
+    if kind == "flow" and cfg.invert_sigmas:
+        raise UnsupportedSchedulerOption(f"invert_sigmas=True: {name} with ascending sigmas is not reproduced")
+    if kind == "euler" and ("sigmas" in kwargs or "timesteps" in kwargs):
+        sched.set_timesteps(**kwargs)  # Euler refuses a step count next to custom sigmas/timesteps
+    else:
+        sched.set_timesteps(num_inference_steps, **kwargs)
+    # step k reads sigmas[k] and sigmas[k + 1]: Euler's log_linear interpolation leaves one unused sigma more
+    ts, sigmas = sched.timesteps.detach().cpu(), sched.sigmas.detach().cpu()[: num_inference_steps + 1]
+    if ts.numel() != num_inference_steps:
+        raise ValueError(f"num_inference_steps: {num_inference_steps}, but {name}.set_timesteps({kwargs}) made "
+                         f"{ts.numel()} steps")
+    if kind == "flow":
+        return cls.flow_match(sigmas, ts, stochastic=bool(cfg.stochastic_sampling), form=form)
+    prediction_type = "sample" if cfg.prediction_type == "original_sample" else cfg.prediction_type
+    allowed = ("epsilon", "v_prediction") if kind == "euler_a" else ("epsilon", "v_prediction", "sample")
+    if prediction_type not in allowed:
+        raise UnsupportedSchedulerOption(f"prediction_type={cfg.prediction_type!r}: {name} reproduces {allowed}")
+    return cls.euler(sigmas, ts, prediction_type=prediction_type, ancestral=kind == "euler_a", form=form)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -317,7 +474,52 @@ def _x0_eps_coefs(a: torch.Tensor, prediction_type: str) -> tuple[torch.Tensor, 
     raise UnsupportedSchedulerOption(f"prediction_type={prediction_type!r} is not one of epsilon/sample/v_prediction")
 
 
-def _build(cls, ts, cx, co, c0, px, po, sigma, var, transform, prediction_type, form, desc) -> Schedule:
+def _sigma_chain(sigmas: torch.Tensor, model_timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sigmas as float64, model timesteps)`` of an S-step sigma-space chain, checked: ``[S+1]``
+    finite sigmas, positive and strictly descending over the steps, the last in ``[0, sigma_{S-1}]``."""
+    ts = torch.as_tensor(model_timesteps).detach().cpu().clone()
+    sig = torch.as_tensor(sigmas).detach().to("cpu", torch.float64)
+    s = ts.numel()
+    if ts.ndim != 1 or s < 1 or sig.shape != (s + 1,):
+        raise ValueError(f"sigmas, model_timesteps: expected shapes [S+1] and [S] (S >= 1), got "
+                         f"{tuple(sig.shape)} and {tuple(ts.shape)}")
+    bad = ~torch.isfinite(sig) | (sig < 0)
+    bad[:-1] |= sig[:-1] <= 0
+    bad[1:] |= sig[1:] > sig[:-1]
+    bad[1:-1] |= sig[1:-1] == sig[:-2]  # a repeated step sigma (the final one may repeat: a no-op step)
+    if bool(bad.any()):
+        k = int(torch.nonzero(bad)[0, 0])
+        raise ValueError(f"sigmas: step {k} has sigma {sig[k].item()!r} (sigmas {sig.tolist()}); expected finite "
+                         "values, positive and strictly descending over the steps, the final one in [0, the last]")
+    return sig, ts
+
+
+def _ve_x0_coefs(s: torch.Tensor, prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coefficients of x0_hat = px x + po out for variance-exploding latents x = x0 + s eps (diffusers' Euler)."""
+    if prediction_type == "epsilon":
+        return torch.ones_like(s), -s
+    if prediction_type == "v_prediction":
+        return 1 / (s**2 + 1), -s / (s**2 + 1).sqrt()
+    if prediction_type == "sample":
+        return torch.zeros_like(s), torch.ones_like(s)
+    raise UnsupportedSchedulerOption(f"prediction_type={prediction_type!r} is not one of epsilon/sample/v_prediction")
+
+
+def _bridge_var(a: torch.Tensor, b: torch.Tensor, a_next: torch.Tensor, b_next: torch.Tensor) -> torch.Tensor:
+    """Posterior variance of ``x' = a' x0 + b' eps'`` given ``x = a x0 + b eps`` and ``x0`` (the
+    forward process from x' to x adds variance ``tau^2 = b^2 - (a/a')^2 b'^2``)::
+
+        var = tau^2 b'^2 / b^2
+
+    (variance preserving: DDPM's posterior variance; exploding, ``a = 1``: ``b'^2 (b^2 - b'^2) / b^2``).
+    Non-finite values (``a' = 0``) become 0, which :func:`_build` floors."""
+    tau_sq = b**2 - (a / a_next) ** 2 * b_next**2
+    return torch.nan_to_num(tau_sq * b_next**2 / b**2, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _build(
+    cls, ts, cx, co, c0, px, po, sigma, var, transform, prediction_type, form, desc, step_inputs=None
+) -> Schedule:
     if transform.kind == "none":
         # Affine step: fold the x0 term into the x and output coefficients.
         cx, co, c0 = cx + c0 * px, co + c0 * po, torch.zeros_like(c0)
@@ -328,7 +530,7 @@ def _build(cls, ts, cx, co, c0, px, po, sigma, var, transform, prediction_type, 
     return cls(
         timesteps=ts, cx=cx, co=co, c0=c0, px=px, po=po, sigma=sigma, a_coef=a_coef,
         noise_var=noise_var, transform=transform, prediction_type=prediction_type, form=form,
-        description=desc,
+        description=desc, step_inputs=step_inputs,
     )
 
 

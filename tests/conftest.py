@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 # Tier 2 kernel tests run Triton under its CPU interpreter, which triton decides when it is first
 # imported (diffusers imports it too). Import the dispatch first — it reads TRITON_INTERPRET once,
@@ -23,6 +24,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(1)
 
 from gmm import GMMDenoiser  # noqa: E402
+
+# Hypothesis profiles (tests/test_contract.py gives each property a share of max_examples):
+# "ci", the default, is reproducible and runs the contract suite in a few minutes on one core;
+# "deep" (--hypothesis-profile=deep) runs over 20,000 examples. Solve times vary with the drawn
+# chain, so no deadline; drawn chains are large by design, so no too_slow/data_too_large checks.
+_PROFILE = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", derandomize=True, max_examples=50, print_blob=True, **_PROFILE)
+settings.register_profile("deep", max_examples=2700, **_PROFILE)
+if settings.get_current_profile_name() == "default":  # not when --hypothesis-profile chose one already
+    settings.load_profile("ci")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -213,3 +213,25 @@ def test_non_finite_output_at_the_exact_row_raises(execution):
 
     with pytest.raises(deqkern.NonFiniteModelOutput, match=rf"round \d+ at timestep\(s\) \[{bad_t}\]"):
         deqkern.sample(model, torch.randn(2, 3, dtype=torch.float64), S10, "anderson", execution=execution)
+
+
+@pytest.mark.parametrize("execution", ["eager", "static", "audit"])
+@pytest.mark.parametrize("solver", ["picard", "anderson"])
+def test_unconverged_trajectory_ends_at_the_current_x0(execution, solver):
+    """An unconverged sample's trajectory holds the window's current iterates past its frozen
+    prefix (not zeros), so ``trajectory[S] == x0``; converged samples' rows equal the sequential
+    chain's to float64 rounding (rtol 1e-12)."""
+    ac = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    sched = deqkern.Schedule.ddim(ac, list(range(999, -1, -111)))
+    x = torch.randn(3, 2, dtype=torch.float64)
+    model = lambda v, t: torch.tanh(v) * (1 + t[:, None] / 1000)  # noqa: E731
+    res = deqkern.sample(model, x, sched, solver, max_iters=3, return_trajectory=True, execution=execution,
+                         rounds_per_graph=2)
+    assert not res.all_converged
+    assert torch.equal(res.trajectory[-1], res.x0)
+    assert torch.equal(res.trajectory[0], x)
+    assert bool(torch.isfinite(res.trajectory).all()) and not bool((res.trajectory[1:] == 0).all(-1).any())
+    full = deqkern.sample(model, x, sched, solver, tol=1e-12, return_trajectory=True, execution=execution)
+    seq = deqkern.sample_sequential(model, x, sched, return_trajectory=True)
+    assert full.all_converged
+    assert float((full.trajectory - seq.trajectory).norm() / seq.trajectory.norm()) < 1e-10

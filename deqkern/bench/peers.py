@@ -67,7 +67,7 @@ class ChainMap:
     def __init__(self, model: Any, schedule: Schedule, x_T: torch.Tensor, noise: torch.Tensor | None,
                  max_batch: int | None = None) -> None:
         self.schedule = schedule
-        self.ev = ModelEvaluator(model, {}, None, max_batch)
+        self.ev = ModelEvaluator(model, {}, None, max_batch, inputs=schedule.step_inputs)
         self.shape = x_T.shape
         b, s = x_T.shape[0], schedule.num_steps
         self.dim = x_T[0].numel()

@@ -187,7 +187,7 @@ def sample_with_implicit_grad(
             max_batch=max_batch, init=init, return_trajectory=True,
         )
 
-    ev = ModelEvaluator(model, model_kwargs or {}, guidance, max_batch)
+    ev = ModelEvaluator(model, model_kwargs or {}, guidance, max_batch, inputs=schedule.step_inputs)
     return differentiable_solve(solve, x_T, noise, ev, schedule, grad_options, grad, stats).x0
 
 

@@ -197,7 +197,7 @@ def invert(
                          f"{schedule.transform.kind!r} (use 'drift')")
     target = target_x0.detach()
     s, batch = schedule.num_steps, target.shape[0]
-    ev = ModelEvaluator(model, model_kwargs or {}, guidance, cfg.max_batch)
+    ev = ModelEvaluator(model, model_kwargs or {}, guidance, cfg.max_batch, inputs=schedule.step_inputs)
     ev.check_conditioning(batch)
 
     start = time.perf_counter()

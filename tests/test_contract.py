@@ -1,0 +1,438 @@
+"""deqkern's contract, held by property-based tests (issue 10).
+
+The promise: a parallel solve's x0 *is* the sequential sampler's x0, to the tolerance the user
+chose, and a solve that did not get there says so. Hypothesis draws the chain (DDIM/DDPM, beta
+schedules, spacings, prediction types, eta with pre-drawn noise, clip/threshold), the model
+(affine, tanh, sin with t, a tiny random-weight UNet), and every solver x form x execution x
+window x stop rule x dtype, and checks four properties:
+
+(a) converged => x0 within the documented bound of the sequential sampler (:func:`x0_bound`);
+(b) not converged => flagged, and x0 is the current estimate: the eager solve's, and the
+    trajectory's last row;
+(c) inputs (x_T, noise, init, model_kwargs, the schedule) are never mutated;
+(d) repeat calls are bit-identical (same sampler, with another solve in between, and a fresh one).
+
+Profiles (tests/conftest.py): ``ci`` (default, derandomized, a few minutes on one core) and
+``deep`` (``pytest tests/test_contract.py --hypothesis-profile=deep``, >= 20,000 examples).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pytest
+import torch
+from conftest import tiny_unet
+from hypothesis import assume, example, given, settings, target
+from hypothesis import strategies as st
+
+import deqkern
+from deqkern import Schedule, X0Transform
+
+T_TRAIN = 1000
+#: tolerances drawn; TINY passes no row that is not exact, so every stop rule must reproduce the
+#: sequential chain to rounding (row 0 of every round is exact: engine.py's module docstring)
+TINY = 1e-30
+TOLS = {torch.float64: [TINY, 1e-2, 1e-3, 1e-4, 1e-6], torch.float32: [TINY, 1e-2, 1e-3]}
+
+
+def examples(weight: float) -> settings:
+    """This test's share of the loaded profile's ``max_examples`` (ci / deep, see conftest.py)."""
+    return settings(max_examples=max(1, round(weight * settings.default.max_examples)))
+
+
+# ---------------------------------------------------------------------------------- models
+@dataclass(frozen=True)
+class Elementwise:
+    """``out = f(x, t) + 0.1 * cond``: affine ``a x + b``, ``tanh(a x)`` or ``sin(x + c t / 1000)``
+    (``a`` plays c). Elementwise, so an output never depends on the batch it was computed in."""
+
+    kind: str
+    a: float
+    b: float = 0.0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kind == "affine":
+            out = self.a * x + self.b
+        elif self.kind == "tanh":
+            out = torch.tanh(self.a * x)
+        else:
+            tt = t.to(x.dtype).view(-1, *[1] * (x.ndim - 1))
+            out = torch.sin(x + self.a * tt / T_TRAIN)
+        return out if cond is None else out + 0.1 * cond
+
+
+@dataclass(frozen=True)
+class Unet:
+    """conftest's tiny random-weight UNet2DModel (1x8x8 latents) with weight seed ``seed``."""
+
+    seed: int
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> Any:
+        return _unet(self.seed, x.dtype)(x, t)
+
+
+@functools.lru_cache(maxsize=None)
+def _unet(seed: int, dtype: torch.dtype) -> torch.nn.Module:
+    unet = tiny_unet(seed)
+    return unet.double() if dtype == torch.float64 else unet
+
+
+# ---------------------------------------------------------------------------------- schedules
+def _betas(kind: str, start: float, end: float) -> torch.Tensor:
+    """diffusers' beta schedules: linear, scaled_linear, squaredcos_cap_v2 (cosine)."""
+    if kind == "linear":
+        return torch.linspace(start, end, T_TRAIN, dtype=torch.float64)
+    if kind == "scaled_linear":
+        return torch.linspace(start**0.5, end**0.5, T_TRAIN, dtype=torch.float64) ** 2
+    s = torch.arange(T_TRAIN + 1, dtype=torch.float64) / T_TRAIN
+    ab = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+    return (1 - ab[1:] / ab[:-1]).clamp(max=0.999)
+
+
+def _timesteps(spacing: str, steps: int, offset: int) -> list[int]:
+    """Descending training timesteps as diffusers' spacings place them."""
+    if spacing == "linspace":
+        ts = torch.linspace(0, T_TRAIN - 1, steps, dtype=torch.float64).round().long()
+    elif spacing == "leading":
+        ts = torch.arange(steps) * (T_TRAIN // steps) + min(offset, T_TRAIN // steps - 1)
+    else:  # trailing
+        ts = (torch.arange(T_TRAIN, 0, -T_TRAIN / steps, dtype=torch.float64).round() - 1).long()
+    return sorted(set(ts.tolist()), reverse=True)
+
+
+@st.composite
+def transforms(draw) -> X0Transform:
+    kind = draw(st.sampled_from(["none", "none", "clip", "threshold"]))
+    if kind == "clip":
+        return X0Transform("clip", clip_range=draw(st.sampled_from([0.5, 1.0, 3.0])))
+    if kind == "threshold":
+        return X0Transform("threshold", ratio=draw(st.sampled_from([0.5, 0.9, 0.995])),
+                           max_value=draw(st.sampled_from([1.0, 1.5, 3.0])))
+    return X0Transform()
+
+
+@st.composite
+def schedules(draw, min_steps: int, max_steps: int, predictions: tuple[str, ...]) -> Schedule:
+    """A DDIM/DDPM chain through ``Schedule.ddim``/``ddpm`` or ``Schedule.from_diffusers``."""
+    steps = draw(st.integers(min_steps, max_steps))
+    beta = draw(st.sampled_from(["linear", "scaled_linear", "squaredcos_cap_v2"]))
+    start = draw(st.one_of(st.sampled_from([1e-4, 8.5e-4]), st.floats(1e-4, 2e-3)))
+    end = draw(st.one_of(st.sampled_from([0.012, 0.02]), st.floats(5e-3, 3e-2)))
+    spacing = draw(st.sampled_from(["linspace", "leading", "trailing", "random"]))
+    pred = draw(st.sampled_from(predictions))
+    eta = draw(st.sampled_from([0.0, 0.0, 0.5, 1.0]))
+    tf = draw(transforms())
+    if spacing != "random" and draw(st.booleans()):
+        from diffusers import DDIMScheduler, DDPMScheduler
+
+        cfg = dict(num_train_timesteps=T_TRAIN, beta_schedule=beta, beta_start=start, beta_end=end,
+                   prediction_type=pred, timestep_spacing=spacing, clip_sample=tf.kind == "clip",
+                   clip_sample_range=tf.clip_range, thresholding=tf.kind == "threshold",
+                   dynamic_thresholding_ratio=tf.ratio, sample_max_value=tf.max_value)
+        if draw(st.booleans()):
+            sched = DDIMScheduler(**cfg, set_alpha_to_one=draw(st.booleans()))
+            return Schedule.from_diffusers(sched, steps, eta=eta)
+        variance = draw(st.sampled_from(["fixed_small", "fixed_large"]))
+        return Schedule.from_diffusers(DDPMScheduler(**cfg, variance_type=variance), steps)
+    ac = torch.cumprod(1 - _betas(beta, start, end), 0)
+    if spacing == "random":  # any strictly descending timesteps
+        ts = sorted(draw(st.lists(st.integers(0, T_TRAIN - 1), min_size=steps, max_size=steps, unique=True)),
+                    reverse=True)
+    else:
+        ts = _timesteps(spacing, steps, draw(st.integers(0, 3)))
+    if draw(st.booleans()):
+        return Schedule.ddim(ac, ts, eta, prediction_type=pred, transform=tf)
+    return Schedule.ddpm(ac, ts, prediction_type=pred, transform=tf)
+
+
+# ---------------------------------------------------------------------------------- cases
+@dataclass
+class Case:
+    """One solve: the chain, the model, the inputs and every option of the parallel sampler."""
+
+    schedule: Schedule
+    model: Callable[..., Any]
+    x: torch.Tensor
+    noise: torch.Tensor | None
+    init: torch.Tensor | None
+    model_kwargs: dict[str, torch.Tensor]
+    solver: str
+    solver_options: dict[str, Any] | None
+    form: str
+    execution: str
+    window: int | None
+    stop: str
+    tol: float
+    max_iters: int | None
+    rounds_per_graph: int
+
+    @property
+    def steps(self) -> int:
+        return self.schedule.num_steps
+
+    def options(self, **override: Any) -> dict[str, Any]:
+        """The ParallelSampler's arguments."""
+        kw = dict(solver=self.solver, solver_options=self.solver_options, tol=self.tol, max_iters=self.max_iters,
+                  window=self.window, stop=self.stop, form=self.form, model_kwargs=self.model_kwargs,
+                  execution=self.execution, rounds_per_graph=self.rounds_per_graph)
+        return {**kw, **override}
+
+    def sampler(self, **override: Any) -> deqkern.ParallelSampler:
+        return deqkern.ParallelSampler(self.model, self.schedule, **self.options(**override))
+
+    def solve(self, sampler: deqkern.ParallelSampler | None = None, x: torch.Tensor | None = None,
+              **call: Any) -> deqkern.SampleResult:
+        """A parallel solve of the case's inputs (``x`` replaces x_T), no autograd."""
+        with torch.no_grad():
+            return (sampler or self.sampler())(self.x if x is None else x, self.noise, init=self.init, **call)
+
+    def sequential(self, dtype: torch.dtype) -> torch.Tensor:
+        """The oracle's x0 on the same inputs, computed in ``dtype``."""
+        cast = {k: v.to(dtype) for k, v in self.model_kwargs.items()}
+        noise = None if self.noise is None else self.noise.to(dtype)
+        with torch.no_grad():
+            return deqkern.sample_sequential(self.model, self.x.to(dtype), self.schedule, noise, model_kwargs=cast,
+                                             execution="eager").x0
+
+
+@st.composite
+def solver_options(draw, solver: str) -> dict[str, Any] | None:
+    """The default options, or some of the solver's own (damping, Anderson's history and mixing)."""
+    if draw(st.booleans()):
+        return None
+    opts = {"damping": draw(st.sampled_from([1.0, 0.6]))}
+    if solver == "anderson":
+        opts.update(history=draw(st.integers(1, 3)), mixing=draw(st.sampled_from(["row", "sample", "triangular"])),
+                    restart=draw(st.sampled_from([1.0, None])))
+    return opts
+
+
+@st.composite
+def cases(draw, min_steps: int = 1, max_steps: int = 12, unet: bool = True,
+          executions=("eager", "static", "audit"), max_iters: str = "any", chunks: str = "any",
+          shrinking_x0: str = "any") -> Case:
+    """A random solve. ``max_iters``: "any" (None or 1..S+2) or "short" (1..S-1, needs S >= 2);
+    ``chunks``: whether ``rounds_per_graph`` divides ``max_iters``: "any", "divides", "not_divides";
+    ``shrinking_x0``: the x0 rule at a real tolerance on a "sample"/"v_prediction" chain (issue 10
+    item 3): "any", "only", "exclude"."""
+    only = shrinking_x0 == "only"
+    preds = ("sample", "v_prediction") if only else ("epsilon", "sample", "v_prediction")
+    schedule = draw(schedules(min_steps, max_steps, preds))
+    s = schedule.num_steps
+    dtype = draw(st.sampled_from([torch.float64, torch.float32]))
+    kind = draw(st.sampled_from(["affine", "tanh", "sin", "unet"] if unet else ["affine", "tanh", "sin"]))
+    batch = draw(st.integers(1, 3))
+    kwargs, cond_rows = {}, 0
+    if kind == "unet":
+        model, shape = Unet(draw(st.integers(0, 1))), (1, 8, 8)
+    else:
+        # small slopes too: they make x0 small against the latents it came from
+        a = draw(st.one_of(st.floats(-2.0, 2.0, width=32), st.sampled_from([1e-3, 0.008, 0.03, 0.1])))
+        model = Elementwise(kind, a, draw(st.floats(-1.0, 1.0, width=32)) if kind == "affine" else 0.0)
+        shape = draw(st.sampled_from([(1,), (4,), (2, 3)]))
+        # conditioning per sample (leading dim B) or shared (1), or none
+        cond_rows = draw(st.sampled_from([0, 1, batch]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    x = torch.randn(batch, *shape, generator=g, dtype=dtype)
+    noise = torch.randn(s, batch, *shape, generator=g, dtype=dtype) if schedule.is_stochastic else None
+    init = torch.randn(s, batch, *shape, generator=g, dtype=dtype) if draw(st.booleans()) else None
+    if cond_rows:
+        kwargs = {"cond": torch.randn(cond_rows, *shape, generator=g, dtype=dtype)}
+    form = draw(st.sampled_from(["drift", "scan", "secant"] if schedule.is_affine else ["drift", "secant"]))
+    if max_iters == "short":
+        iters = draw(st.integers(1, s - 1))
+    else:
+        iters = draw(st.one_of(st.none(), st.integers(1, s + 2)))
+    if chunks == "any":
+        rounds_per_graph = draw(st.integers(1, 4))
+    else:  # max_iters <= 11 here, so some of 2..4 does not divide it
+        divides = chunks == "divides"
+        rounds_per_graph = draw(st.sampled_from([r for r in range(1, 5) if (iters % r == 0) == divides]))
+    solver = draw(st.sampled_from(deqkern.solver_names()))
+    stop = draw(st.sampled_from(["x0"] if only else ["x0", "relative", "noise"]))
+    tol = draw(st.sampled_from([t for t in TOLS[dtype] if not (only and t == TINY)]))
+    if shrinking_x0 == "exclude":
+        assume(not (stop == "x0" and tol != TINY and schedule.prediction_type != "epsilon"))
+    return Case(
+        schedule=schedule, model=model, x=x, noise=noise, init=init, model_kwargs=kwargs,
+        solver=solver, solver_options=draw(solver_options(solver)), form=form,
+        execution=draw(st.sampled_from(executions)), window=draw(st.one_of(st.none(), st.integers(1, s))),
+        stop=stop, tol=tol, max_iters=iters, rounds_per_graph=rounds_per_graph,
+    )
+
+
+# ---------------------------------------------------------------------------------- the bound
+#: the x0 rule's floor relative to ||x_T|| (deqkern.ops.reference.x0_accepted_rows)
+X0_FLOOR = 1e-3
+
+
+def x0_bound(tol: float, x0_seq: torch.Tensor, x0_seq64: torch.Tensor, x_T: torch.Tensor, steps: int) -> float:
+    """The most ``||x0 - x0_seq||`` (one sample) may be when the solve reports it converged.
+
+    ``stop="x0"`` documents (ParallelSampler): ``||x0 - x0_seq|| <= tol max(||x0_seq||, 1e-3
+    ||x_T||)`` (the floor: an x0 a thousandth of x_T is mostly rounding). On top, the
+    rounding the two samplers may differ by in ``x0_seq``'s dtype: eight times the sequential
+    sampler's own rounding error (``x0_seq`` against the float64 ``x0_seq64``) plus
+    ``16 S eps (||x_T|| + ||x0_seq||)`` (each step's rounding, on the scale of the latents).
+    With ``tol = 0`` this is the rounding allowance alone.
+    """
+    eps = torch.finfo(x0_seq.dtype).eps
+    seq, ref = x0_seq.double(), x0_seq64.double()
+    rounding = 8 * float((seq - ref).norm()) + 16 * steps * eps * float(x_T.double().norm() + seq.norm())
+    return tol * max(float(seq.norm()), X0_FLOOR * float(x_T.double().norm())) + rounding
+
+
+def _assert_within_bound(case: Case, res: deqkern.SampleResult) -> None:
+    """Every converged sample's x0 within :func:`x0_bound`; hypothesis is steered towards the
+    worst ratio of error to bound (targeted search)."""
+    # relative/noise bound residuals, not x0 (ParallelSampler's docstring): only at TINY, where
+    # no inexact row passes, do they promise x0 (the sequential chain, to rounding)
+    tol = 0.0 if case.tol == TINY else case.tol if case.stop == "x0" else None
+    if tol is None or not bool(res.converged.any()):
+        return
+    x0_seq = case.sequential(case.x.dtype)
+    x0_seq64 = x0_seq if case.x.dtype == torch.float64 else case.sequential(torch.float64)
+    failures, worst = [], 0.0
+    for b in torch.nonzero(res.converged).flatten().tolist():
+        err = float((res.x0[b].double() - x0_seq[b].double()).norm())
+        bound = x0_bound(tol, x0_seq[b], x0_seq64[b], case.x[b], case.steps)
+        worst = max(worst, err / bound)
+        if err > bound:
+            failures.append(f"sample {b}: ||x0 - x0_seq|| = {err:.3e} > bound {bound:.3e} (tol={case.tol})")
+    target(worst, label="x0 error / x0_bound")
+    assert not failures, failures
+
+
+# ---------------------------------------------------------------------------------- properties
+def _assert_converged_within_bound(case: Case) -> None:
+    """(a) A sample flagged converged has x0 within :func:`x0_bound` of the sequential sampler's;
+    the solve ends within S rounds whatever the rule (the window advances a row per round), and
+    a sample is unconverged only because ``max_iters`` cut it."""
+    res = case.solve()
+    iters = case.steps if case.max_iters is None else case.max_iters
+    if iters >= case.steps:
+        assert res.all_converged, f"max_iters={iters} >= S={case.steps} but converged={res.converged.tolist()}"
+    if not res.all_converged:
+        assert res.rounds == iters, f"unconverged after {res.rounds} rounds, max_iters={iters}"
+    assert res.x0.dtype == case.x.dtype and res.x0.shape == case.x.shape
+    _assert_within_bound(case, res)
+
+
+@examples(2.5)
+@given(case=cases(shrinking_x0="exclude"))
+def test_converged_means_within_bound_of_sequential(case: Case):
+    """(a) on every chain but the x0 rule on shrinking chains (the next test)."""
+    _assert_converged_within_bound(case)
+
+
+#: issue 10 item 3's reproducer: converged at x0 error 0.169 with tol 1e-2
+_ITEM3 = Case(
+    schedule=Schedule.ddim(torch.cumprod(1 - torch.linspace(0.0005697633622623655, 0.01451780031411802, T_TRAIN,
+                                                            dtype=torch.float64), 0),
+                           [795, 357, 196, 192], prediction_type="sample"),
+    model=Elementwise("tanh", 0.008), x=torch.randn(1, 6, generator=torch.Generator().manual_seed(7415),
+                                                    dtype=torch.float64),
+    noise=None, init=None, model_kwargs={}, solver="picard", solver_options=None, form="drift", execution="eager",
+    window=None, stop="x0", tol=1e-2, max_iters=None, rounds_per_graph=1,
+)
+
+
+@examples(1)
+@given(case=cases(shrinking_x0="only"))
+@example(case=_ITEM3)
+def test_converged_means_within_bound_x0_rule_shrinking_chains(case: Case):
+    """(a) for ``stop="x0"`` at a real tolerance on "sample"/"v_prediction" chains."""
+    _assert_converged_within_bound(case)
+
+
+@examples(1)
+@given(case=cases(min_steps=2, unet=False, executions=("eager",), max_iters="short"))
+def test_unconverged_x0_is_the_trajectory_last_row(case: Case):
+    """(b) With few rounds, x0 is the solver's current estimate, and the trajectory (asking for
+    it changes nothing) ends with it: ``trajectory[S] == x0`` for every sample."""
+    traj = case.solve(return_trajectory=True)
+    assert torch.equal(traj.x0, case.solve().x0), "return_trajectory changed the solve"
+    assert torch.equal(traj.trajectory[0], case.x), "trajectory[0] is not x_T"
+    for b in range(case.x.shape[0]):
+        assert torch.equal(traj.trajectory[-1][b], traj.x0[b]), (
+            f"sample {b} (converged={bool(traj.converged[b])}): trajectory[-1] = {traj.trajectory[-1][b].tolist()}, "
+            f"x0 = {traj.x0[b].tolist()}"
+        )
+
+
+def _assert_fixed_shape_is_eager(case: Case) -> None:
+    """The fixed-shape executions return exactly the eager solve's flags and x0 (elementwise
+    models: an output does not depend on the batch it was computed in), converged or not."""
+    eager = case.solve(case.sampler(execution="eager"))
+    fixed = case.solve()
+    assert torch.equal(eager.converged, fixed.converged), (eager.converged.tolist(), fixed.converged.tolist())
+    assert torch.equal(fixed.x0, eager.x0), (
+        f"{case.execution} x0 differs from eager: max |diff| {float((fixed.x0 - eager.x0).abs().max()):.3e}, "
+        f"converged={fixed.converged.tolist()}"
+    )
+    _assert_within_bound(case, fixed)
+
+
+@examples(1)
+@given(case=cases(min_steps=2, unet=False, executions=("static", "audit"), max_iters="short", chunks="divides",
+                  shrinking_x0="exclude"))
+def test_unconverged_fixed_shape_x0_is_eager_x0(case: Case):
+    """(b) Unconverged (few rounds, ``rounds_per_graph`` dividing ``max_iters``): static and
+    audit return the eager solve's current estimate."""
+    _assert_fixed_shape_is_eager(case)
+
+
+@examples(0.5)
+@given(case=cases(min_steps=2, unet=False, executions=("static", "audit"), max_iters="short",
+                  chunks="not_divides", shrinking_x0="exclude"))
+def test_unconverged_fixed_shape_x0_is_eager_x0_partial_chunk(case: Case):
+    """(b) As above with ``max_iters`` not a multiple of ``rounds_per_graph`` (the last chunk
+    runs past ``max_iters``)."""
+    _assert_fixed_shape_is_eager(case)
+
+
+@examples(1)
+@given(case=cases())
+def test_inputs_never_mutated(case: Case):
+    """(c) x_T, noise, init, model_kwargs and the schedule's coefficients come back bit for bit."""
+    inputs = [case.x, case.noise, case.init, *case.model_kwargs.values(),
+              *(getattr(case.schedule, f) for f in ("timesteps", "cx", "co", "c0", "px", "po", "sigma"))]
+    before = [None if t is None else t.clone() for t in inputs]
+    case.solve(return_trajectory=case.execution == "eager")
+    for t, saved in zip(inputs, before):
+        assert (t is None) == (saved is None) and (t is None or torch.equal(t, saved)), "an input was mutated"
+
+
+def _same(a: deqkern.SampleResult, b: deqkern.SampleResult) -> None:
+    """Bit-identical results (NaN residuals of frozen samples compare equal)."""
+    assert torch.equal(a.x0, b.x0), f"x0 differs: max |diff| {float((a.x0 - b.x0).abs().max()):.3e}"
+    assert torch.equal(a.converged, b.converged) and a.rounds == b.rounds
+    assert a.rounds_per_sample == b.rounds_per_sample
+    ra, rb = torch.tensor(a.residuals, dtype=torch.float64), torch.tensor(b.residuals, dtype=torch.float64)
+    assert ra.shape == rb.shape and torch.allclose(ra, rb, rtol=0, atol=0, equal_nan=True)
+    assert (a.trajectory is None) == (b.trajectory is None)
+    assert a.trajectory is None or torch.equal(a.trajectory, b.trajectory)
+
+
+@examples(1)
+@given(case=cases(), other_seed=st.integers(0, 2**31 - 1))
+def test_repeat_calls_bit_identical(case: Case, other_seed: int):
+    """(d) The same sampler called again (after a solve of other inputs, which reuses the
+    workspace) and a fresh sampler give bit-identical results."""
+    traj = case.execution == "eager"
+    sampler = case.sampler()
+    first = case.solve(sampler, return_trajectory=traj)
+    other = torch.randn(case.x.shape, generator=torch.Generator().manual_seed(other_seed), dtype=case.x.dtype)
+    case.solve(sampler, x=other, return_trajectory=traj)
+    _same(first, case.solve(sampler, return_trajectory=traj))
+    _same(first, case.solve(return_trajectory=traj))
+
+
+@examples(0.5)
+@given(case=cases(min_steps=13, max_steps=50, unet=False, shrinking_x0="exclude"))
+def test_long_chains_converged_within_bound(case: Case):
+    """(a) on chains of 13 to 50 steps (elementwise models only, to stay fast)."""
+    _assert_converged_within_bound(case)
