@@ -472,8 +472,8 @@ class _Runner:
     def _settings(self, name: str) -> tuple[str, int, str]:
         c, cfg = self.case, self.cfg
         if name in OURS:
-            spec = OURS[name]
-            return spec.form, min(cfg.window, c.steps) if spec.windowed else c.steps, f"{cfg.stop} {cfg.tol:g}"
+            solve = OURS[name].solve_config(cfg, c.steps)
+            return solve.form, solve.window or c.steps, f"{solve.stop} {solve.tol:g}"
         if name == "paradigms":
             return "drift", min(cfg.window, c.steps), f"noise-scaled {cfg.paradigms_tol:g}"
         if name == "paradigms-full":
