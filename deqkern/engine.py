@@ -30,8 +30,8 @@ import torch
 from deqkern._nvtx import annotate
 from deqkern.errors import NonFiniteModelOutput
 from deqkern.model import ModelEvaluator
-from deqkern.ops import commit_window, round_status, scan_residual
-from deqkern.ops.reference import RowSlide, ScanResult
+from deqkern.ops import ScanResult, commit_window, round_status, scan_residual
+from deqkern.ops.window import RowSlide
 from deqkern.schedule import X0Transform
 from deqkern.solvers import Solver, get_solver
 
@@ -324,7 +324,8 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
             e[live] = out.reshape(-1, dim)
     z = None if p.noise is None else p.noise[pos, b_idx.unsqueeze(1)]
     with annotate("scan"):
-        res = scan_residual(st.xw, e, z, coef, n, p.transform, solver.hist_f, drift=p.drift)
+        history = solver.gram_history() if hasattr(solver, "gram_history") else None  # optional (Solver)
+        res = scan_residual(st.xw, e, z, coef, n, p.transform, history, drift=p.drift)
     # the stopping rule judges the rows before the first non-finite one (row 0 always)
     n_ok = finite_rows(res, n, j)
     with annotate("status"):

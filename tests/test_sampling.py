@@ -225,7 +225,7 @@ def test_on_round_reports_x0_estimates(gmm64, ddim):
 def test_row_slide_moves_each_sample_by_its_own_count():
     """``t[b, j] <- t[b, j + delta[b]]``, ``fill`` past the end, in place, also through a
     permuted view (how the Anderson history ``[m, B, W, D]`` is slid)."""
-    from deqkern.ops.reference import RowSlide
+    from deqkern.ops.window import RowSlide
 
     g = torch.Generator().manual_seed(0)
     hist = torch.randn(3, 4, 6, 5, generator=g)  # [m, B, W, D]

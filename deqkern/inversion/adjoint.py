@@ -40,7 +40,7 @@ import torch
 from deqkern.engine import Problem, Workspace, solve
 from deqkern.model import ModelEvaluator
 from deqkern.ops import step_rows
-from deqkern.ops.reference import linear_scan
+from deqkern.ops.window import linear_scan
 from deqkern.schedule import COEF_FIELDS, Schedule, X0Transform
 from deqkern.solvers import get_solver
 
