@@ -1,7 +1,7 @@
 """The parallel fixed-point solve: its problem, state, rounds and reusable workspace (the public
 samplers built on it are in :mod:`deqkern.sampling`).
 
-One round (math.md §2-§4), per sample ``b`` with frozen prefix ``x[0..k0_b]``:
+One round (docs/math.md §2-§4, §6), per sample ``b`` with frozen prefix ``x[0..k0_b]``:
 
 1. evaluate the model on the live rows ``x[k0_b + j]``, ``j < n_b = min(W, S - k0_b)``, of all
    samples in one batch (chunked by ``max_batch``);

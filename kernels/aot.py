@@ -11,8 +11,8 @@ binary on a GPU). Prints a table, writes it as JSON, exits 1 if any configuratio
 
 The configurations are typical *contiguous* calls, as the JIT would specialize them: unit strides
 (arguments ``stride_<tensor>_<dim>``) are compile-time 1, pointers and the row strides of the
-``[.., D]`` tensors 16-divisible (D a multiple of 16). Must run without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit``
-returns Python functions, which cannot be compiled).
+``[.., D]`` tensors 16-divisible (D a multiple of 16). Must run without ``TRITON_INTERPRET``
+(under the interpreter ``@triton.jit`` returns Python functions, which cannot be compiled).
 """
 from __future__ import annotations
 

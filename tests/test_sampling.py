@@ -137,7 +137,7 @@ def test_unet_float32(ddim, stop):
 
 
 def test_picard_is_exact_after_S_rounds(gmm64, ddim):
-    """The triangular property (math.md §2): after r Picard rounds, x[1..r] are the sequential
+    """The triangular property (docs/math.md §2): after r Picard rounds, x[1..r] are the sequential
     latents exactly, so the unknowns x[1..S-1] are exact after S-1 rounds and x0 (which needs
     the model at x[S-1]) after S rounds of model calls. float64, bound 1e-12."""
     sched = _sched(ddim, eta=0.5)

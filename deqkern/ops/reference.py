@@ -168,7 +168,7 @@ def scan_residual(
     hist_f: torch.Tensor | None = None,
     drift: bool | None = None,
 ) -> ScanResult:
-    """New iterate, residual, row norms and Gram row of one fixed-point round (math.md §3, §6).
+    """New iterate, residual, row norms and Gram row of one fixed-point round (docs/math.md §3, §6).
 
     With ``s_j = step_j(x_j, e_j, z_j)`` and ``L_j = coef[..., 0]``::
 
@@ -204,7 +204,7 @@ def scan_residual(
 def anderson_weights(
     gram: torch.Tensor, valid: torch.Tensor, newest: torch.Tensor, ridge: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Type-II Anderson mixing weights of many tiny problems at once (math.md §4).
+    """Type-II Anderson mixing weights of many tiny problems at once (docs/math.md §4.2).
 
     ``gram``: ``[R, m, m]`` ``<F_k, F_l>``; ``valid``: ``[R, m]`` which history slots a problem
     may use; ``newest``: ``[R]`` slot of the newest entry (the fallback). Solves
