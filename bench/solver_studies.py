@@ -1,4 +1,4 @@
-"""CPU studies behind the README's solver numbers; each writes a JSON report to bench/results/.
+"""CPU studies behind the solver numbers of bench/results/README.md; each writes a JSON report to bench/results/.
 
     python bench/solver_studies.py adjoint-vjp     # exact-gradient backward: time and peak memory per VJP mode
     python bench/solver_studies.py half-precision  # fp16/bf16 models: tolerance floor, rounds and x0 error vs fp32

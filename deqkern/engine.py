@@ -160,10 +160,8 @@ def snapshot(state: list[torch.Tensor]) -> Callable[[], None]:
     return restore
 
 
-#: Range of the secant form's multipliers: above 1 the scan stops being a contraction. Measured
-#: on the digits model (DDIM S = 100, Picard): an upper bound of 1.2, 1.5 or 2 took the worst
-#: sample 13 rounds to x0 within 1e-3, 1 took 11; the lower bound (0, 0.5 or 0.8) changed nothing.
-#: The form's rounds: ``bench/results/rounds_secant_cpu.md``.
+#: Range of the secant form's multipliers: above 1 the scan stops being a contraction.
+#: Measured once on the digits model, no study yet.
 SECANT_RANGE = (0.0, 1.0)
 
 

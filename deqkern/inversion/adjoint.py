@@ -66,11 +66,8 @@ class GradConfig:
     Phantom (``grad="phantom"``): ``phantom_steps`` damped unrolled steps with damping
     ``phantom_tau`` from the detached fixed point (see :func:`phantom_gradient`).
 
-    Defaults by measurement (digits UNet, clip_sample, 4 images, relative error of dL/dx_T
-    against the exact adjoint): drift-form Anderson with the solver's defaults (triangular
-    mixing, m=2) at tol 1e-3 took 7 rounds at S=25 and 10 at S=100 (error ~1e-4 to 5e-4);
-    drift Picard 8 and 13, per-sample Anderson 8 and 11, per-row m=5 9 and 15. The plain form
-    ``lam_k = J_k^T lam_{k+1}`` needed all S rounds (25 and 99-100) with every solver.
+    Solver, form and tol defaults: measured once on the digits model, no study yet; the VJP
+    modes: bench/solver_studies.py adjoint-vjp.
     """
 
     solver: str = "anderson"

@@ -28,11 +28,8 @@ from deqkern.solvers.base import register_solver
 class AndersonConfig:
     """``history`` m (<= 8 for the fused kernels), ``damping`` beta, relative ``ridge`` lambda.
 
-    Defaults set by measurement (drift form, embedded digits UNet, batch 8, tol 1e-4, clip off,
-    CPU; bench/results/rounds_cpu.md): triangular mixing, m=2, ridge 1e-3 and the restart
-    safeguard took median/worst 8/10 rounds at S=25 and 10/13 at S=100 (Picard 9/9 and 12/13;
-    per-row m=5 without restart, the DEQ-DDIM setting, had a worst sample of 31 at S=100).
-    Without the restart some samples stall (worst 11 and 15); longer histories stall longer.
+    Defaults chosen by ``python -m deqkern.bench --steps 25 100 1000`` (bench/results/README.md,
+    "Rounds to sequential accuracy").
     """
 
     history: int = 2
