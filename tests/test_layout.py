@@ -116,3 +116,37 @@ def _imports(path: Path) -> set[str]:
                                     "inversion/adjoint.py"])
 def test_run_time_modules_do_not_import_the_reference_contract(module):
     assert "deqkern.ops.reference" not in _imports(PACKAGE / module)
+
+
+def _kernel_sources() -> dict[str, ast.Module]:
+    from deqkern.kernels import KERNEL_MODULES
+
+    return {name: ast.parse((PACKAGE / "kernels" / f"{name}.py").read_text()) for name in KERNEL_MODULES}
+
+
+def test_every_kernel_module_holds_its_kernel_and_launcher():
+    """``deqkern.kernels.KERNEL_MODULES`` lists all five; each defines ``_<name>_kernel`` and a
+    public launcher, and :mod:`deqkern.ops.triton_ops` gathers exactly those launchers."""
+    sources = _kernel_sources()
+    assert len(sources) == 5
+    launchers = set()
+    for name, tree in sources.items():
+        functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+        assert f"_{name}_kernel" in functions, name
+        public = {f for f in functions if not f.startswith("_")}
+        assert len(public) == 1, (name, public)
+        launchers |= public
+    index = ast.parse((PACKAGE / "ops" / "triton_ops.py").read_text())
+    exported = {a.name for node in index.body if isinstance(node, ast.ImportFrom) and node.module != "__future__"
+                for a in node.names}
+    assert exported == launchers
+
+
+def test_kernel_strides_have_full_names():
+    """Integer stride arguments read ``stride_<tensor>_<dim>`` in every kernel signature."""
+    for name, tree in _kernel_sources().items():
+        for fn in (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.decorator_list):
+            args = [a.arg for a in fn.args.args]
+            short = [a for a in args if a.startswith("s_")]
+            assert not short, (name, fn.name, short)
+            assert all(a.count("_") >= 2 for a in args if a.startswith("stride")), (name, fn.name)
