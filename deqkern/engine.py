@@ -1,7 +1,7 @@
 """The parallel fixed-point solve: its problem, state, rounds and reusable workspace (the public
 samplers built on it are in :mod:`deqkern.sampling`).
 
-One round (math.md §2-§4), per sample ``b`` with frozen prefix ``x[0..k0_b]``:
+One round (docs/math.md §2-§4, §6), per sample ``b`` with frozen prefix ``x[0..k0_b]``:
 
 1. evaluate the model on the live rows ``x[k0_b + j]``, ``j < n_b = min(W, S - k0_b)``, of all
    samples in one batch (chunked by ``max_batch``);
@@ -30,8 +30,8 @@ import torch
 from deqkern._nvtx import annotate
 from deqkern.errors import NonFiniteModelOutput
 from deqkern.model import ModelEvaluator
-from deqkern.ops import commit_window, round_status, scan_residual
-from deqkern.ops.reference import RowSlide, ScanResult
+from deqkern.ops import ScanResult, commit_window, round_status, scan_residual
+from deqkern.ops.window import RowSlide
 from deqkern.schedule import X0Transform
 from deqkern.solvers import Solver, get_solver
 
@@ -160,10 +160,8 @@ def snapshot(state: list[torch.Tensor]) -> Callable[[], None]:
     return restore
 
 
-#: Range of the secant form's multipliers: above 1 the scan stops being a contraction. Measured
-#: on the digits model (DDIM S = 100, Picard): an upper bound of 1.2, 1.5 or 2 took the worst
-#: sample 13 rounds to x0 within 1e-3, 1 took 11; the lower bound (0, 0.5 or 0.8) changed nothing.
-#: The form's rounds: ``bench/results/rounds_secant_cpu.md``.
+#: Range of the secant form's multipliers: above 1 the scan stops being a contraction.
+#: Measured once on the digits model, no study yet.
 SECANT_RANGE = (0.0, 1.0)
 
 
@@ -324,7 +322,8 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
             e[live] = out.reshape(-1, dim)
     z = None if p.noise is None else p.noise[pos, b_idx.unsqueeze(1)]
     with annotate("scan"):
-        res = scan_residual(st.xw, e, z, coef, n, p.transform, solver.hist_f, drift=p.drift)
+        history = solver.gram_history() if hasattr(solver, "gram_history") else None  # optional (Solver)
+        res = scan_residual(st.xw, e, z, coef, n, p.transform, history, drift=p.drift)
     # the stopping rule judges the rows before the first non-finite one (row 0 always)
     n_ok = finite_rows(res, n, j)
     with annotate("status"):

@@ -284,13 +284,13 @@ class ParallelSampler:
             sequential sampler, ``||x0 - x0_seq|| <= tol max(||x0_seq||, 1e-3 ||x_T||)`` (the
             floor: below a thousandth of x_T, both chains' rounding is a sizeable part of x0) — to first order in
             the residuals, with each step's gain estimated from the latents' norms: an estimate,
-            not a proof (:func:`deqkern.ops.reference.x0_accepted_rows`; within 0.42 ``tol`` on 400
-            random chains, ``tests/test_x0_bound.py``, and 0.05 ``tol`` on the digits model).
+            not a proof (:func:`deqkern.ops.reference.x0_accepted_rows`; checked by
+            ``tests/test_x0_bound.py`` and bench/solver_studies.py stopping-x0).
             ``stop="relative"``: a row passes when ``||G(x) - x|| <= tol ||G(x)||``;
             ``stop="noise"`` (ParaDiGMS): when ``||G(x) - x||^2 / (D var_k) <= tol^2`` with
             ``var_k`` the step's posterior variance. These two bound residuals, not x0's error:
-            frozen rows pass their errors on, and x0 can end several ``tol`` away (up to 10x
-            measured, ``bench/results/stopping_rule_cpu.json``).
+            frozen rows pass their errors on, and x0 can end several ``tol`` away
+            (bench/solver_studies.py stopping-rule).
         max_iters: most rounds (batched model calls); default S, enough for exactness.
         window: rows per sample per round (ParaDiGMS' ``parallel``); default S (no window).
             Halved while the solve raises ``torch.OutOfMemoryError`` (down to 1, then it

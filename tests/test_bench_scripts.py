@@ -44,7 +44,7 @@ def test_e2e_graphs_script_on_cpu(tmp_path):
 @pytest.mark.parametrize("study", ["adjoint-vjp", "ops-per-round", "stopping-rule", "stopping-x0", "tail-chunks",
                                    "divergence"])
 def test_solver_studies_run_quick(tmp_path, study):
-    """The studies behind the README's solver numbers, at --quick sizes."""
+    """The studies behind bench/results/README.md, at --quick sizes."""
     studies = _load("solver_studies")
     out = tmp_path / "report.json"
     report = studies.main([study, "--quick", "--out", str(out)])

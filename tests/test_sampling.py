@@ -137,7 +137,7 @@ def test_unet_float32(ddim, stop):
 
 
 def test_picard_is_exact_after_S_rounds(gmm64, ddim):
-    """The triangular property (math.md §2): after r Picard rounds, x[1..r] are the sequential
+    """The triangular property (docs/math.md §2): after r Picard rounds, x[1..r] are the sequential
     latents exactly, so the unknowns x[1..S-1] are exact after S-1 rounds and x0 (which needs
     the model at x[S-1]) after S rounds of model calls. float64, bound 1e-12."""
     sched = _sched(ddim, eta=0.5)
@@ -225,7 +225,7 @@ def test_on_round_reports_x0_estimates(gmm64, ddim):
 def test_row_slide_moves_each_sample_by_its_own_count():
     """``t[b, j] <- t[b, j + delta[b]]``, ``fill`` past the end, in place, also through a
     permuted view (how the Anderson history ``[m, B, W, D]`` is slid)."""
-    from deqkern.ops.reference import RowSlide
+    from deqkern.ops.window import RowSlide
 
     g = torch.Generator().manual_seed(0)
     hist = torch.randn(3, 4, 6, 5, generator=g)  # [m, B, W, D]

@@ -58,11 +58,8 @@ OURS: dict[str, OursSpec] = {
     "anderson-tri-secant": OursSpec("anderson", "triangular", "secant"),
     "picard-secant-win": OursSpec("picard", None, "secant", windowed=True),
 }
-#: Our best setting, chosen by measurement (bench/results/rounds_cpu.md): the fewest rounds for the
-#: worst sample of a batch to reach x0 error 1e-3 at S = 100 and 1000 (ties go to the library
-#: default). Triangular Anderson with the restart safeguard: 11 and 14 rounds against Picard's 12
-#: and 17 (Picard is one round better at S = 25). Without the safeguard Anderson stalled on some
-#: samples and Picard was best.
+#: Our best setting: the fewest rounds for a batch's worst sample to reach x0 error 1e-3 at large S
+#: (ties go to the library default); chosen by ``python -m deqkern.bench --steps 25 100 1000``.
 BEST = "anderson-tri"
 
 PEERS = ("paradigms", "paradigms-full", "deq-ddim", "torchdeq")
