@@ -39,7 +39,7 @@ StopRule = Literal["relative", "noise", "x0"]
 Execution = Literal["auto", "eager", "static", "graph", "audit"]
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -440,7 +440,7 @@ def _solve(ws: Workspace, progress: bool, on_round: Callable[[torch.Tensor], Non
     dev = st.xw.device
     ev.evaluations = 0
     info: dict[str, Any] = {}
-    _sync(dev)
+    sync_device(dev)
     start = time.perf_counter()
     if ws.execution == "eager":
         bar = _progress_bar(progress, p.steps * p.batch)
@@ -461,7 +461,7 @@ def _solve(ws: Workspace, progress: bool, on_round: Callable[[torch.Tensor], Non
         if ws.runners is None:
             ws.runners = static_runners(p, st, solver, ev, ws.rounds_per_graph, ws.execution)
         info.update(run_static(p, st, ev, ws.runners))
-    _sync(dev)
+    sync_device(dev)
     wall = time.perf_counter() - start
     ws.solves += 1
 
@@ -476,7 +476,7 @@ def _solve(ws: Workspace, progress: bool, on_round: Callable[[torch.Tensor], Non
     )
 
 
-def _x0_row(p: Problem, st: SolveState) -> torch.Tensor:
+def x0_row(p: Problem, st: SolveState) -> torch.Tensor:
     """The window row at position S (row 0 once x0 is frozen); where the window does not reach
     S, its last row — the current estimate of x0."""
     row = (p.steps - st.k0).clamp(min=0, max=p.width)
@@ -486,7 +486,7 @@ def _x0_row(p: Problem, st: SolveState) -> torch.Tensor:
 def current_trajectory(p: Problem, st: SolveState) -> torch.Tensor:
     """``[S+1, B, D]`` latents by position as the solve left them: the frozen prefix ``x[0..k0]``,
     then the window's current iterates, then (past the window) its last row — so that position S
-    is always the x0 :func:`_x0_row` returns, converged or not (a fresh tensor)."""
+    is always the x0 :func:`x0_row` returns, converged or not (a fresh tensor)."""
     s = p.steps
     pos = torch.arange(s + 1, device=st.xw.device).unsqueeze(1)
     ahead = pos - st.k0.unsqueeze(0)  # [S+1, B]: window row of each position, <= 0 where frozen
@@ -499,7 +499,7 @@ def _x0_estimate(p: Problem, st: SolveState, k_before: torch.Tensor) -> torch.Te
     """x0 as a round left it: where that round computed the x0 row (or x0 is frozen); NaN where
     the window has not reached x0."""
     reached = k_before + (p.steps - k_before).clamp(max=p.width) == p.steps
-    return torch.where(reached.view(-1, *[1] * (len(p.shape) - 1)), _x0_row(p, st), float("nan"))
+    return torch.where(reached.view(-1, *[1] * (len(p.shape) - 1)), x0_row(p, st), float("nan"))
 
 
 def _progress_bar(enabled: bool, total: int):

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from deqkern.engine import (
-    Execution, Problem, Solved, StopRule, Workspace, _sync, _x0_row, current_trajectory, solve,
+    Execution, Problem, Solved, StopRule, Workspace, sync_device, x0_row, current_trajectory, solve,
 )
 from deqkern.interop import to_torch
 from deqkern.model import Guidance, ModelEvaluator, ModelFn
@@ -210,7 +210,7 @@ class SequentialSampler:
         state_dtype, ev = solve_precision(x_T.dtype, ev)
         x_s = x_T.to(state_dtype)
         noise = None if noise is None else noise.to(state_dtype)
-        _sync(x_T.device)
+        sync_device(x_T.device)
         start = time.perf_counter()
         traj = None
         if execution == "eager":
@@ -240,7 +240,7 @@ class SequentialSampler:
                 x0, extra = ws.run(x_s, noise)
             ev = ws.ev
             info.update(extra, reused_workspace=not made)
-        _sync(x_T.device)
+        sync_device(x_T.device)
         return SampleResult(
             x0=back(x0.to(x_T.dtype)), converged=torch.ones(batch, dtype=torch.bool), rounds=schedule.num_steps,
             model_evals=ev.evaluations, wall_time=time.perf_counter() - start,
@@ -449,7 +449,7 @@ class ParallelSampler:
         )
         st, p = ws.st, ws.p
         return SampleResult(
-            x0=back(_x0_row(p, st).to(x_T.dtype)), converged=out.converged, rounds=out.rounds,
+            x0=back(x0_row(p, st).to(x_T.dtype)), converged=out.converged, rounds=out.rounds,
             model_evals=ws.ev.evaluations, wall_time=out.wall_time, residuals=out.residuals,
             rounds_per_sample=out.rounds_per_sample,
             # a copy: the workspace's buffer is the next call's

@@ -89,7 +89,7 @@ def test_secant_form_fits_a_linear_chain_exactly(ddim):
     become the exact ``a_k`` after two rounds, the scan is then Newton's method on a linear
     system, and round 3 lands on the sequential chain to rounding. The drift form (L = 1) still
     has a visible error after those three rounds. float64."""
-    from deqkern.engine import Problem, SolveState, _x0_row, run_round
+    from deqkern.engine import Problem, SolveState, x0_row, run_round
     from deqkern.model import ModelEvaluator
     from deqkern.solvers import get_solver
 
@@ -117,7 +117,7 @@ def test_secant_form_fits_a_linear_chain_exactly(ddim):
         run_round(p, st, factory(cfg), model, static=False)
         ref = deqkern.sample_sequential(lambda x, t: beta * x, x, sched, return_trajectory=True).trajectory
         drift = deqkern.sample(lambda x, t: beta * x, x, sched.with_form("drift"), "picard", tol=1e-300, max_iters=3)
-    assert rel_err(_x0_row(p, st), ref[S]) < 1e-12  # the window's row at position S
+    assert rel_err(x0_row(p, st), ref[S]) < 1e-12  # the window's row at position S
     assert rel_err(drift.x0, ref[S]) > 1e-6
 
 

@@ -25,6 +25,7 @@ from deqkern.bench.peers import (
     ChainMap, DeqDdimConfig, Outcome, SolverUnsupported, run_deq_ddim, run_paradigms, run_torchdeq,
 )
 from deqkern.bench.trace import ErrorTrace
+from deqkern.engine import sync_device
 from deqkern.schedule import Form, Schedule, schedule_summary
 
 Family = Literal["oracle", "peer", "ours"]
@@ -226,18 +227,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(device: torch.device, fn: Callable[[], Any],
           clock: Callable[[], float] = time.perf_counter) -> tuple[Any, float]:
     """``(fn(), seconds)`` with the device synchronised around the host timer."""
-    _sync(device)
+    sync_device(device)
     start = clock()
     out = fn()
-    _sync(device)
+    sync_device(device)
     return out, clock() - start
 
 
