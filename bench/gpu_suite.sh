@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU-only measurement in ONE device call (see ../shared/brief/gpu.md):
+# The whole GPU-only measurement in ONE device call (see bench/results/README.md, "GPU"):
 #   1. GPU-marked tests + the kernel tests on CUDA tensors (graph capture/replay, Triton vs reference,
 #      the capture audit on CUDA tensors)
 #   2. kernel micro-benchmarks (GB/s vs a measured device-to-device copy)

@@ -1,4 +1,4 @@
-"""CPU studies behind the README's solver numbers; each writes a JSON report to bench/results/.
+"""CPU studies behind the solver numbers of bench/results/README.md; each writes a JSON report to bench/results/.
 
     python bench/solver_studies.py adjoint-vjp     # exact-gradient backward: time and peak memory per VJP mode
     python bench/solver_studies.py half-precision  # fp16/bf16 models: tolerance floor, rounds and x0 error vs fp32
@@ -14,6 +14,7 @@ test suite runs it so the command lines stay true).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -114,10 +115,11 @@ def ops_once(quick: bool) -> list[dict[str, Any]]:
     backend = backend_for(torch.empty(0))
     launches: dict[str, int] = {}
     if backend == "triton":
-        from deqkern.ops import triton_ops
+        from deqkern.kernels import KERNEL_MODULES
 
-        for name in [n for n in vars(triton_ops) if n.endswith("_kernel")]:
-            setattr(triton_ops, name, _CountedKernel(getattr(triton_ops, name), name, launches))
+        for module in KERNEL_MODULES:
+            mod, name = importlib.import_module(f"deqkern.kernels.{module}"), f"_{module}_kernel"
+            setattr(mod, name, _CountedKernel(getattr(mod, name), name, launches))
     steps = 8 if quick else 100
     schedule = deqkern.Schedule.from_diffusers(_digits()[1], steps)
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))

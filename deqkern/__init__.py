@@ -14,12 +14,13 @@ from deqkern.errors import CaptureHazard, NonFiniteModelOutput, UnsupportedSched
 from deqkern.model import Guidance
 from deqkern.pipelines import PipelineResult, sample_pipeline
 from deqkern.schedule import Schedule, X0Transform
-from deqkern.solvers import AndersonConfig, PicardConfig, register_solver, solver_names
+from deqkern.solvers import AndersonConfig, PicardConfig, Solver, SolverFactory, register_solver, solver_names
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AndersonConfig", "CaptureHazard", "Guidance", "NonFiniteModelOutput", "ParallelSampler", "PicardConfig",
-    "PipelineResult", "SampleResult", "Schedule", "SequentialSampler", "SolveConfig", "UnsupportedSchedulerOption",
-    "X0Transform", "register_solver", "sample", "sample_pipeline", "sample_sequential", "solver_names",
+    "PipelineResult", "SampleResult", "Schedule", "SequentialSampler", "SolveConfig", "Solver", "SolverFactory",
+    "UnsupportedSchedulerOption", "X0Transform", "register_solver", "sample", "sample_pipeline", "sample_sequential",
+    "solver_names",
 ]

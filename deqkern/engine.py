@@ -1,7 +1,7 @@
 """The parallel fixed-point solve: its problem, state, rounds and reusable workspace (the public
 samplers built on it are in :mod:`deqkern.sampling`).
 
-One round (math.md §2-§4), per sample ``b`` with frozen prefix ``x[0..k0_b]``:
+One round (docs/math.md §2-§4, §6), per sample ``b`` with frozen prefix ``x[0..k0_b]``:
 
 1. evaluate the model on the live rows ``x[k0_b + j]``, ``j < n_b = min(W, S - k0_b)``, of all
    samples in one batch (chunked by ``max_batch``);
@@ -30,8 +30,8 @@ import torch
 from deqkern._nvtx import annotate
 from deqkern.errors import NonFiniteModelOutput
 from deqkern.model import ModelEvaluator
-from deqkern.ops import commit_window, round_status, scan_residual
-from deqkern.ops.reference import RowSlide, ScanResult
+from deqkern.ops import ScanResult, commit_window, round_status, scan_residual
+from deqkern.ops.window import RowSlide
 from deqkern.schedule import Form, X0Transform
 from deqkern.solvers import Solver, get_solver
 
@@ -39,7 +39,7 @@ StopRule = Literal["relative", "noise", "x0"]
 Execution = Literal["auto", "eager", "static", "graph", "audit"]
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -169,10 +169,8 @@ def snapshot(state: list[torch.Tensor]) -> Callable[[], None]:
     return restore
 
 
-#: Range of the secant form's multipliers: above 1 the scan stops being a contraction. Measured
-#: on the digits model (DDIM S = 100, Picard): an upper bound of 1.2, 1.5 or 2 took the worst
-#: sample 13 rounds to x0 within 1e-3, 1 took 11; the lower bound (0, 0.5 or 0.8) changed nothing.
-#: The form's rounds: ``bench/results/rounds_secant_cpu.md``.
+#: Range of the secant form's multipliers: above 1 the scan stops being a contraction.
+#: Measured once on the digits model, no study yet.
 SECANT_RANGE = (0.0, 1.0)
 
 
@@ -333,7 +331,8 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
             e[live] = out.reshape(-1, dim)
     z = None if p.noise is None else p.noise[pos, b_idx.unsqueeze(1)]
     with annotate("scan"):
-        res = scan_residual(st.xw, e, z, coef, n, p.transform, solver.hist_f, drift=p.drift)
+        history = solver.gram_history() if hasattr(solver, "gram_history") else None  # optional (Solver)
+        res = scan_residual(st.xw, e, z, coef, n, p.transform, history, drift=p.drift)
     # the stopping rule judges the rows before the first non-finite one (row 0 always)
     n_ok = finite_rows(res, n, j)
     with annotate("status"):
@@ -450,7 +449,7 @@ def _solve(ws: Workspace, progress: bool, on_round: Callable[[torch.Tensor], Non
     dev = st.xw.device
     ev.evaluations = 0
     info: dict[str, Any] = {}
-    _sync(dev)
+    sync_device(dev)
     start = time.perf_counter()
     if ws.execution == "eager":
         bar = _progress_bar(progress, p.steps * p.batch)
@@ -471,7 +470,7 @@ def _solve(ws: Workspace, progress: bool, on_round: Callable[[torch.Tensor], Non
         if ws.runners is None:
             ws.runners = static_runners(p, st, solver, ev, ws.rounds_per_graph, ws.execution)
         info.update(run_static(p, st, ev, ws.runners))
-    _sync(dev)
+    sync_device(dev)
     wall = time.perf_counter() - start
     ws.solves += 1
 
@@ -486,7 +485,7 @@ def _solve(ws: Workspace, progress: bool, on_round: Callable[[torch.Tensor], Non
     )
 
 
-def _x0_row(p: Problem, st: SolveState) -> torch.Tensor:
+def x0_row(p: Problem, st: SolveState) -> torch.Tensor:
     """The window row at position S (row 0 once x0 is frozen); where the window does not reach
     S, its last row — the current estimate of x0."""
     row = (p.steps - st.k0).clamp(min=0, max=p.width)
@@ -496,7 +495,7 @@ def _x0_row(p: Problem, st: SolveState) -> torch.Tensor:
 def current_trajectory(p: Problem, st: SolveState) -> torch.Tensor:
     """``[S+1, B, D]`` latents by position as the solve left them: the frozen prefix ``x[0..k0]``,
     then the window's current iterates, then (past the window) its last row — so that position S
-    is always the x0 :func:`_x0_row` returns, converged or not (a fresh tensor)."""
+    is always the x0 :func:`x0_row` returns, converged or not (a fresh tensor)."""
     s = p.steps
     pos = torch.arange(s + 1, device=st.xw.device).unsqueeze(1)
     ahead = pos - st.k0.unsqueeze(0)  # [S+1, B]: window row of each position, <= 0 where frozen
@@ -509,7 +508,7 @@ def _x0_estimate(p: Problem, st: SolveState, k_before: torch.Tensor) -> torch.Te
     """x0 as a round left it: where that round computed the x0 row (or x0 is frozen); NaN where
     the window has not reached x0."""
     reached = k_before + (p.steps - k_before).clamp(max=p.width) == p.steps
-    return torch.where(reached.view(-1, *[1] * (len(p.shape) - 1)), _x0_row(p, st), float("nan"))
+    return torch.where(reached.view(-1, *[1] * (len(p.shape) - 1)), x0_row(p, st), float("nan"))
 
 
 def _progress_bar(enabled: bool, total: int):

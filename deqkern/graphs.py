@@ -101,12 +101,8 @@ class ChunkRunner:
 #: A solve whose worst live row is within this factor of its stopping test (``SolveState.worst``,
 #: ``err / tol`` in the rule's own units) runs the rest of its rounds one per chunk. Each chunk
 #: ends at a host sync, so a K-round chunk can run up to K-1 rounds past convergence, each a full
-#: B*W-row model batch; one-round chunks cost a sync per round instead. Measured (digits model,
-#: CPU static rounds, K = 4, 8 chains x 2 solvers; ``python bench/solver_studies.py
-#: tail-chunks``): under the x0 rule, 1 model batch past convergence in 136 rounds (whole chunks:
-#: 16) for 44 syncs (38); 1000x saves that one batch for 11 more syncs. In the rule's own units
-#: the noise rule (tol 0.1) keeps whole chunks (30 syncs for 106 rounds) where a residual-based
-#: switch ran one sync per round.
+#: B*W-row model batch; one-round chunks cost a sync per round instead.
+#: Chosen by bench/solver_studies.py tail-chunks.
 TAIL_FACTOR = 100.0
 
 

@@ -20,7 +20,7 @@ from deqkern._config import config_from
 from deqkern._validate import POSITIVE_INT
 from deqkern.config import EXECUTIONS, SolveConfig, check_choice
 from deqkern.engine import (
-    Execution, Problem, Solved, StopRule, Workspace, _sync, _x0_row, current_trajectory, solve,
+    Execution, Problem, Solved, StopRule, Workspace, sync_device, x0_row, current_trajectory, solve,
 )
 from deqkern.interop import to_torch
 from deqkern.model import Guidance, ModelEvaluator, ModelFn
@@ -205,7 +205,7 @@ class SequentialSampler:
         state_dtype, ev = solve_precision(x_T.dtype, ev)
         x_s = x_T.to(state_dtype)
         noise = None if noise is None else noise.to(state_dtype)
-        _sync(x_T.device)
+        sync_device(x_T.device)
         start = time.perf_counter()
         traj = None
         if execution == "eager":
@@ -235,7 +235,7 @@ class SequentialSampler:
                 x0, extra = ws.run(x_s, noise)
             ev = ws.ev
             info.update(extra, reused_workspace=not made)
-        _sync(x_T.device)
+        sync_device(x_T.device)
         return SampleResult(
             x0=back(x0.to(x_T.dtype)), converged=torch.ones(batch, dtype=torch.bool), rounds=schedule.num_steps,
             model_evals=ev.evaluations, wall_time=time.perf_counter() - start,
@@ -285,13 +285,13 @@ class ParallelSampler:
             error against the sequential sampler, ``||x0 - x0_seq|| <= tol max(||x0_seq||, 1e-3 ||x_T||)`` (the
             floor: below a thousandth of x_T, both chains' rounding is a sizeable part of x0) — to first order in
             the residuals, with each step's gain estimated from the latents' norms: an estimate,
-            not a proof (:func:`deqkern.ops.reference.x0_accepted_rows`; within 0.42 ``tol`` on 400
-            random chains, ``tests/test_x0_bound.py``, and 0.05 ``tol`` on the digits model).
+            not a proof (:func:`deqkern.ops.reference.x0_accepted_rows`; checked by
+            ``tests/test_x0_bound.py`` and bench/solver_studies.py stopping-x0).
             ``stop="relative"``: a row passes when ``||G(x) - x|| <= tol ||G(x)||``;
             ``stop="noise"`` (ParaDiGMS): when ``||G(x) - x||^2 / (D var_k) <= tol^2`` with
             ``var_k`` the step's posterior variance. These two bound residuals, not x0's error:
-            frozen rows pass their errors on, and x0 can end several ``tol`` away (up to 10x
-            measured, ``bench/results/stopping_rule_cpu.json``).
+            frozen rows pass their errors on, and x0 can end several ``tol`` away
+            (bench/solver_studies.py stopping-rule).
         max_iters: most rounds (batched model calls); default S, enough for exactness.
         window: rows per sample per round (ParaDiGMS' ``parallel``); default S (no window).
             Halved while the solve raises ``torch.OutOfMemoryError`` (down to 1, then it
@@ -436,7 +436,7 @@ class ParallelSampler:
         )
         st, p = ws.st, ws.p
         return SampleResult(
-            x0=back(_x0_row(p, st).to(x_T.dtype)), converged=out.converged, rounds=out.rounds,
+            x0=back(x0_row(p, st).to(x_T.dtype)), converged=out.converged, rounds=out.rounds,
             model_evals=ws.ev.evaluations, wall_time=out.wall_time, residuals=out.residuals,
             rounds_per_sample=out.rounds_per_sample,
             # a copy: the workspace's buffer is the next call's

@@ -7,7 +7,7 @@ Every step of a DDIM (any eta) or DDPM chain, in every prediction type, is writt
 
 where ``out`` is the raw model output, ``z`` the pre-drawn step noise and ``f`` the x0 transform
 of the scheduler config (identity, ``clip_sample`` clamp, or dynamic ``thresholding``). With ``f``
-the identity the step is affine, ``x_next = A x + B out + sigma z`` (math.md §1) and we fold
+the identity the step is affine, ``x_next = A x + B out + sigma z`` (docs/math.md §1) and we fold
 ``c0`` into ``cx``/``co`` so that ``c0 == 0``. The coefficients are computed in float64 from the
 scheduler's own float32 ``alphas_cumprod`` with the scheduler's own rule for the previous alpha, so
 the chain reproduces ``scheduler.step()`` to float32 rounding.
@@ -33,7 +33,7 @@ PredictionType = Literal["epsilon", "sample", "v_prediction"]
 Form = Literal["drift", "scan", "secant"]
 
 #: Order of the per-step coefficients in the packed ``[S, 7]`` tensor the kernels read.
-#: ``L`` is the scan multiplier of the fixed-point form (math.md §3): ``A`` for the scan
+#: ``L`` is the scan multiplier of the fixed-point form (docs/math.md §3): ``A`` for the scan
 #: form, ``1`` for the drift form and the secant form's start (the engine adapts that one per
 #: row, :func:`deqkern.engine.secant_update`); it is filled in by :meth:`Schedule.packed`.
 COEF_FIELDS = ("L", "cx", "co", "c0", "px", "po", "sigma")
@@ -101,7 +101,7 @@ class Schedule:
     #: for affine steps.
     a_coef: torch.Tensor
     #: Per-step posterior variance, floored to stay positive: the scale of the noise-scaled
-    #: stopping rule (ParaDiGMS, math.md §4).
+    #: stopping rule (ParaDiGMS, docs/math.md §4.3).
     noise_var: torch.Tensor
     transform: X0Transform = field(default_factory=X0Transform)
     prediction_type: PredictionType = "epsilon"
@@ -140,7 +140,7 @@ class Schedule:
         if self.form == "scan" and not self.is_affine:
             raise ValueError(
                 "form='scan' needs affine steps; this schedule has a nonlinear x0 transform "
-                f"({self.transform.kind!r}), which only the drift form covers (math.md §3)"
+                f"({self.transform.kind!r}), which only the drift form covers (docs/math.md §3)"
             )
 
     # ------------------------------------------------------------------ properties

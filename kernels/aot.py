@@ -10,9 +10,9 @@ the same unit as ``CompiledKernel.n_spills``, which triton 3.9 only fills in whe
 binary on a GPU). Prints a table, writes it as JSON, exits 1 if any configuration spills.
 
 The configurations are typical *contiguous* calls, as the JIT would specialize them: unit strides
-are compile-time 1, pointers and the row strides of the ``[.., D]`` tensors 16-divisible (D a
-multiple of 16). Must run without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit``
-returns Python functions, which cannot be compiled).
+(arguments ``stride_<tensor>_<dim>``) are compile-time 1, pointers and the row strides of the
+``[.., D]`` tensors 16-divisible (D a multiple of 16). Must run without ``TRITON_INTERPRET``
+(under the interpreter ``@triton.jit`` returns Python functions, which cannot be compiled).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from deqkern.kernels.round_status import STOP_CODES
 ARCHS = (80, 90)
 #: Scalar arguments typed by name: sizes and element strides are 32-bit integers, as the JIT passes
 #: a Python int below 2**31. Every other scalar must carry a Triton type annotation.
-_INT_ARGS = re.compile(r"^(s_\w+|W|D|S)$")
+_INT_ARGS = re.compile(r"^(stride_\w+|W|D|S)$")
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,11 @@ def _scan_config(dtype: str, block: int, m: int, clip: bool, has_z: bool) -> Con
                     "ACC": tl.float64 if dtype == "fp64" else tl.float32, "BLOCK_D": block,
                     "NUM_STAGES": SCAN_STAGES},
         num_warps=num_warps_for(block),
-        unit=("s_xd", "s_ed", "s_zd", "s_cc", "s_nb", "s_hd", "s_gd", "s_fd", "s_pc"),
-        aligned=("D", "s_xb", "s_xj", "s_eb", "s_ej", "s_zb", "s_zj", "s_hk", "s_hb", "s_hj", "s_gb", "s_gj",
-                 "s_fb", "s_fj"),
+        unit=("stride_xw_d", "stride_e_d", "stride_z_d", "stride_coef_c", "stride_nrows_b", "stride_hist_d",
+              "stride_g_d", "stride_f_d", "stride_part_c"),
+        aligned=("D", "stride_xw_b", "stride_xw_j", "stride_e_b", "stride_e_j", "stride_z_b", "stride_z_j",
+                 "stride_hist_k", "stride_hist_b", "stride_hist_j", "stride_g_b", "stride_g_j", "stride_f_b",
+                 "stride_f_j"),
     )
 
 
@@ -78,7 +80,7 @@ def _solve_config(m: int) -> Config:
         "anderson_solve", "_anderson_solve_kernel", f"fp64 m={m}",
         pointers={"gram_ptr": "fp64", "valid_ptr": "i1", "newest_ptr": "i64", "alpha_ptr": "fp64", "ok_ptr": "i8"},
         constexprs={"M": m, "NP": next_pow2(m + 1)}, num_warps=1,
-        unit=("s_gj", "s_vk", "s_nr", "s_ak", "s_or"),
+        unit=("stride_gram_j", "stride_valid_k", "stride_newest_r", "stride_alpha_k", "stride_ok_r"),
     )
 
 
@@ -87,8 +89,9 @@ def _mix_config(dtype: str, out: str, block: int, m: int) -> Config:
         "anderson_mix", "_anderson_mix_kernel", f"{dtype}->{out} BLOCK_D={block} m={m}",
         pointers={"hx_ptr": dtype, "hf_ptr": dtype, "alpha_ptr": "fp64", "out_ptr": out},
         constexprs={"M": m, "ACC": tl.float64 if dtype == "fp64" else tl.float32, "BLOCK_D": block},
-        num_warps=num_warps_for(block), unit=("s_xd", "s_fd", "s_ak", "s_od"),
-        aligned=("D", "s_xk", "s_xb", "s_xj", "s_fk", "s_fb", "s_fj", "s_ob", "s_oj"),
+        num_warps=num_warps_for(block), unit=("stride_hx_d", "stride_hf_d", "stride_alpha_k", "stride_out_d"),
+        aligned=("D", "stride_hx_k", "stride_hx_b", "stride_hx_j", "stride_hf_k", "stride_hf_b", "stride_hf_j",
+                 "stride_out_b", "stride_out_j"),
     )
 
 
@@ -100,8 +103,10 @@ def _commit_config(dtype: str, out: str, block: int, has_init: bool, extrap: boo
                   "k0_ptr": "i64", "init_ptr": dtype, "out_ptr": out},
         constexprs={"HAS_INIT": has_init, "HAS_OUT": True, "EXTRAP": extrap, "BLOCK_D": block},
         num_warps=num_warps_for(block),
-        unit=("s_xd", "s_md", "s_gd", "s_db", "s_nb", "s_kb", "s_id", "s_od"),
-        aligned=("D", "s_xb", "s_xj", "s_mb", "s_mj", "s_gb", "s_gj", "s_ip", "s_ib", "s_ob", "s_oj"),
+        unit=("stride_xw_d", "stride_mixed_d", "stride_g_d", "stride_delta_b", "stride_nrows_b", "stride_k0_b",
+              "stride_init_d", "stride_out_d"),
+        aligned=("D", "stride_xw_b", "stride_xw_j", "stride_mixed_b", "stride_mixed_j", "stride_g_b", "stride_g_j",
+                 "stride_init_p", "stride_init_b", "stride_out_b", "stride_out_j"),
     )
 
 
@@ -112,7 +117,9 @@ def _status_config(acc: str, stop: str, block: int) -> Config:
                   "rounds_ptr": "i64", "var_ptr": "fp64", "delta_ptr": "i64", "worst_ptr": "fp64", "log_ptr": "fp64",
                   "done_ptr": "i64", "badt_ptr": "i64", "mult_ptr": acc, "spent_ptr": "fp64"},
         constexprs={"STOP": STOP_CODES[stop], "ACC": tl.float64 if acc == "fp64" else tl.float32, "BLOCK_W": block},
-        num_warps=num_warps_for(block), unit=("s_tj", "s_nb", "s_kb", "s_db", "s_wb", "s_lb", "s_ob", "s_ar"),
+        num_warps=num_warps_for(block),
+        unit=("stride_t_j", "stride_nrows_b", "stride_k0_b", "stride_delta_b", "stride_worst_b", "stride_log_b",
+              "stride_done_b", "stride_badt_r"),
     )
 
 
@@ -185,7 +192,7 @@ def compile_config(cfg: Config, cc: int) -> dict[str, object]:
             # the CPU interpreter: the tests would pass on a CPU and the GPU would round it.
             raise TypeError(
                 f"{cfg.kernel}: scalar argument {name!r} needs a Triton type annotation (tl.float64 for "
-                "a float) or an integer name (s_*, W, D, S)"
+                "a float) or an integer name (stride_*, W, D, S)"
             )
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": cfg.num_warps})

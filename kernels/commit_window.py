@@ -1,16 +1,21 @@
 """Commit a round: freeze the accepted rows, slide every window, write the next model input.
 
-Only ``@triton.jit`` code; the launcher is :func:`deqkern.ops.triton_ops.commit_window` and the
-contract :func:`deqkern.ops.reference.commit_window`.
+The kernel and its launcher :func:`commit_window`; the contract is
+:func:`deqkern.ops.reference.commit_window`. Interpreter notes: :mod:`deqkern.kernels._launch`.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
+from deqkern.kernels._launch import (
+    MAX_GRID_YZ, acc_dtype, block_d_for, check_tensor, num_warps_for, on_device, pick_block, sm_count,
+)
+
 
 @triton.jit
-def _window_row(r, use, delta, anchor, g_row, m_row, s_gj, s_gd, s_mj, s_md, offs, D):
+def _window_row(r, use, delta, anchor, g_row, m_row, stride_g_j, stride_g_d, stride_mixed_j, stride_mixed_d, offs, D):
     """Row ``r + 1`` of ``[anchor, rows...]`` for one block of elements: the anchor for ``r < 0``,
     row ``r``'s ``G`` value (``g_row``) if it froze (``r < delta``), else the solver's proposal
     (``m_row``); zeros, with nothing read, where ``use`` is 0."""
@@ -19,8 +24,9 @@ def _window_row(r, use, delta, anchor, g_row, m_row, s_gj, s_gd, s_mj, s_md, off
     from_g = use * (r >= 0).to(tl.int32) * (r < delta).to(tl.int32)
     from_mixed = use * (r >= delta).to(tl.int32)
     val = tl.where(offs < tl.where(from_anchor > 0, D, 0), anchor, 0.0).to(anchor.dtype)
-    val += tl.load(g_row + rc * s_gj + offs * s_gd, mask=offs < tl.where(from_g > 0, D, 0), other=0.0)
-    val += tl.load(m_row + rc * s_mj + offs * s_md, mask=offs < tl.where(from_mixed > 0, D, 0), other=0.0)
+    val += tl.load(g_row + rc * stride_g_j + offs * stride_g_d, mask=offs < tl.where(from_g > 0, D, 0), other=0.0)
+    val += tl.load(m_row + rc * stride_mixed_j + offs * stride_mixed_d, mask=offs < tl.where(from_mixed > 0, D, 0),
+                   other=0.0)
     return val
 
 
@@ -28,12 +34,12 @@ def _window_row(r, use, delta, anchor, g_row, m_row, s_gj, s_gd, s_mj, s_md, off
 def _commit_window_kernel(
     xw_ptr, mixed_ptr, g_ptr, delta_ptr, nrows_ptr, k0_ptr, init_ptr, out_ptr,
     W, D, S,
-    s_xb, s_xj, s_xd,
-    s_mb, s_mj, s_md,
-    s_gb, s_gj, s_gd,
-    s_db, s_nb, s_kb,
-    s_ip, s_ib, s_id,
-    s_ob, s_oj, s_od,
+    stride_xw_b, stride_xw_j, stride_xw_d,
+    stride_mixed_b, stride_mixed_j, stride_mixed_d,
+    stride_g_b, stride_g_j, stride_g_d,
+    stride_delta_b, stride_nrows_b, stride_k0_b,
+    stride_init_p, stride_init_b, stride_init_d,
+    stride_out_b, stride_out_j, stride_out_d,
     HAS_INIT: tl.constexpr, HAS_OUT: tl.constexpr, EXTRAP: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program = one sample ``b`` x one block of ``BLOCK_D`` latent elements, rows ``i = 0..W``.
@@ -68,35 +74,90 @@ def _commit_window_kernel(
     b = tl.program_id(1).to(tl.int64)
     offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs < D
-    delta = tl.load(delta_ptr + b * s_db)
-    n = tl.load(nrows_ptr + b * s_nb)
-    anchor = tl.load(xw_ptr + b * s_xb + offs * s_xd, mask=dmask, other=0.0)
+    delta = tl.load(delta_ptr + b * stride_delta_b)
+    n = tl.load(nrows_ptr + b * stride_nrows_b)
+    anchor = tl.load(xw_ptr + b * stride_xw_b + offs * stride_xw_d, mask=dmask, other=0.0)
     if HAS_INIT:
-        k0 = tl.load(k0_ptr + b * s_kb)
-    g_row = g_ptr + b * s_gb
-    m_row = mixed_ptr + b * s_mb
+        k0 = tl.load(k0_ptr + b * stride_k0_b)
+    g_row = g_ptr + b * stride_g_b
+    m_row = mixed_ptr + b * stride_mixed_b
     for i in range(0, W + 1):
         src = i + delta
-        # 0/1 flags and masks written as bounds: the CPU interpreter of triton 3.9 mis-types
-        # `tensor & scalar_bool` and crashes on scalar bool `|`
+        # 0/1 flags and masks written as bounds (interpreter quirks: deqkern.kernels._launch)
         if HAS_INIT:
             keep = (src <= n).to(tl.int32)  # 0: a row entering the window, read from init
         else:
             keep = 1  # no init: rows past the computed ones copy the last computed one
-        val = _window_row(tl.minimum(src, n) - 1, keep, delta, anchor, g_row, m_row, s_gj, s_gd, s_mj, s_md, offs, D)
+        val = _window_row(tl.minimum(src, n) - 1, keep, delta, anchor, g_row, m_row, stride_g_j, stride_g_d,
+                          stride_mixed_j, stride_mixed_d, offs, D)
         if HAS_INIT:
             p = tl.minimum(k0 + src, S).to(tl.int64)
-            val += tl.load(init_ptr + p * s_ip + b * s_ib + offs * s_id, mask=offs < tl.where(keep == 0, D, 0),
-                           other=0.0)
+            val += tl.load(init_ptr + p * stride_init_p + b * stride_init_b + offs * stride_init_d,
+                           mask=offs < tl.where(keep == 0, D, 0), other=0.0)
         if EXTRAP:
             # rows entering (src > n): + (src - n) (last - prev), prev = full[n - 1] (anchor at n <= 1)
             ahead = tl.maximum(src - n, 0)
-            prev = _window_row(n - 2, (ahead > 0).to(tl.int32), delta, anchor, g_row, m_row, s_gj, s_gd, s_mj, s_md,
-                               offs, D)
+            prev = _window_row(n - 2, (ahead > 0).to(tl.int32), delta, anchor, g_row, m_row, stride_g_j, stride_g_d,
+                               stride_mixed_j, stride_mixed_d, offs, D)
             val += tl.where(offs < tl.where(ahead > 0, D, 0), ahead.to(val.dtype) * (val - prev), 0.0).to(val.dtype)
         idle = offs < tl.where(n == 0, D, 0)
-        val = tl.where(idle, tl.load(xw_ptr + b * s_xb + i * s_xj + offs * s_xd, mask=idle, other=0.0), val)
-        tl.store(xw_ptr + b * s_xb + i * s_xj + offs * s_xd, val, mask=dmask)
+        val = tl.where(idle, tl.load(xw_ptr + b * stride_xw_b + i * stride_xw_j + offs * stride_xw_d, mask=idle,
+                                     other=0.0), val)
+        tl.store(xw_ptr + b * stride_xw_b + i * stride_xw_j + offs * stride_xw_d, val, mask=dmask)
         if HAS_OUT:
-            tl.store(out_ptr + b * s_ob + i * s_oj + offs * s_od, val.to(out_ptr.dtype.element_ty),
+            tl.store(out_ptr + b * stride_out_b + i * stride_out_j + offs * stride_out_d,
+                     val.to(out_ptr.dtype.element_ty),
                      mask=offs < tl.where(i < W, D, 0))
+
+
+def commit_window(
+    xw: torch.Tensor,
+    mixed: torch.Tensor,
+    g: torch.Tensor,
+    delta: torch.Tensor,
+    n_rows: torch.Tensor,
+    k0: torch.Tensor | None = None,
+    init: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    *,
+    extrapolate: bool = False,
+    block_d: int | None = None,
+) -> None:
+    """:func:`deqkern.ops.reference.commit_window` as one kernel (in place on ``xw``)."""
+    if xw.ndim != 3:
+        raise ValueError(f"xw: expected shape [B, W+1, D], got {tuple(xw.shape)}")
+    acc_dtype("xw", xw)
+    batch, rows, dim = xw.shape
+    width = rows - 1
+    check_tensor("mixed", mixed, (batch, width, dim), xw)
+    check_tensor("g", g, (batch, width, dim), xw)
+    check_tensor("delta", delta, (batch,), xw, same_dtype=False)
+    check_tensor("n_rows", n_rows, (batch,), xw, same_dtype=False)
+    if init is not None:
+        if k0 is None:
+            raise ValueError("k0: required with init (positions of the windows)")
+        check_tensor("k0", k0, (batch,), xw, same_dtype=False)
+        if init.ndim != 3 or init.shape[1:] != (batch, dim):
+            raise ValueError(f"init: expected shape [S+1, {batch}, {dim}], got {tuple(init.shape)}")
+        check_tensor("init", init, tuple(init.shape), xw)
+    if out is not None:
+        check_tensor("out", out, (batch, width, dim), xw, same_dtype=False)
+        acc_dtype("out", out)
+    if batch > MAX_GRID_YZ:
+        raise ValueError(f"xw: at most {MAX_GRID_YZ} samples per launch, got {batch}")
+    block = pick_block("block_d", block_d, lambda: block_d_for(dim, batch, sm_count(xw.device)))
+    init_t = init if init is not None else xw
+    init_strides = init.stride() if init is not None else (0, 0, 0)
+    k0_t = k0 if k0 is not None else delta
+    out_t = out if out is not None else xw
+    out_strides = out.stride() if out is not None else (0, 0, 0)
+    with on_device(xw.device):
+        _commit_window_kernel[(-(-dim // block), batch)](
+            xw, mixed, g, delta, n_rows, k0_t, init_t, out_t,
+            width, dim, (init.shape[0] - 1) if init is not None else 0,
+            *xw.stride(), *mixed.stride(), *g.stride(),
+            delta.stride(0), n_rows.stride(0), k0_t.stride(0),
+            *init_strides, *out_strides,
+            HAS_INIT=init is not None, HAS_OUT=out is not None, EXTRAP=extrapolate and init is None,
+            BLOCK_D=block, num_warps=num_warps_for(block),
+        )

@@ -1,12 +1,15 @@
 """A round's stopping test and bookkeeping: rows to freeze, the logs, how near the stop is.
 
-Only ``@triton.jit`` code; the launcher is :func:`deqkern.ops.triton_ops.round_status` and the
-contract :func:`deqkern.ops.reference.round_status`.
+The kernel and its launcher :func:`round_status`; the contract is
+:func:`deqkern.ops.reference.round_status`. Scalar typing: :mod:`deqkern.kernels._launch`.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from deqkern.kernels._launch import acc_dtype, check_tensor, num_warps_for, on_device, pick_block, status_block_w
 
 #: ``STOP`` of each stopping rule of :data:`deqkern.engine.StopRule`.
 STOP_CODES = {"relative": 0, "noise": 1, "x0": 2}
@@ -27,7 +30,9 @@ def _round_status_kernel(
     f_ptr, g_ptr, bad_ptr, t_ptr, nrows_ptr, k0_ptr, rounds_ptr, var_ptr, delta_ptr, worst_ptr, log_ptr, done_ptr,
     badt_ptr, mult_ptr, spent_ptr,
     W, S, D, max_iters: tl.int32, tol: tl.float64,
-    s_fb, s_fj, s_gb, s_gj, s_bb, s_bj, s_tb, s_tj, s_nb, s_kb, s_db, s_wb, s_lr, s_lb, s_ob, s_ar, s_mb, s_mj, s_pb,
+    stride_f_b, stride_f_j, stride_g_b, stride_g_j, stride_bad_b, stride_bad_j, stride_t_b, stride_t_j,
+    stride_nrows_b, stride_k0_b, stride_delta_b, stride_worst_b, stride_log_r, stride_log_b, stride_done_b,
+    stride_badt_r, stride_mult_b, stride_mult_j, stride_spent_b,
     STOP: tl.constexpr, ACC: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """One program = one sample ``b``: the stopping test of its ``n = n_rows[b]`` live window
@@ -65,10 +70,10 @@ def _round_status_kernel(
     design: it replaces small ops, not bandwidth.
     """
     b = tl.program_id(0).to(tl.int64)
-    n = tl.load(nrows_ptr + b * s_nb)
-    k0 = tl.load(k0_ptr + b * s_kb)
+    n = tl.load(nrows_ptr + b * stride_nrows_b)
+    k0 = tl.load(k0_ptr + b * stride_k0_b)
     rounds = tl.load(rounds_ptr)
-    # tolerances rounded once to the error's dtype (tl.full rounds; see scan_residual's clip)
+    # tolerances rounded once to the error's dtype (fp64 scalars: deqkern.kernels._launch)
     if STOP == 1:
         t_row = tl.full([], tol, tl.float64)
     else:
@@ -82,7 +87,7 @@ def _round_status_kernel(
     spend = tl.zeros([], tl.float64)
     paid = tl.zeros([], tl.float64)
     if STOP == 2:
-        spent = tl.load(spent_ptr + b * s_pb)
+        spent = tl.load(spent_ptr + b * stride_spent_b)
     f_sum = tl.zeros([], ACC)
     g_sum = tl.zeros([], ACC)
     worst = tl.zeros([], tl.float64)
@@ -90,8 +95,8 @@ def _round_status_kernel(
     for w0 in range(0, W, BLOCK_W):
         j = w0 + tl.arange(0, BLOCK_W)
         live = j < n
-        f = tl.load(f_ptr + b * s_fb + j * s_fj, mask=live, other=0.0)
-        g = tl.load(g_ptr + b * s_gb + j * s_gj, mask=live, other=0.0)
+        f = tl.load(f_ptr + b * stride_f_b + j * stride_f_j, mask=live, other=0.0)
+        g = tl.load(g_ptr + b * stride_g_b + j * stride_g_j, mask=live, other=0.0)
         if STOP == 1:
             pos = tl.minimum(k0 + j, S - 1)
             var = tl.load(var_ptr + pos, mask=live, other=1.0)
@@ -100,8 +105,8 @@ def _round_status_kernel(
             err = _sqrt_ratio(f, tl.maximum(g, tiny), ACC == tl.float64)
         if STOP == 2:
             nxt = (j + 1) < n
-            g1 = tl.load(g_ptr + b * s_gb + (j + 1) * s_gj, mask=nxt, other=1.0)
-            m1 = tl.load(mult_ptr + b * s_mb + (j + 1) * s_mj, mask=nxt, other=0.0).to(tl.float64)
+            g1 = tl.load(g_ptr + b * stride_g_b + (j + 1) * stride_g_j, mask=nxt, other=1.0)
+            m1 = tl.load(mult_ptr + b * stride_mult_b + (j + 1) * stride_mult_j, mask=nxt, other=0.0).to(tl.float64)
             inv_g = 1.0 / tl.sqrt(tl.maximum(g, tiny).to(tl.float64))
             inv_g1 = 1.0 / tl.sqrt(tl.maximum(g1, tiny).to(tl.float64))
             cost = tl.where(nxt, tl.sqrt(f.to(tl.float64)) * (inv_g + tl.abs(m1) * inv_g1), 0.0)
@@ -122,17 +127,65 @@ def _round_status_kernel(
         ratio = err.to(tl.float64) / tol
         ratio = tl.where(ratio != ratio, float("inf"), ratio)
         worst = tl.maximum(worst, tl.max(tl.where(live, ratio, 0.0), axis=0))
-        bad = tl.load(bad_ptr + b * s_bb + j * s_bj, mask=live, other=0.0)
-        t = tl.load(t_ptr + b * s_tb + j * s_tj, mask=live, other=-1)
+        bad = tl.load(bad_ptr + b * stride_bad_b + j * stride_bad_j, mask=live, other=0.0)
+        t = tl.load(t_ptr + b * stride_t_b + j * stride_t_j, mask=live, other=-1)
         bad_t = tl.maximum(bad_t, tl.max(tl.where(bad > 0, t, -1), axis=0))
     delta = tl.minimum(first_fail + 1, n)
     if STOP == 2:
-        tl.store(spent_ptr + b * s_pb, spent + paid)
-    tl.store(delta_ptr + b * s_db, delta)
-    tl.store(worst_ptr + b * s_wb, worst)
+        tl.store(spent_ptr + b * stride_spent_b, spent + paid)
+    tl.store(delta_ptr + b * stride_delta_b, delta)
+    tl.store(worst_ptr + b * stride_worst_b, worst)
     resid = _sqrt_ratio(f_sum, tl.maximum(g_sum, tl.full([], 1e-300, ACC)), ACC == tl.float64).to(tl.float64)
     log_at = tl.minimum(rounds, max_iters)
-    tl.store(log_ptr + log_at * s_lr + b * s_lb, tl.where(n > 0, resid, float("nan")))
-    tl.atomic_max(badt_ptr + log_at * s_ar, bad_t, mask=bad_t >= 0)
-    done = tl.load(done_ptr + b * s_ob)
-    tl.store(done_ptr + b * s_ob, tl.where((k0 + delta == S) & (delta > 0), rounds + 1, done))
+    tl.store(log_ptr + log_at * stride_log_r + b * stride_log_b, tl.where(n > 0, resid, float("nan")))
+    tl.atomic_max(badt_ptr + log_at * stride_badt_r, bad_t, mask=bad_t >= 0)
+    done = tl.load(done_ptr + b * stride_done_b)
+    tl.store(done_ptr + b * stride_done_b, tl.where((k0 + delta == S) & (delta > 0), rounds + 1, done))
+
+
+def round_status(
+    f_sq: torch.Tensor, g_sq: torch.Tensor, nonfinite: torch.Tensor, t: torch.Tensor, n_rows: torch.Tensor,
+    k0: torch.Tensor, rounds: torch.Tensor, noise_var: torch.Tensor, worst: torch.Tensor, res_log: torch.Tensor,
+    done_round: torch.Tensor, bad_t: torch.Tensor, mult: torch.Tensor, spent: torch.Tensor, *, stop: str, tol: float,
+    dim: int, block_w: int | None = None,
+) -> torch.Tensor:
+    """:func:`deqkern.ops.reference.round_status` as one kernel; returns ``delta``."""
+    if f_sq.ndim != 2:
+        raise ValueError(f"f_sq: expected shape [B, W], got {tuple(f_sq.shape)}")
+    if f_sq.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"f_sq: expected float32 or float64 (the scan's accumulation dtype), got {f_sq.dtype}")
+    acc_tl, _ = acc_dtype("f_sq", f_sq)
+    if stop not in STOP_CODES:
+        raise ValueError(f"stop: expected one of {sorted(STOP_CODES)}, got {stop!r}")
+    batch, width = f_sq.shape
+    steps = noise_var.numel()
+    check_tensor("g_sq", g_sq, (batch, width), f_sq)
+    check_tensor("nonfinite", nonfinite, (batch, width), f_sq)
+    rows = res_log.shape[0]
+    for name, v, shape in (("t", t, (batch, width)), ("n_rows", n_rows, (batch,)), ("k0", k0, (batch,)),
+                           ("done_round", done_round, (batch,)), ("bad_t", bad_t, (rows,))):
+        if v.shape != shape or v.dtype != torch.int64 or v.device != f_sq.device:
+            raise ValueError(f"{name}: expected int64 of shape {shape} on {f_sq.device}, got {v.dtype} "
+                             f"{tuple(v.shape)} on {v.device}")
+    if rounds.shape != () or rounds.dtype != torch.int64:
+        raise ValueError(f"rounds: expected a 0-d int64 tensor, got {rounds.dtype} {tuple(rounds.shape)}")
+    check_tensor("mult", mult, (batch, width), f_sq, same_dtype=False)
+    if not mult.is_floating_point():
+        raise TypeError(f"mult: expected a floating-point tensor (the scan's multipliers L), got {mult.dtype}")
+    for name, v, shape in (("noise_var", noise_var, (steps,)), ("worst", worst, (batch,)),
+                           ("res_log", res_log, (rows, batch)), ("spent", spent, (batch,))):
+        if v.shape != shape or v.dtype != torch.float64 or v.device != f_sq.device:
+            raise ValueError(f"{name}: expected float64 of shape {shape} on {f_sq.device}, got {v.dtype} "
+                             f"{tuple(v.shape)} on {v.device}")
+    block = pick_block("block_w", block_w, lambda: status_block_w(width))
+    delta = torch.empty(batch, dtype=torch.int64, device=f_sq.device)
+    with on_device(f_sq.device):
+        _round_status_kernel[(batch,)](
+            f_sq, g_sq, nonfinite, t, n_rows, k0, rounds, noise_var, delta, worst, res_log, done_round, bad_t,
+            mult, spent, width, steps, dim, rows - 1, float(tol),
+            *f_sq.stride(), *g_sq.stride(), *nonfinite.stride(), *t.stride(), n_rows.stride(0), k0.stride(0),
+            delta.stride(0), worst.stride(0), *res_log.stride(), done_round.stride(0), bad_t.stride(0),
+            *mult.stride(), spent.stride(0),
+            STOP=STOP_CODES[stop], ACC=acc_tl, BLOCK_W=block, num_warps=num_warps_for(block),
+        )
+    return delta

@@ -33,7 +33,9 @@ def test_e2e_graphs_script_on_cpu(tmp_path):
         for name, r in win["solvers"].items():
             assert r["converged"] and r["x0_rel_err"] < 1e-3, (width, name)
             assert r["rounds"] <= 6 and r["wall_s"] > 0 and r["first_call_s"] > 0 and r["solver_s_per_round"] > 0
-            assert 50 < r["aten_ops_per_round"] < 450, r["aten_ops_per_round"]
+            # a regression guard on the round's op count (reference ops on CPU: 450 with the divergence
+            # guard and the x0 budget), not a target
+            assert 50 < r["aten_ops_per_round"] < 500, r["aten_ops_per_round"]
             assert 0 < r["kernel_ops_per_round"] < r["aten_ops_per_round"]
             assert r["rounds"] <= r["rounds_executed"]
 
@@ -42,7 +44,7 @@ def test_e2e_graphs_script_on_cpu(tmp_path):
 @pytest.mark.parametrize("study", ["adjoint-vjp", "ops-per-round", "stopping-rule", "stopping-x0", "tail-chunks",
                                    "divergence"])
 def test_solver_studies_run_quick(tmp_path, study):
-    """The studies behind the README's solver numbers, at --quick sizes."""
+    """The studies behind bench/results/README.md, at --quick sizes."""
     studies = _load("solver_studies")
     out = tmp_path / "report.json"
     report = studies.main([study, "--quick", "--out", str(out)])

@@ -89,7 +89,7 @@ def test_secant_form_fits_a_linear_chain_exactly(ddim):
     become the exact ``a_k`` after two rounds, the scan is then Newton's method on a linear
     system, and round 3 lands on the sequential chain to rounding. The drift form (L = 1) still
     has a visible error after those three rounds. float64."""
-    from deqkern.engine import Problem, SolveState, _x0_row, run_round
+    from deqkern.engine import Problem, SolveState, x0_row, run_round
     from deqkern.model import ModelEvaluator
     from deqkern.solvers import get_solver
 
@@ -117,7 +117,7 @@ def test_secant_form_fits_a_linear_chain_exactly(ddim):
         run_round(p, st, factory(cfg), model, static=False)
         ref = deqkern.sample_sequential(lambda x, t: beta * x, x, sched, return_trajectory=True).trajectory
         drift = deqkern.sample(lambda x, t: beta * x, x, sched.with_form("drift"), "picard", tol=1e-300, max_iters=3)
-    assert rel_err(_x0_row(p, st), ref[S]) < 1e-12  # the window's row at position S
+    assert rel_err(x0_row(p, st), ref[S]) < 1e-12  # the window's row at position S
     assert rel_err(drift.x0, ref[S]) > 1e-6
 
 
@@ -137,7 +137,7 @@ def test_unet_float32(ddim, stop):
 
 
 def test_picard_is_exact_after_S_rounds(gmm64, ddim):
-    """The triangular property (math.md §2): after r Picard rounds, x[1..r] are the sequential
+    """The triangular property (docs/math.md §2): after r Picard rounds, x[1..r] are the sequential
     latents exactly, so the unknowns x[1..S-1] are exact after S-1 rounds and x0 (which needs
     the model at x[S-1]) after S rounds of model calls. float64, bound 1e-12."""
     sched = _sched(ddim, eta=0.5)
@@ -225,7 +225,7 @@ def test_on_round_reports_x0_estimates(gmm64, ddim):
 def test_row_slide_moves_each_sample_by_its_own_count():
     """``t[b, j] <- t[b, j + delta[b]]``, ``fill`` past the end, in place, also through a
     permuted view (how the Anderson history ``[m, B, W, D]`` is slid)."""
-    from deqkern.ops.reference import RowSlide
+    from deqkern.ops.window import RowSlide
 
     g = torch.Generator().manual_seed(0)
     hist = torch.randn(3, 4, 6, 5, generator=g)  # [m, B, W, D]

@@ -57,7 +57,7 @@ def _rel_residual(new: torch.Tensor, old: torch.Tensor) -> list[float]:
 
 
 class ChainMap:
-    """One full-window fixed-point map ``G(X)`` over all S latents of every sample (math.md §2).
+    """One full-window fixed-point map ``G(X)`` over all S latents of every sample (docs/math.md §2-§3).
 
     ``X``: ``[B, S, D]`` iterates of positions 1..S (x_{S-1} .. x_0 in the paper's indexing);
     every call is ONE model batch of B*S rows followed by :func:`deqkern.ops.scan_residual`, in the

@@ -26,6 +26,7 @@ from deqkern.bench.peers import (
 )
 from deqkern.bench.trace import ErrorTrace
 from deqkern.config import SolveConfig
+from deqkern.engine import sync_device
 from deqkern.schedule import Form, Schedule, schedule_summary
 
 Family = Literal["oracle", "peer", "ours"]
@@ -68,11 +69,8 @@ OURS: dict[str, OursSpec] = {
     "anderson-tri-secant": OursSpec("anderson", "triangular", "secant"),
     "picard-secant-win": OursSpec("picard", None, "secant", windowed=True),
 }
-#: Our best setting, chosen by measurement (bench/results/rounds_cpu.md): the fewest rounds for the
-#: worst sample of a batch to reach x0 error 1e-3 at S = 100 and 1000 (ties go to the library
-#: default). Triangular Anderson with the restart safeguard: 11 and 14 rounds against Picard's 12
-#: and 17 (Picard is one round better at S = 25). Without the safeguard Anderson stalled on some
-#: samples and Picard was best.
+#: Our best setting: the fewest rounds for a batch's worst sample to reach x0 error 1e-3 at large S
+#: (ties go to the library default); chosen by ``python -m deqkern.bench --steps 25 100 1000``.
 BEST = "anderson-tri"
 
 PEERS = ("paradigms", "paradigms-full", "deq-ddim", "torchdeq")
@@ -239,18 +237,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(device: torch.device, fn: Callable[[], Any],
           clock: Callable[[], float] = time.perf_counter) -> tuple[Any, float]:
     """``(fn(), seconds)`` with the device synchronised around the host timer."""
-    _sync(device)
+    sync_device(device)
     start = clock()
     out = fn()
-    _sync(device)
+    sync_device(device)
     return out, clock() - start
 
 

@@ -1,4 +1,4 @@
-"""Gradients through the fixed point: the chain's adjoint, solved in parallel (math.md §5).
+"""Gradients through the fixed point: the chain's adjoint, solved in parallel (docs/math.md §5).
 
 The chain is ``x[k+1] = step_k(x[k], e_k, z_k)`` with ``e_k = model(x[k], t_k)``, ``k = 0 .. S-1``,
 ``x[0] = x_T`` and ``x[S] = x0``. Reverse-mode differentiation of a loss ``L(x0)`` through the
@@ -13,7 +13,7 @@ later ``lam``), i.e. the forward's lower-triangular structure with time reversed
 parallel solve is ONE batched vector-Jacobian product over all S steps, from one autograd graph
 of ``step_rows(X, model(X, t), z)`` built at the forward fixed point.
 
-Like the forward (math.md §3), the map is written for a per-step scalar ``L_k`` as the scan
+Like the forward (docs/math.md §3), the map is written for a per-step scalar ``L_k`` as the scan
 
     lam'_S = lam_S,    lam'_k = L_k lam'_{k+1} + (J_k^T lam_{k+1} - L_k lam_{k+1})
 
@@ -40,7 +40,7 @@ import torch
 from deqkern.engine import Problem, Workspace, solve
 from deqkern.model import ModelEvaluator
 from deqkern.ops import step_rows
-from deqkern.ops.reference import linear_scan
+from deqkern.ops.window import linear_scan
 from deqkern.schedule import COEF_FIELDS, Schedule, X0Transform
 from deqkern._validate import OptionError
 from deqkern.config import SolveConfig, solve_config
@@ -73,8 +73,8 @@ class GradConfig:
     Phantom (``grad="phantom"``): ``phantom_steps`` damped unrolled steps with damping
     ``phantom_tau`` from the detached fixed point (see :func:`phantom_gradient`).
 
-    The defaults (drift-form triangular Anderson, m=2, tol 1e-3): fewest adjoint rounds on the
-    digits model; the plain form needed all S rounds with every solver.
+    Solver, form and tol defaults: measured once on the digits model, no study yet; the VJP
+    modes: bench/solver_studies.py adjoint-vjp.
     """
 
     solve: SolveConfig = ADJOINT_SOLVE

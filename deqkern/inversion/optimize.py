@@ -34,10 +34,7 @@ from deqkern.schedule import Schedule
 Method = Literal["implicit", "phantom", "sequential_backprop", "ddim_encode"]
 METHODS: tuple[str, ...] = ("implicit", "phantom", "sequential_backprop", "ddim_encode")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-#: Adam learning rates per method, from sweeps on the digits model (4 test images, DDIM encoding
-#: start): with the exact gradient (implicit = sequential backprop) 0.01 was best of
-#: {0.002, 0.005, 0.01, 0.02} at S=25 and of {0.003, 0.01, 0.03} at S=100; the phantom direction
-#: was best at 0.05-0.1 at S=25 (of 0.02-0.2) and at 0.02 at S=100 (of 0.02, 0.05, 0.1).
+#: Adam learning rates per method: learning-rate sweeps on the digits model, measured once, no study yet.
 DEFAULT_LR: dict[str, float] = {"implicit": 0.01, "sequential_backprop": 0.01, "phantom": 0.05}
 
 

@@ -6,7 +6,8 @@ import; everything else uses :mod:`deqkern.ops.reference`. Same results, same AP
 from deqkern.ops.dispatch import (
     anderson_mix, anderson_weights, backend_for, commit_window, round_status, scan_residual,
 )
-from deqkern.ops.reference import ScanResult, row_mask, step_rows
+from deqkern.ops.reference import ScanResult
+from deqkern.ops.window import row_mask, step_rows
 
 __all__ = [
     "ScanResult", "anderson_mix", "anderson_weights", "backend_for", "commit_window", "round_status", "row_mask",

@@ -22,27 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from deqkern.ops.window import linear_scan, one_hot, row_mask, step_rows
 from deqkern.schedule import X0Transform
-
-
-def step_rows(
-    x: torch.Tensor, out: torch.Tensor, z: torch.Tensor | None, coef: torch.Tensor, transform: X0Transform
-) -> torch.Tensor:
-    """One chain step per row: ``cx x + co out + c0 f(px x + po out) + sigma z``.
-
-    ``x``, ``out``, ``z``: ``[..., D]``; ``coef``: ``[..., 7]``. The x0 transform acts per row.
-    """
-    c = coef.to(x.dtype).unsqueeze(-1)
-    _, cx, co, c0, px, po, sigma = c.unbind(-2)
-    y = cx * x + co * out
-    if transform.kind != "none":
-        x0 = px * x + po * out
-        lead = x0.shape[:-1]
-        x0 = transform.apply(x0.reshape(-1, x0.shape[-1])).reshape(*lead, x0.shape[-1])
-        y = y + c0 * x0
-    if z is not None:
-        y = y + sigma * z
-    return y
 
 
 @dataclass
@@ -55,11 +36,6 @@ class ScanResult:
     g_sq: torch.Tensor  #: ``[B, W]`` squared norm of each new-iterate row
     gram: torch.Tensor | None  #: ``[B, W, m]`` ``<f, hist_f[k]>`` per row, when history is given
     nonfinite: torch.Tensor  #: ``[B, W]`` non-finite model outputs ``e`` per live row (0 on dead rows)
-
-
-def row_mask(n_rows: torch.Tensor, width: int) -> torch.Tensor:
-    """``[B, W]`` bool: row ``j`` of sample ``b`` is live iff ``j < n_rows[b]``."""
-    return torch.arange(width, device=n_rows.device).unsqueeze(0) < n_rows.unsqueeze(1)
 
 
 def relative_row_error(f_sq: torch.Tensor, g_sq: torch.Tensor) -> torch.Tensor:
@@ -182,41 +158,6 @@ def round_status(
     return delta
 
 
-class RowSlide:
-    """One round's window slide, ``t[b, j] <- t[b, j + delta[b]]`` for every per-row tensor of
-    the window, with a fill past the end. The gather index is built once per round and applied
-    to each tensor (each build is four small kernels; a round slides up to nine tensors)."""
-
-    def __init__(self, delta: torch.Tensor, width: int) -> None:
-        idx = torch.arange(width, device=delta.device).unsqueeze(0) + delta.unsqueeze(1)
-        self.inside = idx < width  # [B, W]
-        self.idx = idx.clamp(max=width - 1)
-        self.b = torch.arange(delta.shape[0], device=delta.device).unsqueeze(1)
-
-    def apply(self, t: torch.Tensor, fill: float) -> None:
-        """Slide ``t`` ``[B, W, ...]`` in place (any strides, e.g. a permuted view)."""
-        inside = self.inside.view(*self.inside.shape, *[1] * (t.ndim - 2))
-        t.copy_(torch.where(inside, t[self.b, self.idx], fill))
-
-
-def linear_scan(anchor: torch.Tensor, mult: torch.Tensor, inc: torch.Tensor, unit: bool | None = None) -> torch.Tensor:
-    """``g_j = mult_j g_{j-1} + inc_j`` for ``j = 0 .. W-1``, ``g_{-1} = anchor``.
-
-    ``anchor``: ``[B, D]``; ``mult``: ``[B, W]``; ``inc``: ``[B, W, D]``. ``unit``: every ``mult``
-    is 1 (the drift form: a cumulative sum); ``None`` inspects ``mult``, which syncs with the host.
-    """
-    if unit is None:
-        unit = bool((mult == 1).all())
-    if unit:
-        return anchor.unsqueeze(1) + torch.cumsum(inc, dim=1)
-    g = torch.empty_like(inc)
-    prev = anchor
-    for j in range(inc.shape[1]):
-        prev = mult[:, j].unsqueeze(-1) * prev + inc[:, j]
-        g[:, j] = prev
-    return g
-
-
 def scan_residual(
     xw: torch.Tensor,
     e: torch.Tensor,
@@ -227,7 +168,7 @@ def scan_residual(
     hist_f: torch.Tensor | None = None,
     drift: bool | None = None,
 ) -> ScanResult:
-    """New iterate, residual, row norms and Gram row of one fixed-point round (math.md §3, §6).
+    """New iterate, residual, row norms and Gram row of one fixed-point round (docs/math.md §3, §6).
 
     With ``s_j = step_j(x_j, e_j, z_j)`` and ``L_j = coef[..., 0]``::
 
@@ -260,16 +201,10 @@ def scan_residual(
     return ScanResult(g=g, f=f, f_sq=f_sq, g_sq=g_sq, gram=gram, nonfinite=nonfinite)
 
 
-def one_hot(index: torch.Tensor, m: int, dtype: torch.dtype) -> torch.Tensor:
-    """``[..., m]`` rows with a 1 at ``index`` (plain Picard weights). Not ``F.one_hot``: off
-    CUDA it checks the index range with a host sync, and this runs inside captured rounds."""
-    return (torch.arange(m, device=index.device) == index.unsqueeze(-1)).to(dtype)
-
-
 def anderson_weights(
     gram: torch.Tensor, valid: torch.Tensor, newest: torch.Tensor, ridge: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Type-II Anderson mixing weights of many tiny problems at once (math.md §4).
+    """Type-II Anderson mixing weights of many tiny problems at once (docs/math.md §4.2).
 
     ``gram``: ``[R, m, m]`` ``<F_k, F_l>``; ``valid``: ``[R, m]`` which history slots a problem
     may use; ``newest``: ``[R]`` slot of the newest entry (the fallback). Solves

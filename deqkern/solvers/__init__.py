@@ -6,10 +6,10 @@ converged prefix and slides the window, telling the solver through :meth:`Solver
 New solvers register with :func:`register_solver`.
 """
 from deqkern.solvers.anderson import AndersonConfig, AndersonSolver
-from deqkern.solvers.base import Solver, get_solver, register_solver, solver_names
+from deqkern.solvers.base import Solver, SolverFactory, get_solver, register_solver, solver_names
 from deqkern.solvers.picard import PicardConfig, PicardSolver
 
 __all__ = [
-    "AndersonConfig", "AndersonSolver", "PicardConfig", "PicardSolver", "Solver",
+    "AndersonConfig", "AndersonSolver", "PicardConfig", "PicardSolver", "Solver", "SolverFactory",
     "get_solver", "register_solver", "solver_names",
 ]

@@ -1,4 +1,4 @@
-"""Anderson acceleration (type II) over the solver window (math.md §4).
+"""Anderson acceleration (type II) over the solver window (docs/math.md §4.2).
 
 History lives in a ring of ``m`` slots shared by all rows; each row also has an *age* (how many
 of the newest slots belong to it), because rows enter the window as it slides and a row may only
@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 
 from deqkern.ops import anderson_mix, anderson_weights
-from deqkern.ops.reference import RowSlide, one_hot
+from deqkern.ops.window import RowSlide, one_hot
 from deqkern.solvers.base import register_solver
 
 
@@ -28,11 +28,8 @@ from deqkern.solvers.base import register_solver
 class AndersonConfig:
     """``history`` m (<= 8 for the fused kernels), ``damping`` beta, relative ``ridge`` lambda.
 
-    Defaults set by measurement (drift form, embedded digits UNet, batch 8, tol 1e-4, clip off,
-    CPU; bench/results/rounds_cpu.md): triangular mixing, m=2, ridge 1e-3 and the restart
-    safeguard took median/worst 8/10 rounds at S=25 and 10/13 at S=100 (Picard 9/9 and 12/13;
-    per-row m=5 without restart, the DEQ-DDIM setting, had a worst sample of 31 at S=100).
-    Without the restart some samples stall (worst 11 and 15); longer histories stall longer.
+    Defaults chosen by ``python -m deqkern.bench --steps 25 100 1000`` (bench/results/README.md,
+    "Rounds to sequential accuracy").
     """
 
     history: int = 2
@@ -72,6 +69,10 @@ class AndersonSolver:
         self.prev_f_sq = torch.full((batch, width), float("inf"), device=device, dtype=torch.float64)
         #: live problems whose bordered system was singular (fell back to Picard), all rounds
         self.fallbacks = torch.zeros((), device=device, dtype=torch.int64)
+
+    def gram_history(self) -> torch.Tensor:
+        """The residual history whose Gram row the scan fuses (the ``gram`` of :meth:`update`)."""
+        return self.hist_f
 
     def update(self, x, g, f, f_sq, gram, live):
         m = self.cfg.history

@@ -1,5 +1,5 @@
 """Picard (fixed-point) iteration ``x <- x + beta (G(x) - x)``: with beta = 1 it reproduces the
-sequential chain exactly after S rounds (the map is lower-triangular, math.md §2)."""
+sequential chain exactly after S rounds (the map is lower-triangular, docs/math.md §2)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,8 +19,6 @@ class PicardConfig:
 
 
 class PicardSolver:
-    hist_f = None
-
     def __init__(self, config: PicardConfig) -> None:
         self.beta = config.damping
         self.picard = self.beta == 1.0
