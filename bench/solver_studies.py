@@ -220,17 +220,17 @@ def stopping_x0(quick: bool) -> dict[str, Any]:
 
 def tail_chunks(quick: bool) -> dict[str, Any]:
     """Fixed-shape rounds in chunks of K end at one host sync each, so the last chunk can run up
-    to K-1 full model batches past convergence; ``deqkern.graphs.run_static`` switches to
+    to K-1 full model batches past convergence; ``deqkern.engine.run_static`` switches to
     one-round chunks once the worst live row is within ``TAIL_FACTOR`` of its stopping test.
     Per chain, solver and stopping rule: rounds, model batches executed and host syncs for whole
     chunks (factor 0), factors 10, 100 (the default) and 1000, and one-round chunks (K = 1)."""
-    import deqkern.graphs as graphs
+    import deqkern.engine as engine
 
     chains = [("ddim", 6)] if quick else [("ddim", 25), ("ddim", 100), ("ddpm", 25), ("ddpm", 100)]
     solvers = ["picard"] if quick else ["picard", "anderson-tri"]
     rules = [("x0", 1e-4), ("relative", 1e-4), ("noise", 0.1)]
     settings = [(4, 0.0), (4, 10.0), (4, 100.0), (4, 1000.0), (1, 100.0)]
-    default = graphs.TAIL_FACTOR
+    default = engine.TAIL_FACTOR
     rows = []
     try:
         for scheduler, steps in chains:
@@ -243,7 +243,7 @@ def tail_chunks(quick: bool) -> dict[str, Any]:
                 for stop, tol in rules:
                     cells = []
                     for k, factor in settings:
-                        graphs.TAIL_FACTOR = factor
+                        engine.TAIL_FACTOR = factor
                         with torch.no_grad():
                             r = deqkern.sample(unet, x, schedule, noise=noise, tol=tol, stop=stop, execution="static",
                                                rounds_per_graph=k, config=SOLVERS[solver])
@@ -256,7 +256,7 @@ def tail_chunks(quick: bool) -> dict[str, Any]:
                         f"K={c['rounds_per_graph']} x{c['tail_factor']:g} {c['executed']} exec/{c['syncs']} syncs"
                         for c in cells))
     finally:
-        graphs.TAIL_FACTOR = default
+        engine.TAIL_FACTOR = default
     return {"what": "static (CUDA-graph) rounds, batch 8, window S: model batches executed and host syncs per chunk "
                     "setting", "rows": rows}
 

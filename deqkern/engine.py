@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import torch
 
 from deqkern._nvtx import annotate
 from deqkern.errors import NonFiniteModelOutput
+from deqkern.graphs import ChunkRunner, snapshot, state_tensors
 from deqkern.model import ModelEvaluator
 from deqkern.ops import ScanResult, commit_window, round_status, scan_residual
 from deqkern.ops.window import RowSlide
@@ -141,32 +142,6 @@ class SolveState:
             worst=torch.full((b,), math.inf, dtype=torch.float64, device=dev),
             spent=torch.zeros(b, dtype=torch.float64, device=dev),
         )
-
-
-def state_tensors(*objs: Any) -> list[torch.Tensor]:
-    """Every tensor held by the given state objects (dataclass fields or attributes), and by
-    the state objects they hold (the solve state's secant state), depth first."""
-    out = []
-    for obj in objs:
-        is_dc = hasattr(obj, "__dataclass_fields__")
-        items = [getattr(obj, f.name) for f in fields(obj)] if is_dc else vars(obj).values()
-        for v in items:
-            if isinstance(v, torch.Tensor):
-                out.append(v)
-            elif hasattr(v, "__dataclass_fields__"):
-                out.extend(state_tensors(v))
-    return out
-
-
-def snapshot(state: list[torch.Tensor]) -> Callable[[], None]:
-    """A function that puts ``state`` back, in place, as it is now."""
-    saved = [t.clone() for t in state]
-
-    def restore() -> None:
-        for t, v in zip(state, saved):
-            t.copy_(v)
-
-    return restore
 
 
 #: Range of the secant form's multipliers: above 1 the scan stops being a contraction.
@@ -368,6 +343,92 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     st.rounds.add_(active.any())
 
 
+#: A solve whose worst live row is within this factor of its stopping test (``SolveState.worst``,
+#: ``err / tol`` in the rule's own units) runs the rest of its rounds one per chunk. Each chunk
+#: ends at a host sync, so a K-round chunk can run up to K-1 rounds past convergence, each a full
+#: B*W-row model batch; one-round chunks cost a sync per round instead.
+#: Chosen by bench/solver_studies.py tail-chunks.
+TAIL_FACTOR = 100.0
+
+
+@dataclass
+class StaticRunners:
+    """The chunks of fixed-shape rounds over one workspace: ``bulk`` runs ``rounds`` rounds and
+    ``tail`` one (``None`` when ``rounds`` is 1)."""
+
+    bulk: ChunkRunner
+    tail: ChunkRunner | None
+    rounds: int
+
+    def summary(self) -> dict[str, Any]:
+        """Execution info of both: graphed only if both were captured; the audit's calls of both,
+        its ops (and kernel ops) per chunk of the bulk and (``ops_per_round``,
+        ``kernel_ops_per_round``) of the tail."""
+        out = self.bulk.summary()
+        if self.tail is not None:
+            tail = self.tail.summary()
+            out["graph"] = out["graph"] and tail["graph"]
+            if "graph_fallback" in tail:
+                out.setdefault("graph_fallback", tail["graph_fallback"])
+            if self.tail.audit is not None:
+                out["audited_calls"] += tail["audited_calls"]
+                out["ops_per_round"] = tail["ops_per_chunk"]
+                out["kernel_ops_per_round"] = tail["kernel_ops_per_chunk"]
+        return out
+
+
+def static_runners(
+    p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, rounds_per_graph: int, mode: str
+) -> StaticRunners:
+    """Chunks of ``rounds_per_graph`` fixed-shape rounds and of one round over ``st`` and
+    ``solver``'s buffers (each captured as its own CUDA graph in ``mode="graph"``)."""
+
+    def chunk(rounds: int) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(rounds):
+                run_round(p, st, solver, ev, static=True)
+
+        return run
+
+    state = state_tensors(st, solver)
+    bulk = ChunkRunner(chunk(rounds_per_graph), state, "fixed-shape rounds", mode)
+    tail = ChunkRunner(chunk(1), state, "fixed-shape rounds", mode) if rounds_per_graph > 1 else None
+    return StaticRunners(bulk, tail, rounds_per_graph)
+
+
+def run_static(p: Problem, st: SolveState, ev: ModelEvaluator, runners: StaticRunners) -> dict[str, Any]:
+    """Run chunks until every sample converged or ``max_iters`` rounds ran, one host sync per
+    chunk: ``rounds``-round chunks while some live row is more than ``TAIL_FACTOR`` times away
+    from its stopping test, one-round chunks after. Returns execution info for the result."""
+    executed = tail_chunks = 0
+    near = False
+    while True:
+        if near and runners.tail is not None:
+            runners.tail()
+            executed += 1
+            tail_chunks += 1
+        else:
+            runners.bulk()
+            executed += runners.rounds
+        bad = st.bad_t[: p.max_iters]
+        status = torch.stack([
+            (bad >= 0).any().to(torch.float64), st.rounds.to(torch.float64),
+            (st.k0 >= p.steps).all().to(torch.float64), st.worst.max(),
+        ])
+        any_bad, rounds, done, worst = status.tolist()  # the chunk's one host sync, one copy
+        if any_bad:
+            r = int(torch.nonzero(bad >= 0)[0, 0])
+            raise NonFiniteModelOutput(f"model output is not finite in round {r} at timestep(s) [{int(bad[r])}]")
+        if rounds >= p.max_iters or done:
+            break
+        near = rounds > 0 and worst <= TAIL_FACTOR
+    # every executed round evaluates all B*W rows, including rounds after convergence in the
+    # last chunk: that is what the device actually computed
+    ev.evaluations = executed * p.batch * p.width * ev.rows_per_latent
+    info = {"rounds_per_graph": runners.rounds, "rounds_executed": executed, "tail_chunks": tail_chunks}
+    return {**info, **runners.summary()}
+
+
 @dataclass
 class Solved:
     """What :func:`solve` leaves: the host-side summary (the device state stays in the workspace)."""
@@ -465,8 +526,6 @@ def _solve(ws: Workspace, progress: bool, on_round: Callable[[torch.Tensor], Non
         if bar is not None:
             bar.close()
     else:
-        from deqkern.graphs import run_static, static_runners
-
         if ws.runners is None:
             ws.runners = static_runners(p, st, solver, ev, ws.rounds_per_graph, ws.execution)
         info.update(run_static(p, st, ev, ws.runners))

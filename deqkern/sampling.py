@@ -24,8 +24,8 @@ from deqkern.engine import (
 )
 from deqkern.interop import to_torch
 from deqkern.model import Guidance, ModelEvaluator, ModelFn
-from deqkern.ops import step_rows
 from deqkern.schedule import Form, Schedule
+from deqkern.sequential import ChainStep, SequentialWorkspace
 
 
 @dataclass
@@ -210,21 +210,14 @@ class SequentialSampler:
         traj = None
         if execution == "eager":
             ev.evaluations = 0
-            coef = schedule.packed(x_T.device, state_dtype)
-            ts = schedule.timesteps.to(x_T.device)
-            idx = torch.arange(batch, device=x_T.device)
+            step = ChainStep(ev, schedule, x_s)
             traj = [x_s] if return_trajectory else None
-            x = x_s.reshape(batch, -1)
+            x0 = x_s
             for k in range(schedule.num_steps):
-                e = ev(x.reshape(shape), ts[k].expand(batch), idx, round_index=k).reshape(batch, -1)
-                z = None if noise is None else noise[k].reshape(batch, -1)
-                x = step_rows(x, e, z, coef[k].expand(batch, -1), schedule.transform)
+                x0 = step(x0, k, None if noise is None else noise[k])
                 if traj is not None:
-                    traj.append(x.reshape(shape))
-            x0 = x.reshape(shape)
+                    traj.append(x0)
         else:
-            from deqkern.graphs import SequentialWorkspace
-
             key = (tuple(shape), x_T.dtype, x_T.device, noise is not None, execution, torch.is_inference_mode_enabled())
             ws, made = self._cache.get_or_make(
                 key, lambda: SequentialWorkspace(

@@ -60,13 +60,13 @@ def test_static_rounds_equal_eager(gmm64, ddim, solver, opts, k, window, eta, st
 def test_one_round_chunks_near_convergence_cut_the_rounds_past_it(gmm64, ddim, monkeypatch):
     """Near convergence (every live row within TAIL_FACTOR of its test) chunks shrink to one round, so
     the device computes fewer full model batches past convergence; the answer is unchanged."""
-    import deqkern.graphs as graphs
+    import deqkern.engine as engine
 
     sched, x, _ = _setup(ddim)
     kw = dict(solver="anderson", tol=1e-8, execution="static", rounds_per_graph=4)
     with torch.no_grad():
         adaptive = deqkern.sample(gmm64, x, sched, **kw)
-        monkeypatch.setattr(graphs, "TAIL_FACTOR", 0.0)  # never near: whole chunks only
+        monkeypatch.setattr(engine, "TAIL_FACTOR", 0.0)  # never near: whole chunks only
         whole = deqkern.sample(gmm64, x, sched, **kw)
     assert torch.equal(adaptive.x0, whole.x0) and adaptive.rounds == whole.rounds
     assert whole.info["tail_chunks"] == 0 and whole.info["rounds_executed"] % 4 == 0
@@ -135,7 +135,7 @@ def test_state_buffers_are_reused_in_place(gmm64, ddim):
     cfg, factory = get_solver("anderson")
     solver = factory(cfg, 2, 6, x[0].numel(), x.device, x.dtype)
     ev = ModelEvaluator(gmm64)
-    from deqkern.engine import state_tensors
+    from deqkern.graphs import state_tensors
 
     before = [t.data_ptr() for t in state_tensors(st, solver)]
     with torch.no_grad():

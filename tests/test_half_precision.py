@@ -15,7 +15,7 @@ import torch
 from conftest import digits_chain, rel_err
 
 import deqkern
-from deqkern.engine import state_tensors
+from deqkern.graphs import state_tensors
 from deqkern.sampling import HALF_TOL_FLOOR
 
 HALF = [torch.float16, torch.bfloat16]

@@ -1,14 +1,12 @@
 """The two baselines of inversion: DDIM encoding and backprop through the sequential chain."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from deqkern.model import ModelEvaluator
-from deqkern.ops import step_rows
 from deqkern.schedule import Schedule
+from deqkern.sequential import ChainStep
 
 
 @torch.no_grad()
@@ -58,21 +56,9 @@ def sequential_chain(
     the price of a second model forward per step: one optimisation step costs S model rows
     forward + S recomputed + S vector-Jacobian products per sample.
     """
-    s, batch = schedule.num_steps, x_T.shape[0]
-    shape = x_T.shape
-    dim = math.prod(shape[1:])
-    coef = schedule.packed(x_T.device, x_T.dtype)
-    ts = schedule.timesteps.to(x_T.device)
-    idx = torch.arange(batch, device=x_T.device)
-
-    def step(x: torch.Tensor, z: torch.Tensor | None, k: int) -> torch.Tensor:
-        e = ev(x, ts[k].expand(batch), idx, round_index=k)
-        zf = None if z is None else z.reshape(batch, dim)
-        return step_rows(x.reshape(batch, dim), e.reshape(batch, dim), zf, coef[k].expand(batch, -1),
-                         schedule.transform).reshape(shape)
-
+    step = ChainStep(ev, schedule, x_T)
     x = x_T
-    for k in range(s):
+    for k in range(schedule.num_steps):
         z = None if noise is None else noise[k]
-        x = checkpoint(step, x, z, k, use_reentrant=False)
+        x = checkpoint(step, x, k, z, use_reentrant=False)
     return x
