@@ -417,7 +417,7 @@ class ParallelSampler:
     ) -> SampleResult:
         """The solve of validated, detached inputs (x0 carries no autograd graph)."""
         schedule, s = self.schedule, self.schedule.num_steps
-        batch, shape = x_T.shape[0], x_T.shape
+        shape = x_T.shape
         # buffers made under inference mode cannot be updated outside it, and the reverse
         key = (tuple(shape), x_T.dtype, x_T.device, noise is not None, init is not None, return_trajectory, execution,
                torch.is_inference_mode_enabled())

@@ -22,7 +22,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import pytest
 import torch
 from conftest import tiny_unet
 from hypothesis import assume, example, given, settings, target
