@@ -212,7 +212,7 @@ def slide_secant(sec: SecantState, delta: torch.Tensor) -> None:
 #: in a row; 2 restarted up to 10 of 16 samples, 3 none (chosen by bench/solver_studies.py divergence).
 DIVERGE_ROUNDS = 3
 #: ...each time by more than this factor: the window slides, so its residual also rises a little
-#: as fresh rows enter; at tol 1e-3 a plain "grew" restarted most digits samples (13 -> 21 rounds)
+#: as fresh rows enter (checked by hand: bench/results/README.md, "Divergence guard")
 DIVERGE_GROWTH = 2.0
 
 
