@@ -200,11 +200,11 @@ class ModelEvaluator:
 
     def _call_chunk(self, x: torch.Tensor, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         xin = x if self.model_dtype is None else x.to(self.model_dtype)
-        kwargs = _gather(self.model_kwargs, idx)
+        kwargs = gather_rows(self.model_kwargs, idx)
         if self.guidance is None:
             return _checked_shape(model_output_tensor(self.model(xin, t, **kwargs)), xin.shape)
         g = self.guidance
-        both = _concat({**kwargs, **_gather(g.uncond, idx)}, {**kwargs, **_gather(g.cond, idx)})
+        both = _concat({**kwargs, **gather_rows(g.uncond, idx)}, {**kwargs, **gather_rows(g.cond, idx)})
         doubled = torch.cat([xin, xin])
         out = _checked_shape(model_output_tensor(self.model(doubled, torch.cat([t, t]), **both)), doubled.shape)
         u, c = out.chunk(2)
@@ -228,13 +228,13 @@ def _check_leading(kwargs: Mapping[str, Any], batch: int, path: str) -> None:
             raise ValueError(f"{where}: expected a tensor with leading dim 1 or {batch}, got {tuple(value.shape)}")
 
 
-def _gather(kwargs: Mapping[str, Any], idx: torch.Tensor) -> dict[str, Any]:
+def gather_rows(kwargs: Mapping[str, Any], idx: torch.Tensor) -> dict[str, Any]:
     """Per-row conditioning: broadcast leading-dim-1 tensors, index per-sample ones, recurse into
     dicts and pass any other value through."""
     out: dict[str, Any] = {}
     for name, value in kwargs.items():
         if isinstance(value, Mapping):
-            out[name] = _gather(value, idx)
+            out[name] = gather_rows(value, idx)
         elif not isinstance(value, torch.Tensor):
             out[name] = value
         elif value.shape[0] == 1:

@@ -28,7 +28,7 @@ from deqkern.sampling import check_chain_inputs, sample_sequential
 from deqkern.inversion.adjoint import GradConfig
 from deqkern.inversion.baselines import ddim_encode, sequential_chain
 from deqkern.inversion.function import IMPLICIT_FORWARD, ImplicitStats, grad_config, sample_with_implicit_grad
-from deqkern.model import Guidance, ModelEvaluator, ModelFn
+from deqkern.model import Guidance, ModelEvaluator, ModelFn, gather_rows
 from deqkern.schedule import Schedule
 
 Method = Literal["implicit", "phantom", "sequential_backprop", "ddim_encode"]
@@ -308,24 +308,13 @@ def _exact_losses(model, iterates, target, schedule, loss_fn, model_kwargs, guid
         n = len(chunk)
         x = torch.cat([it[0] for it in chunk])
         z = None if chunk[0][1] is None else torch.cat([it[1] for it in chunk], dim=1)
-        g = None if guidance is None else Guidance(guidance.scale, _tile(guidance.cond, n), _tile(guidance.uncond, n))
-        x0 = sample_sequential(model, x, schedule, z, model_kwargs=_tile(model_kwargs or {}, n), guidance=g,
+        # the conditioning of n stacked copies of the batch: row i is sample i mod batch
+        rows = torch.arange(batch, device=target.device).repeat(n)
+        g = None if guidance is None else Guidance(
+            guidance.scale, gather_rows(guidance.cond, rows), gather_rows(guidance.uncond, rows))
+        x0 = sample_sequential(model, x, schedule, z, model_kwargs=gather_rows(model_kwargs or {}, rows), guidance=g,
                                max_batch=max_batch).x0
         out += [_finite(loss_fn(x0[i * batch:(i + 1) * batch], target), lo + i) for i in range(n)]
-    return out
-
-
-def _tile(kwargs: Mapping[str, Any], n: int) -> dict[str, Any]:
-    """Per-sample conditioning repeated for ``n`` stacked copies of the batch (shared tensors and
-    non-tensors kept, nested dicts tiled alike)."""
-    out: dict[str, Any] = {}
-    for k, v in kwargs.items():
-        if isinstance(v, Mapping):
-            out[k] = _tile(v, n)
-        elif isinstance(v, torch.Tensor) and v.shape[0] != 1:
-            out[k] = v.repeat(n, *([1] * (v.ndim - 1)))
-        else:
-            out[k] = v
     return out
 
 
