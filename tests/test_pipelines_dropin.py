@@ -85,6 +85,28 @@ def test_sdxl_matches_pipeline(tmp_path, name, eta):
     _assert_same(ref, ours)
 
 
+def test_new_prompt_reuses_the_kept_sampler(tmp_path):
+    """A second call with other prompts reuses the pipe's sampler (its workspace: on CUDA, its
+    captured graph) with the new conditioning copied in, and still equals the pipeline."""
+    pipe = tiny_pipes.sd_pipeline(tmp_path)
+    first = deqkern.sample_pipeline(pipe, **_kw(), generator=torch.Generator().manual_seed(5), tol=TOL)
+    ref, ours = _both(pipe, **_kw(prompt=["a bat", "a mat"]))
+    assert not first.deqkern.info["reused_workspace"] and ours.deqkern.info["reused_workspace"]
+    _assert_same(ref, ours)
+    assert np.abs(ours.images - first.images).max() > 1e-3  # the new prompt did change the images
+
+
+@pytest.mark.parametrize("extra", [
+    {"guidance_scale": 1.0},  # no guidance: the prompt embeddings as plain model_kwargs
+    {"prompt": "a cat", "negative_prompt": None, "num_images_per_prompt": 2},
+    {"prompt": None, "negative_prompt": None, "prompt_embeds": torch.randn(2, 12, 16),
+     "latents": torch.randn(2, 4, 8, 8)},
+])
+def test_sd_call_variants(tmp_path, extra):
+    pipe = tiny_pipes.sd_pipeline(tmp_path)
+    _assert_same(*_both(pipe, **_kw(**extra)))
+
+
 def test_default_output_type_is_the_pipelines(tmp_path):
     """No ``output_type``: PIL images like the pipeline's (uint8: equal up to one level of rounding)."""
     pipe = tiny_pipes.sd_pipeline(tmp_path)
@@ -209,3 +231,20 @@ def test_sampler_model_kwargs_per_call():
         sampler(x_T, model_kwargs={"encoder_hidden_states": torch.randn(3, 5, 16)})
     with pytest.raises(TypeError, match="model_kwargs"):
         sampler(x_T, model_kwargs=[1])
+
+
+def test_bench_pipeline_sd_tiny(tmp_path):
+    """``python -m deqkern.bench --pipeline sd-tiny``: one UNet call per round, of 2 x window x batch
+    rows while no row is frozen, and images equal to the pipeline's (to the bench's tol 1e-4)."""
+    import json
+
+    from deqkern.bench.__main__ import main
+
+    out = tmp_path / "pipe.json"
+    assert main(["--pipeline", "sd-tiny", "--quick", "--threads", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["command"].startswith("python -m deqkern.bench --pipeline sd-tiny")
+    for r in report["results"]:
+        assert r["converged"] and r["model_calls"] == r["rounds"] and r["pipeline_calls"] == r["steps"]
+        assert r["rows_per_call"][0] == 2 * r["window"] * r["batch"]
+        assert r["image_max_abs_diff"] < IMAGE_TOL

@@ -10,6 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from deqkern._validate import OptionError, device_or_auto, output_dir, output_file
+from deqkern.bench.pipeline import PIPELINES
 from deqkern.bench.runner import ALL_SOLVERS, BEST, BOUNDS, DESCRIPTIONS, BenchConfig, run_benchmark
 from deqkern.models import CheckpointError
 from deqkern.models.loading import resolve_layout
@@ -109,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=output_file, default=None, help="JSON path (default: <out>/bench.json)")
     p.add_argument("--rounds-md", type=output_file, default=None, help="also write the rounds tables (markdown) here")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    p.add_argument("--pipeline", choices=PIPELINES, default=None, help="instead: a tiny offline diffusers pipeline end "
+                   "to end, deqkern.sample_pipeline vs pipe(...) (uses --steps --batch --window --tol --seed)")
     p.add_argument("--quick", action="store_true", help=f"tiny run for tests: steps {QUICK['steps']}, batch "
                    f"{QUICK['batch']}, window {QUICK['window']} unless those flags are given")
     return p
@@ -143,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     ``error:`` line naming it, as argparse does."""
     parser = build_parser()
     args = parse_args(parser, argv)
+    if args.pipeline is not None:
+        from deqkern.bench import pipeline
+
+        return pipeline.main(args, argv)
     from deqkern.bench import report
 
     try:

@@ -198,22 +198,38 @@ def sample_pipeline(pipe: Any, *args: Any, return_solve: bool = False, **kwargs:
     from deqkern._diffusers import scheduler_from_any
 
     scheduler_from_any(pipe.scheduler)  # an unsupported scheduler fails before any work
-    den = adapter.prepare(pipe, call)
-    schedule = Schedule.from_diffusers(pipe.scheduler, den.num_inference_steps, **den.schedule_kwargs)
-    noise = step_noise(pipe, schedule, den.latents, den.generator)
-    sampler = ParallelSampler(den.model, schedule, model_kwargs=den.model_kwargs, guidance=den.guidance,
-                              cache_size=1, **solve_kw)
     callback = call.get("callback_on_step_end")
     pipe._interrupt = False
-    with torch.no_grad():
-        res = sampler(den.latents, noise, progress=dict(getattr(pipe, "_progress_bar_config", {})),
-                      return_trajectory=callback is not None)
+    with torch.no_grad():  # as the pipeline's __call__
+        den = adapter.prepare(pipe, call)
+        schedule = Schedule.from_diffusers(pipe.scheduler, den.num_inference_steps, **den.schedule_kwargs)
+        noise = step_noise(pipe, schedule, den.latents, den.generator)
+        res = _sampler(pipe, den, schedule, solve_kw)(
+            den.latents, noise, progress=dict(getattr(pipe, "_progress_bar_config", {})),
+            return_trajectory=callback is not None, model_kwargs=den.model_kwargs, guidance=den.guidance,
+        )
         x0 = res.x0 if callback is None else _replay_callbacks(pipe, call, den, schedule, res)
         out = adapter.decode(pipe, x0, call, den)
     pipe.maybe_free_model_hooks()
     if not isinstance(out, tuple):
         out.deqkern = res
     return (out, res) if return_solve else out
+
+
+def _sampler(pipe: Any, den: Denoise, schedule: Schedule, solve_kw: dict[str, Any]) -> ParallelSampler:
+    """The sampler the pipe keeps (``pipe._deqkern_sampler``) when this call's model, chain,
+    guidance on/off and options are the last call's, so its workspaces (and captured CUDA graphs)
+    are reused with this call's conditioning; else a new one, kept in its place."""
+    key = (id(den.model), type(pipe.scheduler).__name__, repr(sorted(dict(pipe.scheduler.config).items())),
+           den.num_inference_steps, repr(sorted(den.schedule_kwargs.items())), den.guidance is None,
+           repr(sorted(solve_kw.items())))
+    kept = getattr(pipe, "_deqkern_sampler", None)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    sampler = ParallelSampler(den.model, schedule, model_kwargs=den.model_kwargs, guidance=den.guidance,
+                              cache_size=1, **solve_kw)
+    pipe._deqkern_sampler = (key, sampler)
+    return sampler
 
 
 def _replay_callbacks(pipe: Any, call: dict[str, Any], den: Denoise, schedule: Schedule, res: SampleResult) -> torch.Tensor:
