@@ -38,6 +38,8 @@ from deqkern.solvers import Solver, get_solver
 
 StopRule = Literal["relative", "noise", "x0"]
 Execution = Literal["auto", "eager", "static", "graph", "audit"]
+#: a solve's progress bar: off (False), on (True), or on with these tqdm options
+Progress = bool | Mapping[str, Any]
 
 
 def sync_device(device: torch.device) -> None:
@@ -488,7 +490,7 @@ class Workspace:
 
 
 def solve(
-    ws: Workspace, progress: bool | Mapping[str, Any] = False, on_round: Callable[[torch.Tensor], None] | None = None
+    ws: Workspace, progress: Progress = False, on_round: Callable[[torch.Tensor], None] | None = None
 ) -> Solved:
     """Run rounds of ``ws.p`` from the loaded state until every sample converged or ``max_iters``
     rounds ran.
@@ -509,7 +511,7 @@ def solve(
         return _solve(ws, progress, on_round)
 
 
-def _solve(ws: Workspace, progress: bool | Mapping[str, Any], on_round: Callable[[torch.Tensor], None] | None) -> Solved:
+def _solve(ws: Workspace, progress: Progress, on_round: Callable[[torch.Tensor], None] | None) -> Solved:
     p, st, solver, ev = ws.p, ws.st, ws.solver, ws.ev
     dev = st.xw.device
     ev.evaluations = 0
@@ -575,14 +577,15 @@ def _x0_estimate(p: Problem, st: SolveState, k_before: torch.Tensor) -> torch.Te
     return torch.where(reached.view(-1, *[1] * (len(p.shape) - 1)), x0_row(p, st), float("nan"))
 
 
-def _progress_bar(progress: bool | Mapping[str, Any], steps: int):
+def _progress_bar(progress: Progress, steps: int):
     """A tqdm bar over the chain's ``steps`` (``progress``: True, or tqdm's options, e.g. a
     pipeline's ``set_progress_bar_config``), or None when ``progress`` is False."""
     if not isinstance(progress, Mapping) and not progress:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(**{"total": steps, "desc": "deqkern", "unit": "step", **(progress if isinstance(progress, Mapping) else {})})
+    options = progress if isinstance(progress, Mapping) else {}
+    return tqdm(**{"total": steps, "desc": "deqkern", "unit": "step", **options})
 
 
 def _progress_update(bar, st: SolveState) -> None:

@@ -20,7 +20,7 @@ from deqkern._config import config_from
 from deqkern._validate import POSITIVE_INT
 from deqkern.config import EXECUTIONS, SolveConfig, check_choice
 from deqkern.engine import (
-    Execution, Problem, Solved, StopRule, Workspace, sync_device, x0_row, current_trajectory, solve,
+    Execution, Problem, Progress, Solved, StopRule, Workspace, sync_device, x0_row, current_trajectory, solve,
 )
 from deqkern.interop import to_torch
 from deqkern.model import Guidance, ModelEvaluator, ModelFn
@@ -373,7 +373,7 @@ class ParallelSampler:
         *,
         init: torch.Tensor | None = None,
         return_trajectory: bool = False,
-        progress: bool | Mapping[str, Any] = False,
+        progress: Progress = False,
         on_round: Callable[[torch.Tensor], None] | None = None,
         model_kwargs: Mapping[str, Any] | None = None,
         guidance: Guidance | None = None,
@@ -440,7 +440,7 @@ class ParallelSampler:
 
     def _solve(
         self, x_T: torch.Tensor, noise: torch.Tensor | None, init: torch.Tensor | None, return_trajectory: bool,
-        progress: bool | Mapping[str, Any], on_round: Callable[[torch.Tensor], None] | None, execution: str, back: Callable,
+        progress: Progress, on_round: Callable[[torch.Tensor], None] | None, execution: str, back: Callable,
     ) -> SampleResult:
         """The solve of validated, detached inputs (x0 carries no autograd graph)."""
         schedule, s = self.schedule, self.schedule.num_steps
@@ -469,7 +469,7 @@ class ParallelSampler:
 
     def _differentiable(
         self, x_T: torch.Tensor, noise: torch.Tensor | None, init: torch.Tensor | None, return_trajectory: bool,
-        progress: bool | Mapping[str, Any], on_round: Callable[[torch.Tensor], None] | None, execution: str,
+        progress: Progress, on_round: Callable[[torch.Tensor], None] | None, execution: str,
     ) -> SampleResult:
         """The solve with ``x0`` differentiable w.r.t. ``x_T`` and ``noise`` by the implicit adjoint
         (:func:`deqkern.inversion.function.differentiable_solve`), solved by this sampler's solver,
@@ -489,7 +489,7 @@ class ParallelSampler:
 
     def _solve_fitting(
         self, key: tuple, x_T: torch.Tensor, noise: torch.Tensor | None, init: torch.Tensor | None,
-        return_trajectory: bool, execution: str, progress: bool | Mapping[str, Any], on_round: Callable[[torch.Tensor], None] | None,
+        return_trajectory: bool, execution: str, progress: Progress, on_round: Callable[[torch.Tensor], None] | None,
         ev: ModelEvaluator,
     ) -> tuple[Workspace, Solved, list[int]]:
         """``(workspace, solved, windows that ran out of memory)``: the solve at the sampler's
@@ -583,7 +583,7 @@ def sample(
     *,
     init: torch.Tensor | None = None,
     return_trajectory: bool = False,
-    progress: bool | Mapping[str, Any] = False,
+    progress: Progress = False,
     on_round: Callable[[torch.Tensor], None] | None = None,
     **options: Any,
 ) -> SampleResult:

@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
+from deqkern._diffusers import SUPPORTED, scheduler_from_any
 from deqkern.config import SolveConfig
 from deqkern.errors import UnsupportedSchedulerOption
 from deqkern.model import Guidance, ModelFn
@@ -149,8 +150,6 @@ def step_noise(pipe: Any, schedule: Schedule, latents: torch.Tensor, generator: 
     """
     from diffusers.utils.torch_utils import randn_tensor
 
-    from deqkern._diffusers import SUPPORTED
-
     if not schedule.is_stochastic:
         return None
     name = type(pipe.scheduler).__name__
@@ -195,8 +194,6 @@ def sample_pipeline(pipe: Any, *args: Any, return_solve: bool = False, **kwargs:
     adapter = adapter_for(pipe)
     solve_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in SOLVE_KEYWORDS}
     call = bind_call(pipe, adapter, args, kwargs)
-    from deqkern._diffusers import scheduler_from_any
-
     scheduler_from_any(pipe.scheduler)  # an unsupported scheduler fails before any work
     callback = call.get("callback_on_step_end")
     pipe._interrupt = False
@@ -232,7 +229,9 @@ def _sampler(pipe: Any, den: Denoise, schedule: Schedule, solve_kw: dict[str, An
     return sampler
 
 
-def _replay_callbacks(pipe: Any, call: dict[str, Any], den: Denoise, schedule: Schedule, res: SampleResult) -> torch.Tensor:
+def _replay_callbacks(
+    pipe: Any, call: dict[str, Any], den: Denoise, schedule: Schedule, res: SampleResult
+) -> torch.Tensor:
     """Call ``callback_on_step_end`` per step on the solved trajectory; the latents the loop ends
     with (earlier when the callback interrupts)."""
     callback = call["callback_on_step_end"]

@@ -51,7 +51,8 @@ def _denoise(pipe: Any, call: dict[str, Any], cond: dict[str, Any], uncond: dict
     batch = _batch(call) * call["num_images_per_prompt"]
     latents = pipe.prepare_latents(batch, pipe.unet.config.in_channels, call["height"], call["width"], latents_dtype,
                                    device, call["generator"], call["latents"])
-    shared = {} if call["cross_attention_kwargs"] is None else {"cross_attention_kwargs": call["cross_attention_kwargs"]}
+    cak = call["cross_attention_kwargs"]
+    shared = {} if cak is None else {"cross_attention_kwargs": cak}
     guidance = None
     if uncond is not None:
         guidance = Guidance(call["guidance_scale"], cond, uncond, rescale=max(call["guidance_rescale"], 0.0))
@@ -79,7 +80,8 @@ class StableDiffusionAdapter(PipelineAdapter):
             call["height"], call["width"] = h * pipe.vae_scale_factor, w * pipe.vae_scale_factor
         pipe.check_inputs(
             call["prompt"], call["height"], call["width"], None, call["negative_prompt"], call["prompt_embeds"],
-            call["negative_prompt_embeds"], callback_on_step_end_tensor_inputs=call["callback_on_step_end_tensor_inputs"],
+            call["negative_prompt_embeds"],
+            callback_on_step_end_tensor_inputs=call["callback_on_step_end_tensor_inputs"],
         )
         guide, device = _guides(pipe, call), pipe._execution_device
         cak = call["cross_attention_kwargs"]
@@ -126,7 +128,8 @@ class StableDiffusionXLAdapter(PipelineAdapter):
         pipe.check_inputs(
             call["prompt"], call["prompt_2"], h, w, None, call["negative_prompt"], call["negative_prompt_2"],
             call["prompt_embeds"], call["negative_prompt_embeds"], call["pooled_prompt_embeds"],
-            call["negative_pooled_prompt_embeds"], callback_on_step_end_tensor_inputs=call["callback_on_step_end_tensor_inputs"],
+            call["negative_pooled_prompt_embeds"],
+            callback_on_step_end_tensor_inputs=call["callback_on_step_end_tensor_inputs"],
         )
         guide, device = _guides(pipe, call), pipe._execution_device
         cak = call["cross_attention_kwargs"]
@@ -154,8 +157,10 @@ class StableDiffusionXLAdapter(PipelineAdapter):
         # the pipeline tiles [negative; positive] ids over its doubled batch, so with distinct
         # negative ids the rows alternate rather than split in halves: the same rows here
         tiled = (torch.cat([nids, ids]) if guide else ids).repeat(batch, 1)
-        cond = {"encoder_hidden_states": pe, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": tiled[-batch:]}}
-        uncond = {"encoder_hidden_states": npe, "added_cond_kwargs": {"text_embeds": npooled, "time_ids": tiled[:batch]}}
+        cond = {"encoder_hidden_states": pe,
+                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": tiled[-batch:]}}
+        uncond = {"encoder_hidden_states": npe,
+                  "added_cond_kwargs": {"text_embeds": npooled, "time_ids": tiled[:batch]}}
         both = (lambda u, c: torch.cat([u, c])) if guide else (lambda u, c: c)
         tensors = {"prompt_embeds": both(npe, pe), "add_text_embeds": both(npooled, pooled), "add_time_ids": tiled}
         return _denoise(pipe, call, cond, uncond if guide else None, pe.dtype, device, tensors)
