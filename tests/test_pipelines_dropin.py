@@ -248,3 +248,27 @@ def test_bench_pipeline_sd_tiny(tmp_path):
         assert r["converged"] and r["model_calls"] == r["rounds"] and r["pipeline_calls"] == r["steps"]
         assert r["rows_per_call"][0] == 2 * r["window"] * r["batch"]
         assert r["image_max_abs_diff"] < IMAGE_TOL
+
+
+def test_guidance_rescale_is_diffusers_rescale_noise_cfg():
+    """``Guidance(rescale=r)`` applies diffusers' ``rescale_noise_cfg`` to each row's guided output
+    (oracle: that function on the two halves; float64, bound 1e-12 relative); bad values refused."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    from deqkern.model import ModelEvaluator
+
+    g = torch.Generator().manual_seed(2)
+    rows = 3
+
+    def model(x, t, scale):
+        return x * scale.view(-1, 1, 1, 1) + t.view(-1, 1, 1, 1).to(x.dtype)
+
+    cond, uncond = torch.rand(rows, generator=g, dtype=torch.float64), torch.rand(1, generator=g, dtype=torch.float64)
+    guidance = deqkern.Guidance(3.0, {"scale": cond}, {"scale": uncond}, rescale=0.7)
+    x, t = torch.randn(rows, 2, 3, 3, generator=g, dtype=torch.float64), torch.tensor([900, 500, 100])
+    ours = ModelEvaluator(model, guidance=guidance)(x, t, torch.arange(rows), round_index=0)
+    c, u = model(x, t, cond), model(x, t, uncond.expand(rows))
+    assert rel_err(ours, rescale_noise_cfg(u + 3.0 * (c - u), c, guidance_rescale=0.7)) < 1e-12
+    for bad in (-0.1, float("nan"), True):
+        with pytest.raises(ValueError, match="guidance.rescale"):
+            deqkern.Guidance(3.0, {"scale": cond}, {"scale": uncond}, rescale=bad)
