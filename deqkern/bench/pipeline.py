@@ -21,7 +21,7 @@ PIPELINES = ("sd-tiny",)
 PROMPTS = ["a cat", "a hat", "a cab", "a bat", "a mat", "a rat", "a vat", "a tab"]
 
 
-class _CallCounter:
+class CallCounter:
     """Counts the UNet's forward calls and the rows of each (a forward pre-hook)."""
 
     def __init__(self, module: torch.nn.Module) -> None:
@@ -38,7 +38,7 @@ def _compare(pipe: Any, steps: int, batch: int, seed: int, solve: dict[str, Any]
 
     kw = dict(prompt=(PROMPTS * batch)[:batch], negative_prompt=["dog"] * batch, num_inference_steps=steps,
               guidance_scale=5.0, output_type="np")
-    counter = _CallCounter(pipe.unet)
+    counter = CallCounter(pipe.unet)
     start = time.perf_counter()
     ref = pipe(**kw, generator=torch.Generator().manual_seed(seed)).images
     ref_wall, ref_calls = time.perf_counter() - start, len(counter.rows)
