@@ -70,17 +70,19 @@ def tiny_t5(d_model: int = 16, seed: int = 0):
     return T5EncoderModel(cfg).eval(), tok
 
 
-def tiny_clip(hidden: int, proj: int, seed: int):
-    """A 2-layer ``CLIPTextModelWithProjection`` and its tokenizer (``<|startoftext|> words
-    <|endoftext|>``, padded with ``<|endoftext|>`` to 8 tokens, as CLIP pads)."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+def tiny_clip(hidden: int, proj: int | None, seed: int):
+    """A 2-layer ``CLIPTextModelWithProjection`` (``CLIPTextModel`` when ``proj`` is None) and its
+    tokenizer (``<|startoftext|> words <|endoftext|>``, padded with ``<|endoftext|>`` to 8 tokens,
+    as CLIP pads)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tok = word_tokenizer(8, eos="<|endoftext|>", pad="<|endoftext|>", bos="<|startoftext|>")
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=8, projection_dim=proj,
+                         num_attention_heads=2, max_position_embeddings=8, projection_dim=proj or hidden,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return CLIPTextModelWithProjection(cfg).eval(), tok
+    cls = CLIPTextModel if proj is None else CLIPTextModelWithProjection
+    return cls(cfg).eval(), tok
 
 
 def tiny_vae(latent_channels: int = 4, seed: int = 0, **config):
@@ -148,3 +150,26 @@ def tiny_sd3(scheduler=None, *, seed: int = 0):
     return _quiet(StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae,
                                            text_encoder=clip1, tokenizer=tok1, text_encoder_2=clip2,
                                            tokenizer_2=tok2, text_encoder_3=t5, tokenizer_3=tok3))
+
+
+def tiny_flux(scheduler=None, *, guidance_embeds: bool = True, seed: int = 0):
+    """``FluxPipeline``: a ``FluxTransformer2DModel`` with one double and one single block on packed
+    4 x 8 x 8 latents (16 tokens of 16 channels), guidance-distilled (``guidance_embeds``), a CLIP
+    text model (pooled, hidden 8) and a T5 of width 16; default scheduler flow-matching Euler with
+    dynamic shifting, as FLUX.1-dev ships. Call it with ``height=8, width=8`` (the default is 128
+    latent pixels) and a small ``max_sequence_length``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    clip, tok = tiny_clip(8, None, seed=seed + 3)
+    t5, tok2 = tiny_t5(seed=seed + 2)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                         pooled_projection_dim=8, guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=(4, 6, 6)).eval()
+    scheduler = scheduler or FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5,
+                                                             max_shift=1.15, base_image_seq_len=256,
+                                                             max_image_seq_len=4096)
+    vae = tiny_vae(seed=seed + 1, scaling_factor=0.3611, shift_factor=0.1159)
+    return _quiet(FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tok, text_encoder_2=t5,
+                               tokenizer_2=tok2, transformer=transformer))
