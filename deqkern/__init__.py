@@ -12,7 +12,7 @@ from deqkern.config import SolveConfig
 from deqkern.sampling import ParallelSampler, SampleResult, SequentialSampler, sample, sample_sequential
 from deqkern.errors import CaptureHazard, NonFiniteModelOutput, UnsupportedSchedulerOption
 from deqkern.model import Guidance
-from deqkern.pipelines import PipelineResult, sample_pipeline
+from deqkern.pipelines import sample_pipeline
 from deqkern.schedule import Schedule, X0Transform
 from deqkern.solvers import AndersonConfig, PicardConfig, Solver, SolverFactory, register_solver, solver_names
 
@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AndersonConfig", "CaptureHazard", "Guidance", "NonFiniteModelOutput", "ParallelSampler", "PicardConfig",
-    "PipelineResult", "SampleResult", "Schedule", "SequentialSampler", "SolveConfig", "Solver", "SolverFactory",
+    "SampleResult", "Schedule", "SequentialSampler", "SolveConfig", "Solver", "SolverFactory",
     "UnsupportedSchedulerOption", "X0Transform", "register_solver", "sample", "sample_pipeline", "sample_sequential",
     "solver_names",
 ]

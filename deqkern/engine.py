@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 
@@ -488,7 +488,7 @@ class Workspace:
 
 
 def solve(
-    ws: Workspace, progress: bool = False, on_round: Callable[[torch.Tensor], None] | None = None
+    ws: Workspace, progress: bool | Mapping[str, Any] = False, on_round: Callable[[torch.Tensor], None] | None = None
 ) -> Solved:
     """Run rounds of ``ws.p`` from the loaded state until every sample converged or ``max_iters``
     rounds ran.
@@ -497,7 +497,8 @@ def solve(
     window), and the evaluator is the only thing evaluated per row, so any chain with this
     triangular structure solves here: :func:`deqkern.sample` builds the problem from a
     :class:`Schedule`, the inversion's adjoint from the chain's Jacobians
-    (:func:`deqkern.inversion.solve_adjoint`). ``progress`` and ``on_round`` need eager execution.
+    (:func:`deqkern.inversion.solve_adjoint`). ``progress`` (True or tqdm's options): a bar of the steps
+    every sample has frozen, per round under eager execution; ``on_round`` needs eager execution.
 
     Runs without autograd whatever the caller's grad mode: backpropagating through the solver's
     rounds would record every round (memory growing with the rounds, and no CUDA graph) for a
@@ -508,7 +509,7 @@ def solve(
         return _solve(ws, progress, on_round)
 
 
-def _solve(ws: Workspace, progress: bool, on_round: Callable[[torch.Tensor], None] | None) -> Solved:
+def _solve(ws: Workspace, progress: bool | Mapping[str, Any], on_round: Callable[[torch.Tensor], None] | None) -> Solved:
     p, st, solver, ev = ws.p, ws.st, ws.solver, ws.ev
     dev = st.xw.device
     ev.evaluations = 0
@@ -516,7 +517,7 @@ def _solve(ws: Workspace, progress: bool, on_round: Callable[[torch.Tensor], Non
     sync_device(dev)
     start = time.perf_counter()
     if ws.execution == "eager":
-        bar = _progress_bar(progress, p.steps * p.batch)
+        bar = _progress_bar(progress, p.steps)
         while (r := int(st.rounds)) < p.max_iters and bool((st.k0 < p.steps).any()):
             k_before = st.k0.clone()
             run_round(p, st, solver, ev, static=False)
@@ -524,14 +525,15 @@ def _solve(ws: Workspace, progress: bool, on_round: Callable[[torch.Tensor], Non
                 raise NonFiniteModelOutput(f"model output is not finite in round {r} at timestep(s) [{bad_t}]")
             if on_round is not None:
                 on_round(_x0_estimate(p, st, k_before))
-            if bar is not None:
-                bar.update(int((st.k0 - k_before).sum()))
-        if bar is not None:
-            bar.close()
+            _progress_update(bar, st)
     else:
         if ws.runners is None:
             ws.runners = static_runners(p, st, solver, ev, ws.rounds_per_graph, ws.execution)
+        bar = _progress_bar(progress, p.steps)
         info.update(run_static(p, st, ev, ws.runners))
+        _progress_update(bar, st)
+    if bar is not None:
+        bar.close()
     sync_device(dev)
     wall = time.perf_counter() - start
     ws.solves += 1
@@ -573,9 +575,18 @@ def _x0_estimate(p: Problem, st: SolveState, k_before: torch.Tensor) -> torch.Te
     return torch.where(reached.view(-1, *[1] * (len(p.shape) - 1)), x0_row(p, st), float("nan"))
 
 
-def _progress_bar(enabled: bool, total: int):
-    if not enabled:
+def _progress_bar(progress: bool | Mapping[str, Any], steps: int):
+    """A tqdm bar over the chain's ``steps`` (``progress``: True, or tqdm's options, e.g. a
+    pipeline's ``set_progress_bar_config``), or None when ``progress`` is False."""
+    if not isinstance(progress, Mapping) and not progress:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="deqkern", unit="step")
+    return tqdm(**{"total": steps, "desc": "deqkern", "unit": "step", **(progress if isinstance(progress, Mapping) else {})})
+
+
+def _progress_update(bar, st: SolveState) -> None:
+    """The bar at the steps every sample has frozen, with the rounds so far."""
+    if bar is not None:
+        bar.update(int(st.k0.min()) - bar.n)
+        bar.set_postfix(rounds=int(st.rounds), refresh=False)

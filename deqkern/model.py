@@ -53,7 +53,10 @@ def _check_mapping(value: Any, name: str) -> None:
 
 @dataclass
 class Guidance:
-    """Classifier-free guidance: ``out = u + scale * (c - u)``.
+    """Classifier-free guidance: ``g = u + scale * (c - u)``; with ``rescale = r > 0`` (diffusers'
+    ``guidance_rescale``, its ``rescale_noise_cfg``: Lin et al. 2023, section 3.4) each row's
+    ``g`` is pulled towards the conditional output's standard deviation,
+    ``out = r * g * std(c) / std(g) + (1 - r) * g`` (std over a row's elements, unbiased).
 
     ``cond`` and ``uncond`` map keyword names (e.g. ``encoder_hidden_states``) to tensors with
     a leading dimension of 1 (shared) or the number of samples B (the negative prompt embeddings
@@ -65,10 +68,14 @@ class Guidance:
     scale: float
     cond: Mapping[str, Any]
     uncond: Mapping[str, Any]
+    rescale: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.scale, bool) or not isinstance(self.scale, numbers.Real) or not math.isfinite(self.scale):
             raise ValueError(f"guidance.scale: expected a finite number, got {self.scale!r}")
+        if isinstance(self.rescale, bool) or not isinstance(self.rescale, numbers.Real) or not (
+                math.isfinite(self.rescale) and self.rescale >= 0):
+            raise ValueError(f"guidance.rescale: expected a finite number >= 0, got {self.rescale!r}")
         _check_mapping(self.cond, "guidance.cond")
         _check_mapping(self.uncond, "guidance.uncond")
         _check_halves(self.cond, self.uncond, "")
@@ -208,7 +215,12 @@ class ModelEvaluator:
         doubled = torch.cat([xin, xin])
         out = _checked_shape(model_output_tensor(self.model(doubled, torch.cat([t, t]), **both)), doubled.shape)
         u, c = out.chunk(2)
-        return u + g.scale * (c - u)
+        guided = u + g.scale * (c - u)
+        if g.rescale == 0:
+            return guided
+        dims = list(range(1, c.ndim))
+        rescaled = guided * (c.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+        return g.rescale * rescaled + (1 - g.rescale) * guided
 
 
 def _checked_shape(out: torch.Tensor, expected: torch.Size) -> torch.Tensor:

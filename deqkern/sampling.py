@@ -370,7 +370,7 @@ class ParallelSampler:
         *,
         init: torch.Tensor | None = None,
         return_trajectory: bool = False,
-        progress: bool = False,
+        progress: bool | Mapping[str, Any] = False,
         on_round: Callable[[torch.Tensor], None] | None = None,
     ) -> SampleResult:
         """Solve from ``x_T``.
@@ -380,7 +380,8 @@ class ParallelSampler:
             noise: ``[S, *x_T.shape]`` pre-drawn step noise, required for stochastic chains.
             init: ``[S, *x_T.shape]`` warm start for positions 1..S (e.g. a previous trajectory).
             return_trajectory: also return all latents ``[S+1, *x_T.shape]``.
-            progress: a tqdm bar of frozen steps (eager execution).
+            progress: a tqdm bar of the steps every sample has frozen, with the rounds so far
+                (True, or tqdm's options: a mapping), updated every round under eager execution.
             on_round: called after every round (eager execution only) with the current x0
                 estimate ``[B, *x_T.shape[1:]]``: the x0 row computed in that round, or the frozen
                 x0 of a finished sample; NaN for samples whose window has not reached x0 yet.
@@ -413,7 +414,7 @@ class ParallelSampler:
 
     def _solve(
         self, x_T: torch.Tensor, noise: torch.Tensor | None, init: torch.Tensor | None, return_trajectory: bool,
-        progress: bool, on_round: Callable[[torch.Tensor], None] | None, execution: str, back: Callable,
+        progress: bool | Mapping[str, Any], on_round: Callable[[torch.Tensor], None] | None, execution: str, back: Callable,
     ) -> SampleResult:
         """The solve of validated, detached inputs (x0 carries no autograd graph)."""
         schedule, s = self.schedule, self.schedule.num_steps
@@ -442,7 +443,7 @@ class ParallelSampler:
 
     def _differentiable(
         self, x_T: torch.Tensor, noise: torch.Tensor | None, init: torch.Tensor | None, return_trajectory: bool,
-        progress: bool, on_round: Callable[[torch.Tensor], None] | None, execution: str,
+        progress: bool | Mapping[str, Any], on_round: Callable[[torch.Tensor], None] | None, execution: str,
     ) -> SampleResult:
         """The solve with ``x0`` differentiable w.r.t. ``x_T`` and ``noise`` by the implicit adjoint
         (:func:`deqkern.inversion.function.differentiable_solve`), solved by this sampler's solver,
@@ -462,7 +463,7 @@ class ParallelSampler:
 
     def _solve_fitting(
         self, key: tuple, x_T: torch.Tensor, noise: torch.Tensor | None, init: torch.Tensor | None,
-        return_trajectory: bool, execution: str, progress: bool, on_round: Callable[[torch.Tensor], None] | None,
+        return_trajectory: bool, execution: str, progress: bool | Mapping[str, Any], on_round: Callable[[torch.Tensor], None] | None,
         ev: ModelEvaluator,
     ) -> tuple[Workspace, Solved, list[int]]:
         """``(workspace, solved, windows that ran out of memory)``: the solve at the sampler's
@@ -520,7 +521,7 @@ def sample(
     *,
     init: torch.Tensor | None = None,
     return_trajectory: bool = False,
-    progress: bool = False,
+    progress: bool | Mapping[str, Any] = False,
     on_round: Callable[[torch.Tensor], None] | None = None,
     **options: Any,
 ) -> SampleResult:

@@ -13,7 +13,7 @@ from deqkern.pipelines import sample_pipeline
 
 @pytest.mark.parametrize("kind,eta", [("ddim", 0.0), ("ddim", 0.6), ("ddpm", None)])
 def test_matches_diffusers_pipeline(kind, eta):
-    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
+    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, ImagePipelineOutput
 
     unet = tiny_unet(seed=1)
     if kind == "ddim":
@@ -26,8 +26,11 @@ def test_matches_diffusers_pipeline(kind, eta):
     steps = 12
     gen = torch.Generator().manual_seed(7)
     ref = pipe(batch_size=2, num_inference_steps=steps, generator=gen, output_type="np", **kw).images
-    ours = sample_pipeline(pipe, 2, steps, generator=torch.Generator().manual_seed(7), tol=1e-6, **kw)
-    assert ours.result.all_converged and ours.result.rounds <= steps
+    # deqkern's positional (batch_size, num_inference_steps), kept from before the registry
+    ours = sample_pipeline(pipe, 2, steps, generator=torch.Generator().manual_seed(7), tol=1e-6, output_type="np",
+                           **kw)
+    assert isinstance(ours, ImagePipelineOutput)
+    assert ours.deqkern.all_converged and ours.deqkern.rounds <= steps
     assert ours.images.shape == ref.shape
     assert np.abs(ours.images - ref).max() < 1e-4
 
@@ -36,7 +39,7 @@ def test_bad_pipeline_arguments():
     from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
     ddpm = DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=1000))
-    with pytest.raises(ValueError, match="eta"):
+    with pytest.raises(TypeError, match="eta"):  # DDPMPipeline has no eta
         sample_pipeline(ddpm, 1, 5, eta=0.5)
     with pytest.raises(TypeError, match="pipe"):
         sample_pipeline(object(), 1, 5)
