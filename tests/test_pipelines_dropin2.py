@@ -24,13 +24,14 @@ IMAGE_TOL = 1e-4
 STEPS = 6
 
 
-def _both(pipe, *args, **kw):
-    """``(pipe(*args, **kw), sample_pipeline(pipe, *args, **kw))`` from generators of the same seed,
-    torch's global RNG seeded alike before each."""
+def _both(pipe, *args, solve=None, **kw):
+    """``(pipe(*args, **kw), sample_pipeline(pipe, *args, **kw, **solve))`` from generators of the
+    same seed, torch's global RNG seeded alike before each."""
     torch.manual_seed(11)
     ref = pipe(*args, **kw, generator=torch.Generator().manual_seed(5))
     torch.manual_seed(11)
-    ours = deqkern.sample_pipeline(pipe, *args, **kw, generator=torch.Generator().manual_seed(5), tol=TOL)
+    ours = deqkern.sample_pipeline(pipe, *args, **kw, generator=torch.Generator().manual_seed(5),
+                                   **{"tol": TOL, **(solve or {})})
     return ref, ours
 
 
@@ -106,6 +107,23 @@ def test_pixart_sigma_unguided_matches_pipeline():
     assert ours.images.shape[0] == 4
 
 
+def test_pixart_micro_conditions_match_pipeline():
+    # sample size 128: PixArt-alpha conditions on the resolution and aspect ratio (added_cond_kwargs)
+    pipe = tiny_pipes2.tiny_pixart(sample_size=128, patch_size=8)
+    assert pipe.transformer.use_additional_conditions
+    ref, ours = _both(pipe, **{**_pixart_kw(), "num_inference_steps": 3})
+    _assert_same(ref, ours)
+
+
+def test_pixart_resolution_binning_matches_pipeline():
+    # a 40 x 24 request is made at the nearest binned size (256 x 256) and resized and cropped back
+    pipe = tiny_pipes2.tiny_pixart(sample_size=32, patch_size=8)
+    ref, ours = _both(pipe, **{**_pixart_kw(), "num_inference_steps": 3, "use_resolution_binning": True,
+                               "height": 40, "width": 24})
+    _assert_same(ref, ours)
+    assert ours.images.shape == (2, 40, 24, 3)
+
+
 def _sd3_kw(**extra):
     return dict(prompt=["a photo of a cat", "a red dog"], negative_prompt="blurry", guidance_scale=5.0,
                 num_inference_steps=STEPS, output_type="np", max_sequence_length=8, **extra)
@@ -119,6 +137,61 @@ def test_sd3_matches_pipeline(config):
     ref, ours = _both(pipe, **_sd3_kw())
     _assert_same(ref, ours)
     assert len(calls) == STEPS + ours.deqkern.rounds
+
+
+def test_sd3_given_latents_and_embeddings_match_pipeline():
+    pipe = tiny_pipes2.tiny_sd3()
+    pe, npe, pooled, npooled = pipe.encode_prompt("a cat", None, None, negative_prompt="dog", max_sequence_length=8)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    kw = dict(prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=pooled,
+              negative_pooled_prompt_embeds=npooled, latents=latents,
+              num_inference_steps=STEPS, output_type="np")
+    ref, ours = _both(pipe, **kw)
+    _assert_same(ref, ours)
+
+
+def _recorder(stop_at=None):
+    """A ``callback_on_step_end`` that records each step's latents and interrupts after ``stop_at``."""
+    seen = []
+
+    def callback(pipe, i, t, tensors):
+        seen.append((i, float(t), tensors["latents"].clone(), tensors["prompt_embeds"].shape))
+        if i == stop_at:
+            pipe._interrupt = True
+        return {}
+    return seen, callback
+
+
+@pytest.mark.parametrize("stop_at", [None, 2])
+def test_sd3_and_flux_step_callbacks_see_the_pipelines_latents(stop_at):
+    for pipe, kw in [(tiny_pipes2.tiny_sd3(), _sd3_kw()),
+                     (tiny_pipes2.tiny_flux(), dict(prompt="a cat", num_inference_steps=STEPS, height=8, width=8,
+                                                    output_type="np", max_sequence_length=8))]:
+        (seen_ref, cb_ref), (seen, cb) = _recorder(stop_at), _recorder(stop_at)
+        torch.manual_seed(11)
+        ref = pipe(**kw, generator=torch.Generator().manual_seed(5), callback_on_step_end=cb_ref,
+                   callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
+        ours = deqkern.sample_pipeline(pipe, **kw, generator=torch.Generator().manual_seed(5), tol=TOL,
+                                       callback_on_step_end=cb,
+                                       callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
+        _assert_same(ref, ours)
+        assert [s[:2] for s in seen] == [s[:2] for s in seen_ref] and [s[3] for s in seen] == [s[3] for s in seen_ref]
+        for (*_, x, _), (*_, x_ref, _) in zip(seen, seen_ref):
+            assert (x - x_ref).abs().max() < 1e-4 * x_ref.abs().max()
+
+
+@pytest.mark.parametrize("family", ["dit", "pixart", "sd3", "flux"])
+def test_denoisers_replay_safely(family):
+    # the CPU audit of a CUDA graph's replay (no host syncs, the same ops every call) on the guided denoisers
+    pipe, kw = {
+        "dit": (tiny_pipes2.tiny_dit(), dict(class_labels=[1, 2])),
+        "pixart": (tiny_pipes2.tiny_pixart(), _pixart_kw()),
+        "sd3": (tiny_pipes2.tiny_sd3(), _sd3_kw()),
+        "flux": (tiny_pipes2.tiny_flux(), dict(prompt="a cat", negative_prompt="dog", true_cfg_scale=2.0, height=8,
+                                               width=8, max_sequence_length=8)),
+    }[family]
+    ref, ours = _both(pipe, **{"num_inference_steps": 4, "output_type": "np", **kw}, solve={"execution": "audit"})
+    _assert_same(ref, ours)
 
 
 def test_sd3_unguided_with_sigmas_matches_pipeline():

@@ -86,13 +86,15 @@ def tiny_clip(hidden: int, proj: int | None, seed: int):
 
 
 def tiny_vae(latent_channels: int = 4, seed: int = 0, **config):
-    """A one-block ``AutoencoderKL`` (scale factor 1: latents are the image's size)."""
+    """A one-block ``AutoencoderKL`` (scale factor 1: latents are the image's size) without the
+    mid-block attention (quadratic in the pixels: PixArt's binned 256 x 256 images)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
                          up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
-                         latent_channels=latent_channels, norm_num_groups=4, sample_size=8, **config).eval()
+                         latent_channels=latent_channels, norm_num_groups=4, sample_size=8,
+                         mid_block_add_attention=False, **config).eval()
 
 
 def _quiet(pipe):
@@ -115,16 +117,19 @@ def tiny_dit(scheduler=None, *, learned_sigma: bool = True, seed: int = 0):
                               id2label=labels))
 
 
-def tiny_pixart(scheduler=None, *, seed: int = 0):
+def tiny_pixart(scheduler=None, *, sample_size: int = 8, patch_size: int = 2, seed: int = 0):
     """``PixArtAlphaPipeline``: a 1-layer ``PixArtTransformer2DModel`` (sample size 8, learned
     variance) with a tiny T5; call it with ``use_resolution_binning=False`` (binning knows the
-    sample sizes 32/64/128 only) and a small ``max_sequence_length``. Default scheduler DDIM."""
+    sample sizes 32/64/128 only) and a small ``max_sequence_length``. Default scheduler DDIM.
+    ``sample_size=128`` (with a large ``patch_size`` to keep the tokens few) makes PixArt-alpha
+    condition on resolution and aspect ratio."""
     from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
 
     t5, tok = tiny_t5(seed=seed + 2)
     torch.manual_seed(seed)
-    transformer = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                           num_layers=1, sample_size=8, patch_size=2, cross_attention_dim=16,
+    transformer = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8,
+                                           num_layers=1, sample_size=sample_size, patch_size=patch_size,
+                                           cross_attention_dim=24,
                                            caption_channels=t5.config.d_model).eval()
     scheduler = scheduler or DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
     return _quiet(PixArtAlphaPipeline(tokenizer=tok, text_encoder=t5, vae=tiny_vae(seed=seed + 1),

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import torch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity, as the module it wraps
 class TransformerDenoiser:
     """``model(x, t, **kw) = transformer(x, timestep=t', return_dict=False, **fixed, **kw)[0][:, :channels]``.
 
