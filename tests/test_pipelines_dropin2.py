@@ -200,9 +200,10 @@ def test_sd3_unguided_with_sigmas_matches_pipeline():
     _assert_same(ref, ours)
 
 
-@pytest.mark.parametrize("true_cfg_scale", [1.0, 3.0])
-def test_flux_matches_pipeline(true_cfg_scale):
-    pipe = tiny_pipes2.tiny_flux()
+@pytest.mark.parametrize("true_cfg_scale,stochastic", [(1.0, False), (3.0, False), (3.0, True)])
+def test_flux_matches_pipeline(true_cfg_scale, stochastic):
+    pipe = tiny_pipes2.tiny_flux(_scheduler("FlowMatchEulerDiscreteScheduler", use_dynamic_shifting=True,
+                                            stochastic_sampling=stochastic))
     calls = _count_calls(pipe.transformer)
     ref, ours = _both(pipe, prompt=["a photo of a cat", "a red dog"], negative_prompt="blurry",
                       true_cfg_scale=true_cfg_scale, guidance_scale=3.5, num_inference_steps=STEPS, height=8, width=8,
