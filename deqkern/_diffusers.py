@@ -41,6 +41,9 @@ def scheduler_from_any(scheduler: Any) -> tuple[Any, Kind]:
             )
     else:
         raise TypeError(f"scheduler: expected a diffusers scheduler or its config dict, got {type(scheduler).__name__}")
+    # a key listed in _use_default_values is rebuilt at its default, even when an owner (a
+    # StableDiffusionPipeline sets clip_sample=False) changed it since: every value stands as it is
+    config.pop("_use_default_values", None)
     if name not in SUPPORTED:
         raise UnsupportedSchedulerOption(
             f"scheduler class {name!r}: deqkern reproduces {sorted(SUPPORTED)} exactly; other schedulers "

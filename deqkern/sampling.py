@@ -291,8 +291,9 @@ class ParallelSampler:
             propagates): ``info["window"]`` is the window that ran, ``info["window_oom"]`` the
             ones that ran out of memory.
         solver_options: the solver's config dataclass or a mapping of its fields.
-        model_kwargs, guidance: conditioning (per sample or shared), fixed for the sampler: a
-            captured graph reads these very tensors, so update them in place to change them.
+        model_kwargs, guidance: conditioning (per sample or shared). The sampler keeps a copy (a
+            captured graph reads it); pass ``model_kwargs=``/``guidance=`` to a call to change
+            it without rebuilding the sampler.
         max_batch: most model rows per call; a round is split into chunks above it.
         model_dtype: the dtype the model is fed (its weights'); default ``x_T``'s. Only the
             model's input is cast: the latents and all solver state (window, residuals, solver
@@ -358,6 +359,8 @@ class ParallelSampler:
         self.schedule = schedule if schedule.form == self.config.form else schedule.with_form(self.config.form)
         self.ev = ModelEvaluator(model, model_kwargs or {}, guidance, max_batch, model_dtype,
                                  inputs=schedule.step_inputs)
+        # the sampler's own copy: a later call's conditioning is copied into it (captured graphs read it)
+        self.ev = replace(self.ev, model_kwargs=_owned(self.ev.model_kwargs), guidance=_owned(self.ev.guidance))
         self.model_dtype = self.ev.model_dtype
         self._cache = _Cache(cache_size)
         #: per input signature, the windows whose solve ran out of memory (see _solve_fitting)
@@ -372,6 +375,8 @@ class ParallelSampler:
         return_trajectory: bool = False,
         progress: bool | Mapping[str, Any] = False,
         on_round: Callable[[torch.Tensor], None] | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
+        guidance: Guidance | None = None,
     ) -> SampleResult:
         """Solve from ``x_T``.
 
@@ -385,6 +390,11 @@ class ParallelSampler:
             on_round: called after every round (eager execution only) with the current x0
                 estimate ``[B, *x_T.shape[1:]]``: the x0 row computed in that round, or the frozen
                 x0 of a finished sample; NaN for samples whose window has not reached x0 yet.
+            model_kwargs, guidance: this call's conditioning and from now on the sampler's (None:
+                keep the sampler's). Of the same layout as the sampler's (keys, tensor shapes,
+                dtypes and devices, other values, guidance scales) it is copied into the
+                sampler's own tensors, so kept workspaces and captured graphs are reused; of
+                another layout the workspaces are rebuilt (and graphs captured again).
 
         ``x_T``, ``noise`` and ``init`` may be any DLPack array (cupy, numpy, ...): ``x0`` and
         the trajectory then come back as the same kind, zero-copy.
@@ -399,6 +409,8 @@ class ParallelSampler:
                              f"{init.dtype} {tuple(init.shape)} on {init.device}")
         if init is not None and not bool(torch.isfinite(init).all()):
             raise ValueError("init: contains NaN or inf")
+        if model_kwargs is not None or guidance is not None:
+            self._condition(model_kwargs, guidance, x_T.shape[0])
         self.ev.check_conditioning(x_T.shape[0])
         execution = self.config.execution
         if execution == "auto":
@@ -411,6 +423,20 @@ class ParallelSampler:
         x_T, noise = x_T.detach(), None if noise is None else noise.detach()
         init = None if init is None else init.detach()
         return self._solve(x_T, noise, init, return_trajectory, progress, on_round, execution, back)
+
+    def _condition(self, model_kwargs: Mapping[str, Any] | None, guidance: Guidance | None, batch: int) -> None:
+        """Make ``model_kwargs``/``guidance`` (None: unchanged) the sampler's conditioning: copied
+        in place when their layout is the current one, else a new evaluator and no kept workspace."""
+        ev = self.ev
+        new = replace(ev, model_kwargs=ev.model_kwargs if model_kwargs is None else model_kwargs,
+                      guidance=ev.guidance if guidance is None else guidance)  # checks their types
+        new.check_conditioning(batch)
+        if _layout(new.model_kwargs) == _layout(ev.model_kwargs) and _layout(new.guidance) == _layout(ev.guidance):
+            _copy_into(ev.model_kwargs, new.model_kwargs)
+            _copy_into(ev.guidance, new.guidance)
+            return
+        self.ev = replace(new, model_kwargs=_owned(new.model_kwargs), guidance=_owned(new.guidance))
+        self._cache.clear()
 
     def _solve(
         self, x_T: torch.Tensor, noise: torch.Tensor | None, init: torch.Tensor | None, return_trajectory: bool,
@@ -507,6 +533,42 @@ class ParallelSampler:
             p, x_T, ev, c.solver, c.solver_options, execution=execution, rounds_per_graph=c.rounds_per_graph,
             model_dtype=ev.model_dtype, return_trajectory=return_trajectory,
         )
+
+
+def _owned(value: Any) -> Any:
+    """A copy of conditioning that a sampler may overwrite: tensors cloned (detached), mappings and
+    :class:`Guidance` rebuilt around them, other values shared."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, Guidance):
+        return replace(value, cond=_owned(value.cond), uncond=_owned(value.uncond))
+    if isinstance(value, Mapping):
+        return {k: _owned(v) for k, v in value.items()}
+    return value
+
+
+def _layout(value: Any) -> Any:
+    """What a captured solve depends on besides tensor values: tensors' shape, dtype and device,
+    the keys, the other values (a guidance scale is a constant of the captured graph)."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device)
+    if isinstance(value, Guidance):
+        return ("guidance", value.scale, value.rescale, _layout(value.cond), _layout(value.uncond))
+    if isinstance(value, Mapping):
+        return ("map", sorted(((k, _layout(v)) for k, v in value.items()), key=lambda kv: kv[0]))
+    return ("value", value)
+
+
+def _copy_into(dst: Any, src: Any) -> None:
+    """``src``'s tensor values into ``dst``'s tensors, of the same :func:`_layout`."""
+    if isinstance(dst, torch.Tensor):
+        dst.copy_(src)
+    elif isinstance(dst, Guidance):
+        _copy_into(dst.cond, src.cond)
+        _copy_into(dst.uncond, src.uncond)
+    elif isinstance(dst, Mapping):
+        for key, value in dst.items():
+            _copy_into(value, src[key])
 
 
 def sample(
