@@ -5,9 +5,11 @@ A pipeline family is one :class:`PipelineAdapter` (``prepare``: conditioning, de
 ``decode``: the pipeline's output), registered by class name with :func:`register_adapter`;
 :mod:`deqkern.pipelines.core` documents the protocol. Families here: DDIM/DDPM
 (:mod:`~deqkern.pipelines.unconditional`), Stable Diffusion and SDXL
-(:mod:`~deqkern.pipelines.stable_diffusion`). diffusers is imported on first use.
+(:mod:`~deqkern.pipelines.stable_diffusion`), DiT, PixArt-alpha/sigma, Stable Diffusion 3 and Flux
+(:mod:`~deqkern.pipelines.dit`, ``pixart``, ``sd3``, ``flux``). diffusers is imported on first use.
 """
-from deqkern.pipelines import stable_diffusion, unconditional  # noqa: F401  (register their adapters)
+# imported to register their adapters
+from deqkern.pipelines import dit, flux, pixart, sd3, stable_diffusion, unconditional  # noqa: F401
 from deqkern.pipelines.core import (
     Denoise, PipelineAdapter, adapter_for, register_adapter, sample_pipeline, supported_pipelines,
 )

@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 
@@ -51,6 +51,12 @@ class Denoise:
     callback_tensors: Mapping[str, Any] = field(default_factory=dict)
     #: the adapter's own values for ``decode`` (device, embeddings' dtype, ...)
     state: Mapping[str, Any] = field(default_factory=dict)
+    #: the rows each step's noise is drawn for, when the loop steps more rows than it keeps (DiT
+    #: steps its doubled guidance batch and keeps the first half); None: the latents' batch
+    noise_batch: int | None = None
+    #: applied to ``Schedule.from_diffusers``' chain when the loop's step is not the scheduler's own
+    #: (DiT steps the scaled model input)
+    adjust_schedule: Callable[[Schedule], Schedule] | None = None
 
 
 class PipelineAdapter(ABC):
@@ -140,9 +146,11 @@ def step_accepts(pipe: Any, name: str) -> bool:
     return name in inspect.signature(pipe.scheduler.step).parameters
 
 
-def step_noise(pipe: Any, schedule: Schedule, latents: torch.Tensor, generator: Any) -> torch.Tensor | None:
+def step_noise(pipe: Any, schedule: Schedule, latents: torch.Tensor, generator: Any,
+               batch: int | None = None) -> torch.Tensor | None:
     """``[S, *latents.shape]``: the noise each ``pipe.scheduler.step`` of the loop draws from
     ``generator``, in loop order (zeros where a step draws none); None for a deterministic chain.
+    With ``batch``, each step draws for that many rows and the first ``latents.shape[0]`` are kept.
 
     DDIM (eta > 0) and Euler ancestral draw every step, DDPM at timesteps > 0, flow matching
     (``stochastic_sampling``) every step in float32; each in the model output's shape and dtype
@@ -157,9 +165,10 @@ def step_noise(pipe: Any, schedule: Schedule, latents: torch.Tensor, generator: 
     if kind not in ("ddim", "ddpm", "euler_a", "flow"):
         raise UnsupportedSchedulerOption(f"{name}: sample_pipeline does not know the order of its noise draws")
     dtype = torch.float32 if kind == "flow" else latents.dtype
+    shape, rows = (batch or latents.shape[0], *latents.shape[1:]), latents.shape[0]
     draws = [
         torch.zeros_like(latents) if kind == "ddpm" and int(t) == 0
-        else randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=dtype).to(latents.dtype)
+        else randn_tensor(shape, generator=generator, device=latents.device, dtype=dtype)[:rows].to(latents.dtype)
         for t in schedule.timesteps
     ]
     return torch.stack(draws)
@@ -200,7 +209,9 @@ def sample_pipeline(pipe: Any, *args: Any, return_solve: bool = False, **kwargs:
     with torch.no_grad():  # as the pipeline's __call__
         den = adapter.prepare(pipe, call)
         schedule = Schedule.from_diffusers(pipe.scheduler, den.num_inference_steps, **den.schedule_kwargs)
-        noise = step_noise(pipe, schedule, den.latents, den.generator)
+        if den.adjust_schedule is not None:
+            schedule = den.adjust_schedule(schedule)
+        noise = step_noise(pipe, schedule, den.latents, den.generator, den.noise_batch)
         res = _sampler(pipe, den, schedule, solve_kw)(
             den.latents, noise, progress=dict(getattr(pipe, "_progress_bar_config", {})),
             return_trajectory=callback is not None, model_kwargs=den.model_kwargs, guidance=den.guidance,
