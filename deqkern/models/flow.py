@@ -62,10 +62,6 @@ class FlowFromEpsilon(torch.nn.Module):
         # dtype, so kept out of the module's buffers, with a copy per device made on first use
         self._neg_logsnr = {torch.device("cpu"): (1 - a).log() - a.log()}
 
-    @property
-    def config(self) -> Any:
-        return self.unet.config
-
     def vp_timestep(self, s: torch.Tensor) -> torch.Tensor:
         """The continuous training timestep of flow sigma ``s`` (float64), interpolated in log-SNR."""
         grid = self._grid(s.device)
