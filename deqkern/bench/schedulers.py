@@ -112,10 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     d = BenchConfig()
     p.add_argument("--schedulers", nargs="+", choices=SCHEDULERS, default=list(SCHEDULERS), metavar="NAME",
                    help=f"chains to run (default: all: {' '.join(SCHEDULERS)})")
-    p.add_argument("--steps", type=BOUNDS["steps"], nargs="+", default=[25, 100], metavar="S")
-    p.add_argument("--window", type=BOUNDS["window"], default=d.window)
-    p.add_argument("--batch", type=BOUNDS["batch"], default=d.batch)
-    p.add_argument("--threads", type=BOUNDS["threads"], default=None)
+    p.add_argument("--steps", type=BOUNDS["steps"], nargs="+", default=[25, 100], metavar="S",
+                   help="chain lengths (default: %(default)s)")
+    p.add_argument("--window", type=BOUNDS["window"], default=d.window,
+                   help="window of the *-win solvers and ParaDiGMS (default: %(default)s)")
+    p.add_argument("--batch", type=BOUNDS["batch"], default=d.batch, help="samples per solve (default: %(default)s)")
+    p.add_argument("--threads", type=BOUNDS["threads"], default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", type=Path, default=Path("bench/results/schedulers_cpu"),
                    help="writes OUT.json and OUT.md (default: %(default)s)")
     args = p.parse_args(argv)
