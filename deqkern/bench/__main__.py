@@ -10,8 +10,10 @@ from dataclasses import fields
 from pathlib import Path
 
 from deqkern._validate import OptionError, device_or_auto, output_dir, output_file
+from deqkern.bench.chains import SCHEDULERS
 from deqkern.bench.pipeline import PIPELINES
 from deqkern.bench.runner import ALL_SOLVERS, BEST, BOUNDS, DESCRIPTIONS, BenchConfig, run_benchmark
+from deqkern.errors import UnsupportedSchedulerOption
 from deqkern.models import CheckpointError
 from deqkern.models.loading import resolve_layout
 
@@ -65,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "UNet2DModel dir); default: the embedded 8x8 digits model")
     p.add_argument("--steps", type=BOUNDS["steps"], nargs="+", default=list(d.steps), metavar="S",
                    help=f"chain lengths (default: {' '.join(map(str, d.steps))}; try 25 100 1000)")
-    p.add_argument("--scheduler", choices=("ddim", "ddpm"), default=d.scheduler, help="sampler built from the "
-                   "model's scheduler config (default: %(default)s)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=d.scheduler, help="diffusers scheduler built from "
+                   "the model's scheduler config (flow: the epsilon model converted to a velocity model, "
+                   "deqkern.models.flow; dpm++2m: DPM-Solver++(2M)) (default: %(default)s)")
     p.add_argument("--eta", type=BOUNDS["eta"], default=d.eta, help="DDIM eta; > 0 makes the chain stochastic with "
                    "step noise drawn once up front (default: %(default)s)")
     p.add_argument("--clip-sample", action="store_true", help="keep the model config's x0 clipping/thresholding "
@@ -158,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"argument --{exc.name.replace('_', '-')}: {exc.message}")
     except CheckpointError as exc:
         parser.error(f"argument --model: {exc}")
+    except UnsupportedSchedulerOption as exc:
+        parser.error(f"argument --scheduler: {exc}")
     print(report.format_table(result))
     json_path = report.write_json(result, args.json or args.out / "bench.json")
     written = [json_path]

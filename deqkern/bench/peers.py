@@ -140,6 +140,11 @@ def run_paradigms(
     Denoising loop"), unconditional, with ``noise[j]`` as the pre-drawn base noise of step j."""
     from diffusers import DDIMParallelScheduler, DDPMParallelScheduler
 
+    if kind not in ("ddim", "ddpm"):
+        raise SolverUnsupported(
+            f"n/a for {kind}: ParaDiGMS' batched step (batch_step_no_noise) exists only in diffusers' "
+            "DDIMParallelScheduler and DDPMParallelScheduler (picard-win runs its algorithm on any chain)"
+        )
     if kind == "ddim" and eta != 0.0:
         raise SolverUnsupported(
             "DDIMParallelScheduler.batch_step_no_noise asserts eta == 0 (DDIM with eta > 0 unsupported)"

@@ -21,6 +21,7 @@ import torch
 
 import deqkern
 from deqkern._validate import NONNEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, Bounded, OptionError
+from deqkern.bench.chains import SCHEDULERS, SchedulerName, build_chain, chain_model, scheduler_config
 from deqkern.bench.peers import (
     ChainMap, DeqDdimConfig, Outcome, SolverUnsupported, run_deq_ddim, run_paradigms, run_torchdeq,
 )
@@ -122,7 +123,7 @@ class BenchConfig:
 
     model: str | None = None
     steps: tuple[int, ...] = (25, 100)
-    scheduler: Literal["ddim", "ddpm"] = "ddim"
+    scheduler: SchedulerName = "ddim"
     eta: float = 0.0
     clip_sample: bool = False
     solvers: tuple[str, ...] = ALL_SOLVERS
@@ -164,10 +165,13 @@ class BenchConfig:
                 bound.check(name, v)
         if self.stop not in ("relative", "x0"):
             raise OptionError("stop", f"expected 'relative' or 'x0', got {self.stop!r}")
-        if self.scheduler not in ("ddim", "ddpm"):
-            raise OptionError("scheduler", f"expected 'ddim' or 'ddpm', got {self.scheduler!r}")
-        if self.scheduler == "ddpm" and self.eta != 0.0:
-            raise OptionError("eta", "applies to --scheduler ddim only (DDPM's noise is fixed by its variance)")
+        if self.scheduler not in SCHEDULERS:
+            raise OptionError("scheduler", f"expected one of {list(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.scheduler != "ddim" and self.eta != 0.0:
+            raise OptionError("eta", f"applies to --scheduler ddim only ({self.scheduler}'s noise is fixed by "
+                                     "the scheduler)")
+        if self.scheduler not in ("ddim", "ddpm") and self.clip_sample:
+            raise OptionError("clip_sample", f"applies to --scheduler ddim and ddpm only, not {self.scheduler}")
         if self.dtype not in _DTYPES:
             raise OptionError("dtype", f"expected one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if not self.warmup and self.repeats != 1:
@@ -323,16 +327,6 @@ def load_model(cfg: BenchConfig, device: torch.device) -> tuple[Any, Any, dict[s
         "sample_shape": [c.in_channels, *size], "dtype": cfg.dtype, "digits": cfg.model is None,
     }
     return unet, scheduler, info
-
-
-def scheduler_config(cfg: BenchConfig, scheduler: Any) -> dict[str, Any]:
-    """The chain's scheduler config: the model's, as DDIM or DDPM, clipping off unless asked."""
-    conf = dict(scheduler.config)
-    conf["_class_name"] = "DDIMScheduler" if cfg.scheduler == "ddim" else "DDPMScheduler"
-    if not cfg.clip_sample:
-        # The seed's scan form (deq-ddim, *-scan) needs affine steps: no x0 clipping.
-        conf.update(clip_sample=False, thresholding=False)
-    return conf
 
 
 @dataclass
@@ -492,10 +486,10 @@ def _set_walls(rec: RunRecord, walls: list[float]) -> None:
 
 
 def make_case(cfg: BenchConfig, model: Any, sched_conf: dict[str, Any], steps: int,
-              x_T: torch.Tensor) -> tuple[Case, float]:
-    """The chain of length ``steps``, its noise (drawn once, CPU generator) and the oracle's answer,
-    with the wall time of that first oracle run."""
-    schedule = Schedule.from_diffusers(sched_conf, steps, eta=cfg.eta if cfg.scheduler == "ddim" else None)
+              x_T: torch.Tensor, model_conf: dict[str, Any]) -> tuple[Case, float]:
+    """The chain of length ``steps`` (its ``x_T`` times the scheduler's ``init_noise_sigma``), its
+    noise (drawn once, CPU generator) and the oracle's answer, with the wall time of that first oracle run."""
+    schedule, x_T = build_chain(cfg.scheduler, sched_conf, model_conf, steps, cfg.eta, x_T)
     noise = None
     if schedule.is_stochastic:
         gen = torch.Generator().manual_seed(cfg.seed + 1000 + steps)
@@ -561,7 +555,9 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     model, scheduler, model_info = load_model(cfg, device)
-    sched_conf = scheduler_config(cfg, scheduler)
+    model_conf = dict(scheduler.config)
+    sched_conf = scheduler_config(cfg.scheduler, model_conf, cfg.clip_sample)
+    model = chain_model(cfg.scheduler, model, model_conf)
     gen = torch.Generator().manual_seed(cfg.seed)
     x_T = torch.randn((cfg.batch, *model_info["sample_shape"]), generator=gen).to(device, _DTYPES[cfg.dtype])
     env = environment(device)
@@ -580,12 +576,12 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
     with torch.no_grad():
         for steps in cfg.steps:
             _postfix(bar, f"S={steps} sequential")
-            case, first_oracle_wall = make_case(cfg, model, sched_conf, steps, x_T)
+            case, first_oracle_wall = make_case(cfg, model, sched_conf, steps, x_T, model_conf)
             schedules[steps] = dict(schedule_summary(case.schedule))
             chain_records, outcomes = run_chain(cfg, _Runner(cfg, model, sched_conf, case), solvers,
                                                 first_oracle_wall, bar)
             records += chain_records
-            samples[steps] = {"x_T": x_T.cpu(), "sequential": case.reference.cpu()}
+            samples[steps] = {"x_T": case.x_T.cpu(), "sequential": case.reference.cpu()}
             if quality_fn is not None:
                 quality[str(steps)] = {"sequential": quality_fn(case.reference)}
             if BEST in outcomes:
