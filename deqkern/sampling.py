@@ -345,6 +345,8 @@ class ParallelSampler:
         extrapolate: bool | None = None,
         cache_size: int = 4,
         config: SolveConfig | Mapping[str, Any] | None = None,
+        process_group: Any = None,
+        strategy: str | None = None,
     ) -> None:
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule: expected a deqkern.Schedule, got {type(schedule).__name__}")
@@ -359,6 +361,13 @@ class ParallelSampler:
         self.ev = ModelEvaluator(model, model_kwargs or {}, guidance, max_batch, model_dtype,
                                  inputs=schedule.step_inputs)
         self.model_dtype = self.ev.model_dtype
+        self._dist = None
+        if process_group is not None:
+            from deqkern.distributed import Distributed  # torch.distributed only when asked for
+
+            self._dist = Distributed.make(process_group, strategy, self.ev)
+        elif strategy is not None:
+            raise ValueError(f"strategy: says how to split a solve across ranks and needs process_group, got {strategy!r}")
         self._cache = _Cache(cache_size)
         #: per input signature, the windows whose solve ran out of memory (see _solve_fitting)
         self._window_oom: dict[tuple, list[int]] = {}
@@ -404,6 +413,8 @@ class ParallelSampler:
             execution = "graph" if x_T.is_cuda and on_round is None else "eager"
         if on_round is not None and execution != "eager":
             raise ValueError(f"on_round: needs execution='eager' (Python runs between rounds), got {execution!r}")
+        if self._dist is not None:
+            return self._distributed(x_T, noise, init, return_trajectory, progress, on_round, execution, back)
         if wants_grad(x_T, noise):
             return self._differentiable(x_T, noise, init, return_trajectory, progress, on_round, execution)
         # the workspace keeps its buffers for the next call: no autograd graph may reach them
@@ -414,14 +425,16 @@ class ParallelSampler:
     def _solve(
         self, x_T: torch.Tensor, noise: torch.Tensor | None, init: torch.Tensor | None, return_trajectory: bool,
         progress: bool, on_round: Callable[[torch.Tensor], None] | None, execution: str, back: Callable,
+        ev: ModelEvaluator | None = None,
     ) -> SampleResult:
-        """The solve of validated, detached inputs (x0 carries no autograd graph)."""
+        """The solve of validated, detached inputs (x0 carries no autograd graph); ``ev``: the
+        evaluator of a distributed solve (:mod:`deqkern.distributed`), else the sampler's."""
         schedule, s = self.schedule, self.schedule.num_steps
         shape = x_T.shape
         # buffers made under inference mode cannot be updated outside it, and the reverse
         key = (tuple(shape), x_T.dtype, x_T.device, noise is not None, init is not None, return_trajectory, execution,
-               torch.is_inference_mode_enabled())
-        state_dtype, ev = solve_precision(x_T.dtype, self.ev)
+               torch.is_inference_mode_enabled(), None if ev is None else id(ev))
+        state_dtype, ev = solve_precision(x_T.dtype, self.ev if ev is None else ev)
         _warn_below_floor(self.config.tol, ev.model_dtype or x_T.dtype)
         x_s, noise, init = (None if a is None else a.to(state_dtype) for a in (x_T, noise, init))
         ws, out, window_oom = self._solve_fitting(
@@ -439,6 +452,20 @@ class ParallelSampler:
                   "tol": self.config.tol, "window": ws.p.width, "window_oom": window_oom,
                   "extrapolate": self.config.extrapolate and init is None, **out.info},
         )
+
+    def _distributed(
+        self, x_T: torch.Tensor, noise: torch.Tensor | None, init: torch.Tensor | None, return_trajectory: bool,
+        progress: bool, on_round: Callable[[torch.Tensor], None] | None, execution: str, back: Callable,
+    ) -> SampleResult:
+        """The solve across the ranks of ``process_group`` (:class:`deqkern.distributed.Distributed`)."""
+        if wants_grad(x_T, noise):
+            raise ValueError("process_group: x0 is not differentiable across ranks; detach x_T and noise")
+
+        def solve(x: torch.Tensor, z: torch.Tensor | None, i: torch.Tensor | None, ev: ModelEvaluator) -> SampleResult:
+            return self._solve(x, z, i, return_trajectory, progress, on_round, execution, lambda v: v, ev)
+
+        res = self._dist.run(self, x_T, noise, init, solve, on_round)
+        return replace(res, x0=back(res.x0), trajectory=None if res.trajectory is None else back(res.trajectory))
 
     def _differentiable(
         self, x_T: torch.Tensor, noise: torch.Tensor | None, init: torch.Tensor | None, return_trajectory: bool,
