@@ -537,3 +537,21 @@ def predicted_speedup(t_rows: Callable[[int], float], rounds: Mapping[int, int],
     return {"ranks": ranks, "best_window_1": w1, "time_1": one[w1], "best_window_p": wp, "time_p": many[wp],
             "speedup": one[w1] / many[wp], "speedup_1_vs_sequential": seq / one[w1],
             "speedup_p_vs_sequential": seq / many[wp], "sequential": seq}
+
+
+def init_from_env(device: str, error: Callable[[str], Any]) -> int:
+    """The WORLD group from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ...):
+    nccl on CUDA (each rank on ``cuda:LOCAL_RANK``), gloo on CPU; returns this rank. ``error``
+    reports a missing environment naming ``--distributed``."""
+    import os
+
+    import torch.distributed as dist
+
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        error(f"argument --distributed: run under torchrun (not set: {', '.join(missing)})")
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank()

@@ -74,6 +74,8 @@ def _check_group(results: list[dict], world: int) -> None:
             assert sum(map(sum, calls)) == per_rank[0]["ref_model_evals"], name  # the rows one process saw
             assert per_rank[0]["rank_rows"] == [sum(c) for c in calls], name
             assert per_rank[0]["bytes_per_round"] > 0
+        for got in per_rank:  # max_batch holds per rank
+            assert got["max_batch"] is None or got["max_call"] <= got["max_batch"], (name, got["max_call"])
     for name in ("raises_rows", "raises_samples"):
         for rank, r in enumerate(results):
             err = r["errors"][name]
@@ -97,6 +99,23 @@ def test_two_ranks(tmp_path):
 def test_three_ranks(tmp_path):
     results = _spawn(3, tmp_path)
     _check_group(results, 3)
+
+
+def test_bench_cli_under_torchrun(tmp_path):
+    """``torchrun -m deqkern.bench --distributed``: rank 0 prints the per-rank rows and writes the JSON."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent.parent), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "-m", "deqkern.bench", "--distributed", "--steps", "5", "--batch", "1", "--solvers", "anderson-tri",
+           "--no-warmup", "--no-plots", "--no-progress", "--out", str(tmp_path)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=SPAWN_TIMEOUT)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("wrote ") == 1  # rank 0 only
+    record = [r for r in json.loads((tmp_path / "bench.json").read_text())["runs"] if r["solver"] == "anderson-tri"][0]
+    note = [n for n in record["notes"] if n.startswith("2 ranks: model rows per rank")]
+    assert note and "bytes gathered per round" in note[0], record["notes"]
+    assert record["x0_rel_err"] < 1e-3
 
 
 def test_bad_input_without_a_group():
@@ -212,7 +231,8 @@ def _solve_both(name: str, out: dict, model, sched, x_T, noise=None, strategy=No
         kw["on_round"] = lambda _: counting.rows.append(ROUND_END)
     res = deqkern.sample(counting, x_T, sched, noise=noise, tol=1e-8, process_group="world", strategy=strategy, **kw)
     out[name] = {"x0_err": _rel(res.x0, ref.x0), "rounds": res.rounds, "ref_rounds": ref.rounds,
-                 "x0_sum": float(res.x0.sum()), "rows_per_round": _per_round(counting.rows), "strategy": res.info["strategy"],
+                 "x0_sum": float(res.x0.sum()), "rows_per_round": _per_round(counting.rows),
+                 "max_call": max(counting.rows, default=0), "max_batch": kw.get("max_batch"), "strategy": res.info["strategy"],
                  "ref_model_evals": ref.model_evals, "rank_rows": res.info["rank_rows"],
                  "bytes_per_round": res.info.get("bytes_per_round")}
 
