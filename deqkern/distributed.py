@@ -61,6 +61,7 @@ STRATEGIES: tuple[str, ...] = ("rows", "samples")
 _BACKEND_DEVICES = {"gloo": ("cpu",), "nccl": ("cuda",), "mpi": ("cpu",)}
 #: gathered status numbers: the model raised / ran out of memory on that rank
 _OK, _RAISED, _OOM = 0.0, 1.0, 2.0
+_STATUS = 2  #: gathered numbers after each rank's slot: [status, the model rows it saw]
 
 
 class RankError(RuntimeError):
@@ -159,7 +160,7 @@ def _all_gather_object(obj: Any, group: Group) -> list[Any]:
 @dataclass
 class RowGather:
     """All-gathers ``total`` rows of which this rank holds the :func:`balanced_slices` slice, in
-    fixed slots of ``ceil(total / P)`` rows plus :data:`_STATUS` numbers per rank, through flat
+    fixed slots of ``ceil(total / P)`` rows plus ``_STATUS`` numbers per rank, through flat
     buffers kept across calls (a captured graph reads the same addresses every round)."""
 
     group: Group
@@ -167,8 +168,9 @@ class RowGather:
     recv: torch.Tensor | None = None
     #: per (total, device): the gathered slots' rows in order (the slots' padding left out)
     index: dict = field(default_factory=dict)
-    #: bytes this rank received, summed over calls, and the calls
+    #: bytes this rank received, summed over calls, in the last call, and the calls
     bytes_in: int = 0
+    last: int = 0
     calls: int = 0
 
     def __call__(self, local: torch.Tensor | None, total: int, row_shape: tuple[int, ...], dtype: torch.dtype,
@@ -184,7 +186,8 @@ class RowGather:
         send[-2].fill_(status)  # scalar fills: no host copy, so a captured graph can hold them
         send[-1].fill_(total)
         _all_gather(recv, send, self.group)
-        self.bytes_in += (world - 1) * width * recv.element_size()
+        self.last = (world - 1) * width * recv.element_size()
+        self.bytes_in += self.last
         self.calls += 1
         grid = recv.view(world, width)
         rows = grid[:, : slot * row].reshape(world * slot, *row_shape).index_select(0, self._index(total, device))
@@ -209,8 +212,6 @@ class RowGather:
             self.index[key] = torch.tensor(order, dtype=torch.int64, device=device)
         return self.index[key]
 
-
-_STATUS = 2  # [status, total] after each rank's slot
 
 
 def _raise_failures(statuses: list[list[float]], group: Group, total: int, own: BaseException | None) -> None:
@@ -237,6 +238,7 @@ class CommStats:
     """What one rank's split evaluator did in a solve: the model rows its model saw and the gather."""
 
     local_rows: int = 0
+    last_slice: int = 0  #: this rank's model rows in the last call
     gather: RowGather | None = None
 
 
@@ -268,6 +270,7 @@ class RowSplitEvaluator(ModelEvaluator):
         if statuses is not None:
             _raise_failures(statuses, self.group, total, failure)
         self.stats.local_rows += hi - lo
+        self.stats.last_slice = hi - lo
         self.evaluations += total
         if self.guidance is not None:
             u, c = out[:rows], out[rows:]
@@ -402,6 +405,9 @@ class Distributed:
         stats = self.rows_ev.stats
         stats.local_rows, stats.gather.bytes_in, stats.gather.calls = 0, 0, 0
         res = solve(x_T, noise, init, self.rows_ev)
+        if res.info.get("graph"):  # replays run no Python: every executed round gathered as the captured one did
+            n = res.info["rounds_executed"]
+            stats.local_rows, stats.gather.bytes_in, stats.gather.calls = n * stats.last_slice, n * stats.gather.last, n
         rank_rows = _all_gather_object(stats.local_rows, self.group)
         res.info.update(strategy="rows", world_size=self.group.world, rank_rows=rank_rows,
                         gathers=stats.gather.calls, bytes_per_round=stats.gather.bytes_in / max(res.rounds, 1))

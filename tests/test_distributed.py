@@ -27,6 +27,9 @@ TOL = 1e-12
 #: seconds: process-group init and collectives (a hang fails the test instead of the suite)
 COLLECTIVE_TIMEOUT = 30
 SPAWN_TIMEOUT = 120
+#: per world size, the windows that run out of memory on rank 1 (OutOfMemoryAbove 6 rows a call) in
+#: the worker's solve: 4 samples x W rows over 2 ranks, 2 samples x W rows over 3
+OOM_WINDOWS = {2: [12, 6], 3: [12]}
 
 
 # ------------------------------------------------------------------------------ the parent side
@@ -63,6 +66,8 @@ def _check_group(results: list[dict], world: int) -> None:
         per_rank = [r["solves"][name] for r in results]
         for rank, got in enumerate(per_rank):
             assert got["x0_err"] <= TOL, (name, rank, got["x0_err"])
+            assert got["traj_err"] is None or got["traj_err"] <= TOL, (name, rank, got["traj_err"])
+            assert got["window_oom"] == per_rank[0]["window_oom"], (name, rank)
             assert got["rounds"] == got["ref_rounds"], (name, rank)
             # every rank returns the same result: bitwise the same x0
             assert got["x0_sum"] == per_rank[0]["x0_sum"], (name, rank)
@@ -84,7 +89,9 @@ def _check_group(results: list[dict], world: int) -> None:
         for rank, r in enumerate(results):
             err = r["errors"][name]
             assert err["type"] == "RankMismatch" and "rank 1's" in err["message"], (name, rank, err)
-    for r in results:
+    for r in results:  # an OOM on one rank halves the window on every rank
+        assert r["oom"]["window_oom"] == OOM_WINDOWS[world] and r["oom"]["window"] == OOM_WINDOWS[world][-1] // 2
+        assert r["oom"]["x0_err"] <= TOL, r["oom"]
         assert "model" in r["errors"]["mismatch_model"]["message"]
         assert "schedule" in r["errors"]["mismatch_schedule"]["message"]
 
@@ -188,6 +195,19 @@ class Counting(torch.nn.Module):
         return self.inner(x, t, **kwargs)
 
 
+class OutOfMemoryAbove(torch.nn.Module):
+    """The model, raising ``torch.OutOfMemoryError`` on calls of more than ``rows`` rows (None: never)."""
+
+    def __init__(self, inner: torch.nn.Module, rows: int | None) -> None:
+        super().__init__()
+        self.inner, self.limit = inner, rows
+
+    def forward(self, x, t):
+        if self.limit is not None and x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("out of memory (test)")
+        return self.inner(x, t)
+
+
 class Conditional(torch.nn.Module):
     """A conditional model: the GMM denoiser plus a term of each row's embedding."""
 
@@ -230,7 +250,8 @@ def _solve_both(name: str, out: dict, model, sched, x_T, noise=None, strategy=No
     if strategy == "rows" and kw.get("execution") != "static":  # static rounds: one call per round and rank
         kw["on_round"] = lambda _: counting.rows.append(ROUND_END)
     res = deqkern.sample(counting, x_T, sched, noise=noise, tol=1e-8, process_group="world", strategy=strategy, **kw)
-    out[name] = {"x0_err": _rel(res.x0, ref.x0), "rounds": res.rounds, "ref_rounds": ref.rounds,
+    out[name] = {"x0_err": _rel(res.x0, ref.x0), "traj_err": None if ref.trajectory is None else
+                 _rel(res.trajectory, ref.trajectory), "window_oom": res.info["window_oom"], "rounds": res.rounds, "ref_rounds": ref.rounds,
                  "x0_sum": float(res.x0.sum()), "rows_per_round": _per_round(counting.rows),
                  "max_call": max(counting.rows, default=0), "max_batch": kw.get("max_batch"), "strategy": res.info["strategy"],
                  "ref_model_evals": ref.model_evals, "rank_rows": res.info["rank_rows"],
@@ -265,13 +286,20 @@ def _worker(world: int, rank: int, port: int, out_dir: Path) -> None:
     cond_model = Conditional(model)
     solves: dict = {}
     _solve_both("ddim_full_rows", solves, model, ddim, x_T, strategy="rows")
-    _solve_both("ddim_window_rows_static", solves, model, ddim, x_T, window=5, strategy="rows", execution="static")
-    _solve_both("ddpm_window_rows", solves, model, ddpm, x_T, noise, window=4, strategy="rows")
+    _solve_both("ddim_window_rows_static", solves, model, ddim, x_T, window=5, strategy="rows", execution="static",
+                stop="relative")
+    _solve_both("ddpm_window_rows", solves, model, ddpm, x_T, noise, window=4, strategy="rows", stop="noise")
     _solve_both("guided_rows", solves, cond_model, ddim, x_T, window=6, guidance=guidance, max_batch=3,
                 strategy="rows")
-    _solve_both("ddim_samples", solves, model, ddim, x_T, window=5, strategy="samples")
+    _solve_both("ddim_samples", solves, model, ddim, x_T, window=5, strategy="samples", return_trajectory=True)
     _solve_both("ddpm_samples", solves, model, ddpm, x_T, noise, strategy="samples")
     _solve_both("guided_samples", solves, cond_model, ddim, x_T, guidance=guidance, strategy="samples")
+
+    # rank 1 runs out of memory above 6 rows a call: every rank halves the window alike (OOM_WINDOWS)
+    small = OutOfMemoryAbove(model, 6 if rank == 1 else None)
+    ref = deqkern.sample(model, x_T, ddim, tol=1e-8, window=OOM_WINDOWS[world][-1] // 2)
+    res = deqkern.sample(small, x_T, ddim, tol=1e-8, process_group="world", strategy="rows")
+    oom = {"window_oom": res.info["window_oom"], "window": res.info["window"], "x0_err": _rel(res.x0, ref.x0)}
 
     errors = {}
     failing = Counting(model, fail_at=2 if rank == 1 else None)
@@ -287,7 +315,7 @@ def _worker(world: int, rank: int, port: int, out_dir: Path) -> None:
     errors["mismatch_schedule"] = _error(lambda: deqkern.sample(model, x_T, sched_1, process_group="world"))
     x_1 = x_T + (1e-6 if rank == 1 else 0.0)  # e.g. a seed per rank
     errors["mismatch_x_T"] = _error(lambda: deqkern.sample(model, x_1, ddim, process_group="world"))
-    (out_dir / f"rank{rank}.json").write_text(json.dumps({"solves": solves, "errors": errors}))
+    (out_dir / f"rank{rank}.json").write_text(json.dumps({"solves": solves, "errors": errors, "oom": oom}))
     dist.destroy_process_group()
 
 
