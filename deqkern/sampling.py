@@ -312,6 +312,17 @@ class ParallelSampler:
             raises :class:`~deqkern.errors.CaptureHazard` if a chunk syncs with the host or
             differs from the captured one (:mod:`deqkern.graph_audit`); ``"auto"``: graph on
             CUDA, eager elsewhere.
+        process_group: solve across the ranks of a ``torch.distributed`` group: ``"world"`` (the
+            default group of ``init_process_group``, e.g. under ``torchrun``) or a
+            ``ProcessGroup``; every rank holds the model, the schedule and the same inputs, makes
+            the same call and gets the same result (:mod:`deqkern.distributed`). None: this process.
+        strategy: with ``process_group``: ``"rows"`` splits each round's model rows (guidance's
+            doubled rows too) into balanced contiguous slices, one per rank, all-gathered every
+            round (``max_batch`` is per rank); ``"samples"`` solves a contiguous slice of the
+            batch per rank and gathers the results once. None: ``"samples"`` when the batch is a
+            multiple of the world size (and no ``on_round``), else ``"rows"``. ``info`` gets
+            ``strategy``, ``world_size``, ``rank_rows`` (model rows per rank) and, for rows,
+            ``bytes_per_round`` (bytes each rank received per round).
 
     The solve's rounds run without autograd (see :func:`deqkern.engine.solve`). When grad mode is
     on and ``x_T`` or ``noise`` requires grad, ``x0`` is differentiable w.r.t. them with the
@@ -554,7 +565,8 @@ def sample(
     """Sample once: ``ParallelSampler(model, schedule, solver, tol, max_iters, window, **options)``
     called on ``x_T`` (and ``noise``, ``init``, ...). ``options`` are the sampler's keywords:
     ``stop``, ``form``, ``solver_options``, ``model_kwargs``, ``guidance``, ``max_batch``,
-    ``model_dtype``, ``execution``, ``rounds_per_graph``, ``extrapolate``, ``config`` (see
+    ``model_dtype``, ``execution``, ``rounds_per_graph``, ``extrapolate``, ``config``,
+    ``process_group``, ``strategy`` (see
     :class:`ParallelSampler` and its ``__call__``). A graph captured here is not kept; to replay
     it, keep the sampler."""
     sampler = ParallelSampler(model, schedule, solver, tol, max_iters, window, **options, cache_size=1)

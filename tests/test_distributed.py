@@ -91,7 +91,7 @@ def _check_group(results: list[dict], world: int) -> None:
             assert err["type"] == "RankMismatch" and "rank 1's" in err["message"], (name, rank, err)
     for r in results:  # an OOM on one rank halves the window on every rank
         assert r["oom"]["window_oom"] == OOM_WINDOWS[world] and r["oom"]["window"] == OOM_WINDOWS[world][-1] // 2
-        assert r["oom"]["x0_err"] <= TOL, r["oom"]
+        assert r["oom"]["x0_err"] <= TOL and r["oom"]["audit_x0_err"] <= TOL, r["oom"]
         assert "model" in r["errors"]["mismatch_model"]["message"]
         assert "schedule" in r["errors"]["mismatch_schedule"]["message"]
 
@@ -300,6 +300,10 @@ def _worker(world: int, rank: int, port: int, out_dir: Path) -> None:
     ref = deqkern.sample(model, x_T, ddim, tol=1e-8, window=OOM_WINDOWS[world][-1] // 2)
     res = deqkern.sample(small, x_T, ddim, tol=1e-8, process_group="world", strategy="rows")
     oom = {"window_oom": res.info["window_oom"], "window": res.info["window"], "x0_err": _rel(res.x0, ref.x0)}
+    # the graph audit replays the rounds' all-gather as a captured graph would (same buffers, same ops)
+    ref = deqkern.sample(model, x_T, ddim, window=5, execution="audit")
+    res = deqkern.sample(model, x_T, ddim, window=5, execution="audit", process_group="world", strategy="rows")
+    oom["audit_x0_err"] = _rel(res.x0, ref.x0)
 
     errors = {}
     failing = Counting(model, fail_at=2 if rank == 1 else None)
