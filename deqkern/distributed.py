@@ -12,9 +12,10 @@ contiguous slice ``[lo_r, hi_r)`` of :func:`balanced_slices` (sizes ``floor(M/P)
 fixed slots of ``m = ceil(M/P)`` rows (plus two status numbers: the rank's model raised or ran out
 of memory, and the ``M`` it saw) fills the round's output on every rank. The solver update then
 runs on every rank on identical data, so every rank holds the same iterate with no further
-communication. (The alternative, the update on one rank and a broadcast of the iterate, moves
-``B (W+1) D`` numbers per round where the gather moved ``g B W D``, and leaves the other ranks
-idle meanwhile: ``bench/distributed_study.py`` measures both on gloo.) Per round and rank, a ring
+communication. The alternative, the update on one rank and a broadcast of the iterate
+(``B (W+1) D`` numbers), saves no time: the other ranks wait for the update either way, so it
+adds the broadcast to every round (0.1-0.3 ms on gloo against 13-19 ms of solver work per round
+on the digits model: chosen by bench/distributed_study.py, ``broadcast_iterate_s``). Per round and rank, a ring
 all-gather moves ``(P - 1) m D`` numbers in and out, and the round costs
 
     t_round(P) = t_model(ceil(M / P)) + t_latency + (P - 1) m D bytes_per_number / bandwidth
@@ -38,21 +39,18 @@ collective timeout of ``init_process_group(timeout=...)``. Identical iterates ne
 arithmetic: ranks on the same kind of device and library versions (bitwise-equal checksums are
 required for that reason).
 
-``torch.distributed`` is imported here, on first use, never by ``import deqkern``.
+deqkern imports this module only when a sampler is given ``process_group``.
 """
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Mapping
 
 import torch
 
-from deqkern.model import Guidance, ModelEvaluator, gather_rows
-
-log = logging.getLogger("deqkern")
+from deqkern.model import Guidance, ModelEvaluator
 
 #: ``process_group="world"``: the default (WORLD) group of ``init_process_group``
 WORLD = "world"
@@ -431,8 +429,9 @@ class Distributed:
                                     "summary": summary}, group)
         bad = [r for r, e in enumerate(every) if e["error"] is not None]
         if bad:
-            msg = f"process_group: the solve raised on rank(s) {bad} (this is rank {group.rank}): {every[bad[0]]['error']}"
-            raise RankError(msg, bad) from failure
+            first = every[bad[0]]["error"]
+            raise RankError(f"process_group: the solve raised on rank(s) {bad} (this is rank {group.rank}): {first}",
+                            bad) from failure
         x0 = _gather_batch(None if res is None else res.x0, x_T, group)
         # every rank asked for the trajectory or none did (the fingerprint holds no flag: the same call)
         wants_traj = any(e["summary"] is not None and e["summary"]["has_trajectory"] for e in every)
@@ -556,7 +555,9 @@ def init_from_env(device: str, error: Callable[[str], Any]) -> int:
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         error(f"argument --distributed: run under torchrun (not set: {', '.join(missing)})")
-    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if device.startswith("cuda:"):
+        error(f"argument --device: with --distributed use cuda or auto (rank r takes cuda:LOCAL_RANK), got {device}")
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")

@@ -378,7 +378,8 @@ class ParallelSampler:
 
             self._dist = Distributed.make(process_group, strategy, self.ev)
         elif strategy is not None:
-            raise ValueError(f"strategy: says how to split a solve across ranks and needs process_group, got {strategy!r}")
+            raise ValueError(f"strategy: says how to split a solve across ranks and needs process_group, "
+                             f"got {strategy!r}")
         self._cache = _Cache(cache_size)
         #: per input signature, the windows whose solve ran out of memory (see _solve_fitting)
         self._window_oom: dict[tuple, list[int]] = {}

@@ -44,7 +44,7 @@ def _spawn(world: int, tmp_path: Path) -> list[dict]:
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent.parent), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
-    env.pop("TRITON_INTERPRET", None)  # the reference ops: the kernels are tested elsewhere, and interpreted they are slow
+    env.pop("TRITON_INTERPRET", None)  # the reference ops: interpreted kernels are slow (tested elsewhere)
     procs = [subprocess.Popen([sys.executable, str(HERE), str(world), str(r), str(port), str(tmp_path)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
     logs = []
@@ -251,9 +251,10 @@ def _solve_both(name: str, out: dict, model, sched, x_T, noise=None, strategy=No
         kw["on_round"] = lambda _: counting.rows.append(ROUND_END)
     res = deqkern.sample(counting, x_T, sched, noise=noise, tol=1e-8, process_group="world", strategy=strategy, **kw)
     out[name] = {"x0_err": _rel(res.x0, ref.x0), "traj_err": None if ref.trajectory is None else
-                 _rel(res.trajectory, ref.trajectory), "window_oom": res.info["window_oom"], "rounds": res.rounds, "ref_rounds": ref.rounds,
-                 "x0_sum": float(res.x0.sum()), "rows_per_round": _per_round(counting.rows),
-                 "max_call": max(counting.rows, default=0), "max_batch": kw.get("max_batch"), "strategy": res.info["strategy"],
+                 _rel(res.trajectory, ref.trajectory), "window_oom": res.info["window_oom"], "rounds": res.rounds,
+                 "ref_rounds": ref.rounds, "x0_sum": float(res.x0.sum()), "rows_per_round": _per_round(counting.rows),
+                 "max_call": max(counting.rows, default=0), "max_batch": kw.get("max_batch"),
+                 "strategy": res.info["strategy"],
                  "ref_model_evals": ref.model_evals, "rank_rows": res.info["rank_rows"],
                  "bytes_per_round": res.info.get("bytes_per_round")}
 
