@@ -35,7 +35,8 @@ coefficients, the solve config, the conditioning) and every rank raises :class:`
 naming the first rank that differs from rank 0. A model that raises on one rank makes every rank
 raise :class:`RankError` naming it (``torch.OutOfMemoryError`` on every rank when it ran out of
 memory, so all ranks halve the window together). Failures outside the model call rely on the
-collective timeout of ``init_process_group(timeout=...)``. Identical iterates need identical
+collective timeout of ``init_process_group(timeout=...)``. Under NCCL each rank must have called
+``torch.cuda.set_device`` (the fingerprint travels as a CUDA tensor). Identical iterates need identical
 arithmetic: ranks on the same kind of device and library versions (bitwise-equal checksums are
 required for that reason).
 

@@ -292,6 +292,9 @@ def _worker(world: int, rank: int, port: int, out_dir: Path) -> None:
     _solve_both("ddpm_window_rows", solves, model, ddpm, x_T, noise, window=4, strategy="rows", stop="noise")
     _solve_both("guided_rows", solves, cond_model, ddim, x_T, window=6, guidance=guidance, max_batch=3,
                 strategy="rows")
+    per_sample = {"encoder_hidden_states": emb}  # conditioning per sample, gathered to the rows
+    _solve_both("cond_rows", solves, cond_model, ddim, x_T, window=4, model_kwargs=per_sample, strategy="rows")
+    _solve_both("cond_samples", solves, cond_model, ddim, x_T, model_kwargs=per_sample, strategy="samples")
     _solve_both("ddim_samples", solves, model, ddim, x_T, window=5, strategy="samples", return_trajectory=True)
     _solve_both("ddpm_samples", solves, model, ddpm, x_T, noise, strategy="samples")
     _solve_both("guided_samples", solves, cond_model, ddim, x_T, guidance=guidance, strategy="samples")
