@@ -268,6 +268,8 @@ class RowSplitEvaluator(ModelEvaluator):
         out, statuses = self.stats.gather(local, total, tuple(x.shape[1:]), dtype, x.device, status)
         if statuses is not None:
             _raise_failures(statuses, self.group, total, failure)
+        elif failure is not None:  # while capturing a graph: capture fails, and the graph path falls back
+            raise failure
         self.stats.local_rows += hi - lo
         self.stats.last_slice = hi - lo
         self.evaluations += total
@@ -288,7 +290,7 @@ class RowSplitEvaluator(ModelEvaluator):
     def _chunk(self, xin: torch.Tensor, t: torch.Tensor, idx: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         n = xin.shape[0]
         if self.guidance is None:
-            return ModelEvaluator._call_chunk(self, xin[lo:hi], t[lo:hi], idx[lo:hi])
+            return self._call_chunk(xin[lo:hi], t[lo:hi], idx[lo:hi])
         u, c = slice(min(lo, n), min(hi, n)), slice(max(lo, n) - n, max(hi, n) - n)
         return self.guided_rows((xin[u], t[u], idx[u]), (xin[c], t[c], idx[c]))
 
@@ -400,7 +402,9 @@ class Distributed:
             return self._rows(x_T, noise, init, solve)
         return self._samples(sampler.ev, x_T, noise, init, solve)
 
-    def _rows(self, x_T, noise, init, solve) -> Any:
+    def _rows(self, x_T: torch.Tensor, noise: torch.Tensor | None, init: torch.Tensor | None,
+              solve: Callable[..., Any]) -> Any:
+        """Every rank solves the whole batch, each round's model rows split (:class:`RowSplitEvaluator`)."""
         stats = self.rows_ev.stats
         stats.local_rows, stats.gather.bytes_in, stats.gather.calls = 0, 0, 0
         res = solve(x_T, noise, init, self.rows_ev)
@@ -412,7 +416,9 @@ class Distributed:
                         gathers=stats.gather.calls, bytes_per_round=stats.gather.bytes_in / max(res.rounds, 1))
         return res
 
-    def _samples(self, ev: ModelEvaluator, x_T, noise, init, solve) -> Any:
+    def _samples(self, ev: ModelEvaluator, x_T: torch.Tensor, noise: torch.Tensor | None,
+                 init: torch.Tensor | None, solve: Callable[..., Any]) -> Any:
+        """Each rank solves its slice of the batch; the results are gathered (every rank raises if one did)."""
         group, batch = self.group, x_T.shape[0]
         lo, hi = balanced_slices(batch, group.world)[group.rank]
         res, failure = None, None
