@@ -85,7 +85,7 @@ def _check_group(results: list[dict], world: int) -> None:
         for rank, r in enumerate(results):
             err = r["errors"][name]
             assert err["type"] == "RankError" and "rank(s) [1]" in err["message"], (name, rank, err)
-    for name in ("mismatch_model", "mismatch_schedule", "mismatch_x_T"):
+    for name in ("mismatch_model", "mismatch_schedule", "mismatch_x_T", "mismatch_x_T_dtype"):
         for rank, r in enumerate(results):
             err = r["errors"][name]
             assert err["type"] == "RankMismatch" and "rank 1's" in err["message"], (name, rank, err)
@@ -323,6 +323,8 @@ def _worker(world: int, rank: int, port: int, out_dir: Path) -> None:
     errors["mismatch_schedule"] = _error(lambda: deqkern.sample(model, x_T, sched_1, process_group="world"))
     x_1 = x_T + (1e-6 if rank == 1 else 0.0)  # e.g. a seed per rank
     errors["mismatch_x_T"] = _error(lambda: deqkern.sample(model, x_1, ddim, process_group="world"))
+    x_2 = x_T.float() if rank == 1 else x_T  # another dtype
+    errors["mismatch_x_T_dtype"] = _error(lambda: deqkern.sample(model, x_2, ddim, process_group="world"))
     (out_dir / f"rank{rank}.json").write_text(json.dumps({"solves": solves, "errors": errors, "oom": oom}))
     dist.destroy_process_group()
 
