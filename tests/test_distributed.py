@@ -124,6 +124,17 @@ def test_bench_cli_under_torchrun(tmp_path):
     assert record["x0_rel_err"] < 1e-3
 
 
+def test_bench_distributed_outside_torchrun(capsys, monkeypatch):
+    from deqkern.bench.__main__ import main
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as exc:
+        main(["--distributed", "--steps", "5", "--no-progress"])
+    assert exc.value.code == 2
+    assert "argument --distributed: run under torchrun (not set: RANK, WORLD_SIZE" in capsys.readouterr().err
+
+
 def test_bad_input_without_a_group():
     import deqkern
     from deqkern.distributed import Group
@@ -240,7 +251,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def _solve_both(name: str, out: dict, model, sched, x_T, noise=None, strategy=None, **kw) -> None:
+def _solve_both(name: str, out: dict, model, sched, x_T, noise=None, strategy=None, group="world", **kw) -> None:
     """The distributed solve of ``kw`` and the single-process one, compared, into ``out[name]``."""
     import deqkern
 
@@ -248,7 +259,7 @@ def _solve_both(name: str, out: dict, model, sched, x_T, noise=None, strategy=No
     ref = deqkern.sample(model, x_T, sched, noise=noise, tol=1e-8, **kw)
     if strategy == "rows" and kw.get("execution") != "static":  # static rounds: one call per round and rank
         kw["on_round"] = lambda _: counting.rows.append(ROUND_END)
-    res = deqkern.sample(counting, x_T, sched, noise=noise, tol=1e-8, process_group="world", strategy=strategy, **kw)
+    res = deqkern.sample(counting, x_T, sched, noise=noise, tol=1e-8, process_group=group, strategy=strategy, **kw)
     out[name] = {"x0_err": _rel(res.x0, ref.x0), "traj_err": None if ref.trajectory is None else
                  _rel(res.trajectory, ref.trajectory), "window_oom": res.info["window_oom"], "rounds": res.rounds,
                  "ref_rounds": ref.rounds, "x0_sum": float(res.x0.sum()), "rows_per_round": _per_round(counting.rows),
@@ -295,6 +306,8 @@ def _worker(world: int, rank: int, port: int, out_dir: Path) -> None:
                 strategy="rows")
     _solve_both("ddim_samples", solves, model, ddim, x_T, window=5, strategy="samples", return_trajectory=True)
     if full:
+        _solve_both("ddim_rows_new_group", solves, model, ddim, x_T, window=3, strategy="rows",
+                    group=dist.new_group([0, 1]))  # a ProcessGroup, not the default one
         _solve_both("ddpm_window_rows", solves, model, ddpm, x_T, noise, window=4, strategy="rows", stop="noise")
         per_sample = {"encoder_hidden_states": emb}  # conditioning per sample, gathered to the rows
         _solve_both("cond_rows", solves, cond_model, ddim, x_T, window=4, model_kwargs=per_sample, strategy="rows")
