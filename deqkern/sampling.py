@@ -472,6 +472,7 @@ class ParallelSampler:
         """The solve across the ranks of ``process_group`` (:class:`deqkern.distributed.Distributed`)."""
         if wants_grad(x_T, noise):
             raise ValueError("process_group: x0 is not differentiable across ranks; detach x_T and noise")
+        x_T, noise, init = (None if a is None else a.detach() for a in (x_T, noise, init))  # see __call__
 
         def solve(x: torch.Tensor, z: torch.Tensor | None, i: torch.Tensor | None, ev: ModelEvaluator) -> SampleResult:
             return self._solve(x, z, i, return_trajectory, progress, on_round, execution, lambda v: v, ev)
