@@ -4,7 +4,7 @@
 #      the capture audit on CUDA tensors)
 #   2. kernel micro-benchmarks (GB/s vs a measured device-to-device copy)
 #   3. end-to-end timings: graphed parallel vs graphed sequential, CIFAR10-size DDPM UNet, S=100
-#   4. python -m deqkern.bench on the embedded model
+#   4. python -m deqkern.bench on the embedded model, and across the GPUs (torchrun --distributed)
 # Results (JSON, logs) land in $OUT; a short table is printed last. Prepare wheels first with
 # bench/gpu_wheels.sh and carry .whl. Budget: about 9 minutes in all (one device call).
 set -uo pipefail
@@ -39,6 +39,13 @@ timeout 150 python3 bench/e2e_graphs.py --device "$DEVICE" --model "$E2E_MODEL" 
   --window 100 25 10 --out "$OUT" \
   > "$OUT/e2e.log" 2>&1 || rc=1
 timeout 90 python3 -m deqkern.bench --device "$DEVICE" --steps 25 100 --out "$OUT/bench" > "$OUT/bench.log" 2>&1 || rc=1
+# the distributed solve on NCCL, one rank per GPU (1 GPU: the NCCL collective inside a captured graph)
+NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "$DEVICE" = cuda ] && [ "$NGPU" -ge 1 ]; then
+  timeout 120 python3 -m torch.distributed.run --nproc-per-node "$NGPU" -m deqkern.bench --distributed --steps 25 100 \
+    --solvers sequential anderson-tri anderson-tri-win --out "$OUT/bench_dist" > "$OUT/bench_dist.log" 2>&1 || rc=1
+  tail -12 "$OUT/bench_dist.log"
+fi
 echo "=== end-to-end (graphed parallel vs graphed sequential) ==="
 tail -8 "$OUT/e2e.log"
 echo "=== deqkern.bench ==="

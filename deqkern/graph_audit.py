@@ -123,6 +123,8 @@ class _Recorder(TorchDispatchMode):
                 )
             elif isinstance(v, torch.UntypedStorage):  # its repr would print the data
                 out.append(f"storage {self._name(v)}")
+            elif isinstance(v, torch.ScriptObject):  # a process group or work handle: its repr is its address
+                out.append("ScriptObject")
             else:
                 out.append(repr(v))
         return ", ".join(out)

@@ -78,6 +78,15 @@ class Guidance:
             raise ValueError(f"guidance.rescale: expected a finite number >= 0, got {self.rescale!r}")
         _check_mapping(self.cond, "guidance.cond")
         _check_mapping(self.uncond, "guidance.uncond")
+
+    def combine(self, u: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The guided output of the unconditional and conditional outputs ``u``, ``c`` (``[R, ...]``)."""
+        guided = u + self.scale * (c - u)
+        if self.rescale == 0:
+            return guided
+        dims = list(range(1, c.ndim))
+        rescaled = guided * (c.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+        return self.rescale * rescaled + (1 - self.rescale) * guided
         _check_halves(self.cond, self.uncond, "")
 
 
@@ -207,20 +216,20 @@ class ModelEvaluator:
 
     def _call_chunk(self, x: torch.Tensor, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         xin = x if self.model_dtype is None else x.to(self.model_dtype)
-        kwargs = gather_rows(self.model_kwargs, idx)
         if self.guidance is None:
+            kwargs = gather_rows(self.model_kwargs, idx)
             return _checked_shape(model_output_tensor(self.model(xin, t, **kwargs)), xin.shape)
+        u, c = self.guided_rows((xin, t, idx), (xin, t, idx)).chunk(2)
+        return self.guidance.combine(u, c)
+
+    def guided_rows(self, uncond: tuple[torch.Tensor, ...], cond: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The raw guided model batch: one call on uncond rows ``(x, t, sample_idx)`` then cond rows
+        (either may be empty: :mod:`deqkern.distributed` splits the doubled batch across ranks)."""
         g = self.guidance
-        both = _concat({**kwargs, **gather_rows(g.uncond, idx)}, {**kwargs, **gather_rows(g.cond, idx)})
-        doubled = torch.cat([xin, xin])
-        out = _checked_shape(model_output_tensor(self.model(doubled, torch.cat([t, t]), **both)), doubled.shape)
-        u, c = out.chunk(2)
-        guided = u + g.scale * (c - u)
-        if g.rescale == 0:
-            return guided
-        dims = list(range(1, c.ndim))
-        rescaled = guided * (c.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
-        return g.rescale * rescaled + (1 - g.rescale) * guided
+        kw = [{**gather_rows(self.model_kwargs, half[2]), **gather_rows(extra, half[2])}
+              for half, extra in ((uncond, g.uncond), (cond, g.cond))]
+        x, t = torch.cat([uncond[0], cond[0]]), torch.cat([uncond[1], cond[1]])
+        return _checked_shape(model_output_tensor(self.model(x, t, **_concat(*kw))), x.shape)
 
 
 def _checked_shape(out: torch.Tensor, expected: torch.Size) -> torch.Tensor:

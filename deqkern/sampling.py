@@ -313,6 +313,17 @@ class ParallelSampler:
             raises :class:`~deqkern.errors.CaptureHazard` if a chunk syncs with the host or
             differs from the captured one (:mod:`deqkern.graph_audit`); ``"auto"``: graph on
             CUDA, eager elsewhere.
+        process_group: solve across the ranks of a ``torch.distributed`` group: ``"world"`` (the
+            default group of ``init_process_group``, e.g. under ``torchrun``) or a
+            ``ProcessGroup``; every rank holds the model, the schedule and the same inputs, makes
+            the same call and gets the same result (:mod:`deqkern.distributed`). None: this process.
+        strategy: with ``process_group``: ``"rows"`` splits each round's model rows (guidance's
+            doubled rows too) into balanced contiguous slices, one per rank, all-gathered every
+            round (``max_batch`` is per rank); ``"samples"`` solves a contiguous slice of the
+            batch per rank and gathers the results once. None: ``"samples"`` when the batch is a
+            multiple of the world size (and no ``on_round``), else ``"rows"``. ``info`` gets
+            ``strategy``, ``world_size``, ``rank_rows`` (model rows per rank) and, for rows,
+            ``bytes_per_round`` (bytes each rank received per round).
 
     The solve's rounds run without autograd (see :func:`deqkern.engine.solve`). When grad mode is
     on and ``x_T`` or ``noise`` requires grad, ``x0`` is differentiable w.r.t. them with the
@@ -346,6 +357,8 @@ class ParallelSampler:
         extrapolate: bool | None = None,
         cache_size: int = 4,
         config: SolveConfig | Mapping[str, Any] | None = None,
+        process_group: Any = None,
+        strategy: str | None = None,
     ) -> None:
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule: expected a deqkern.Schedule, got {type(schedule).__name__}")
@@ -362,6 +375,14 @@ class ParallelSampler:
         # the sampler's own copy: a later call's conditioning is copied into it (captured graphs read it)
         self.ev = replace(self.ev, model_kwargs=_owned(self.ev.model_kwargs), guidance=_owned(self.ev.guidance))
         self.model_dtype = self.ev.model_dtype
+        self._dist = None
+        if process_group is not None:
+            from deqkern.distributed import Distributed  # torch.distributed only when asked for
+
+            self._dist = Distributed.make(process_group, strategy, self.ev)
+        elif strategy is not None:
+            raise ValueError(f"strategy: says how to split a solve across ranks and needs process_group, "
+                             f"got {strategy!r}")
         self._cache = _Cache(cache_size)
         #: per input signature, the windows whose solve ran out of memory (see _solve_fitting)
         self._window_oom: dict[tuple, list[int]] = {}
@@ -417,6 +438,8 @@ class ParallelSampler:
             execution = "graph" if x_T.is_cuda and on_round is None else "eager"
         if on_round is not None and execution != "eager":
             raise ValueError(f"on_round: needs execution='eager' (Python runs between rounds), got {execution!r}")
+        if self._dist is not None:
+            return self._distributed(x_T, noise, init, return_trajectory, progress, on_round, execution, back)
         if wants_grad(x_T, noise):
             return self._differentiable(x_T, noise, init, return_trajectory, progress, on_round, execution)
         # the workspace keeps its buffers for the next call: no autograd graph may reach them
@@ -437,18 +460,22 @@ class ParallelSampler:
             return
         self.ev = replace(new, model_kwargs=_owned(new.model_kwargs), guidance=_owned(new.guidance))
         self._cache.clear()
+        if self._dist is not None:  # its split evaluators hold the old conditioning
+            self._dist = self._dist.remade(self.ev)
 
     def _solve(
         self, x_T: torch.Tensor, noise: torch.Tensor | None, init: torch.Tensor | None, return_trajectory: bool,
         progress: Progress, on_round: Callable[[torch.Tensor], None] | None, execution: str, back: Callable,
+        ev: ModelEvaluator | None = None,
     ) -> SampleResult:
-        """The solve of validated, detached inputs (x0 carries no autograd graph)."""
+        """The solve of validated, detached inputs (x0 carries no autograd graph); ``ev``: the
+        evaluator of a distributed solve (:mod:`deqkern.distributed`), else the sampler's."""
         schedule, s = self.schedule, self.schedule.num_steps
         shape = x_T.shape
         # buffers made under inference mode cannot be updated outside it, and the reverse
         key = (tuple(shape), x_T.dtype, x_T.device, noise is not None, init is not None, return_trajectory, execution,
-               torch.is_inference_mode_enabled())
-        state_dtype, ev = solve_precision(x_T.dtype, self.ev)
+               torch.is_inference_mode_enabled(), None if ev is None else id(ev))
+        state_dtype, ev = solve_precision(x_T.dtype, self.ev if ev is None else ev)
         _warn_below_floor(self.config.tol, ev.model_dtype or x_T.dtype)
         x_s, noise, init = (None if a is None else a.to(state_dtype) for a in (x_T, noise, init))
         ws, out, window_oom = self._solve_fitting(
@@ -466,6 +493,21 @@ class ParallelSampler:
                   "tol": self.config.tol, "window": ws.p.width, "window_oom": window_oom,
                   "extrapolate": self.config.extrapolate and init is None, **out.info},
         )
+
+    def _distributed(
+        self, x_T: torch.Tensor, noise: torch.Tensor | None, init: torch.Tensor | None, return_trajectory: bool,
+        progress: Progress, on_round: Callable[[torch.Tensor], None] | None, execution: str, back: Callable,
+    ) -> SampleResult:
+        """The solve across the ranks of ``process_group`` (:class:`deqkern.distributed.Distributed`)."""
+        if wants_grad(x_T, noise):
+            raise ValueError("process_group: x0 is not differentiable across ranks; detach x_T and noise")
+        x_T, noise, init = (None if a is None else a.detach() for a in (x_T, noise, init))  # see __call__
+
+        def solve(x: torch.Tensor, z: torch.Tensor | None, i: torch.Tensor | None, ev: ModelEvaluator) -> SampleResult:
+            return self._solve(x, z, i, return_trajectory, progress, on_round, execution, lambda v: v, ev)
+
+        res = self._dist.run(self, x_T, noise, init, solve, on_round)
+        return replace(res, x0=back(res.x0), trajectory=None if res.trajectory is None else back(res.trajectory))
 
     def _differentiable(
         self, x_T: torch.Tensor, noise: torch.Tensor | None, init: torch.Tensor | None, return_trajectory: bool,
@@ -590,7 +632,8 @@ def sample(
     """Sample once: ``ParallelSampler(model, schedule, solver, tol, max_iters, window, **options)``
     called on ``x_T`` (and ``noise``, ``init``, ...). ``options`` are the sampler's keywords:
     ``stop``, ``form``, ``solver_options``, ``model_kwargs``, ``guidance``, ``max_batch``,
-    ``model_dtype``, ``execution``, ``rounds_per_graph``, ``extrapolate``, ``config`` (see
+    ``model_dtype``, ``execution``, ``rounds_per_graph``, ``extrapolate``, ``config``,
+    ``process_group``, ``strategy`` (see
     :class:`ParallelSampler` and its ``__call__``). A graph captured here is not kept; to replay
     it, keep the sampler."""
     sampler = ParallelSampler(model, schedule, solver, tol, max_iters, window, **options, cache_size=1)

@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     p.add_argument("--pipeline", choices=PIPELINES, default=None, help="instead: a tiny offline diffusers pipeline end "
                    "to end, deqkern.sample_pipeline vs pipe(...) (uses --steps --batch --window --tol --seed)")
+    p.add_argument("--distributed", action="store_true", help="under torchrun: split our solvers' model rows "
+                   "across the ranks (gloo on CPU, nccl on CUDA); rank 0 prints and writes")
     p.add_argument("--quick", action="store_true", help=f"tiny run for tests: steps {QUICK['steps']}, batch "
                    f"{QUICK['batch']}, window {QUICK['window']} unless those flags are given")
     return p
@@ -128,7 +130,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         "paradigms_tol": args.paradigms_tol, "target_err": args.target_err, "batch": args.batch,
         "device": args.device, "dtype": args.dtype, "seed": args.seed, "threads": args.threads,
         "warmup": not args.no_warmup, "repeats": args.repeats, "progress": not args.no_progress,
-        "max_batch": args.max_batch,
+        "max_batch": args.max_batch, "distributed": args.distributed,
     }
     # every config field has its flag: a field added to BenchConfig without one fails here
     assert set(values) == {f.name for f in fields(BenchConfig)}, "BenchConfig and the CLI flags disagree"
@@ -155,14 +157,22 @@ def main(argv: list[str] | None = None) -> int:
         return pipeline.main(args, argv)
     from deqkern.bench import report
 
+    rank = 0
+    if args.distributed:
+        from deqkern.distributed import init_from_env
+
+        rank = init_from_env(args.device, parser.error)
+        args.no_progress |= rank > 0
     try:
-        result = run_benchmark(config_from_args(args))
+        result = run_benchmark(config_from_args(args), log=print if rank == 0 else lambda _: None)
     except OptionError as exc:
         parser.error(f"argument --{exc.name.replace('_', '-')}: {exc.message}")
     except CheckpointError as exc:
         parser.error(f"argument --model: {exc}")
     except UnsupportedSchedulerOption as exc:
         parser.error(f"argument --scheduler: {exc}")
+    if rank > 0:  # rank 0 prints and writes
+        return 0
     print(report.format_table(result))
     json_path = report.write_json(result, args.json or args.out / "bench.json")
     written = [json_path]

@@ -150,6 +150,8 @@ class BenchConfig:
     repeats: int = 1
     progress: bool = True
     max_batch: int | None = None
+    #: our solvers split each round's model rows across the torch.distributed WORLD group (torchrun)
+    distributed: bool = False
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.solvers) - set(ALL_SOLVERS))
@@ -404,19 +406,23 @@ class _Runner:
         if spec.form == "scan":
             self._need_affine("the scan form")
         config = spec.solve_config(cfg, c.steps)
+        split = {"process_group": "world", "strategy": "rows"} if cfg.distributed else {}
         if trace is not None:
             # eager rounds: the trace hook runs Python between rounds (no CUDA-graph capture)
             res = deqkern.sample(self.model, c.x_T, c.schedule, noise=c.noise, on_round=trace, max_batch=cfg.max_batch,
-                                 config=replace(config, execution="eager"))
+                                 config=replace(config, execution="eager"), **split)
         else:
             if spec not in self._samplers:
                 self._samplers[spec] = deqkern.ParallelSampler(self.model, c.schedule, max_batch=cfg.max_batch,
-                                                               config=config)
+                                                               config=config, **split)
             res = self._samplers[spec](c.x_T, c.noise)
         notes = []
         fallbacks = int(res.info.get("fallbacks", 0))
         if fallbacks:
             notes.append(f"{fallbacks} singular Anderson systems fell back to Picard")
+        if "rank_rows" in res.info:
+            notes.append(f"{res.info['world_size']} ranks: model rows per rank {res.info['rank_rows']}, "
+                         f"{res.info['bytes_per_round']:.0f} bytes gathered per round and rank, {res.rounds} rounds")
         return Outcome(
             x0=res.x0, rounds=res.rounds, model_evals=res.model_evals, converged=res.all_converged,
             residuals=res.residuals, notes=notes,
