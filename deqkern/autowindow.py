@@ -70,7 +70,8 @@ def fit_rounds(
 ) -> RoundsModel:
     """Least-squares ``(a, c)`` of ``R = a u + c`` over ``points`` ``(u = S / W, R = rounds)``;
     with a ``prior``, ridge-pulled towards it with weight ``prior_weight`` (the prior alone when
-    there are no points). The 2x2 normal equations are solved directly."""
+    there are no points). The 2x2 normal equations are solved directly; a fit with ``a < 1`` is
+    replaced by ``a = 1`` and the least-squares ``c`` for it."""
     lam = 0.0 if prior is None else prior_weight
     a0, c0 = (0.0, 0.0) if prior is None else (prior.a, prior.c)
     n = len(points)
@@ -81,7 +82,10 @@ def fit_rounds(
     if det <= 0:
         raise ValueError(f"points: expected at least two distinct S/W values without a prior, got {list(points)}")
     b1, b2 = sur + lam * a0, sr + lam * c0
-    return RoundsModel(a=(m22 * b1 - m12 * b2) / det, c=(m11 * b2 - m12 * b1) / det, observations=n)
+    a = (m22 * b1 - m12 * b2) / det
+    if a < 1.0:  # rounds >= S / W: a is held at >= 1 and c refitted (one S/W cannot tell a from c)
+        return RoundsModel(a=1.0, c=(sr - su + lam * c0) / (n + lam), observations=n)
+    return RoundsModel(a=a, c=(m11 * b2 - m12 * b1) / det, observations=n)
 
 
 @dataclass(frozen=True)
@@ -151,7 +155,7 @@ def measure_cost_curve(make_call: CallMaker, windows: Sequence[int], device: tor
     linear_steps = 0
     for w in windows:
         try:
-            seconds[w], timer = _time_call(make_call(w), device, config)
+            seconds[w], timer = time_call(make_call(w), device, config)
         except torch.OutOfMemoryError:
             seconds[w] = math.inf
             break
@@ -170,13 +174,13 @@ def measure_cost_curve(make_call: CallMaker, windows: Sequence[int], device: tor
     return CostCurve(seconds, measured, timer, clock() - start)
 
 
-def _time_call(fn: Callable[[], Any], device: torch.device, config: AutoWindowConfig) -> tuple[float, str]:
+def time_call(fn: Callable[[], Any], device: torch.device, config: AutoWindowConfig) -> tuple[float, str]:
     """``(median seconds of one call, timer)``: the configured clock, else CUDA events around graph
     replays (eager calls if capture fails) on CUDA, else ``time.perf_counter``."""
     from deqkern.engine import sync_device
 
     if config.clock is None and device.type == "cuda":
-        return _time_cuda(fn, config.repeats)
+        return time_cuda(fn, config.repeats)
     clock = config.clock or time.perf_counter
     fn()  # warm-up: lazy initialisation and allocator growth are not the call's cost
     times = []
@@ -189,7 +193,7 @@ def _time_call(fn: Callable[[], Any], device: torch.device, config: AutoWindowCo
     return statistics.median(times), "clock"
 
 
-def _time_cuda(fn: Callable[[], Any], repeats: int) -> tuple[float, str]:
+def time_cuda(fn: Callable[[], Any], repeats: int) -> tuple[float, str]:
     """Median seconds of ``fn`` replayed as a CUDA graph, timed by CUDA events per replay."""
     from deqkern.graphs import capture
 
@@ -264,3 +268,31 @@ def window_auto_config(value: AutoWindowConfig | Mapping[str, Any] | None) -> Au
     from deqkern._config import config_from
 
     return config_from(AutoWindowConfig, value, "window_auto")
+
+
+#: A STATED (not measured) cost curve of the CIFAR10 DDPM UNet (35.7M parameters, 32x32, fp32) on
+#: an H100/H200: flat until the GPU fills at this many rows, then linear, so that 100 rows cost
+#: 5.6x one row, the middle of issue 14's 4-7x estimate. Replace it by a measured curve
+#: (bench/e2e_graphs.py, "model batch cost") when a GPU has run the suite.
+CIFAR10_KNEE_ROWS = 18
+
+
+def stated_cifar10_curve(steps: int, batch: int = 1) -> CostCurve:
+    """:data:`CIFAR10_KNEE_ROWS`'s curve at the candidate windows, in units of one call on ``batch`` rows."""
+    seconds = {w: max(1.0, batch * w / CIFAR10_KNEE_ROWS) / max(1.0, batch / CIFAR10_KNEE_ROWS)
+               for w in candidate_windows(steps)}
+    return CostCurve(seconds, measured=[], timer=f"stated: max(1, rows / {CIFAR10_KNEE_ROWS})", spent_s=0.0)
+
+
+def predicted_gpu_speedup(steps: int, rounds: RoundsModel, curve: CostCurve | None = None,
+                          max_iters: int | None = None) -> dict[str, Any]:
+    """PREDICTED speedup ``S t(1) / (rounds(W*) t(W*))`` of ``window="auto"`` over sequential on
+    ``curve`` (default: the stated CIFAR10 curve at batch 1) with ``rounds``; a prediction, not a
+    measurement, and labelled so."""
+    curve = stated_cifar10_curve(steps) if curve is None else curve
+    window, report = choose_window(curve, steps, rounds, max_iters, margin=1.0)
+    best = next((c for c in report["candidates"] if c["window"] == window), None)
+    return {"label": "PREDICTION (stated cost curve, not measured)", "steps": steps, "window": report["choice"],
+            "rounds": None if best is None else best["rounds"], "cost_curve": curve.timer,
+            "speedup": 1.0 if best is None else report["sequential_s"] / best["time_s"],
+            "rounds_model": report["rounds_model"]}

@@ -174,3 +174,36 @@ def test_differentiable_auto_forward_and_the_adjoint_refusing_auto(ddim):
     assert res.info["window_auto"]["choice"] == "sequential" and rel_err(x.grad, xs.grad) <= 1e-2
     with pytest.raises(OptionError, match=r"^grad_options\.solve\.window: expected an integer"):
         GradConfig(solve={"window": "auto"})
+
+
+def test_fit_holds_a_at_one_or_more():
+    """One full-window solve far below the prior cannot make rounds fall as the window shrinks."""
+    m = fit_rounds([(1.0, 6.0)], PRIOR)
+    assert m.a == 1.0 and m.c == pytest.approx((PRIOR.c + 5.0) / 2)
+
+
+def test_bench_window_auto_and_the_labelled_gpu_prediction(tmp_path, capsys):
+    """``python -m deqkern.bench --window auto``: the *-win solver runs window="auto" and says what
+    it chose; the report and JSON carry the CIFAR10 prediction, labelled as one."""
+    from deqkern.bench.__main__ import main
+
+    out = tmp_path / "b.json"
+    assert main(["--quick", "--steps", "6", "--solvers", "sequential", "paradigms", "anderson-tri", "anderson-tri-win",
+                 "--window", "auto", "--no-progress", "--no-plots", "--threads", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    runs = {r["solver"]: r for r in saved["runs"]}
+    assert runs["anderson-tri-win"]["window"] == "auto" and runs["paradigms"]["window"] == 6
+    assert any(n.startswith("window auto chose ") for n in runs["anderson-tri-win"]["notes"])
+    assert runs["anderson-tri-win"]["x0_rel_err"] <= 1e-3
+    pred = saved["gpu_prediction"]["6"]
+    assert pred["label"].startswith("PREDICTION") and pred["speedup"] >= 1.0 and "PREDICTION" in text
+
+
+@pytest.mark.parametrize("flag", ["0", "x", "Auto"])
+def test_bench_bad_window_flag_is_named(flag, capsys):
+    from deqkern.bench.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--window", flag])
+    assert exc.value.code == 2 and "argument --window: expected an integer >= 1 or 'auto'" in capsys.readouterr().err
