@@ -7,11 +7,13 @@
 #   4. end-to-end timings: graphed parallel vs graphed sequential, CIFAR10-size DDPM UNet, S=100,
 #      windows 100 25 10 and window="auto"
 #   5. python -m deqkern.bench on the embedded model, --window auto
-# Every step has its own timeout (with the wheels' install they add up to 475 s: the suite fits an 8-minute call) and none
-# stops the next (no pytest -x). Every result is written as soon as it is measured: the tests one
-# JSON line each (bench/pytest_jsonl.py), e2e.json rewritten after every row, one line per finished
-# step in steps.jsonl; a step its timeout kills keeps what it wrote. TF32 is off for every error
-# check (the tests' conftest, e2e_graphs.py, the bench). The tables are printed last, from the files.
+# Every step has its own timeout (with the wheels' install and the tables they add up to 475 s: the
+# suite fits an 8-minute call) and none stops the next (no pytest -x). Every result is written as
+# soon as it is measured: the tests one JSON line each (bench/pytest_jsonl.py), e2e.json rewritten
+# after every row, one line per finished step in steps.jsonl; a step its timeout kills keeps what it
+# wrote (the bench writes bench.json at its end: it runs last, on a subset of solvers). TF32 is off
+# for every error check (the tests' conftest, e2e_graphs.py, the bench). The tables are printed
+# last, from the files.
 # Prepare wheels first with bench/gpu_wheels.sh and carry .whl.
 #
 # DRY_RUN=1 NO_WHEELS=1 DEVICE=cpu E2E_MODEL=tiny bash bench/gpu_suite.sh: the CPU proof of this
@@ -40,7 +42,8 @@ else
   GPU_TESTS=(tests/test_graphs.py tests/test_graph_audit.py tests/test_samplers.py tests/test_interop.py)
   BENCH_K=()
   E2E=(--steps 100 --batch 1 --window 100 25 10 auto --solvers anderson-tri picard anderson-row anderson-tri-secant)
-  BENCH=(--steps 25 100 --no-progress)
+  BENCH=(--steps 100 --solvers sequential paradigms paradigms-full torchdeq picard anderson-tri anderson-tri-win
+         --no-progress)
 fi
 rm -f "$OUT"/*.jsonl
 rc=0
@@ -60,8 +63,8 @@ step() {
   tail -3 "$OUT/$name.log"
 }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
-step versions 15 "$PY" -c '
+timeout 10 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
+step versions 25 "$PY" -c '
 import json, sys, torch, deqkern
 try:
     import triton; tv = triton.__version__
@@ -71,18 +74,18 @@ info = {"torch": torch.__version__, "triton": tv, "deqkern": deqkern.__version__
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}
 json.dump(info, open(sys.argv[1], "w")); print(info)' "$OUT/versions.json"
 PYTEST=("$PY" -m pytest -q -rfEs -p no:cacheprovider -p pytest_jsonl)
-step kernel_tests 95 "${PYTEST[@]}" "${KERNEL_TESTS[@]}" -m "gpu or not interpreter" \
+step kernel_tests 90 "${PYTEST[@]}" "${KERNEL_TESTS[@]}" -m "gpu or not interpreter" \
   --jsonl "$OUT/kernel_tests.jsonl" --junitxml="$OUT/kernel_tests.xml"
-step gpu_tests 75 "${PYTEST[@]}" "${GPU_TESTS[@]}" -m "gpu or not interpreter" \
+step gpu_tests 70 "${PYTEST[@]}" "${GPU_TESTS[@]}" -m "gpu or not interpreter" \
   --jsonl "$OUT/gpu_tests.jsonl" --junitxml="$OUT/gpu_tests.xml"
-step kernel_bench 55 "${PYTEST[@]}" bench/ "${BENCH_K[@]}" --benchmark-only --benchmark-max-time=0.5 \
+step kernel_bench 50 "${PYTEST[@]}" bench/ "${BENCH_K[@]}" --benchmark-only --benchmark-max-time=0.5 \
   --jsonl "$OUT/kernel_bench.jsonl" --benchmark-json="$OUT/kernel_bench.json"
-step e2e 130 "$PY" bench/e2e_graphs.py --device "$DEVICE" --model "$E2E_MODEL" "${E2E[@]}" --out "$OUT"
-step bench 75 "$PY" -m deqkern.bench --device "$DEVICE" "${BENCH[@]}" --window auto --out "$OUT/bench"
+step e2e 120 "$PY" bench/e2e_graphs.py --device "$DEVICE" --model "$E2E_MODEL" "${E2E[@]}" --out "$OUT"
+step bench 65 "$PY" -m deqkern.bench --device "$DEVICE" "${BENCH[@]}" --window auto --out "$OUT/bench"
 echo "=== steps ==="
 cat "$OUT/steps.jsonl"
 echo "=== end-to-end (graphed parallel vs graphed sequential; from e2e.json) ==="
-[ -f "$OUT/e2e.json" ] && "$PY" bench/e2e_graphs.py --table "$OUT/e2e.json"
+[ -f "$OUT/e2e.json" ] && timeout 15 "$PY" bench/e2e_graphs.py --table "$OUT/e2e.json"
 echo "=== deqkern.bench ==="
 tail -25 "$OUT/bench.log"
 exit $rc

@@ -3,9 +3,11 @@
 A round of a parallel solve with window ``W`` (rows per sample) makes one model call on
 ``B W r`` rows (``r`` model rows per latent: 2 under classifier-free guidance), so its wall time is
 
-    T(W) = rounds(W) * t(W),        t(W) = seconds of one model call on B W r rows,
+    T(W) = rounds(W) * (t(W) + o),   t(W) = seconds of one model call on B W r rows,
 
-up to the solver's own work per round, and the sequential sampler's is ``T_seq = S t(1)``.
+with ``o`` the solver's own work per round (scan, stopping test, mixing), and the sequential
+sampler's is ``T_seq = S t(1)``. ``o`` starts at 0 and is then the median over this sampler's
+solves of ``seconds / rounds run - t(W)`` (timed with the same clock; never below 0).
 
 **Cost curve.** ``t(W)`` is measured on the caller's device, input shape and conditioning, at
 ``W = 1, 2, 4, ..., S`` (:func:`candidate_windows`): on CUDA each call is captured as a CUDA graph
@@ -23,7 +25,9 @@ pulled towards the prior, ``min sum_i (R_i - a u_i - c)^2 + w ((a - a0)^2 + (c -
 
 **Choice.** ``W* = argmin_{W >= 2} T(W)``; the solve runs at ``W*`` if ``T(W*) <= MARGIN T_seq``
 and sequentially otherwise (exact by construction). When ``t`` is linear in rows, as on a CPU,
-``rounds(W) W >= S`` makes every window lose, so sequential is chosen.
+``rounds(W) W >= S`` makes every window lose, so sequential is chosen; where a small model's
+calls cost about the same at every size but the solver's rounds do not, the measured ``o``
+turns the next call sequential.
 """
 from __future__ import annotations
 
@@ -39,8 +43,8 @@ from deqkern._validate import POSITIVE_FLOAT, POSITIVE_INT, OptionError
 
 #: a doubling of rows that costs at least this fraction of 2x means the device is full
 LINEAR = 0.95
-#: a window must be predicted this much faster than sequential to be chosen: the model leaves out
-#: the solver's work per round (scan, stopping test, mixing), which sequential steps do not have
+#: a window must be predicted this much faster than sequential to be chosen: before the first
+#: solve the solver's work per round is unknown (taken as 0)
 MARGIN = 0.9
 #: the prior's weight in the refit, in observed solves
 PRIOR_WEIGHT = 1.0
@@ -212,25 +216,28 @@ def time_cuda(fn: Callable[[], Any], repeats: int) -> tuple[float, str]:
 
 
 def choose_window(curve: CostCurve, steps: int, rounds: RoundsModel, max_iters: int | None,
-                  margin: float) -> tuple[int | None, dict[str, Any]]:
-    """``(W*, report)``: the window of least predicted ``rounds(W) t(W)`` over ``W >= 2``, or None
-    (sequential) when none is predicted at most ``margin`` x ``S t(1)``."""
+                  margin: float, overhead_s: float = 0.0) -> tuple[int | None, dict[str, Any]]:
+    """``(W*, report)``: the window of least predicted ``rounds(W) (t(W) + overhead_s)`` over
+    ``W >= 2``, or None (sequential) when none is predicted at most ``margin`` x ``S t(1)``."""
     seq = steps * curve.seconds[1]
     candidates = [
-        {"window": w, "rounds": rounds.predict(steps, w, max_iters), "time_s": rounds.predict(steps, w, max_iters) * t}
+        {"window": w, "rounds": rounds.predict(steps, w, max_iters),
+         "time_s": rounds.predict(steps, w, max_iters) * (t + overhead_s)}
         for w, t in curve.seconds.items() if w >= 2
     ]
     best = min(candidates, key=lambda c: c["time_s"], default=None)
     if best is not None and best["time_s"] <= margin * seq:
         choice, why = best["window"], (f"window {best['window']} predicted {seq / best['time_s']:.2f}x faster than "
-                                       f"sequential ({best['rounds']:.1f} rounds of {curve.seconds[best['window']]:.3g} s)")
+                                       f"sequential ({best['rounds']:.1f} rounds of {curve.seconds[best['window']]:.3g} s "
+                                       f"+ {overhead_s:.3g} s)")
     else:
         choice = None
         why = ("no window has a predicted time within "
                f"{margin:g} x sequential's {seq:.3g} s (best: "
                + ("none, S < 2" if best is None else f"window {best['window']}, {best['time_s']:.3g} s") + ")")
     report = {"cost_curve": curve.summary(), "rounds_model": {"a": rounds.a, "c": rounds.c,
-              "observations": rounds.observations}, "candidates": candidates, "sequential_s": seq,
+              "observations": rounds.observations}, "overhead_s_per_round": overhead_s,
+              "candidates": candidates, "sequential_s": seq,
               "choice": "sequential" if choice is None else choice, "reason": why}
     return choice, report
 
@@ -238,11 +245,17 @@ def choose_window(curve: CostCurve, steps: int, rounds: RoundsModel, max_iters: 
 @dataclass
 class AutoWindow:
     """A sampler's ``window="auto"`` state: one cost curve per input signature (measured on its
-    first call) and the ``(S / W, rounds)`` of every parallel solve so far."""
+    first call), the ``(S / W, rounds)`` of every parallel solve so far and, per signature, the
+    solver's measured seconds per round beyond the model call."""
 
     config: AutoWindowConfig = field(default_factory=AutoWindowConfig)
     curves: dict[tuple, CostCurve] = field(default_factory=dict)
     observed: list[tuple[float, float]] = field(default_factory=list)
+    overheads: dict[tuple, list[float]] = field(default_factory=dict)
+
+    def clock(self) -> float:
+        """The clock the measurements and the solves' times are read with."""
+        return (self.config.clock or time.perf_counter)()
 
     @property
     def rounds_model(self) -> RoundsModel:
@@ -255,12 +268,20 @@ class AutoWindow:
         measured_now = key not in self.curves
         if measured_now:
             self.curves[key] = measure_cost_curve(make_call, candidate_windows(steps), device, self.config)
-        window, report = choose_window(self.curves[key], steps, self.rounds_model, max_iters, self.config.margin)
+        overhead = statistics.median(self.overheads[key]) if self.overheads.get(key) else 0.0
+        window, report = choose_window(self.curves[key], steps, self.rounds_model, max_iters, self.config.margin,
+                                       overhead)
         return window, {**report, "measured_now": measured_now}
 
-    def observe(self, steps: int, window: int, rounds: int) -> None:
-        """Record a parallel solve's rounds at ``window`` for the next choices."""
+    def observe(self, key: tuple, steps: int, window: int, rounds: int, rounds_run: int,
+                seconds: float | None) -> None:
+        """Record a parallel solve of signature ``key`` for the next choices: its ``rounds`` at
+        ``window`` and, from the ``seconds`` its ``rounds_run`` rounds took (None: not a steady
+        state time), the solver's own seconds per round (``t(window)`` taken off; 0 at least)."""
         self.observed.append((steps / window, float(rounds)))
+        t = self.curves[key].seconds.get(window)
+        if t is not None and seconds is not None and rounds_run > 0:
+            self.overheads.setdefault(key, []).append(max(0.0, seconds / rounds_run - t))
 
 
 def window_auto_config(value: AutoWindowConfig | Mapping[str, Any] | None) -> AutoWindowConfig:

@@ -431,18 +431,22 @@ class ParallelSampler:
                torch.is_inference_mode_enabled())
         state_dtype, ev = solve_precision(x_T.dtype, self.ev)
         _warn_below_floor(self.config.tol, ev.model_dtype or x_T.dtype)
-        width, auto = self.config.window, {}
+        width, auto, auto_key = self.config.window, {}, (tuple(shape), state_dtype, x_T.device)
         if self._auto is not None:
-            width, auto = self._auto_window(x_T.to(state_dtype), ev)
+            width, auto = self._auto_window(auto_key, x_T.to(state_dtype), ev)
             if width is None:
                 return self._run_sequential(x_T, noise, return_trajectory, on_round, execution, back, auto)
+            started = self._auto.clock()
         x_s, noise, init = (None if a is None else a.to(state_dtype) for a in (x_T, noise, init))
         ws, out, window_oom = self._solve_fitting(
             key, width, x_s, noise, init, return_trajectory, execution, progress, on_round, ev
         )
         st, p = ws.st, ws.p
         if self._auto is not None:
-            self._auto.observe(s, p.width, out.rounds)
+            # a first fixed-shape solve captures its graphs: its time is not a round's
+            steady = execution == "eager" or out.info.get("reused_workspace", False)
+            self._auto.observe(auto_key, s, p.width, out.rounds, out.info.get("rounds_executed", out.rounds),
+                               self._auto.clock() - started if steady else None)
             auto = {"window_auto": auto}
         return SampleResult(
             x0=back(x0_row(p, st).to(x_T.dtype)), converged=out.converged, rounds=out.rounds,
@@ -456,9 +460,9 @@ class ParallelSampler:
                   "extrapolate": self.config.extrapolate and init is None, **auto, **out.info},
         )
 
-    def _auto_window(self, x: torch.Tensor, ev: ModelEvaluator) -> tuple[int | None, dict[str, Any]]:
-        """``window="auto"``'s window for ``x`` (None: sequential) and its report: the model timed
-        through ``ev`` (a copy: the measurement is no model evaluation of the solve) on the rows a
+    def _auto_window(self, key: tuple, x: torch.Tensor, ev: ModelEvaluator) -> tuple[int | None, dict[str, Any]]:
+        """``window="auto"``'s window for ``x`` of signature ``key`` (None: sequential) and its
+        report: the model timed through ``ev`` (a copy: the measurement is no model evaluation of the solve) on the rows a
         round of each window would give it, the first time this input signature is seen."""
         s, batch, dev = self.schedule.num_steps, x.shape[0], x.device
         timer_ev = replace(ev, evaluations=0)
@@ -469,7 +473,6 @@ class ParallelSampler:
             xs, ts, idx = x[rows % batch].contiguous(), labels[rows // batch % s], rows % batch
             return lambda: timer_ev.raw(xs, ts, idx)
 
-        key = (tuple(x.shape), x.dtype, dev)
         with torch.no_grad():
             return self._auto.choose(key, s, self.config.max_iters, make_call, dev)
 

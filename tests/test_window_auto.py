@@ -207,3 +207,23 @@ def test_bench_bad_window_flag_is_named(flag, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--window", flag])
     assert exc.value.code == 2 and "argument --window: expected an integer >= 1 or 'auto'" in capsys.readouterr().err
+
+
+def test_measured_solver_work_per_round_turns_the_next_call_sequential(ddim):
+    """Model calls that cost the same at every size, but rounds that cost 50x a call on top (the
+    solver's work, here added through on_round, which eager rounds call once each): the first call
+    cannot know it and runs window 8; the next one has measured it and runs sequentially."""
+    model, sched, x_T, sampler = _setup(ddim, flat_then_linear)
+    per_round = 0.05
+
+    def solver_work(_x0: torch.Tensor) -> None:
+        model.clock.now += per_round
+
+    first = sampler(x_T, on_round=solver_work)
+    second = sampler(x_T, on_round=solver_work)
+    assert first.info["window_auto"]["choice"] == 8 and first.info["window_auto"]["overhead_s_per_round"] == 0
+    auto = second.info["window_auto"]
+    # eager rounds evaluate only the live rows: at most t(8), at least t(1) = t(8) here (flat)
+    assert auto["overhead_s_per_round"] == pytest.approx(per_round)
+    assert auto["choice"] == "sequential" and second.info["exact"] and torch.equal(
+        second.x0, deqkern.sample_sequential(model, x_T, sched).x0)
