@@ -111,7 +111,9 @@ def model_cost_curve(
     return curve, timer
 
 
-def chunk_seconds(sampler: deqkern.ParallelSampler, x: torch.Tensor, device: torch.device, repeats: int) -> float | None:
+def chunk_seconds(
+    sampler: deqkern.ParallelSampler, x: torch.Tensor, device: torch.device, repeats: int
+) -> float | None:
     """Median seconds of one K-round chunk of ``sampler``'s last solve (a graph replay on CUDA,
     timed by CUDA events; the wall clock elsewhere), each from the state ``x`` loads: from a
     converged state further rounds would run past ``max_iters``. None for eager execution."""

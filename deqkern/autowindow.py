@@ -39,7 +39,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from deqkern._config import config_from
 from deqkern._validate import POSITIVE_FLOAT, POSITIVE_INT, OptionError
+from deqkern.engine import sync_device
+from deqkern.graphs import capture
 
 #: a doubling of rows that costs at least this fraction of 2x means the device is full
 LINEAR = 0.95
@@ -152,8 +155,6 @@ def measure_cost_curve(make_call: CallMaker, windows: Sequence[int], device: tor
                        config: AutoWindowConfig) -> CostCurve:
     """Time ``make_call(W)()`` for the ``windows`` in increasing order, within the budget (module
     docstring); a window that runs out of memory costs infinity and ends the measurement."""
-    from deqkern.engine import sync_device
-
     clock = config.clock or time.perf_counter
     start, seconds, timer = clock(), {}, "clock"
     linear_steps = 0
@@ -168,7 +169,6 @@ def measure_cost_curve(make_call: CallMaker, windows: Sequence[int], device: tor
             linear_steps += 1
         else:
             linear_steps = 0
-        sync_device(device)
         if len(seconds) >= 2 and (linear_steps >= 2 or clock() - start > config.budget_s):
             break
     measured = list(seconds)
@@ -181,8 +181,6 @@ def measure_cost_curve(make_call: CallMaker, windows: Sequence[int], device: tor
 def time_call(fn: Callable[[], Any], device: torch.device, config: AutoWindowConfig) -> tuple[float, str]:
     """``(median seconds of one call, timer)``: the configured clock, else CUDA events around graph
     replays (eager calls if capture fails) on CUDA, else ``time.perf_counter``."""
-    from deqkern.engine import sync_device
-
     if config.clock is None and device.type == "cuda":
         return time_cuda(fn, config.repeats)
     clock = config.clock or time.perf_counter
@@ -199,8 +197,6 @@ def time_call(fn: Callable[[], Any], device: torch.device, config: AutoWindowCon
 
 def time_cuda(fn: Callable[[], Any], repeats: int) -> tuple[float, str]:
     """Median seconds of ``fn`` replayed as a CUDA graph, timed by CUDA events per replay."""
-    from deqkern.graphs import capture
-
     graph, _ = capture(fn, [])
     run, timer = (graph.replay, "cuda-graph-events") if graph is not None else (fn, "cuda-events")
     run()
@@ -227,9 +223,10 @@ def choose_window(curve: CostCurve, steps: int, rounds: RoundsModel, max_iters: 
     ]
     best = min(candidates, key=lambda c: c["time_s"], default=None)
     if best is not None and best["time_s"] <= margin * seq:
-        choice, why = best["window"], (f"window {best['window']} predicted {seq / best['time_s']:.2f}x faster than "
-                                       f"sequential ({best['rounds']:.1f} rounds of {curve.seconds[best['window']]:.3g} s "
-                                       f"+ {overhead_s:.3g} s)")
+        t_best = curve.seconds[best["window"]]
+        choice = best["window"]
+        why = (f"window {choice} predicted {seq / best['time_s']:.2f}x faster than sequential "
+               f"({best['rounds']:.1f} rounds of {t_best:.3g} s + {overhead_s:.3g} s)")
     else:
         choice = None
         why = ("no window has a predicted time within "
@@ -286,8 +283,6 @@ class AutoWindow:
 
 def window_auto_config(value: AutoWindowConfig | Mapping[str, Any] | None) -> AutoWindowConfig:
     """``value`` (an :class:`AutoWindowConfig`, a mapping of its fields, or None) as a config."""
-    from deqkern._config import config_from
-
     return config_from(AutoWindowConfig, value, "window_auto")
 
 

@@ -292,9 +292,10 @@ class ParallelSampler:
             and the window of least predicted ``rounds(W) t(W)`` runs, or the sequential sampler
             when no window is predicted to beat it (exact; ``info["exact"]``); the measurements,
             predictions and choice are in ``info["window_auto"]`` (:mod:`deqkern.autowindow`;
-            ``window_auto``: its :class:`~deqkern.autowindow.AutoWindowConfig`). Halved while the solve raises ``torch.OutOfMemoryError`` (down to 1, then it
-            propagates): ``info["window"]`` is the window that ran, ``info["window_oom"]`` the
-            ones that ran out of memory.
+            ``window_auto``: its :class:`~deqkern.autowindow.AutoWindowConfig`). Halved while
+            the solve raises ``torch.OutOfMemoryError`` (down to 1, then it propagates):
+            ``info["window"]`` is the window that ran, ``info["window_oom"]`` the ones that ran
+            out of memory.
         solver_options: the solver's config dataclass or a mapping of its fields.
         model_kwargs, guidance: conditioning (per sample or shared), fixed for the sampler: a
             captured graph reads these very tensors, so update them in place to change them.
@@ -462,8 +463,9 @@ class ParallelSampler:
 
     def _auto_window(self, key: tuple, x: torch.Tensor, ev: ModelEvaluator) -> tuple[int | None, dict[str, Any]]:
         """``window="auto"``'s window for ``x`` of signature ``key`` (None: sequential) and its
-        report: the model timed through ``ev`` (a copy: the measurement is no model evaluation of the solve) on the rows a
-        round of each window would give it, the first time this input signature is seen."""
+        report: the model timed through ``ev`` (a copy: the measurement is no model evaluation
+        of the solve) on the rows a round of each window would give it, the first time this
+        input signature is seen."""
         s, batch, dev = self.schedule.num_steps, x.shape[0], x.device
         timer_ev = replace(ev, evaluations=0)
         labels = self.schedule.timesteps.to(dev)
@@ -525,8 +527,9 @@ class ParallelSampler:
         return_trajectory: bool, execution: str, progress: bool, on_round: Callable[[torch.Tensor], None] | None,
         ev: ModelEvaluator,
     ) -> tuple[Workspace, Solved, list[int]]:
-        """``(workspace, solved, windows that ran out of memory)``: the solve at ``window``, halved after every ``torch.OutOfMemoryError`` (a round's model batch is B x W
-        rows) and started over; at window 1 the error propagates. The windows that ran out are
+        """``(workspace, solved, windows that ran out of memory)``: the solve at ``window``,
+        halved after every ``torch.OutOfMemoryError`` (a round's model batch is B x W rows) and
+        started over; at window 1 the error propagates. The windows that ran out are
         kept per input signature: later calls start at the last one that fit."""
         failed = self._window_oom.setdefault(key, [])
         while True:

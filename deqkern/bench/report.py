@@ -73,9 +73,9 @@ def _prediction_lines(pred: dict[str, Any] | None) -> list[str]:
     """window="auto"'s predicted GPU speedup for the CIFAR10 UNet, labelled as the prediction it is."""
     if not pred:
         return []
-    m = pred["rounds_model"]
-    return [f"  {pred['label']}: CIFAR10 UNet, batch 1, cost t(rows) = t(1) x {pred['cost_curve'].removeprefix('stated: ')}; "
-            f"rounds(W) = {m['a']:.2f} S/W + {m['c']:.1f} (fitted to {m['observations']} solve(s) of this run + the prior): "
+    m, curve = pred["rounds_model"], pred["cost_curve"].removeprefix("stated: ")
+    return [f"  {pred['label']}: CIFAR10 UNet, batch 1, cost t(rows) = t(1) x {curve}; rounds(W) = "
+            f"{m['a']:.2f} S/W + {m['c']:.1f} (fitted to {m['observations']} solve(s) of this run + the prior): "
             f"auto window {pred['window']}, {_fmt(pred['rounds'], '.1f')} rounds, speedup over sequential "
             f"{pred['speedup']:.1f}x"]
 
