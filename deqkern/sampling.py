@@ -589,8 +589,8 @@ def sample(
     """Sample once: ``ParallelSampler(model, schedule, solver, tol, max_iters, window, **options)``
     called on ``x_T`` (and ``noise``, ``init``, ...). ``options`` are the sampler's keywords:
     ``stop``, ``form``, ``solver_options``, ``model_kwargs``, ``guidance``, ``max_batch``,
-    ``model_dtype``, ``execution``, ``rounds_per_graph``, ``extrapolate``, ``config`` (see
-    :class:`ParallelSampler` and its ``__call__``). A graph captured here is not kept; to replay
-    it, keep the sampler."""
+    ``model_dtype``, ``execution``, ``rounds_per_graph``, ``extrapolate``, ``config``,
+    ``window_auto`` (see :class:`ParallelSampler` and its ``__call__``). A graph captured here is
+    not kept, nor is ``window="auto"``'s measured cost curve; to reuse them, keep the sampler."""
     sampler = ParallelSampler(model, schedule, solver, tol, max_iters, window, **options, cache_size=1)
     return sampler(x_T, noise, init=init, return_trajectory=return_trajectory, progress=progress, on_round=on_round)
