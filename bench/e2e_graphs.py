@@ -295,7 +295,7 @@ def print_table(result: dict[str, Any]) -> None:
     for rec in result["records"]:
         for width, win in rec.get("windows", {}).items():
             for name, r in win["solvers"].items():
-                w = f"a{r['window']}" if width == "auto" else width
+                w = width if width != "auto" else f"a{r['window']}" if r["window"] else "aseq"
                 chunk = "-" if r.get("chunk_s") is None else f"{1e3 * r['chunk_s']:.2f}"
                 frac = "-" if r.get("solver_fraction_of_model") is None else f"{r['solver_fraction_of_model']:.3f}"
                 print(f"{rec['steps']:>5} {w!s:>4} {name:>19} {r['rounds']:>6} {1e3 * r['wall_s']:>9.2f} "
