@@ -17,7 +17,8 @@
 # Prepare wheels first with bench/gpu_wheels.sh and carry .whl.
 #
 # DRY_RUN=1 NO_WHEELS=1 DEVICE=cpu E2E_MODEL=tiny bash bench/gpu_suite.sh: the CPU proof of this
-# script at toy sizes (tests/test_gpu_suite_dryrun.py runs it).
+# script at toy sizes (tests/test_gpu_suite_dryrun.py runs it). TIMEOUT_SCALE=3 multiplies every
+# step's timeout (a loaded CPU starts Python more slowly than the GPU machine does).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}
@@ -50,7 +51,7 @@ rc=0
 
 # step NAME TIMEOUT CMD...: run CMD under its timeout, log to OUT/NAME.log, one JSON line in steps.jsonl
 step() {
-  local name=$1 limit=$2 start code
+  local name=$1 limit=$(( $2 * ${TIMEOUT_SCALE:-1} )) start code
   shift 2
   start=$(date +%s%N)
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
