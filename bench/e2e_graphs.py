@@ -15,7 +15,15 @@ Issue 3's targets, measured side by side in ONE run on ONE device:
   curve ``t(rows)``: the speedup is ``S t(B) / (rounds(W) t(B W))`` up to solver overhead, so
   how far ``t`` stays flat as rows grow decides which window wins on a device.
 
-    python bench/e2e_graphs.py --device cuda --model ddpm-cifar10 --steps 100 --out OUT
+* ``--window auto``: the sampler's own choice (:mod:`deqkern.autowindow`), its measured cost
+  curve, predicted rounds and times per window, against what it then measured.
+
+On CUDA the model's cost curve and one K-round chunk of every solve are CUDA-graph replays timed
+by CUDA events; the table says whether each solve (and the sequential baseline) ran as CUDA
+graphs. TF32 is off: every row is also an x0 error check. ``OUT/e2e.json`` is rewritten after
+every measured row, so a run its timeout cuts short keeps what it measured (``--table`` prints it).
+
+    python bench/e2e_graphs.py --device cuda --model ddpm-cifar10 --steps 100 --window 100 25 10 auto --out OUT
 
 On CPU (``--device cpu --model tiny``) it runs in seconds and only proves the script works.
 """
@@ -32,6 +40,8 @@ from typing import Any, Callable
 import torch
 
 import deqkern
+from deqkern.autowindow import AutoWindowConfig, time_call
+from deqkern.engine import sync_device
 
 SOLVERS: dict[str, dict[str, Any]] = {
     "picard": dict(solver="picard"),
@@ -75,12 +85,10 @@ def timed_first(fn: Callable[[], Any], device: torch.device, repeats: int) -> tu
     first call of a sampler captures its CUDA graphs, later ones replay them."""
     times = []
     for _ in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync_device(device)
         t0 = time.perf_counter()
         out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync_device(device)
         times.append(time.perf_counter() - t0)
     return times[0], statistics.median(times[1:]), out
 
@@ -88,21 +96,112 @@ def timed_first(fn: Callable[[], Any], device: torch.device, repeats: int) -> tu
 def model_cost_curve(
     model: torch.nn.Module, x: torch.Tensor, schedule: deqkern.Schedule, dtype: torch.dtype, device: torch.device,
     repeats: int, widths: list[int],
-) -> dict[int, float]:
-    """Median seconds of one eager model call on ``rows`` rows, for the batch alone, powers of two
-    up to the largest window's rows, and every window's rows (``B W``)."""
+) -> tuple[dict[int, float], str]:
+    """``(median seconds of one model call per rows, timer)`` for the batch alone, powers of two up
+    to the largest window's rows, and every window's rows (``B W``): on CUDA graph replays timed
+    by CUDA events (:func:`deqkern.autowindow.time_call`), elsewhere the wall clock."""
     batch, top = x.shape[0], x.shape[0] * max(widths)
     sizes = sorted({batch, top, *(batch * w for w in widths), *(r for r in (2 ** i for i in range(20)) if batch < r < top)})
     ts = schedule.timesteps.to(device)
-    curve = {}
+    curve, timer, config = {}, "clock", AutoWindowConfig(repeats=repeats)
     for rows in sizes:
         xs = x[torch.arange(rows, device=device) % batch].to(dtype)
         t_rows = ts[torch.arange(rows, device=device) % ts.numel()]
-        curve[rows], _ = timed(lambda: model(xs, t_rows), device, repeats)
-    return curve
+        curve[rows], timer = time_call(lambda: model(xs, t_rows), device, config)
+    return curve, timer
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def chunk_seconds(
+    sampler: deqkern.ParallelSampler, x: torch.Tensor, device: torch.device, repeats: int
+) -> float | None:
+    """Median seconds of one K-round chunk of ``sampler``'s last solve (a graph replay on CUDA,
+    timed by CUDA events; the wall clock elsewhere), each from the state ``x`` loads: from a
+    converged state further rounds would run past ``max_iters``. None for eager execution."""
+    ws = next(reversed(sampler._cache.values()))  # the workspace of the last call (bench-only peek)
+    if ws.runners is None:
+        return None
+    times = []
+    for _ in range(repeats):
+        ws.load(x)
+        sync_device(device)
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            ws.runners.bulk()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            ws.runners.bulk()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class Results:
+    """The run's JSON, rewritten (atomically) after every measured row: a run cut short by its
+    timeout keeps every row it measured, in a well-formed file."""
+
+    def __init__(self, path: Path, header: dict[str, Any]) -> None:
+        self.path, self.data = path, {**header, "records": []}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2))
+        tmp.replace(self.path)
+
+
+def solver_row(args: argparse.Namespace, model: torch.nn.Module, schedule: deqkern.Schedule, x: torch.Tensor,
+               seq: Any, t_seq_graph: float, t_seq_eager: float, width: int | str, name: str,
+               execution: str, model_batch_s: float | None) -> dict[str, Any]:
+    """One solver at one window (``"auto"``: the sampler's choice): wall times (first call and
+    steady state), rounds, x0 error against the sequential x0, the K-round chunk's replay time
+    and the solver's own work per round (a one-copy "model"), ATen ops per round."""
+    device, dtype = x.device, getattr(torch, args.dtype)
+    kw = dict(SOLVERS[name], tol=args.tol, stop=args.stop, window=width, rounds_per_graph=args.per_graph,
+              execution=execution)
+    par = deqkern.ParallelSampler(model, schedule, model_dtype=dtype, **kw)
+    t_first, t_par, res = timed_first(lambda: par(x), device, args.repeats)
+    err = float((res.x0.double() - seq.x0.double()).norm() / seq.x0.double().norm())
+    row = dict(
+        wall_s=t_par, first_call_s=t_first, rounds=res.rounds, window=res.info["window"],
+        rounds_executed=res.info.get("rounds_executed", res.rounds), model_evals=res.model_evals,
+        converged=res.all_converged, x0_rel_err=err, speedup_vs_graphed_sequential=t_seq_graph / t_par,
+        speedup_vs_eager_sequential=t_seq_eager / t_par, graph=res.info.get("graph", False),
+        graph_fallback=res.info.get("graph_fallback"),
+    )
+    if width == "auto":
+        return {**row, "window_auto": res.info["window_auto"]}
+    row["chunk_s"] = chunk_seconds(par, x, device, args.repeats)
+    # solver work per round: the same fixed-shape rounds with a one-copy "model"
+    free_sampler = deqkern.ParallelSampler(lambda a, b: a, schedule, max_iters=res.rounds, **kw)
+    t_free, free = timed(lambda: free_sampler(x), device, args.repeats)
+    per_round = t_free / max(free.info.get("rounds_executed", free.rounds), 1)
+    # the same round's ATen ops (the model's excluded) and those that launch a kernel (each a
+    # node of the round's graph, next to its Triton kernels), counted by the capture audit
+    audit = deqkern.ParallelSampler(
+        lambda a, b: a, schedule, max_iters=2, **{**kw, "rounds_per_graph": 1, "execution": "audit"})
+    audited = audit(x).info
+    return {**row, "solver_s_per_round": per_round, "solver_fraction_of_model": per_round / model_batch_s,
+            "aten_ops_per_round": audited["ops_per_chunk"], "kernel_ops_per_round": audited["kernel_ops_per_chunk"]}
+
+
+def window_arg(text: str) -> int | str:
+    """argparse type: a window (an integer >= 1) or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got {text!r}")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--model", default="ddpm-cifar10", help="ddpm-cifar10 | ddpm-celeba | ... | digits | tiny")
@@ -116,16 +215,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--tol", type=float, default=5e-4,
                     help="stopping tolerance (default: half the 1e-3 x0 target, a margin for a model the x0 rule "
                          "was not measured on)")
-    ap.add_argument("--window", type=int, nargs="+", default=None,
-                    help="windows (rows per round per sample) to compare; default: S (values above S mean S)")
+    ap.add_argument("--window", type=window_arg, nargs="+", default=None,
+                    help="windows (rows per round per sample) to compare, 'auto' for window='auto' with the first "
+                         "solver; default: S (values above S mean S)")
     ap.add_argument("--per-graph", type=int, default=4, help="rounds (or sequential steps) per CUDA graph")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--solvers", nargs="+", default=list(SOLVERS), choices=list(SOLVERS))
     ap.add_argument("--out", default="out/e2e")
-    args = ap.parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    ap.add_argument("--table", metavar="JSON", default=None,
+                    help="only print the table of an e2e.json (also one a timeout cut short) and exit")
+    return ap.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.table is not None:
+        result = json.loads(Path(args.table).read_text())
+        print_table(result)
+        return result
+    # every number here is also an error check against the sequential x0: no TF32 (10-bit
+    # mantissa matmuls and convolutions would differ from the sequential run by ~1e-3)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     model, shape = build_model(args.model, device, dtype)
@@ -134,11 +245,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     sched_cfg = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
     gen = torch.Generator().manual_seed(0)
-    records: list[dict[str, Any]] = []
+    results = Results(Path(args.out) / "e2e.json", dict(
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        torch=torch.__version__, triton=_version("triton"), git=_git_sha(), model=args.model, dtype=args.dtype,
+        stop=args.stop, tol=args.tol, tf32=False, date=time.strftime("%Y-%m-%d"),
+    ))
     for steps in args.steps:
         schedule = deqkern.Schedule.from_diffusers(sched_cfg, steps)
         x = torch.randn(args.batch, *shape, generator=gen).to(device)
-        widths = sorted({min(w, steps) for w in (args.window or [steps])}, reverse=True)
+        windows = list(dict.fromkeys(w if w == "auto" else min(w, steps) for w in (args.window or [steps])))
+        widths = sorted((w for w in windows if w != "auto"), reverse=True) or [steps]
         with torch.inference_mode():
             # x_T and the latents stay fp32; the model runs in --dtype. Samplers are made once and
             # called repeatedly, as a library would: the medians are steady state (graphs replayed)
@@ -147,64 +263,50 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 model, schedule, model_dtype=dtype, execution=execution, rounds_per_graph=args.per_graph)
             t_seq_eager, seq = timed(lambda: seq_eager(x), device, args.repeats)
             t_seq_first, t_seq_graph, seq_g = timed_first(lambda: seq_graph(x), device, args.repeats)
-            curve = model_cost_curve(model, x, schedule, dtype, device, args.repeats, widths)
             rec: dict[str, Any] = dict(
                 steps=steps, batch=args.batch, sequential_eager_s=t_seq_eager, sequential_graph_s=t_seq_graph,
-                sequential_graph_first_call_s=t_seq_first,
-                sequential_graph=seq_g.info.get("graph", False), model_batch_curve_s=curve, windows={},
+                sequential_graph_first_call_s=t_seq_first, sequential_graph=seq_g.info.get("graph", False),
+                windows={},
             )
-            for width in widths:
-                rows = x.shape[0] * width
-                win: dict[str, Any] = dict(model_batch_s=curve[rows], model_batch_rows=rows, solvers={})
-                for name in args.solvers:
-                    kw = dict(SOLVERS[name], tol=args.tol, stop=args.stop, window=width, rounds_per_graph=args.per_graph,
-                              execution=execution)
-                    par = deqkern.ParallelSampler(model, schedule, model_dtype=dtype, **kw)
-                    t_first, t_par, res = timed_first(lambda: par(x), device, args.repeats)
-                    # solver work per round: the same fixed-shape rounds with a one-copy "model"
-                    free_sampler = deqkern.ParallelSampler(lambda a, b: a, schedule, max_iters=res.rounds, **kw)
-                    t_free, free = timed(lambda: free_sampler(x), device, args.repeats)
-                    per_round = t_free / max(free.info.get("rounds_executed", free.rounds), 1)
-                    # the same round's ATen ops (the model's excluded) and those that launch a
-                    # kernel (each a node of the round's graph, next to its Triton kernels),
-                    # counted by the capture audit
-                    audit = deqkern.ParallelSampler(
-                        lambda a, b: a, schedule, max_iters=2, **{**kw, "rounds_per_graph": 1, "execution": "audit"})
-                    audited = audit(x).info
-                    err = float((res.x0.double() - seq.x0.double()).norm() / seq.x0.double().norm())
-                    win["solvers"][name] = dict(
-                        wall_s=t_par, first_call_s=t_first, rounds=res.rounds,
-                        rounds_executed=res.info.get("rounds_executed", res.rounds), model_evals=res.model_evals, converged=res.all_converged,
-                        x0_rel_err=err, speedup_vs_graphed_sequential=t_seq_graph / t_par,
-                        speedup_vs_eager_sequential=t_seq_eager / t_par, graph=res.info.get("graph", False),
-                        solver_s_per_round=per_round, solver_fraction_of_model=per_round / curve[rows],
-                        aten_ops_per_round=audited["ops_per_chunk"],
-                        kernel_ops_per_round=audited["kernel_ops_per_chunk"],
-                    )
+            results.data["records"].append(rec)
+            results.save()
+            rec["model_batch_curve_s"], rec["model_timer"] = model_cost_curve(
+                model, x, schedule, dtype, device, args.repeats, widths)
+            results.save()
+            for width in windows:
+                rows = None if width == "auto" else x.shape[0] * width
+                win: dict[str, Any] = dict(model_batch_s=rec["model_batch_curve_s"].get(rows), model_batch_rows=rows,
+                                           solvers={})
                 rec["windows"][width] = win
-        records.append(rec)
+                for name in args.solvers[:1] if width == "auto" else args.solvers:
+                    win["solvers"][name] = solver_row(args, model, schedule, x, seq, t_seq_graph, t_seq_eager, width,
+                                                      name, execution, win["model_batch_s"])
+                    results.save()
+    print_table(results.data)
+    return results.data
 
-    result = dict(
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        torch=torch.__version__, triton=_version("triton"), git=_git_sha(), model=args.model, dtype=args.dtype,
-        stop=args.stop, tol=args.tol, date=time.strftime("%Y-%m-%d"), records=records,
-    )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "e2e.json").write_text(json.dumps(result, indent=2))
-    print(f"device={result['device']} model={args.model} dtype={args.dtype}")
+
+def print_table(result: dict[str, Any]) -> None:
+    """The run's table: per S, window and solver the rounds, wall time, speedup over graphed
+    sequential, x0 error, whether the solve (and the sequential baseline) ran as CUDA graphs."""
+    print(f"device={result['device']} model={result['model']} dtype={result['dtype']} tf32={result.get('tf32')}")
     print(f"{'S':>5} {'W':>4} {'solver':>19} {'rounds':>6} {'wall ms':>9} {'seq-graph ms':>12} {'speedup':>7} "
-          f"{'x0 err':>8} {'solver/model':>12}")
-    for rec in records:
-        for width, win in rec["windows"].items():
+          f"{'x0 err':>8} {'graph':>5} {'seq graph':>9} {'chunk ms':>8} {'solver/model':>12}")
+    for rec in result["records"]:
+        for width, win in rec.get("windows", {}).items():
             for name, r in win["solvers"].items():
-                print(f"{rec['steps']:>5} {width:>4} {name:>19} {r['rounds']:>6} {1e3 * r['wall_s']:>9.2f} "
+                w = width if width != "auto" else f"a{r['window']}" if r["window"] else "aseq"
+                chunk = "-" if r.get("chunk_s") is None else f"{1e3 * r['chunk_s']:.2f}"
+                frac = "-" if r.get("solver_fraction_of_model") is None else f"{r['solver_fraction_of_model']:.3f}"
+                print(f"{rec['steps']:>5} {w!s:>4} {name:>19} {r['rounds']:>6} {1e3 * r['wall_s']:>9.2f} "
                       f"{1e3 * rec['sequential_graph_s']:>12.2f} {r['speedup_vs_graphed_sequential']:>7.2f} "
-                      f"{r['x0_rel_err']:>8.1e} {r['solver_fraction_of_model']:>12.3f}")
-        t1 = rec["model_batch_curve_s"][rec["batch"]]
-        print(f"  model batch cost, S={rec['steps']}: " + ", ".join(
-            f"{rows} rows {t / t1:.2f}x" for rows, t in rec["model_batch_curve_s"].items()))
-    return result
+                      f"{r['x0_rel_err']:>8.1e} {'yes' if r['graph'] else 'no':>5} "
+                      f"{'yes' if rec['sequential_graph'] else 'no':>9} {chunk:>8} {frac:>12}")
+        curve = rec.get("model_batch_curve_s")
+        if curve:
+            t1 = curve[str(rec["batch"])] if str(rec["batch"]) in curve else curve[rec["batch"]]
+            print(f"  model batch cost ({rec['model_timer']}), S={rec['steps']}: " + ", ".join(
+                f"{rows} rows {t / t1:.2f}x" for rows, t in curve.items()))
 
 
 def _version(mod: str) -> str | None:

@@ -6,7 +6,7 @@ their solve options from it, so each option is declared and checked once, here.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 from deqkern._config import config_from
 from deqkern._validate import POSITIVE_FLOAT, POSITIVE_INT, OptionError
@@ -44,7 +44,9 @@ class SolveConfig:
             ``||G(x) - x||^2 / (D var_k) <= tol^2``.
         form: the fixed-point form (``"drift"``: ``L_k = 1``, ``"scan"``: ``L_k = A_k``,
             ``"secant"``: ``L_k`` fitted per row); None: the schedule's.
-        window: rows per sample per round, in ``[1, S]``; None: S (no window).
+        window: rows per sample per round, in ``[1, S]``; None: S (no window); ``"auto"``: chosen
+            per call from the model's measured batch cost (:mod:`deqkern.autowindow`), kept
+            ``"auto"`` by :meth:`resolved`.
         max_iters: most rounds, >= 1; None: S (Picard is exact after S rounds).
         extrapolate: rows entering a sliding window continue the last step linearly (True) or
             copy the last row (False); None: True for deterministic chains, False for stochastic.
@@ -61,7 +63,7 @@ class SolveConfig:
     tol: float = 1e-3
     stop: StopRule = "x0"
     form: Form | None = None
-    window: int | None = None
+    window: int | Literal["auto"] | None = None
     max_iters: int | None = None
     extrapolate: bool | None = None
     execution: Execution = "auto"
@@ -79,9 +81,15 @@ class SolveConfig:
         check_choice("stop", self.stop, STOP_RULES)
         if self.form is not None:
             check_choice("form", self.form, FORMS)
-        for name in ("window", "max_iters"):
-            if getattr(self, name) is not None:
-                set_(self, name, POSITIVE_INT.check(name, getattr(self, name)))
+        if self.max_iters is not None:
+            set_(self, "max_iters", POSITIVE_INT.check("max_iters", self.max_iters))
+        if self.window is not None and not (isinstance(self.window, str) and self.window == "auto"):
+            if isinstance(self.window, str):
+                raise OptionError("window", f"expected an integer >= 1, 'auto' or None, got {self.window!r}")
+            try:
+                set_(self, "window", POSITIVE_INT.check("window", self.window))
+            except OptionError as exc:
+                raise OptionError("window", f"{exc.message} (or 'auto', or None for S)") from None
         if self.extrapolate not in (None, True, False):
             raise OptionError("extrapolate", f"expected True, False or None (auto), got {self.extrapolate!r}")
         check_choice("execution", self.execution, EXECUTIONS)
@@ -95,7 +103,7 @@ class SolveConfig:
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule: expected a deqkern.Schedule, got {type(schedule).__name__}")
         s = schedule.num_steps
-        if self.window is not None and self.window > s:
+        if self.window not in (None, "auto") and self.window > s:
             raise OptionError("window", f"expected an int in [1, S={s}], got {self.window!r}")
         form = schedule.form if self.form is None else self.form
         if form != schedule.form:

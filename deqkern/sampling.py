@@ -12,12 +12,13 @@ import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 
 from deqkern._config import config_from
 from deqkern._validate import POSITIVE_INT
+from deqkern.autowindow import AutoWindow, AutoWindowConfig, window_auto_config
 from deqkern.config import EXECUTIONS, SolveConfig, check_choice
 from deqkern.engine import (
     Execution, Problem, Progress, Solved, StopRule, Workspace, sync_device, x0_row, current_trajectory, solve,
@@ -286,10 +287,15 @@ class ParallelSampler:
             frozen rows pass their errors on, and x0 can end several ``tol`` away
             (bench/solver_studies.py stopping-rule).
         max_iters: most rounds (batched model calls); default S, enough for exactness.
-        window: rows per sample per round (ParaDiGMS' ``parallel``); default S (no window).
-            Halved while the solve raises ``torch.OutOfMemoryError`` (down to 1, then it
-            propagates): ``info["window"]`` is the window that ran, ``info["window_oom"]`` the
-            ones that ran out of memory.
+        window: rows per sample per round (ParaDiGMS' ``parallel``); default S (no window);
+            ``"auto"``: on the first call per input signature the model's batch cost is measured
+            and the window of least predicted ``rounds(W) t(W)`` runs, or the sequential sampler
+            when no window is predicted to beat it (exact; ``info["exact"]``); the measurements,
+            predictions and choice are in ``info["window_auto"]`` (:mod:`deqkern.autowindow`;
+            ``window_auto``: its :class:`~deqkern.autowindow.AutoWindowConfig`). Halved while
+            the solve raises ``torch.OutOfMemoryError`` (down to 1, then it propagates):
+            ``info["window"]`` is the window that ran, ``info["window_oom"]`` the ones that ran
+            out of memory.
         solver_options: the solver's config dataclass or a mapping of its fields.
         model_kwargs, guidance: conditioning (per sample or shared). The sampler keeps a copy (a
             captured graph reads it); pass ``model_kwargs=``/``guidance=`` to a call to change
@@ -343,7 +349,7 @@ class ParallelSampler:
         solver: str | None = None,
         tol: float | None = None,
         max_iters: int | None = None,
-        window: int | None = None,
+        window: int | Literal["auto"] | None = None,
         *,
         stop: StopRule | None = None,
         form: Form | None = None,
@@ -357,6 +363,7 @@ class ParallelSampler:
         extrapolate: bool | None = None,
         cache_size: int = 4,
         config: SolveConfig | Mapping[str, Any] | None = None,
+        window_auto: AutoWindowConfig | Mapping[str, Any] | None = None,
         process_group: Any = None,
         strategy: str | None = None,
     ) -> None:
@@ -376,6 +383,9 @@ class ParallelSampler:
         self.ev = replace(self.ev, model_kwargs=_owned(self.ev.model_kwargs), guidance=_owned(self.ev.guidance))
         self.model_dtype = self.ev.model_dtype
         self._dist = None
+        if process_group is not None and self.config.window == "auto":
+            # each rank would time its own cost curve and could choose another window: a hang
+            raise ValueError("window: 'auto' is not supported with process_group; give every rank the same int window")
         if process_group is not None:
             from deqkern.distributed import Distributed  # torch.distributed only when asked for
 
@@ -386,6 +396,8 @@ class ParallelSampler:
         self._cache = _Cache(cache_size)
         #: per input signature, the windows whose solve ran out of memory (see _solve_fitting)
         self._window_oom: dict[tuple, list[int]] = {}
+        self._auto = AutoWindow(window_auto_config(window_auto)) if self.config.window == "auto" else None
+        self._sequential: SequentialSampler | None = None  # window="auto" that chose sequential
 
     def __call__(
         self,
@@ -460,6 +472,7 @@ class ParallelSampler:
             return
         self.ev = replace(new, model_kwargs=_owned(new.model_kwargs), guidance=_owned(new.guidance))
         self._cache.clear()
+        self._sequential = None  # window="auto"'s sequential sampler holds the old conditioning too
         if self._dist is not None:  # its split evaluators hold the old conditioning
             self._dist = self._dist.remade(self.ev)
 
@@ -477,11 +490,23 @@ class ParallelSampler:
                torch.is_inference_mode_enabled(), None if ev is None else id(ev))
         state_dtype, ev = solve_precision(x_T.dtype, self.ev if ev is None else ev)
         _warn_below_floor(self.config.tol, ev.model_dtype or x_T.dtype)
+        width, auto, auto_key = self.config.window, {}, (tuple(shape), state_dtype, x_T.device)
+        if self._auto is not None:
+            width, auto = self._auto_window(auto_key, x_T.to(state_dtype), ev)
+            if width is None:
+                return self._run_sequential(x_T, noise, return_trajectory, on_round, execution, back, auto)
+            started = self._auto.clock()
         x_s, noise, init = (None if a is None else a.to(state_dtype) for a in (x_T, noise, init))
         ws, out, window_oom = self._solve_fitting(
-            key, x_s, noise, init, return_trajectory, execution, progress, on_round, ev
+            key, width, x_s, noise, init, return_trajectory, execution, progress, on_round, ev
         )
         st, p = ws.st, ws.p
+        if self._auto is not None:
+            # a first fixed-shape solve captures its graphs: its time is not a round's
+            steady = execution == "eager" or out.info.get("reused_workspace", False)
+            self._auto.observe(auto_key, s, p.width, out.rounds, out.info.get("rounds_executed", out.rounds),
+                               self._auto.clock() - started if steady else None)
+            auto = {"window_auto": auto}
         return SampleResult(
             x0=back(x0_row(p, st).to(x_T.dtype)), converged=out.converged, rounds=out.rounds,
             model_evals=ws.ev.evaluations, wall_time=out.wall_time, residuals=out.residuals,
@@ -491,7 +516,46 @@ class ParallelSampler:
                 current_trajectory(p, st).reshape(s + 1, *shape).to(x_T.dtype)),
             info={"solver": self.config.solver, "config": ws.config, "form": schedule.form, "stop": self.config.stop,
                   "tol": self.config.tol, "window": ws.p.width, "window_oom": window_oom,
-                  "extrapolate": self.config.extrapolate and init is None, **out.info},
+                  "extrapolate": self.config.extrapolate and init is None, **auto, **out.info},
+        )
+
+    def _auto_window(self, key: tuple, x: torch.Tensor, ev: ModelEvaluator) -> tuple[int | None, dict[str, Any]]:
+        """``window="auto"``'s window for ``x`` of signature ``key`` (None: sequential) and its
+        report: the model timed through ``ev`` (a copy: the measurement is no model evaluation
+        of the solve) on the rows a round of each window would give it, the first time this
+        input signature is seen."""
+        s, batch, dev = self.schedule.num_steps, x.shape[0], x.device
+        timer_ev = replace(ev, evaluations=0)
+        labels = self.schedule.timesteps.to(dev)
+
+        def make_call(width: int) -> Callable[[], torch.Tensor]:
+            rows = torch.arange(batch * width, device=dev)
+            xs, ts, idx = x[rows % batch].contiguous(), labels[rows // batch % s], rows % batch
+            return lambda: timer_ev.raw(xs, ts, idx)
+
+        with torch.no_grad():
+            return self._auto.choose(key, s, self.config.max_iters, make_call, dev)
+
+    def _run_sequential(
+        self, x_T: torch.Tensor, noise: torch.Tensor | None, return_trajectory: bool,
+        on_round: Callable[[torch.Tensor], None] | None, execution: str, back: Callable, auto: dict[str, Any],
+    ) -> SampleResult:
+        """The sequential sampler's solve, which ``window="auto"`` predicted to be the fastest:
+        exact, so every sample converged; ``on_round`` sees x0 once, at the end."""
+        if self._sequential is None:
+            ev = self.ev
+            self._sequential = SequentialSampler(
+                ev.model, self.schedule, model_kwargs=ev.model_kwargs, guidance=ev.guidance, max_batch=ev.max_batch,
+                model_dtype=ev.model_dtype, rounds_per_graph=self.config.rounds_per_graph,
+            )
+        self._sequential.execution = "eager" if return_trajectory else execution
+        res = self._sequential(x_T, noise, return_trajectory=return_trajectory)
+        if on_round is not None:
+            on_round(res.x0)
+        return replace(
+            res, x0=back(res.x0), trajectory=None if res.trajectory is None else back(res.trajectory),
+            info={**res.info, "config": self.config, "form": None, "stop": self.config.stop, "tol": self.config.tol,
+                  "window": None, "exact": True, "window_auto": auto},
         )
 
     def _distributed(
@@ -525,22 +589,24 @@ class ParallelSampler:
             return self._solve(x, z, detached_init, True, progress, on_round, execution, lambda v: v)
 
         c = self.config
-        options = {"solver": c.solver, "solver_options": c.solver_options, "tol": c.tol, "window": c.window}
+        # window="auto" chooses the forward's window per call; the adjoint's is S
+        window = None if c.window == "auto" else c.window
+        options = {"solver": c.solver, "solver_options": c.solver_options, "tol": c.tol, "window": window}
         res = differentiable_solve(solve, x_T, noise, replace(self.ev, evaluations=0), self.schedule, options)
         return res if return_trajectory else replace(res, trajectory=None)
 
     def _solve_fitting(
-        self, key: tuple, x_T: torch.Tensor, noise: torch.Tensor | None, init: torch.Tensor | None,
+        self, key: tuple, window: int, x_T: torch.Tensor, noise: torch.Tensor | None, init: torch.Tensor | None,
         return_trajectory: bool, execution: str, progress: Progress, on_round: Callable[[torch.Tensor], None] | None,
         ev: ModelEvaluator,
     ) -> tuple[Workspace, Solved, list[int]]:
-        """``(workspace, solved, windows that ran out of memory)``: the solve at the sampler's
-        window, halved after every ``torch.OutOfMemoryError`` (a round's model batch is B x W
-        rows) and started over; at window 1 the error propagates. The windows that ran out are
+        """``(workspace, solved, windows that ran out of memory)``: the solve at ``window``,
+        halved after every ``torch.OutOfMemoryError`` (a round's model batch is B x W rows) and
+        started over; at window 1 the error propagates. The windows that ran out are
         kept per input signature: later calls start at the last one that fit."""
         failed = self._window_oom.setdefault(key, [])
         while True:
-            width = failed[-1] // 2 if failed else self.config.window
+            width = failed[-1] // 2 if failed else window
             try:
                 ws, made = self._cache.get_or_make(
                     (*key, width), lambda: self._workspace(x_T, noise, init, return_trajectory, execution, width, ev)
@@ -620,7 +686,7 @@ def sample(
     solver: str | None = None,
     tol: float | None = None,
     max_iters: int | None = None,
-    window: int | None = None,
+    window: int | Literal["auto"] | None = None,
     noise: torch.Tensor | None = None,
     *,
     init: torch.Tensor | None = None,
@@ -633,8 +699,8 @@ def sample(
     called on ``x_T`` (and ``noise``, ``init``, ...). ``options`` are the sampler's keywords:
     ``stop``, ``form``, ``solver_options``, ``model_kwargs``, ``guidance``, ``max_batch``,
     ``model_dtype``, ``execution``, ``rounds_per_graph``, ``extrapolate``, ``config``,
-    ``process_group``, ``strategy`` (see
-    :class:`ParallelSampler` and its ``__call__``). A graph captured here is not kept; to replay
-    it, keep the sampler."""
+    ``window_auto``, ``process_group``, ``strategy`` (see :class:`ParallelSampler` and its
+    ``__call__``). A graph captured here is not kept, nor is ``window="auto"``'s measured cost
+    curve; to reuse them, keep the sampler."""
     sampler = ParallelSampler(model, schedule, solver, tol, max_iters, window, **options, cache_size=1)
     return sampler(x_T, noise, init=init, return_trajectory=return_trajectory, progress=progress, on_round=on_round)

@@ -22,6 +22,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 # Tiny models: one thread is fastest and avoids oversubscribing a shared 2-core machine.
 torch.set_num_threads(1)
+# Tests compare with float64 references: no TF32 on a GPU (cuDNN convolutions default to it)
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
 
 from gmm import GMMDenoiser  # noqa: E402
 

@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-err", type=BOUNDS["target_err"], default=d.target_err,
                    help="x0 relative error for the r@tgt column (default: %(default)s)")
     p.add_argument("--window", type=BOUNDS["window"], default=d.window,
-                   help="window of paradigms and the *-win solvers (default: %(default)s, ParaDiGMS' parallel)")
+                   help="window of paradigms and the *-win solvers (default: %(default)s, ParaDiGMS' parallel); "
+                   "'auto': the *-win solvers take window='auto' (chosen per call from the measured model cost) and "
+                   "paradigms 10")
     p.add_argument("--history", type=BOUNDS["history"], default=d.history,
                    help="history m of the deqkern Anderson variants (default: %(default)s, the library's)")
     p.add_argument("--ridge", type=BOUNDS["ridge"], default=d.ridge, help="their ridge, relative to the mean Gram "

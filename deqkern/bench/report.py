@@ -65,7 +65,19 @@ def format_table(result: BenchResult) -> str:
             for n in r.notes:
                 notes.setdefault(n, []).append(r.solver)
         lines += [f"  note [{', '.join(who)}]: {n}" for n, who in notes.items()]
+        lines += _prediction_lines(result.gpu_prediction.get(steps))
     return "\n".join(lines)
+
+
+def _prediction_lines(pred: dict[str, Any] | None) -> list[str]:
+    """window="auto"'s predicted GPU speedup for the CIFAR10 UNet, labelled as the prediction it is."""
+    if not pred:
+        return []
+    m, curve = pred["rounds_model"], pred["cost_curve"].removeprefix("stated: ")
+    return [f"  {pred['label']}: CIFAR10 UNet, batch 1, cost t(rows) = t(1) x {curve}; rounds(W) = "
+            f"{m['a']:.2f} S/W + {m['c']:.1f} (fitted to {m['observations']} solve(s) of this run + the prior): "
+            f"auto window {pred['window']}, {_fmt(pred['rounds'], '.1f')} rounds, speedup over sequential "
+            f"{pred['speedup']:.1f}x"]
 
 
 def _wall(r: RunRecord) -> str:

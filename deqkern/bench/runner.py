@@ -48,7 +48,7 @@ class OursSpec:
         options = None if self.mixing is None else {"history": cfg.history, "ridge": cfg.ridge, "mixing": self.mixing}
         return SolveConfig(
             self.solver, options, tol=cfg.tol, stop=cfg.stop, form=self.form, max_iters=cfg.max_iters,
-            window=min(cfg.window, steps) if self.windowed else None,
+            window=(cfg.window if cfg.window == "auto" else min(cfg.window, steps)) if self.windowed else None,
         )
 
 
@@ -103,16 +103,38 @@ DESCRIPTIONS: dict[str, str] = {
     "picard-secant-win": "deqkern Picard, secant form, window --window",
 }
 
+
+class _WindowBound(Bounded):
+    """An integer >= 1 or ``"auto"`` (flag text or value)."""
+
+    def __init__(self) -> None:
+        super().__init__(int, 1)
+
+    def describe(self) -> str:
+        return super().describe() + " or 'auto'"
+
+    def __call__(self, text: str) -> int | str:
+        return text if text == "auto" else super().__call__(text)
+
+    def check(self, name: str, value: Any) -> int | str:
+        return value if isinstance(value, str) and value == "auto" else super().check(name, value)
+
+
+WINDOW = _WindowBound()
+
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 #: The numeric fields' bounds, declared once: :class:`BenchConfig` checks them and the CLI flags
 #: parse with them (``steps``: every chain length).
 BOUNDS: dict[str, Bounded] = {
-    "steps": Bounded(int, 2), "eta": NONNEGATIVE_FLOAT, "tol": POSITIVE_FLOAT, "window": POSITIVE_INT,
+    "steps": Bounded(int, 2), "eta": NONNEGATIVE_FLOAT, "tol": POSITIVE_FLOAT, "window": WINDOW,
     "history": Bounded(int, 1, 8), "ridge": NONNEGATIVE_FLOAT, "max_iters": POSITIVE_INT,
     "paradigms_tol": POSITIVE_FLOAT, "target_err": POSITIVE_FLOAT, "batch": POSITIVE_INT,
     "seed": Bounded(int, 0, 2**63 - 1), "threads": POSITIVE_INT, "repeats": POSITIVE_INT, "max_batch": POSITIVE_INT,
 }
+#: ParaDiGMS' window (its pipeline's default ``parallel``) when ``--window auto`` leaves it none
+PARADIGMS_PARALLEL = 10
+
 #: fields whose None means "the default" (no bound applies)
 _OPTIONAL = ("max_iters", "threads", "max_batch")
 
@@ -132,7 +154,8 @@ class BenchConfig:
     #: the deqkern solvers' stopping rule: "relative" per row, or "x0", which bounds x0's error
     #: by tol (deqkern.ops.reference.x0_accepted_rows)
     stop: Literal["relative", "x0"] = "relative"
-    window: int = 10
+    #: or "auto": the *-win solvers run window="auto" and ParaDiGMS PARADIGMS_PARALLEL
+    window: int | Literal["auto"] = 10
     #: Anderson history and relative ridge of every deqkern Anderson variant (the library
     #: defaults, deqkern.AndersonConfig: m=2, ridge 1e-3, restart safeguard on)
     history: int = 2
@@ -189,7 +212,7 @@ class RunRecord:
     steps: int
     description: str
     form: str | None = None
-    window: int | None = None
+    window: int | str | None = None
     stop: str | None = None
     rounds: int | None = None
     model_evals: int | None = None
@@ -222,6 +245,9 @@ class BenchResult:
     records: list[RunRecord]
     #: per S: ``x_T``, ``sequential`` and ``best`` samples (CPU) for the sample grid
     samples: dict[int, dict[str, torch.Tensor]]
+    #: per S: window="auto"'s PREDICTED GPU speedup on the stated CIFAR10 cost curve, rounds
+    #: calibrated on this run (:func:`gpu_prediction`)
+    gpu_prediction: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -233,6 +259,7 @@ class BenchResult:
             "quality": self.quality,
             "solvers": {k: DESCRIPTIONS[k] for k in self.config.solvers},
             "runs": [asdict(r) for r in self.records],
+            "gpu_prediction": {str(k): v for k, v in self.gpu_prediction.items()},
         }
 
 
@@ -381,7 +408,7 @@ class _Runner:
         if name in OURS:
             return self._ours(OURS[name], trace)
         if name in ("paradigms", "paradigms-full"):
-            parallel = c.steps if name == "paradigms-full" else cfg.window
+            parallel = c.steps if name == "paradigms-full" else _paradigms_window(cfg)
             return run_paradigms(
                 self.model, self.sched_conf, cfg.scheduler, c.schedule, c.x_T, c.noise, parallel=parallel,
                 tolerance=cfg.paradigms_tol, eta=cfg.eta, max_batch=cfg.max_batch, on_round=trace,
@@ -394,6 +421,10 @@ class _Runner:
             gmap = ChainMap(self.model, c.schedule, c.x_T, c.noise, cfg.max_batch)
             return run_torchdeq(gmap, cfg.tol, on_round=trace)
         raise ValueError(f"unknown solver {name!r}")
+
+    def _auto(self, name: str) -> bool:
+        """Whether solver ``name`` runs window="auto"."""
+        return name in OURS and OURS[name].windowed and self.cfg.window == "auto"
 
     def _need_affine(self, why: str) -> None:
         if not self.case.schedule.is_affine:
@@ -417,6 +448,8 @@ class _Runner:
                                                                config=config, **split)
             res = self._samplers[spec](c.x_T, c.noise)
         notes = []
+        if "window_auto" in res.info:
+            notes.append(f"window auto chose {res.info['window_auto']['choice']}: {res.info['window_auto']['reason']}")
         fallbacks = int(res.info.get("fallbacks", 0))
         if fallbacks:
             notes.append(f"{fallbacks} singular Anderson systems fell back to Picard")
@@ -438,8 +471,10 @@ class _Runner:
         trace = ErrorTrace(c.reference)
         try:
             out, wall = timed(self.device, lambda: self.solve(name, trace))
-            if cfg.warmup and name in OURS and self.device.type == "cuda":
-                self.solve(name, None)  # captures the sampler's CUDA graph: the timed runs replay it
+            if cfg.warmup and name in OURS and (self.device.type == "cuda" or self._auto(name)):
+                # captures the sampler's CUDA graph (window="auto": measures its model cost): the
+                # timed runs replay it
+                self.solve(name, None)
         except SolverUnsupported as exc:
             rec.skipped = str(exc)
             return rec, None, 0.0
@@ -468,7 +503,7 @@ class _Runner:
             solve = OURS[name].solve_config(cfg, c.steps)
             return solve.form, solve.window or c.steps, f"{solve.stop} {solve.tol:g}"
         if name == "paradigms":
-            return "drift", min(cfg.window, c.steps), f"noise-scaled {cfg.paradigms_tol:g}"
+            return "drift", min(_paradigms_window(cfg), c.steps), f"noise-scaled {cfg.paradigms_tol:g}"
         if name == "paradigms-full":
             return "drift", c.steps, f"noise-scaled {cfg.paradigms_tol:g}"
         if name == "deq-ddim":
@@ -560,6 +595,8 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    # every run's x0 is checked against the sequential x0: no TF32 (cuDNN convolutions default to it)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     model, scheduler, model_info = load_model(cfg, device)
     model_conf = dict(scheduler.config)
     sched_conf = scheduler_config(cfg.scheduler, model_conf, cfg.clip_sample)
@@ -596,7 +633,22 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
                     quality[str(steps)][BEST] = quality_fn(outcomes[BEST].x0)
     if bar is not None:
         bar.close()
-    return BenchResult(cfg, env, model_info, schedules, quality, records, samples)
+    return BenchResult(cfg, env, model_info, schedules, quality, records, samples, gpu_prediction(cfg, records))
+
+
+def gpu_prediction(cfg: BenchConfig, records: list[RunRecord]) -> dict[int, dict[str, Any]]:
+    """Per S, :func:`deqkern.autowindow.predicted_gpu_speedup` at batch 1 with the rounds model
+    refitted on this run's parallel solves of the best setting (full window and ``-win``)."""
+    from deqkern.autowindow import PRIOR, fit_rounds, predicted_gpu_speedup
+
+    points = [(r.steps / r.window, r.rounds) for r in records
+              if r.solver in (BEST, f"{BEST}-win") and r.rounds is not None and isinstance(r.window, int)]
+    rounds = fit_rounds(points, PRIOR)
+    return {s: predicted_gpu_speedup(s, rounds, max_iters=cfg.max_iters) for s in cfg.steps}
+
+
+def _paradigms_window(cfg: BenchConfig) -> int:
+    return PARADIGMS_PARALLEL if cfg.window == "auto" else cfg.window
 
 
 def _quality_fn(model_info: dict[str, Any], device: torch.device) -> Callable[[torch.Tensor], dict] | None:

@@ -91,6 +91,9 @@ class GradConfig:
         if solve.form is not None:
             raise OptionError("grad_options.solve.form", f"expected None (the adjoint's form is grad_options.form), "
                                                          f"got {solve.form!r}")
+        if solve.window == "auto":
+            raise OptionError("grad_options.solve.window", "expected an integer >= 1 or None (S): 'auto' times "
+                                                           "model calls, the adjoint makes VJPs")
         if solve.execution not in ("auto", "eager"):
             raise OptionError("grad_options.solve.execution", f"the adjoint runs eager rounds (an autograd "
                                                               f"backward per round), got {solve.execution!r}")
