@@ -78,6 +78,7 @@ class Guidance:
             raise ValueError(f"guidance.rescale: expected a finite number >= 0, got {self.rescale!r}")
         _check_mapping(self.cond, "guidance.cond")
         _check_mapping(self.uncond, "guidance.uncond")
+        _check_halves(self.cond, self.uncond, "")
 
     def combine(self, u: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """The guided output of the unconditional and conditional outputs ``u``, ``c`` (``[R, ...]``)."""
@@ -87,7 +88,6 @@ class Guidance:
         dims = list(range(1, c.ndim))
         rescaled = guided * (c.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
         return self.rescale * rescaled + (1 - self.rescale) * guided
-        _check_halves(self.cond, self.uncond, "")
 
 
 def _check_halves(cond: Mapping[str, Any], uncond: Mapping[str, Any], path: str) -> None:
