@@ -32,6 +32,7 @@ from deqkern.errors import NonFiniteModelOutput
 from deqkern.graphs import ChunkRunner, snapshot, state_tensors
 from deqkern.model import ModelEvaluator
 from deqkern.ops import ScanResult, commit_window, round_status, scan_residual
+from deqkern.ops.reference import carry_converted
 from deqkern.ops.window import RowSlide
 from deqkern.schedule import Form, X0Transform
 from deqkern.solvers import Solver, get_solver
@@ -66,6 +67,8 @@ class Problem:
     #: rows entering the window continue the last step linearly instead of copying the last row
     #: (deqkern.ops.commit_window; measured in bench/results/extrapolate_cpu.md)
     extrapolate: bool = False
+    #: [S, 4] a multistep chain's previous-output coefficients (Schedule.packed_multistep), None otherwise
+    ms_coef: torch.Tensor | None = None
     #: ``arange(W)`` and ``arange(B)`` on the device, made once: every round indexes with them, and
     #: inside a captured graph each arange would be a kernel node of every round
     row_index: torch.Tensor = field(init=False, repr=False)
@@ -119,6 +122,9 @@ class SolveState:
     model_in: torch.Tensor | None = None
     #: the secant form's per-row state (see :func:`secant_update`), window rows like ``xw[:, :W]``
     secant: SecantState | None = None
+    #: [B, D] multistep chains: the converted output of the row before the anchor, x[k0-1]
+    #: (zero at k0 = 0, whose step reads none), slid with the window (ops.reference.carry_converted)
+    prev_u: torch.Tensor | None = None
 
     @classmethod
     def start(cls, p: Problem, x_T: torch.Tensor, return_trajectory: bool) -> "SolveState":
@@ -133,7 +139,9 @@ class SolveState:
             traj = torch.zeros(p.steps + 2, b, d, device=dev, dtype=x_T.dtype)
             traj[0] = flat
         secant = SecantState.start(b, p.width, d, dev, x_T.dtype, p.coef.dtype) if p.secant else None
+        prev_u = None if p.ms_coef is None else torch.zeros(b, d, device=dev, dtype=x_T.dtype)
         return cls(
+            prev_u=prev_u,
             xw=xw, k0=torch.zeros(b, dtype=torch.int64, device=dev), secant=secant, guard=DivergenceGuard.start(b, dev),
             rounds=torch.zeros((), dtype=torch.int64, device=dev),
             done_round=torch.zeros(b, dtype=torch.int64, device=dev),
@@ -294,6 +302,7 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     if st.secant is not None:
         coef = torch.cat([st.secant.mult.unsqueeze(-1), coef[..., 1:]], dim=-1)
     t = p.timesteps[pos]
+    ms = None if p.ms_coef is None else p.ms_coef[pos]
     with annotate("model"):
         if static:
             rows_b = b_idx.unsqueeze(1).expand(batch, width).reshape(-1)
@@ -310,7 +319,7 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     z = None if p.noise is None else p.noise[pos, b_idx.unsqueeze(1)]
     with annotate("scan"):
         history = solver.gram_history() if hasattr(solver, "gram_history") else None  # optional (Solver)
-        res = scan_residual(st.xw, e, z, coef, n, p.transform, history, drift=p.drift)
+        res = scan_residual(st.xw, e, z, coef, n, p.transform, history, drift=p.drift, ms=ms, u_prev=st.prev_u)
     # the stopping rule judges the rows before the first non-finite one (row 0 always)
     n_ok = finite_rows(res, n, j)
     with annotate("status"):
@@ -324,6 +333,8 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     n_commit = st.guard.check(n, n_ok, delta, resid)
     if st.secant is not None:
         secant_update(st.secant, st.xw, res.g, live)
+    if st.prev_u is not None:  # before the commit slides xw: the new first row reads the last frozen one
+        carry_converted(st.prev_u, st.xw, e, coef, ms, delta, p.transform)
     with annotate("solve+mix"):
         if picard:  # the fallback's steps already
             x_new = solver.update(st.xw[:, 1:], res.g, res.f, res.f_sq, res.gram, live)

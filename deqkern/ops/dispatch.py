@@ -55,6 +55,8 @@ def scan_residual(
     transform: X0Transform,
     hist_f: torch.Tensor | None = None,
     drift: bool | None = None,
+    ms: torch.Tensor | None = None,
+    u_prev: torch.Tensor | None = None,
 ) -> ScanResult:
     """:func:`deqkern.ops.reference.scan_residual`, fused into one Triton kernel on the Triton backend.
 
@@ -63,8 +65,8 @@ def scan_residual(
     step, which the one-pass, D-blocked kernel cannot compute. ``drift`` (all ``L == 1``) only
     spares the reference a host sync; the kernel reads ``L`` per row.
     """
-    if transform.kind == "threshold" or backend_for(xw) == "reference":
-        return reference.scan_residual(xw, e, z, coef, n_rows, transform, hist_f, drift)
+    if transform.kind == "threshold" or ms is not None or backend_for(xw) == "reference":
+        return reference.scan_residual(xw, e, z, coef, n_rows, transform, hist_f, drift, ms, u_prev)
     from deqkern.ops import triton_ops
 
     return triton_ops.scan_residual(xw, e, z, coef, n_rows, transform, hist_f)
