@@ -209,6 +209,15 @@ class Schedule:
     def is_multistep(self) -> bool:
         return self.multistep is not None
 
+    def refuse_multistep(self, what: str) -> None:
+        """Raise :class:`UnsupportedSchedulerOption` naming ``what`` for a multistep chain: the
+        gradient, inversion and peer code paths are derived for steps that read their own row only."""
+        if self.multistep is not None:
+            raise UnsupportedSchedulerOption(
+                f"{what}: multistep chains ({self.description or 'DPM-Solver'}) are sampled (sequential and "
+                "parallel) but not differentiated, inverted or run by the peer baselines; use a one-step scheduler"
+            )
+
     def packed_multistep(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
                          ) -> torch.Tensor | None:
         """``[S, 4]`` multistep coefficients (:data:`MULTISTEP_FIELDS`), None for a one-step chain."""

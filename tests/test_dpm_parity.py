@@ -19,10 +19,13 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import rel_err, tiny_unet
+from test_kernels import RTOL_ROWS, RTOL_SUMS, _scan_inputs, check, dev, f64, ops, poisoned_allocations  # noqa: F401
 from test_schedulers_parity import model
 from test_x0_bound import bound_ratio
 
 import deqkern
+from deqkern.ops import reference
+from deqkern.schedule import X0Transform
 
 SEQ_RTOL = 1e-6
 STEPS, SHAPE = 10, (2, 1, 4, 4)
@@ -245,3 +248,126 @@ def test_multistep_coefficients_are_checked():
     first[0] = 0.5
     with pytest.raises(ValueError, match="step 0 has no previous output"):
         replace(s, multistep=replace(ms, c1=first))
+
+
+def test_gradients_and_inversion_are_refused_by_name():
+    """The adjoint, the inversion and the peer baselines are derived for one-step chains: a
+    multistep chain is refused by name, not differentiated wrongly."""
+    from deqkern.bench.peers import ChainMap
+    from deqkern.inversion import invert, sequential_chain
+    from deqkern.model import ModelEvaluator
+
+    s = deqkern.Schedule.from_diffusers(_make({}), STEPS)
+    x_T = torch.randn(SHAPE, dtype=torch.float64)
+    with pytest.raises(deqkern.UnsupportedSchedulerOption, match="adjoint"):
+        deqkern.sample(model, x_T.clone().requires_grad_(), s, tol=PARALLEL_TOL)
+    with pytest.raises(deqkern.UnsupportedSchedulerOption, match="invert"):
+        invert(model, x_T, s)
+    with pytest.raises(deqkern.UnsupportedSchedulerOption, match="sequential_chain"):
+        sequential_chain(ModelEvaluator(model, {}, None, None, inputs=s.step_inputs), x_T, s)
+    with pytest.raises(deqkern.UnsupportedSchedulerOption, match="ChainMap"):
+        ChainMap(model, s, x_T, None)
+
+
+# ---------------------------------------------------------------------------------- the scan kernel
+MS_CASES = [
+    # (B, W, D, block_d, m, form, clip, z, n_rows): several D-blocks, dead rows (n < W, n = 0), W = 1
+    (1, 5, 37, None, 0, "drift", False, False, [4]),
+    (3, 7, 300, 128, 3, "scan", False, True, [7, 5, 0]),
+    (3, 7, 300, 128, 8, "drift", True, True, [7, 5, 0]),
+    (3, 1, 130, 128, 2, "drift", True, False, [1, 0, 1]),
+]
+
+
+def _ms_inputs(batch, width, dim, m, form, has_z, n_rows, seed, dtype=torch.float32):
+    """The scan's inputs (tests/test_kernels.py) plus random multistep coefficients and u_prev."""
+    gen = torch.Generator().manual_seed(seed)
+    args = _scan_inputs(batch, width, dim, m, form, has_z, n_rows, gen, dtype)
+    args["ms"] = (torch.rand(batch, width, 4, generator=gen, dtype=torch.float64) * 2 - 1).to(dtype)
+    args["u_prev"] = torch.randn(batch, dim, generator=gen, dtype=torch.float64).to(dtype)
+    return args
+
+
+@pytest.mark.parametrize("batch,width,dim,block,m,form,clip,has_z,n_rows", MS_CASES)
+def test_scan_kernel_multistep_matches_reference(ops, batch, width, dim, block, m, form, clip, has_z, n_rows):
+    """The Triton scan with the previous-output term (register carry of u) against the float64
+    reference, fp32 inputs, outputs poisoned; bounds of tests/test_kernels.py (fp32 roundings)."""
+    args = _ms_inputs(batch, width, dim, m, form, has_z, n_rows, seed=width * 100 + dim + m)
+    transform = X0Transform("clip", 0.8) if clip else X0Transform()
+    with poisoned_allocations():
+        got = ops.scan_residual(**dev(args), transform=transform, block_d=block)
+    want = reference.scan_residual(**f64(args), transform=transform)
+    for name, rtol in (("g", RTOL_ROWS), ("f", RTOL_ROWS), ("f_sq", RTOL_SUMS), ("g_sq", RTOL_SUMS)):
+        check(name, getattr(got, name), getattr(want, name), rtol)
+    if m:
+        check("gram", got.gram, want.gram, RTOL_SUMS)
+    # the term is live: without it the answer differs
+    one_step = reference.scan_residual(**f64({**args, "ms": None, "u_prev": None}), transform=transform)
+    live = sum(n_rows) > 0
+    assert not live or float((one_step.g - want.g).abs().max()) > 1e-3
+
+
+def test_scan_kernel_multistep_fp64(ops):
+    args = _ms_inputs(2, 5, 100, 3, "scan", True, [5, 3], seed=9, dtype=torch.float64)
+    got = ops.scan_residual(**dev(args), transform=X0Transform("clip", 0.8), block_d=128)
+    want = reference.scan_residual(**args, transform=X0Transform("clip", 0.8))
+    for name in ("g", "f", "f_sq", "g_sq", "gram"):
+        check(name, getattr(got, name), getattr(want, name), 1e-12)
+
+
+def test_scan_kernel_multistep_needs_both(ops):
+    args = _ms_inputs(1, 3, 16, 0, "drift", False, [3], seed=1)
+    with pytest.raises(ValueError, match="ms, u_prev"):
+        ops.scan_residual(**dev({**args, "u_prev": None}), transform=X0Transform())
+    with pytest.raises(ValueError, match="u_prev"):
+        ops.scan_residual(**dev({**args, "u_prev": args["u_prev"][:, :8]}), transform=X0Transform())
+
+
+_ENGINE_SCRIPT = r"""
+import json, sys, torch
+torch.set_num_threads(1)
+import diffusers, deqkern
+from deqkern.ops import dispatch
+from test_schedulers_parity import model
+dev = torch.device(sys.argv[1])
+g = torch.Generator().manual_seed(0)
+x = torch.randn(2, 1, 4, 4, generator=g).to(dev)
+noise = torch.randn(10, 2, 1, 4, 4, generator=g).to(dev)
+out = {"backend": dispatch.backend_for(x)}
+for alg in ("dpmsolver++", "sde-dpmsolver++"):
+    s = deqkern.Schedule.from_diffusers(diffusers.DPMSolverMultistepScheduler(algorithm_type=alg), 10)
+    z = noise if s.is_stochastic else None
+    ref = deqkern.sample_sequential(model, x, s, z, execution="eager").x0
+    for solver, execution in (("picard", "eager"), ("anderson", "static"), ("anderson", "audit")):
+        res = deqkern.sample(model, x, s, solver=solver, tol=1e-5, window=4, noise=z, execution=execution)
+        out[f"{alg}-{solver}-{execution}"] = {"converged": res.all_converged,
+                                               "err": float((res.x0 - ref).double().norm() / ref.double().norm())}
+out["triton_loaded"] = "triton" in sys.modules
+print(json.dumps(out))
+"""
+
+
+def test_engine_on_kernels(ops):
+    """The parallel solve of DPM-Solver++(2M) and its SDE variant with every op on the kernels (the
+    multistep scan kernel, a sliding window: u_prev slides), eager, static and audited rounds,
+    lands within 1e-4 of the sequential sampler (tol 1e-5). In a subprocess, where dispatch sees
+    TRITON_INTERPRET (CPU) at import, as tests/test_kernels.py's engine test."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent.parent), str(Path(__file__).parent)])
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    proc = subprocess.run([sys.executable, "-c", _ENGINE_SCRIPT, device], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out.pop("backend") == "triton" and out.pop("triton_loaded")
+    assert len(out) == 6
+    for name, r in out.items():
+        assert r["converged"] and r["err"] <= 1e-4, (name, r)

@@ -65,11 +65,11 @@ def scan_residual(
     step, which the one-pass, D-blocked kernel cannot compute. ``drift`` (all ``L == 1``) only
     spares the reference a host sync; the kernel reads ``L`` per row.
     """
-    if transform.kind == "threshold" or ms is not None or backend_for(xw) == "reference":
+    if transform.kind == "threshold" or backend_for(xw) == "reference":
         return reference.scan_residual(xw, e, z, coef, n_rows, transform, hist_f, drift, ms, u_prev)
     from deqkern.ops import triton_ops
 
-    return triton_ops.scan_residual(xw, e, z, coef, n_rows, transform, hist_f)
+    return triton_ops.scan_residual(xw, e, z, coef, n_rows, transform, hist_f, ms=ms, u_prev=u_prev)
 
 
 def anderson_weights(
