@@ -49,6 +49,8 @@ Form = Literal["drift", "scan", "secant"]
 COEF_FIELDS = ("L", "cx", "co", "c0", "px", "po", "sigma")
 #: Order of the multistep coefficients in the packed ``[S, 4]`` tensor (:class:`Multistep`).
 MULTISTEP_FIELDS = ("c1", "ux", "uo", "uf")
+#: The multistep terms of the x0 stopping rule, packed ``[S, 3]`` (:class:`Multistep`).
+X0_FIELDS = ("kappa", "rho", "abs_a")
 
 _QUANTILE = Bounded(float, 0.0, 1.0)
 _ALPHA = Bounded(float, 0.0, 1.0, lo_open=True)
@@ -97,16 +99,24 @@ class Multistep:
     is step k's converted model output (DPM-Solver++: the predicted x0; DPM-Solver: the predicted
     noise). ``c1[0] = 0``: the first step has no previous output. With ``f`` the identity ``uf`` is
     folded into ``ux``/``uo`` (``uf == 0``), as ``c0`` is.
+
+    For the ``x0`` stopping rule (docs/math.md §1.1), with ``A_k`` and ``base_k`` the coefficients of
+    ``x[k]`` and ``u_k`` in step k's first-order update and ``B0_k`` that of ``u_k`` in its own:
+    ``kappa = B0_k / base_k`` (1 for a first-order step) and ``rho = |c1_{k+1} / base_k|`` (0 when the
+    next step is first order); ``abs_a = |A_k|``.
     """
 
     c1: torch.Tensor
     ux: torch.Tensor
     uo: torch.Tensor
     uf: torch.Tensor
+    kappa: torch.Tensor
+    rho: torch.Tensor
+    abs_a: torch.Tensor
 
     def check(self, steps: int) -> None:
         """Shapes, dtype and finiteness (an error names the step), and ``c1[0] == 0``."""
-        for name in MULTISTEP_FIELDS:
+        for name in (*MULTISTEP_FIELDS, *X0_FIELDS):
             v = getattr(self, name)
             if v.shape != (steps,) or v.dtype != torch.float64:
                 raise ValueError(f"multistep.{name}: expected float64 of shape ({steps},), got {v.dtype} "
@@ -120,6 +130,10 @@ class Multistep:
     def packed(self, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
         """``[S, 4]`` in :data:`MULTISTEP_FIELDS` order."""
         return torch.stack([getattr(self, n) for n in MULTISTEP_FIELDS], dim=1).to(device=device, dtype=dtype)
+
+    def packed_x0(self, device: torch.device | str) -> torch.Tensor:
+        """``[S, 3]`` float64 in :data:`X0_FIELDS` order (the x0 stopping rule's)."""
+        return torch.stack([getattr(self, n) for n in X0_FIELDS], dim=1).to(device=device)
 
 
 @dataclass(frozen=True)
@@ -487,7 +501,10 @@ class Schedule:
                 f"prediction={prediction_type} transform={transform.kind}")
         out = _build(cls, torch.arange(s.numel()), A + b0 * ux, b0 * uo, b0 * uf, px, po, sigma, var, transform,
                      prediction_type, form, desc, StepInputs(ts, None))
-        return replace(out, multistep=Multistep(b1, ux, uo, uf))
+        # the x0 rule's terms (docs/math.md §1.1); base = 0 only on an identity step, where B0 = B1 = 0
+        first = torch.where(base != 0, base, 1.0)
+        rho = torch.cat([b1[1:], b1.new_zeros(1)]).abs() / first.abs()
+        return replace(out, multistep=Multistep(b1, ux, uo, uf, b0 / first, rho, A.abs()))
 
     @classmethod
     def from_diffusers(
@@ -628,10 +645,7 @@ def _sigma_space(cls, sched, kind, num_inference_steps, form, kwargs) -> Schedul
 
 
 #: DPMSolverMultistepScheduler options reproduced only at their defaults: (name, default, why).
-_DPM_FIXED = (
-    ("use_flow_sigmas", False, "flow-matching sigmas are not reproduced"),
-    ("variance_type", None, "learned variances need a second model output channel block"),
-)
+_DPM_FIXED = (("use_flow_sigmas", False, "flow-matching sigmas are not reproduced"),)
 
 
 def _dpm(cls, sched, num_inference_steps, form, kwargs) -> Schedule:
@@ -642,6 +656,10 @@ def _dpm(cls, sched, num_inference_steps, form, kwargs) -> Schedule:
         if cfg.get(option, default) != default:
             raise UnsupportedSchedulerOption(f"{option}={cfg[option]!r}: {why}; {name} is reproduced with "
                                              f"{option}={default!r}")
+    # diffusers reads variance_type only for the learned kinds (a DDPM config's "fixed_small" is inert)
+    if cfg.get("variance_type") in ("learned", "learned_range"):
+        raise UnsupportedSchedulerOption(f"variance_type={cfg.variance_type!r}: learned variances need a second "
+                                         f"model output channel block; {name} is reproduced without them")
     if cfg.prediction_type not in ("epsilon", "sample", "v_prediction"):
         raise UnsupportedSchedulerOption(f"prediction_type={cfg.prediction_type!r}: {name} is reproduced for "
                                          "epsilon/sample/v_prediction")
@@ -777,5 +795,5 @@ def schedule_summary(s: Schedule) -> Mapping[str, Any]:
     return {
         "description": s.description, "num_steps": s.num_steps, "form": s.form,
         "stochastic": s.is_stochastic, "transform": s.transform.kind,
-        "prediction_type": s.prediction_type,
+        "prediction_type": s.prediction_type, "multistep": s.is_multistep,
     }
