@@ -436,15 +436,17 @@ def multistep_rounds(quick: bool) -> dict[str, Any]:
             ratio = _x0_err(r.x0, ref) / tol
             rows.append({"scheduler": name, "steps": steps, "window": window, "tol": tol, "rounds": r.rounds,
                          "worst_error_over_tol": ratio, "converged": r.all_converged})
-            print(f"{name:<8} S={steps:<4} W={window or 'S':<3} rounds {r.rounds:>3}, worst x0 error {ratio:5.2f} x tol")
+            print(f"{name:<8} S={steps:<4} W={window or 'S':<3} rounds {r.rounds:>3}, "
+                  f"worst x0 error {ratio:5.2f} x tol")
     return {"what": "default solver and stopping rule (x0, tol 1e-3), batch 8, seed 0: rounds and the worst "
-                    "sample's x0 error at the stop / tol, DDIM vs DPM-Solver++(2M) from the digits scheduler's config",
+                    "sample's x0 error at the stop / tol, DDIM vs DPM-Solver++(2M) from the digits scheduler's "
+                    "config",
             "rows": rows}
 
 
-STUDIES = {"multistep-rounds": multistep_rounds, "adjoint-vjp": adjoint_vjp, "ops-per-round": ops_per_round, "stopping-rule": stopping_rule,
+STUDIES = {"adjoint-vjp": adjoint_vjp, "ops-per-round": ops_per_round, "stopping-rule": stopping_rule,
            "stopping-x0": stopping_x0, "tail-chunks": tail_chunks, "half-precision": half_precision,
-           "divergence": divergence}
+           "divergence": divergence, "multistep-rounds": multistep_rounds}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -174,9 +174,10 @@ def scan_residual(
     cannot compute: :func:`deqkern.ops.dispatch.scan_residual` sends it to the reference.
     ``ms`` ``[B, W, 4]`` and ``u_prev`` ``[B, D]``: a multistep chain's coefficients and the
     converted output before the window (both or neither). ``block_d`` overrides the launch
-    heuristic (a power of two; tests use it to get several D-blocks per row). Norms and Gram row come back in fp32 (fp64 for fp64 inputs); the partial
-    sums of the D-blocks are added by ``torch.sum`` in a fixed order rather than with atomics, so
-    results are bitwise reproducible run to run (the stopping rule compares them to a tolerance).
+    heuristic (a power of two; tests use it to get several D-blocks per row). Norms and Gram row
+    come back in fp32 (fp64 for fp64 inputs); the partial sums of the D-blocks are added by
+    ``torch.sum`` in a fixed order rather than with atomics, so results are bitwise reproducible
+    run to run (the stopping rule compares them to a tolerance).
     """
     if transform.kind not in ("none", "clip"):
         raise ValueError(
