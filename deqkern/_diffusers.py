@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from deqkern.errors import UnsupportedSchedulerOption
 
-Kind = Literal["ddim", "ddpm", "euler", "euler_a", "flow"]
+Kind = Literal["ddim", "ddpm", "euler", "euler_a", "flow", "dpm"]
 
 #: The schedulers :meth:`deqkern.Schedule.from_diffusers` reproduces, by class name, and their step
 #: rule (the Parallel twins share DDIM's and DDPM's maths).
@@ -13,7 +13,7 @@ SUPPORTED: dict[str, Kind] = {
     "DDIMScheduler": "ddim", "DDIMParallelScheduler": "ddim",
     "DDPMScheduler": "ddpm", "DDPMParallelScheduler": "ddpm",
     "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_a",
-    "FlowMatchEulerDiscreteScheduler": "flow",
+    "FlowMatchEulerDiscreteScheduler": "flow", "DPMSolverMultistepScheduler": "dpm",
 }
 
 
@@ -47,7 +47,7 @@ def scheduler_from_any(scheduler: Any) -> tuple[Any, Kind]:
     if name not in SUPPORTED:
         raise UnsupportedSchedulerOption(
             f"scheduler class {name!r}: deqkern reproduces {sorted(SUPPORTED)} exactly; other schedulers "
-            "(DPM-Solver++ multistep, UniPC, Heun, ...) are refused"
+            "(UniPC, Heun, DPM-Solver singlestep, ...) are refused"
         )
     cls = getattr(diffusers, name)
     return cls.from_config(config), SUPPORTED[name]

@@ -32,6 +32,7 @@ from deqkern.errors import NonFiniteModelOutput
 from deqkern.graphs import ChunkRunner, snapshot, state_tensors
 from deqkern.model import ModelEvaluator
 from deqkern.ops import ScanResult, commit_window, round_status, scan_residual
+from deqkern.ops.reference import carry_converted
 from deqkern.ops.window import RowSlide
 from deqkern.schedule import Form, X0Transform
 from deqkern.solvers import Solver, get_solver
@@ -68,6 +69,10 @@ class Problem:
     #: rows entering the window continue the last step linearly instead of copying the last row
     #: (deqkern.ops.commit_window; measured in bench/results/extrapolate_cpu.md)
     extrapolate: bool = False
+    #: [S, 4] a multistep chain's previous-output coefficients (Schedule.packed_multistep), None otherwise
+    ms_coef: torch.Tensor | None = None
+    #: [S, 3] float64 a multistep chain's terms of the x0 rule (Multistep.packed_x0), None otherwise
+    x0_extra: torch.Tensor | None = None
     #: ``arange(W)`` and ``arange(B)`` on the device, made once: every round indexes with them, and
     #: inside a captured graph each arange would be a kernel node of every round
     row_index: torch.Tensor = field(init=False, repr=False)
@@ -121,6 +126,9 @@ class SolveState:
     model_in: torch.Tensor | None = None
     #: the secant form's per-row state (see :func:`secant_update`), window rows like ``xw[:, :W]``
     secant: SecantState | None = None
+    #: [B, D] multistep chains: the converted output of the row before the anchor, x[k0-1]
+    #: (zero at k0 = 0, whose step reads none), slid with the window (ops.reference.carry_converted)
+    prev_u: torch.Tensor | None = None
 
     @classmethod
     def start(cls, p: Problem, x_T: torch.Tensor, return_trajectory: bool) -> "SolveState":
@@ -135,6 +143,7 @@ class SolveState:
             traj = torch.zeros(p.steps + 2, b, d, device=dev, dtype=x_T.dtype)
             traj[0] = flat
         secant = SecantState.start(b, p.width, d, dev, x_T.dtype, p.coef.dtype) if p.secant else None
+        prev_u = None if p.ms_coef is None else torch.zeros(b, d, device=dev, dtype=x_T.dtype)
         return cls(
             xw=xw, k0=torch.zeros(b, dtype=torch.int64, device=dev), secant=secant, guard=DivergenceGuard.start(b, dev),
             rounds=torch.zeros((), dtype=torch.int64, device=dev),
@@ -142,7 +151,7 @@ class SolveState:
             res_log=torch.full((p.max_iters + 1, b), float("nan"), dtype=torch.float64, device=dev),
             bad_t=torch.full((p.max_iters + 1,), -1, dtype=torch.int64, device=dev), traj=traj,
             worst=torch.full((b,), math.inf, dtype=torch.float64, device=dev),
-            spent=torch.zeros(b, dtype=torch.float64, device=dev),
+            spent=torch.zeros(b, dtype=torch.float64, device=dev), prev_u=prev_u,
         )
 
 
@@ -278,6 +287,29 @@ class DivergenceGuard:
         return rows
 
 
+def x0_multipliers(
+    p: Problem, coef: torch.Tensor, pos: torch.Tensor, res: ScanResult, anchor: torch.Tensor
+) -> torch.Tensor:
+    """``[B, W]`` the multipliers the x0 rule reads (ops.reference.x0_row_costs), which charges row
+    ``j - 1`` ``||F_{j-1}|| (1 / ||G_{j-1}|| + m_j / ||G_j||)``: the scan's ``|L_j|``, and for a
+    multistep chain what a second-order step adds, with ``r_j = ||G_j|| / ||G_{j-1}||`` (the step's
+    gain; ``G_{-1}`` the anchor) and ``q_j = ||G_j|| / ||G_{j+1}||`` (1 past the window)::
+
+        m_j = |L_j| + (|kappa| - 1) r_j + |1 - kappa| |A| + rho q_j (r_j + |A|)
+
+    (docs/math.md §1.1; 0 added for a first-order step and next step)."""
+    if p.x0_extra is None or p.stop != "x0":
+        return coef[..., 0]
+    norm = res.g_sq.to(torch.float64).sqrt()
+    tiny = torch.finfo(torch.float64).tiny
+    before = torch.cat([anchor.to(torch.float64).norm(dim=1, keepdim=True), norm[:, :-1]], dim=1)
+    after = torch.cat([norm[:, 1:], norm[:, -1:]], dim=1)
+    r, q = norm / before.clamp(min=tiny), norm / after.clamp(min=tiny)
+    kappa, rho, abs_a = p.x0_extra[pos].unbind(-1)
+    extra = (kappa.abs() - 1) * r + (1 - kappa).abs() * abs_a + rho * q * (r + abs_a)
+    return coef[..., 0].abs() + extra.to(coef.dtype)
+
+
 def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, static: bool) -> None:
     """One round of the parallel solve (see the module docstring), in place on ``st``.
 
@@ -296,6 +328,7 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     if st.secant is not None:
         coef = torch.cat([st.secant.mult.unsqueeze(-1), coef[..., 1:]], dim=-1)
     t = p.timesteps[pos]
+    ms = None if p.ms_coef is None else p.ms_coef[pos]
     with annotate("model"):
         if static:
             rows_b = b_idx.unsqueeze(1).expand(batch, width).reshape(-1)
@@ -312,13 +345,14 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     z = None if p.noise is None else p.noise[pos, b_idx.unsqueeze(1)]
     with annotate("scan"):
         history = solver.gram_history() if hasattr(solver, "gram_history") else None  # optional (Solver)
-        res = scan_residual(st.xw, e, z, coef, n, p.transform, history, drift=p.drift)
+        res = scan_residual(st.xw, e, z, coef, n, p.transform, history, drift=p.drift, ms=ms, u_prev=st.prev_u)
     # the stopping rule judges the rows before the first non-finite one (row 0 always)
     n_ok = finite_rows(res, n, j)
     with annotate("status"):
         # the stopping test, the rows to freeze, the logs and SolveState.worst/done_round/bad_t/spent
+        mult = x0_multipliers(p, coef, pos, res, st.xw[:, 0])
         delta = round_status(res.f_sq, res.g_sq, res.nonfinite, t, n_ok, st.k0, st.rounds, p.noise_var, st.worst,
-                             st.res_log, st.done_round, st.bad_t, coef[..., 0], st.spent, stop=p.stop, tol=p.tol,
+                             st.res_log, st.done_round, st.bad_t, mult, st.spent, stop=p.stop, tol=p.tol,
                              dim=dim)
     picard = getattr(solver, "picard", False)
     # the round's window residual, as round_status logged it (NaN when inactive)
@@ -326,6 +360,8 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     n_commit = st.guard.check(n, n_ok, delta, resid)
     if st.secant is not None:
         secant_update(st.secant, st.xw, res.g, live)
+    if st.prev_u is not None:  # before the commit slides xw: the new first row reads the last frozen one
+        carry_converted(st.prev_u, st.xw, e, coef, ms, delta, p.transform)
     with annotate("solve+mix"):
         if picard:  # the fallback's steps already
             x_new = solver.update(st.xw[:, 1:], res.g, res.f, res.f_sq, res.gram, live)

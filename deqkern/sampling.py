@@ -636,6 +636,8 @@ class ParallelSampler:
             init=None if init is None else torch.cat([x_T.reshape(1, batch, dim), init.reshape(s, batch, dim)]),
             transform=schedule.transform, shape=x_T.shape, width=width, tol=c.tol, stop=c.stop,
             max_iters=c.max_iters, form=c.form, extrapolate=c.extrapolate,
+            ms_coef=schedule.packed_multistep(dev, dt),
+            x0_extra=None if schedule.multistep is None else schedule.multistep.packed_x0(dev),
         )
         return Workspace(
             p, x_T, ev, c.solver, c.solver_options, execution=execution, rounds_per_graph=c.rounds_per_graph,

@@ -16,6 +16,14 @@ The first-order sigma-space schedulers (Euler, Euler ancestral, flow-matching Eu
 ``(x, out)`` plus the step noise too (:meth:`Schedule.euler`, :meth:`Schedule.flow_match`), so they
 share this representation; they also scale the model's input and pass it float timesteps
 (:class:`deqkern.model.StepInputs`, carried as :attr:`Schedule.step_inputs`).
+
+Multistep schedulers (DPM-Solver(++) multistep, :meth:`Schedule.dpm_solver`) also read the previous
+step's *converted* model output ``u_{k-1}`` (the x0 or noise prediction the solver integrates)::
+
+    u_k     = ux * x + uo * out + uf * f(x0_hat)
+    x_next  = cx * x + co * out + c0 * f(x0_hat) + c1 * u_{k-1} + sigma * z
+
+(:class:`Multistep`); the system stays lower triangular, row k+1 reading rows k and k-1.
 """
 from __future__ import annotations
 
@@ -30,6 +38,8 @@ from deqkern.errors import UnsupportedSchedulerOption
 from deqkern.model import StepInputs
 
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
+AlgorithmType = Literal["dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver"]
+_DPM_ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
 Form = Literal["drift", "scan", "secant"]
 
 #: Order of the per-step coefficients in the packed ``[S, 7]`` tensor the kernels read.
@@ -37,6 +47,10 @@ Form = Literal["drift", "scan", "secant"]
 #: form, ``1`` for the drift form and the secant form's start (the engine adapts that one per
 #: row, :func:`deqkern.engine.secant_update`); it is filled in by :meth:`Schedule.packed`.
 COEF_FIELDS = ("L", "cx", "co", "c0", "px", "po", "sigma")
+#: Order of the multistep coefficients in the packed ``[S, 4]`` tensor (:class:`Multistep`).
+MULTISTEP_FIELDS = ("c1", "ux", "uo", "uf")
+#: The multistep terms of the x0 stopping rule, packed ``[S, 3]`` (:class:`Multistep`).
+X0_FIELDS = ("kappa", "rho", "abs_a")
 
 _QUANTILE = Bounded(float, 0.0, 1.0)
 _ALPHA = Bounded(float, 0.0, 1.0, lo_open=True)
@@ -78,6 +92,51 @@ class X0Transform:
 
 
 @dataclass(frozen=True)
+class Multistep:
+    """The previous-output term of a multistep chain (docs/math.md §1.1), float64 ``[S]`` each.
+
+    Step ``k`` adds ``c1[k] * u_{k-1}``, where ``u_k = ux[k] x[k] + uo[k] out_k + uf[k] f(x0_hat_k)``
+    is step k's converted model output (DPM-Solver++: the predicted x0; DPM-Solver: the predicted
+    noise). ``c1[0] = 0``: the first step has no previous output. With ``f`` the identity ``uf`` is
+    folded into ``ux``/``uo`` (``uf == 0``), as ``c0`` is.
+
+    For the ``x0`` stopping rule (docs/math.md §1.1), with ``A_k`` and ``base_k`` the coefficients of
+    ``x[k]`` and ``u_k`` in step k's first-order update and ``B0_k`` that of ``u_k`` in its own:
+    ``kappa = B0_k / base_k`` (1 for a first-order step) and ``rho = |c1_{k+1} / base_k|`` (0 when the
+    next step is first order); ``abs_a = |A_k|``.
+    """
+
+    c1: torch.Tensor
+    ux: torch.Tensor
+    uo: torch.Tensor
+    uf: torch.Tensor
+    kappa: torch.Tensor
+    rho: torch.Tensor
+    abs_a: torch.Tensor
+
+    def check(self, steps: int) -> None:
+        """Shapes, dtype and finiteness (an error names the step), and ``c1[0] == 0``."""
+        for name in (*MULTISTEP_FIELDS, *X0_FIELDS):
+            v = getattr(self, name)
+            if v.shape != (steps,) or v.dtype != torch.float64:
+                raise ValueError(f"multistep.{name}: expected float64 of shape ({steps},), got {v.dtype} "
+                                 f"{tuple(v.shape)}")
+            if not bool(torch.isfinite(v).all()):
+                k = int(torch.nonzero(~torch.isfinite(v))[0, 0])
+                raise ValueError(f"multistep.{name}: non-finite coefficient at step {k}")
+        if float(self.c1[0]) != 0.0:
+            raise ValueError(f"multistep.c1: step 0 has no previous output, expected 0, got {float(self.c1[0])}")
+
+    def packed(self, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+        """``[S, 4]`` in :data:`MULTISTEP_FIELDS` order."""
+        return torch.stack([getattr(self, n) for n in MULTISTEP_FIELDS], dim=1).to(device=device, dtype=dtype)
+
+    def packed_x0(self, device: torch.device | str) -> torch.Tensor:
+        """``[S, 3]`` float64 in :data:`X0_FIELDS` order (the x0 stopping rule's)."""
+        return torch.stack([getattr(self, n) for n in X0_FIELDS], dim=1).to(device=device)
+
+
+@dataclass(frozen=True)
 class Schedule:
     """Coefficients of an S-step sampling chain, float64 on the CPU.
 
@@ -109,6 +168,8 @@ class Schedule:
     description: str = ""
     #: the model's input scale and timestep per step (None: ``x[k]`` and ``timesteps[k]``)
     step_inputs: StepInputs | None = None
+    #: the previous-output term of a multistep chain (None: every step reads its own row only)
+    multistep: Multistep | None = None
 
     def __post_init__(self) -> None:
         s = self.timesteps.numel()
@@ -135,6 +196,8 @@ class Schedule:
                     f"{name}: non-finite coefficient at step {k}; alpha_cumprod is 0 or 1 where this prediction type "
                     f"({self.prediction_type}) divides by it (zero-SNR schedules need v_prediction)"
                 )
+        if self.multistep is not None:
+            self.multistep.check(s)
         if self.form not in ("drift", "scan", "secant"):
             raise ValueError(f"form: expected 'drift', 'scan' or 'secant', got {self.form!r}")
         if self.form == "scan" and not self.is_affine:
@@ -155,6 +218,24 @@ class Schedule:
     @property
     def is_stochastic(self) -> bool:
         return bool((self.sigma != 0).any())
+
+    @property
+    def is_multistep(self) -> bool:
+        return self.multistep is not None
+
+    def refuse_multistep(self, what: str) -> None:
+        """Raise :class:`UnsupportedSchedulerOption` naming ``what`` for a multistep chain: the
+        gradient, inversion and peer code paths are derived for steps that read their own row only."""
+        if self.multistep is not None:
+            raise UnsupportedSchedulerOption(
+                f"{what}: multistep chains ({self.description or 'DPM-Solver'}) are sampled (sequential and "
+                "parallel) but not differentiated, inverted or run by the peer baselines; use a one-step scheduler"
+            )
+
+    def packed_multistep(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+                         ) -> torch.Tensor | None:
+        """``[S, 4]`` multistep coefficients (:data:`MULTISTEP_FIELDS`), None for a one-step chain."""
+        return None if self.multistep is None else self.multistep.packed(device, dtype)
 
     def with_form(self, form: Form) -> "Schedule":
         """The same chain, solved in the other fixed-point form."""
@@ -329,6 +410,103 @@ class Schedule:
                       form, desc, StepInputs(ts, None))
 
     @classmethod
+    def dpm_solver(
+        cls,
+        sigmas: torch.Tensor,
+        model_timesteps: torch.Tensor,
+        *,
+        algorithm_type: AlgorithmType = "dpmsolver++",
+        solver_order: int = 2,
+        solver_type: Literal["midpoint", "heun"] = "midpoint",
+        first_order_final: bool = True,
+        prediction_type: PredictionType = "epsilon",
+        transform: X0Transform | None = None,
+        form: Form = "drift",
+    ) -> "Schedule":
+        """A multistep DPM-Solver chain: diffusers' ``DPMSolverMultistepScheduler``, orders 1 and 2.
+
+        Variance preserving latents ``x = a x0 + b eps`` with, from diffusers' sigma ``s``, ``a = 1 /
+        sqrt(s^2 + 1)``, ``b = s a`` and ``lambda = log(a / b) = -log s``. Step ``k`` goes from ``s =
+        sigmas[k]`` to ``t = sigmas[k+1]``; ``h = lambda_t - lambda_s = log(s / t)`` (``e^-h = t / s``),
+        ``h0 = log(sigmas[k-1] / s)``, ``1/r0 = h / h0``. The converted output ``u_k`` is the predicted
+        x0 (``"dpmsolver++"``: ``f(x0_hat)``) or noise (``"dpmsolver"``: ``eps_hat``; with thresholding
+        ``(x - a f(x0_hat)) / b``); every step is then (``c = 2`` for the SDE variants, else 1)::
+
+            x_t = A x + B0 u_k + B1 u_{k-1} + sigma z,   D1 = (u_k - u_{k-1}) / r0
+            ++:   A = (b_t / b_s) e^{-(c-1) h},  base = a_t (1 - e^{-c h}),  heun d1 = a_t (1 - (1 - e^{-c h}) / (c h))
+            eps:  A = a_t / a_s,                 base = -c b_t (e^h - 1),  heun d1 = -c b_t ((e^h - 1) / h - 1)
+            midpoint d1 = base / 2;   order 1: x_t = A x + base u_k;   order 2: x_t = A x + base u_k + d1 D1
+
+        so ``B0 = base + d1 / r0``, ``B1 = -d1 / r0`` (0 for a first-order step), and the noise
+        ``sigma = b_t sqrt(1 - e^{-2h})`` (sde ++) or ``b_t sqrt(e^{2h} - 1)`` (sde eps). Step 0 is first
+        order (no previous output), as is the last with ``first_order_final`` or a final sigma 0
+        (``h`` infinite). A repeated final sigma (``h = 0``) is the identity step (diffusers' Heun
+        coefficient is 0/0 there). In the fields of :class:`Schedule` and :class:`Multistep`, with
+        ``u = ux x + uo out + uf f(px x + po out)``: ``cx = A + B0 ux``, ``co = B0 uo``, ``c0 = B0 uf``,
+        ``c1 = B1``. Derivation: docs/math.md §1.1.
+        """
+        if algorithm_type not in _DPM_ALGORITHMS:
+            raise UnsupportedSchedulerOption(f"algorithm_type={algorithm_type!r}: deqkern reproduces {_DPM_ALGORITHMS}")
+        if solver_order not in (1, 2):
+            raise UnsupportedSchedulerOption(f"solver_order={solver_order!r}: deqkern reproduces orders 1 and 2 "
+                                             "(order 3 reads two previous outputs)")
+        if solver_type not in ("midpoint", "heun"):
+            raise UnsupportedSchedulerOption(f"solver_type={solver_type!r}: expected 'midpoint' or 'heun'")
+        sig, ts = _sigma_chain(sigmas, model_timesteps)
+        s, nxt = sig[:-1], sig[1:]
+        a_s, a_t = 1 / (s**2 + 1).sqrt(), 1 / (nxt**2 + 1).sqrt()
+        b_s, b_t = s * a_s, nxt * a_t
+        h = torch.log(s / nxt)  # inf at a final sigma 0, 0 at a repeated final sigma
+        c = 2.0 if algorithm_type.startswith("sde") else 1.0
+        moving = h > 0
+        safe_h = torch.where(moving, h, 1.0)  # the h = 0 rows' values are replaced below
+        if algorithm_type.endswith("++"):
+            one = -torch.expm1(-c * h)  # 1 - e^{-c h}
+            A = b_t / b_s * (torch.exp(-h) if c == 2 else 1.0)
+            base = a_t * one
+            heun = a_t * (1 - one / (c * safe_h))
+            noise_sd = b_t * one.sqrt()
+        else:
+            grow = torch.expm1(h)  # e^h - 1
+            A = a_t / a_s
+            base = -c * b_t * grow
+            heun = -c * b_t * (grow / safe_h - 1)
+            noise_sd = b_t * torch.expm1(2 * h).sqrt()
+        d1 = torch.where(moving, 0.5 * base if solver_type == "midpoint" else heun, 0.0)
+        second = torch.zeros_like(s, dtype=torch.bool)
+        if solver_order == 2:
+            second[1:] = True
+            second[-1] = not first_order_final and bool(nxt[-1] > 0)
+        inv_r0 = torch.zeros_like(s)
+        inv_r0[1:] = h[1:] / torch.log(sig[:-2] / s[1:])
+        inv_r0 = torch.where(second & moving, inv_r0, 0.0)
+        b0, b1 = base + d1 * inv_r0, -d1 * inv_r0
+        px, po, qx, qo = _vp_coefs(a_s, b_s, prediction_type)
+        transform = transform or X0Transform()
+        zeros, ones = torch.zeros_like(s), torch.ones_like(s)
+        if algorithm_type.endswith("++"):
+            ux, uo, uf = zeros, zeros, ones  # u = f(x0_hat)
+        elif transform.kind != "none":
+            # diffusers thresholds x0 = (x - b eps) / a and recomputes eps = (x - a f(x0)) / b
+            px, po = (1 - b_s * qx) / a_s, -b_s * qo / a_s
+            ux, uo, uf = 1 / b_s, zeros, -a_s / b_s
+        else:
+            ux, uo, uf = qx, qo, zeros
+        if transform.kind == "none":  # fold the identity transform, as _build folds c0
+            ux, uo, uf = ux + uf * px, uo + uf * po, zeros
+        sde = c == 2
+        sigma = noise_sd if sde else zeros
+        var = noise_sd**2 if sde else _bridge_var(a_s, b_s, a_t, b_t)
+        desc = (f"DPMSolver S={s.numel()} {algorithm_type} order={solver_order} {solver_type} "
+                f"prediction={prediction_type} transform={transform.kind}")
+        out = _build(cls, torch.arange(s.numel()), A + b0 * ux, b0 * uo, b0 * uf, px, po, sigma, var, transform,
+                     prediction_type, form, desc, StepInputs(ts, None))
+        # the x0 rule's terms (docs/math.md §1.1); base = 0 only on an identity step, where B0 = B1 = 0
+        first = torch.where(base != 0, base, 1.0)
+        rho = torch.cat([b1[1:], b1.new_zeros(1)]).abs() / first.abs()
+        return replace(out, multistep=Multistep(b1, ux, uo, uf, b0 / first, rho, A.abs()))
+
+    @classmethod
     def from_diffusers(
         cls,
         scheduler: Any,
@@ -343,7 +521,9 @@ class Schedule:
 
         Supported (:data:`deqkern._diffusers.SUPPORTED`): ``DDIMScheduler``, ``DDPMScheduler`` and
         their ``Parallel`` twins (same maths), ``EulerDiscreteScheduler`` (``s_churn = 0``),
-        ``EulerAncestralDiscreteScheduler`` and ``FlowMatchEulerDiscreteScheduler``; anything else,
+        ``EulerAncestralDiscreteScheduler``, ``FlowMatchEulerDiscreteScheduler`` and
+        ``DPMSolverMultistepScheduler`` (orders 1 and 2, every algorithm type: :meth:`dpm_solver`;
+        the SDE variants draw ``noise[k]`` at every step, in float32); anything else,
         and any option we cannot reproduce exactly, raises :class:`UnsupportedSchedulerOption`
         naming it. The scheduler is rebuilt from its config and ``set_timesteps`` is called on the
         copy, so the caller's object is never mutated.
@@ -373,7 +553,10 @@ class Schedule:
                 raise ValueError(f"eta: applies to DDIMScheduler only, not {type(sched).__name__}")
             if use_clipped_model_output:
                 raise ValueError(f"use_clipped_model_output: {type(sched).__name__}.step has no such option")
-            out = _sigma_space(cls, sched, kind, num_inference_steps, form, set_timesteps_kwargs)
+            if kind == "dpm":
+                out = _dpm(cls, sched, num_inference_steps, form, set_timesteps_kwargs)
+            else:
+                out = _sigma_space(cls, sched, kind, num_inference_steps, form, set_timesteps_kwargs)
         return replace(out, description=f"{type(sched).__name__}({out.description})")
 
 
@@ -461,14 +644,63 @@ def _sigma_space(cls, sched, kind, num_inference_steps, form, kwargs) -> Schedul
     return cls.euler(sigmas, ts, prediction_type=prediction_type, ancestral=kind == "euler_a", form=form)
 
 
+#: DPMSolverMultistepScheduler options reproduced only at their defaults: (name, default, why).
+_DPM_FIXED = (("use_flow_sigmas", False, "flow-matching sigmas are not reproduced"),)
+
+
+def _dpm(cls, sched, num_inference_steps, form, kwargs) -> Schedule:
+    """A DPM-Solver multistep chain: ``set_timesteps`` on the fresh scheduler (``timesteps=`` in
+    place of the step count), then its ``sigmas``, ``timesteps`` and step-order rule."""
+    name, cfg = type(sched).__name__, sched.config
+    for option, default, why in _DPM_FIXED:
+        if cfg.get(option, default) != default:
+            raise UnsupportedSchedulerOption(f"{option}={cfg[option]!r}: {why}; {name} is reproduced with "
+                                             f"{option}={default!r}")
+    # diffusers reads variance_type only for the learned kinds (a DDPM config's "fixed_small" is inert)
+    if cfg.get("variance_type") in ("learned", "learned_range"):
+        raise UnsupportedSchedulerOption(f"variance_type={cfg.variance_type!r}: learned variances need a second "
+                                         f"model output channel block; {name} is reproduced without them")
+    if cfg.prediction_type not in ("epsilon", "sample", "v_prediction"):
+        raise UnsupportedSchedulerOption(f"prediction_type={cfg.prediction_type!r}: {name} is reproduced for "
+                                         "epsilon/sample/v_prediction")
+    if "mu" in kwargs:
+        raise UnsupportedSchedulerOption(f"mu: {name} shifts flow-matching sigmas only, which are not reproduced")
+    if "timesteps" in kwargs:
+        sched.set_timesteps(**kwargs)  # diffusers refuses a step count next to custom timesteps
+    else:
+        sched.set_timesteps(num_inference_steps, **kwargs)
+    ts, sigmas = sched.timesteps.detach().cpu(), sched.sigmas.detach().cpu()
+    if ts.numel() != num_inference_steps:
+        raise ValueError(f"num_inference_steps: {num_inference_steps}, but {name}.set_timesteps({kwargs}) made "
+                         f"{ts.numel()} steps")
+    # diffusers' step(): the last step is first order with euler_at_final, a final sigma 0, or
+    # lower_order_final below 15 steps
+    first_order_final = bool(cfg.euler_at_final or cfg.final_sigmas_type == "zero"
+                             or (cfg.lower_order_final and num_inference_steps < 15))
+    transform = X0Transform()
+    if cfg.thresholding:
+        transform = X0Transform("threshold", ratio=float(cfg.dynamic_thresholding_ratio),
+                                max_value=float(cfg.sample_max_value))
+    out = cls.dpm_solver(
+        sigmas, ts, algorithm_type=cfg.algorithm_type, solver_order=int(cfg.solver_order),
+        solver_type=cfg.solver_type, first_order_final=first_order_final, prediction_type=cfg.prediction_type,
+        transform=transform, form=form,
+    )
+    return replace(out, description=f"{out.description}, final_sigmas={cfg.final_sigmas_type}")
+
+
 # ---------------------------------------------------------------------- helpers
 def _x0_eps_coefs(a: torch.Tensor, prediction_type: str) -> tuple[torch.Tensor, ...]:
     """Coefficients of x0_hat = px x + po out and eps_hat = qx x + qo out (diffusers' formulas)."""
-    sa, sb = a.sqrt(), (1 - a).sqrt()
+    return _vp_coefs(a.sqrt(), (1 - a).sqrt(), prediction_type)
+
+
+def _vp_coefs(sa: torch.Tensor, sb: torch.Tensor, prediction_type: str) -> tuple[torch.Tensor, ...]:
+    """:func:`_x0_eps_coefs` for latents ``x = sa x0 + sb eps`` given ``sa``, ``sb`` directly."""
     if prediction_type == "epsilon":
-        return 1 / sa, -sb / sa, torch.zeros_like(a), torch.ones_like(a)
+        return 1 / sa, -sb / sa, torch.zeros_like(sa), torch.ones_like(sa)
     if prediction_type == "sample":
-        return torch.zeros_like(a), torch.ones_like(a), 1 / sb, -sa / sb
+        return torch.zeros_like(sa), torch.ones_like(sa), 1 / sb, -sa / sb
     if prediction_type == "v_prediction":
         return sa, -sb, sb, sa
     raise UnsupportedSchedulerOption(f"prediction_type={prediction_type!r} is not one of epsilon/sample/v_prediction")
@@ -563,5 +795,5 @@ def schedule_summary(s: Schedule) -> Mapping[str, Any]:
     return {
         "description": s.description, "num_steps": s.num_steps, "form": s.form,
         "stochastic": s.is_stochastic, "transform": s.transform.kind,
-        "prediction_type": s.prediction_type,
+        "prediction_type": s.prediction_type, "multistep": s.is_multistep,
     }

@@ -57,21 +57,23 @@ class Config:
     aligned: tuple[str, ...] = ()  #: integer arguments divisible by 16
 
 
-def _scan_config(dtype: str, block: int, m: int, clip: bool, has_z: bool) -> Config:
+def _scan_config(dtype: str, block: int, m: int, clip: bool, has_z: bool, multistep: bool = False) -> Config:
     acc = "fp64" if dtype == "fp64" else "fp32"
+    label = f"{dtype} BLOCK_D={block} m={m} clip={int(clip)} z={int(has_z)}" + (" multistep" if multistep else "")
     return Config(
-        "scan_residual", "_scan_residual_kernel", f"{dtype} BLOCK_D={block} m={m} clip={int(clip)} z={int(has_z)}",
+        "scan_residual", "_scan_residual_kernel", label,
         pointers={"xw_ptr": dtype, "e_ptr": dtype, "z_ptr": dtype, "coef_ptr": dtype, "nrows_ptr": "i64",
-                  "hist_ptr": dtype, "g_ptr": dtype, "f_ptr": dtype, "part_ptr": acc},
-        constexprs={"HAS_Z": has_z, "CLIP": clip, "M": m, "M_PAD": next_pow2(max(m, 1)),
+                  "hist_ptr": dtype, "g_ptr": dtype, "f_ptr": dtype, "part_ptr": acc, "ms_ptr": dtype,
+                  "u0_ptr": dtype},
+        constexprs={"HAS_Z": has_z, "CLIP": clip, "MULTISTEP": multistep, "M": m, "M_PAD": next_pow2(max(m, 1)),
                     "ACC": tl.float64 if dtype == "fp64" else tl.float32, "BLOCK_D": block,
                     "NUM_STAGES": SCAN_STAGES},
         num_warps=num_warps_for(block),
         unit=("stride_xw_d", "stride_e_d", "stride_z_d", "stride_coef_c", "stride_nrows_b", "stride_hist_d",
-              "stride_g_d", "stride_f_d", "stride_part_c"),
+              "stride_g_d", "stride_f_d", "stride_part_c", "stride_ms_c", "stride_u0_d"),
         aligned=("D", "stride_xw_b", "stride_xw_j", "stride_e_b", "stride_e_j", "stride_z_b", "stride_z_j",
                  "stride_hist_k", "stride_hist_b", "stride_hist_j", "stride_g_b", "stride_g_j", "stride_f_b",
-                 "stride_f_j"),
+                 "stride_f_j", "stride_u0_b"),
     )
 
 
@@ -137,8 +139,12 @@ def configs() -> list[Config]:
     for m, heavy in ((0, False), (8, True)):
         largest = scan_max_block("fp32", m, heavy)
         out.extend(_scan_config("fp32", block, m, heavy, heavy) for block in blocks if block <= largest)
+    # a multistep chain's variant carries one more row of registers: the heaviest one, every block
+    out.extend(_scan_config("fp32", block, 8, True, True, True) for block in blocks
+               if block <= scan_max_block("fp32", 8, True))
     for dtype in ("fp16", "bf16", "fp64"):
         out.append(_scan_config(dtype, scan_max_block(dtype, 8, True), 8, True, True))
+        out.append(_scan_config(dtype, scan_max_block(dtype, 8, True), 8, True, True, True))
     out.extend(_solve_config(m) for m in range(1, 9))
     for block in blocks:
         out.append(_mix_config("fp32", "fp32", block, 8))

@@ -20,7 +20,7 @@ from deqkern.schedule import X0Transform
 
 @triton.jit
 def _scan_residual_kernel(
-    xw_ptr, e_ptr, z_ptr, coef_ptr, nrows_ptr, hist_ptr, g_ptr, f_ptr, part_ptr,
+    xw_ptr, e_ptr, z_ptr, coef_ptr, nrows_ptr, hist_ptr, g_ptr, f_ptr, part_ptr, ms_ptr, u0_ptr,
     W, D, clip_range: tl.float64,
     stride_xw_b, stride_xw_j, stride_xw_d,
     stride_e_b, stride_e_j, stride_e_d,
@@ -31,7 +31,9 @@ def _scan_residual_kernel(
     stride_g_b, stride_g_j, stride_g_d,
     stride_f_b, stride_f_j, stride_f_d,
     stride_part_n, stride_part_b, stride_part_j, stride_part_c,
-    HAS_Z: tl.constexpr, CLIP: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr,
+    stride_ms_b, stride_ms_j, stride_ms_c,
+    stride_u0_b, stride_u0_d,
+    HAS_Z: tl.constexpr, CLIP: tl.constexpr, MULTISTEP: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr,
     ACC: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """One program = one sample ``b`` x one block of ``BLOCK_D`` latent elements, all ``W`` rows.
@@ -39,9 +41,12 @@ def _scan_residual_kernel(
     For every element, sequentially over the rows ``j = 0 .. W-1`` (the scan is sequential in
     time and independent across elements)::
 
-        s_j    = cx x_j + co e_j [+ c0 clamp(px x_j + po e_j, -clip, clip)] [+ sigma z_j]
+        s_j    = cx x_j + co e_j [+ c0 clamp(px x_j + po e_j, -clip, clip)] [+ c1 u_{j-1}] [+ sigma z_j]
         g_j    = L_j g_{j-1} + (s_j - L_j x_j),     g_{-1} = x_0 (the anchor, row 0 of xw)
         f_j    = g_j - x_{j+1}
+
+    and, for a multistep chain (``MULTISTEP``, docs/math.md §1.1), the converted output carried
+    in registers from row to row, ``u_j = ux x_j + uo e_j [+ uf clamp(...)]``, ``u_{-1}`` = u0.
 
     with ``x_j = xw[b, j]``; rows ``j >= n_rows[b]`` are dead: ``g_j = x_{j+1}``, ``f_j = 0``
     (their e, z and history are not read). Per row it also reduces its block of ``f_j^2``,
@@ -53,14 +58,17 @@ def _scan_residual_kernel(
       xw ``[B, W+1, D]``; e, z, g, f ``[B, W, D]`` (z unread unless ``HAS_Z``); coef ``[B, W, 7]``
       in ``COEF_FIELDS`` order (L, cx, co, c0, px, po, sigma); nrows ``[B]`` int; hist ``[M, B, W,
       D]`` (unread when ``M == 0``); part ``[n_blocks, B, W, 3 + M]`` fp32/fp64: (f_sq, g_sq,
-      gram_0 .. gram_{M-1}, non-finite count) of this block.
-    Constexprs: ``HAS_Z`` noise term; ``CLIP`` fuse the clip_sample clamp; ``M`` history length
+      gram_0 .. gram_{M-1}, non-finite count) of this block; ms ``[B, W, 4]`` (c1, ux, uo, uf) and
+      u0 ``[B, D]`` (both unread unless ``MULTISTEP``).
+    Constexprs: ``HAS_Z`` noise term; ``CLIP`` fuse the clip_sample clamp; ``MULTISTEP`` the
+    previous-output term (one-step chains compile without it: no extra load); ``M`` history length
     (0: no Gram row), ``M_PAD`` its next power of two; ``ACC`` accumulation dtype (fp32, fp64
     for fp64 inputs); ``BLOCK_D`` elements per program; ``NUM_STAGES`` software-pipeline depth
     of the row loop (the loads of later rows are issued while row ``j`` is reduced).
     ``clip_range`` is an fp64 scalar used in ``ACC`` (see :mod:`deqkern.kernels._launch`).
     Memory: reads x once (N, each row loaded once and carried to the next step), e and z (2N),
-    hist (M N); writes g and f (2N); N = B W D; plus the partial sums, ``(3 + M) / BLOCK_D`` of N
+    hist (M N); writes g and f (2N); N = B W D; a multistep chain adds u0 (N / W: one row per
+    sample, the rest carried) and four scalars per row; plus the partial sums, ``(3 + M) / BLOCK_D`` of N
     (< 9%, < 3% from BLOCK_D = 512). Arithmetic is a few FMAs per element: memory-bound.
     """
     pid_d = tl.program_id(0)
@@ -78,11 +86,14 @@ def _scan_residual_kernel(
     g_row = g_ptr + b * stride_g_b
     f_row = f_ptr + b * stride_f_b
     p_row = part_ptr + pid_d * stride_part_n + b * stride_part_b
+    m_row = ms_ptr + b * stride_ms_b
     # rounded once to ACC (fp64 scalars: deqkern.kernels._launch)
     clip = tl.full([], clip_range, ACC)
     # x_j of row 0 is the anchor, which is also g_{-1}.
     x = tl.load(x_row + offs * stride_xw_d, mask=dmask, other=0.0).to(ACC)
     g = x
+    if MULTISTEP:
+        u = tl.load(u0_ptr + b * stride_u0_b + offs * stride_u0_d, mask=dmask, other=0.0).to(ACC)
     if M > 0:
         ks = tl.arange(0, M_PAD)
         kmask = ks < M
@@ -103,8 +114,14 @@ def _scan_residual_kernel(
             c0 = tl.load(c_row + 3 * stride_coef_c).to(ACC)
             px = tl.load(c_row + 4 * stride_coef_c).to(ACC)
             po = tl.load(c_row + 5 * stride_coef_c).to(ACC)
-            x0 = px * x + po * out
-            s = s + c0 * tl.minimum(tl.maximum(x0, -clip), clip)
+            x0 = tl.minimum(tl.maximum(px * x + po * out, -clip), clip)
+            s = s + c0 * x0
+        if MULTISTEP:
+            # the previous row's converted output enters, this row's replaces it (a register carry)
+            s = s + tl.load(m_row).to(ACC) * u
+            u = tl.load(m_row + stride_ms_c).to(ACC) * x + tl.load(m_row + 2 * stride_ms_c).to(ACC) * out
+            if CLIP:
+                u = u + tl.load(m_row + 3 * stride_ms_c).to(ACC) * x0
         if HAS_Z:
             sigma = tl.load(c_row + 6 * stride_coef_c).to(ACC)
             s = s + sigma * tl.load(z_row + offs * stride_z_d, mask=lmask, other=0.0).to(ACC)
@@ -130,6 +147,7 @@ def _scan_residual_kernel(
         e_row += stride_e_j
         z_row += stride_z_j
         c_row += stride_coef_j
+        m_row += stride_ms_j
         h_row += stride_hist_j
         g_row += stride_g_j
         f_row += stride_f_j
@@ -145,6 +163,8 @@ def scan_residual(
     transform: X0Transform,
     hist_f: torch.Tensor | None = None,
     *,
+    ms: torch.Tensor | None = None,
+    u_prev: torch.Tensor | None = None,
     block_d: int | None = None,
 ) -> ScanResult:
     """:func:`deqkern.ops.reference.scan_residual` in one kernel launch plus a tiny reduction.
@@ -152,10 +172,12 @@ def scan_residual(
     ``transform.kind`` must be ``"none"`` or ``"clip"`` (fused); dynamic thresholding needs a
     per-row quantile over all of D before any element's step, which a one-pass, D-blocked kernel
     cannot compute: :func:`deqkern.ops.dispatch.scan_residual` sends it to the reference.
-    ``block_d`` overrides the launch heuristic (a power of two; tests use it to get several
-    D-blocks per row). Norms and Gram row come back in fp32 (fp64 for fp64 inputs); the partial
-    sums of the D-blocks are added by ``torch.sum`` in a fixed order rather than with atomics, so
-    results are bitwise reproducible run to run (the stopping rule compares them to a tolerance).
+    ``ms`` ``[B, W, 4]`` and ``u_prev`` ``[B, D]``: a multistep chain's coefficients and the
+    converted output before the window (both or neither). ``block_d`` overrides the launch
+    heuristic (a power of two; tests use it to get several D-blocks per row). Norms and Gram row
+    come back in fp32 (fp64 for fp64 inputs); the partial sums of the D-blocks are added by
+    ``torch.sum`` in a fixed order rather than with atomics, so results are bitwise reproducible
+    run to run (the stopping rule compares them to a tolerance).
     """
     if transform.kind not in ("none", "clip"):
         raise ValueError(
@@ -174,6 +196,12 @@ def scan_residual(
     check_tensor("n_rows", n_rows, (batch,), xw, same_dtype=False)
     if n_rows.dtype.is_floating_point or n_rows.dtype == torch.bool:
         raise TypeError(f"n_rows: expected an integer tensor, got {n_rows.dtype}")
+    if (ms is None) != (u_prev is None):
+        raise ValueError("ms, u_prev: a multistep chain passes both, a one-step chain neither")
+    if ms is not None:
+        check_tensor("ms", ms, (batch, width, 4), xw, same_dtype=False)
+        acc_dtype("ms", ms)
+        check_tensor("u_prev", u_prev, (batch, dim), xw)
     m = 0 if hist_f is None else hist_f.shape[0]
     if hist_f is not None:
         if not 1 <= m <= MAX_HISTORY:
@@ -191,13 +219,16 @@ def scan_residual(
     # Absent operands: any valid pointer with zero strides; the constexprs keep them unread.
     z_t, z_s = (z, z.stride()) if z is not None else (e, (0, 0, 0))
     h_t, h_s = (hist_f, hist_f.stride()) if hist_f is not None else (e, (0, 0, 0, 0))
+    ms_t, ms_s = (ms, ms.stride()) if ms is not None else (coef, (0, 0, 0))
+    u_t, u_s = (u_prev, u_prev.stride()) if u_prev is not None else (e, (0, 0))
     with on_device(xw.device):
         _scan_residual_kernel[(n_blocks, batch)](
-            xw, e, z_t, coef, n_rows, h_t, g, f, part,
+            xw, e, z_t, coef, n_rows, h_t, g, f, part, ms_t, u_t,
             width, dim, float(transform.clip_range),
             *xw.stride(), *e.stride(), *z_s, *coef.stride(), n_rows.stride(0), *h_s,
-            *g.stride(), *f.stride(), *part.stride(),
-            HAS_Z=z is not None, CLIP=transform.kind == "clip", M=m, M_PAD=next_pow2(max(m, 1)),
+            *g.stride(), *f.stride(), *part.stride(), *ms_s, *u_s,
+            HAS_Z=z is not None, CLIP=transform.kind == "clip", MULTISTEP=ms is not None,
+            M=m, M_PAD=next_pow2(max(m, 1)),
             ACC=acc_tl, BLOCK_D=block, NUM_STAGES=SCAN_STAGES, num_warps=num_warps_for(block),
         )
     total = part.sum(0)

@@ -44,9 +44,9 @@ def _assert_same(ref, ours):
 
 
 #: every scheduler Schedule.from_diffusers reproduces that a UNet pipeline can run (flow matching
-#: has no init_noise_sigma: SD3/Flux's), eta > 0 where the step has it. Built without clip_sample,
-#: which the SD pipeline then sets False over the scheduler's default (True): the rebuilt chain
-#: must keep the pipeline's value.
+#: has no init_noise_sigma: SD3/Flux's; DPM-Solver: tests/test_pipelines_dpm.py), eta > 0 where the
+#: step has it. Built without clip_sample, which the SD pipeline then sets False over the
+#: scheduler's default (True): the rebuilt chain must keep the pipeline's value.
 SCHEDULERS = [
     ("DDIMScheduler", 0.0), ("DDIMScheduler", 0.7), ("DDIMParallelScheduler", 0.7), ("DDPMScheduler", 0.0),
     ("DDPMParallelScheduler", 0.0), ("EulerDiscreteScheduler", 0.0), ("EulerAncestralDiscreteScheduler", 0.0),

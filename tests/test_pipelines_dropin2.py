@@ -214,8 +214,8 @@ def test_flux_matches_pipeline(true_cfg_scale, stochastic):
 
 
 def test_unsupported_options_are_named():
-    dit = tiny_pipes2.tiny_dit(_scheduler("DPMSolverMultistepScheduler"))
-    with pytest.raises(deqkern.UnsupportedSchedulerOption, match="DPMSolverMultistepScheduler"):
+    dit = tiny_pipes2.tiny_dit(_scheduler("UniPCMultistepScheduler"))
+    with pytest.raises(deqkern.UnsupportedSchedulerOption, match="UniPCMultistepScheduler"):
         deqkern.sample_pipeline(dit, [1], num_inference_steps=3)
     with pytest.raises(ValueError, match="class_labels"):
         deqkern.sample_pipeline(tiny_pipes2.tiny_dit(), [], num_inference_steps=3)

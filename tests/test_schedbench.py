@@ -158,25 +158,14 @@ def _bench(argv: list[str], out: Path) -> dict:
     return json.loads((out / "bench.json").read_text())
 
 
-def _dpm_supported() -> bool:
-    """Whether Schedule.from_diffusers reproduces DPM-Solver++(2M) yet (branch "dpm")."""
-    conf = scheduler_config("dpm++2m", dict(load_digits_model()[1].config), clip_sample=False)
-    try:
-        deqkern.Schedule.from_diffusers(conf, 4)
-    except deqkern.UnsupportedSchedulerOption:
-        return False
-    return True
+#: the peers whose map steps each latent from its own row: n/a (with the reason) on a multistep chain
+ONE_STEP_PEERS = ("deq-ddim", "torchdeq")
 
 
 @pytest.mark.parametrize("name", ["ddim", *NEW, "dpm++2m"])
-def test_bench_runs_each_scheduler(name, tmp_path, capsys):
+def test_bench_runs_each_scheduler(name, tmp_path):
     """Every solver row is there; ours and torchdeq land within their bound of sequential;
-    ParaDiGMS is n/a (with the reason) off DDIM/DDPM. DPM-Solver++(2M) is refused cleanly (exit 2,
-    one error line naming --scheduler) until deqkern reproduces it, then runs like the others."""
-    if name == "dpm++2m" and not _dpm_supported():
-        line = _flag_error(bench_cli.main, ["--scheduler", name], "--scheduler", capsys)
-        assert "DPMSolverMultistepScheduler" in line
-        return
+    ParaDiGMS is n/a (with the reason) off DDIM/DDPM, DEQ-DDIM and torchdeq on DPM-Solver++(2M)."""
     data = _bench(["--scheduler", name, "--solvers", *SOLVERS], tmp_path)
     assert data["config"]["scheduler"] == name
     by = {(r["steps"], r["solver"]): r for r in data["runs"]}
@@ -185,6 +174,9 @@ def test_bench_runs_each_scheduler(name, tmp_path, capsys):
         run = by[(6, solver)]
         if solver == "paradigms" and name not in ("ddim", "ddpm"):
             assert run["skipped"].startswith(f"n/a for {name}:") and "DDIMParallelScheduler" in run["skipped"]
+            continue
+        if solver in ONE_STEP_PEERS and name == "dpm++2m":
+            assert run["skipped"].startswith(f"n/a for {name}: {solver}'s map") and "multistep" in run["skipped"]
             continue
         assert run["skipped"] is None, run["skipped"]
         # DEQ-DDIM stops on one relative residual over all rows; on a VE chain (Euler) the early
@@ -201,10 +193,9 @@ def test_schedulers_table(tmp_path):
                                 "--threads", "1", "--out", str(out)]) == 0
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["command"].startswith("python -m deqkern.bench.schedulers --schedulers ddim flow")
-    assert set(data["runs"]) | set(data["pending"]) == {"ddim", "flow", "dpm++2m"}
-    assert ("dpm++2m" in data["pending"]) != _dpm_supported()
+    assert set(data["runs"]) == {"ddim", "flow", "dpm++2m"} and not data["pending"]
     for name, runs in data["runs"].items():
         assert {r["solver"] for r in runs} == set(schedulers_cli.SOLVERS), name
     assert data["ratio_to_ddim"]["ddim S=4 anderson-tri"] == 1.0
     table = out.with_suffix(".md").read_text()
-    assert "| flow | 4 |" in table and "| ddim | 4 |" in table
+    assert "| flow | 4 |" in table and "| ddim | 4 |" in table and "| dpm++2m | 4 |" in table

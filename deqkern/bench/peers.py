@@ -66,6 +66,7 @@ class ChainMap:
 
     def __init__(self, model: Any, schedule: Schedule, x_T: torch.Tensor, noise: torch.Tensor | None,
                  max_batch: int | None = None) -> None:
+        schedule.refuse_multistep("ChainMap")
         self.schedule = schedule
         self.ev = ModelEvaluator(model, {}, None, max_batch, inputs=schedule.step_inputs)
         self.shape = x_T.shape

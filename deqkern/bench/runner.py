@@ -414,10 +414,12 @@ class _Runner:
                 tolerance=cfg.paradigms_tol, eta=cfg.eta, max_batch=cfg.max_batch, on_round=trace,
             )
         if name == "deq-ddim":
+            self._need_one_step(name)
             self._need_affine("deq-ddim solves the scan form")
             gmap = ChainMap(self.model, c.schedule.with_form("scan"), c.x_T, c.noise, cfg.max_batch)
             return run_deq_ddim(gmap, DeqDdimConfig(), on_round=trace)
         if name == "torchdeq":
+            self._need_one_step(name)
             gmap = ChainMap(self.model, c.schedule, c.x_T, c.noise, cfg.max_batch)
             return run_torchdeq(gmap, cfg.tol, on_round=trace)
         raise ValueError(f"unknown solver {name!r}")
@@ -425,6 +427,14 @@ class _Runner:
     def _auto(self, name: str) -> bool:
         """Whether solver ``name`` runs window="auto"."""
         return name in OURS and OURS[name].windowed and self.cfg.window == "auto"
+
+    def _need_one_step(self, peer: str) -> None:
+        """The full-window peers' map (:class:`ChainMap`) steps each row from its own row only."""
+        if self.case.schedule.is_multistep:
+            raise SolverUnsupported(
+                f"n/a for {self.cfg.scheduler}: {peer}'s map steps each latent from its own row only, and a "
+                "multistep chain's step also reads the previous step's model output (picard-win runs any chain)"
+            )
 
     def _need_affine(self, why: str) -> None:
         if not self.case.schedule.is_affine:

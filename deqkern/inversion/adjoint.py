@@ -109,6 +109,7 @@ class GradConfig:
 
 def adjoint_multipliers(schedule: Schedule, form: AdjointForm, device, dtype) -> torch.Tensor:
     """``[S]`` scan multipliers ``L_k`` of the adjoint form (see the module docstring)."""
+    schedule.refuse_multistep("the adjoint (implicit and phantom gradients)")
     if form == "drift":
         return torch.ones(schedule.num_steps, device=device, dtype=dtype)
     if form == "plain":

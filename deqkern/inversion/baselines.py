@@ -27,6 +27,7 @@ def ddim_encode(
     predicted x0 stays in range, which holds for in-range targets except at the noisiest steps.
     With ``eta > 0`` the step's own noise ``z`` is subtracted (the inverse at fixed noise).
     """
+    schedule.refuse_multistep("ddim_encode")
     s, batch = schedule.num_steps, x0.shape[0]
     dev, dt = x0.device, x0.dtype
     a = schedule.a_coef.to(dev, dt)
@@ -56,6 +57,7 @@ def sequential_chain(
     the price of a second model forward per step: one optimisation step costs S model rows
     forward + S recomputed + S vector-Jacobian products per sample.
     """
+    schedule.refuse_multistep("sequential_chain")  # checkpoint recomputes steps out of order
     step = ChainStep(ev, schedule, x_T)
     x = x_T
     for k in range(schedule.num_steps):

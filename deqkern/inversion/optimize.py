@@ -366,6 +366,7 @@ def _model_shape(model: ModelFn) -> tuple[int, ...] | None:
 
 def _check_inputs(model, target, schedule, noise, x_T_init, cfg: InvertConfig) -> None:
     check_chain_inputs(target, schedule, noise, name="target_x0")
+    schedule.refuse_multistep("invert")
     expected = _model_shape(model)
     if expected is not None and tuple(target.shape[1:]) != expected:
         raise ValueError(f"target_x0: expected shape [B, {', '.join(map(str, expected))}] for this model, "

@@ -55,6 +55,8 @@ def scan_residual(
     transform: X0Transform,
     hist_f: torch.Tensor | None = None,
     drift: bool | None = None,
+    ms: torch.Tensor | None = None,
+    u_prev: torch.Tensor | None = None,
 ) -> ScanResult:
     """:func:`deqkern.ops.reference.scan_residual`, fused into one Triton kernel on the Triton backend.
 
@@ -64,10 +66,10 @@ def scan_residual(
     spares the reference a host sync; the kernel reads ``L`` per row.
     """
     if transform.kind == "threshold" or backend_for(xw) == "reference":
-        return reference.scan_residual(xw, e, z, coef, n_rows, transform, hist_f, drift)
+        return reference.scan_residual(xw, e, z, coef, n_rows, transform, hist_f, drift, ms, u_prev)
     from deqkern.ops import triton_ops
 
-    return triton_ops.scan_residual(xw, e, z, coef, n_rows, transform, hist_f)
+    return triton_ops.scan_residual(xw, e, z, coef, n_rows, transform, hist_f, ms=ms, u_prev=u_prev)
 
 
 def anderson_weights(

@@ -14,6 +14,9 @@ Shapes used throughout (one solver *window* per sample):
 * ``coef`` ``[B, W, 7]`` step coefficients in :data:`deqkern.schedule.COEF_FIELDS` order.
 * ``n_rows`` ``[B]`` int: rows ``j < n_rows[b]`` are live, the rest are ignored (left at
   ``g = x``, ``f = 0``).
+* ``ms``   ``[B, W, 4]`` multistep coefficients (:data:`deqkern.schedule.MULTISTEP_FIELDS`) and
+  ``u_prev`` ``[B, D]`` the converted output of the step before the window's first (frozen, at
+  ``x[k0-1]``): multistep chains only (docs/math.md §1.1), ``None`` otherwise.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deqkern.ops.window import linear_scan, one_hot, row_mask, step_rows
+from deqkern.ops.window import converted_rows, linear_scan, one_hot, row_mask, step_rows
 from deqkern.schedule import X0Transform
 
 
@@ -167,10 +170,13 @@ def scan_residual(
     transform: X0Transform,
     hist_f: torch.Tensor | None = None,
     drift: bool | None = None,
+    ms: torch.Tensor | None = None,
+    u_prev: torch.Tensor | None = None,
 ) -> ScanResult:
     """New iterate, residual, row norms and Gram row of one fixed-point round (docs/math.md §3, §6).
 
-    With ``s_j = step_j(x_j, e_j, z_j)`` and ``L_j = coef[..., 0]``::
+    With ``s_j = step_j(x_j, e_j, z_j)`` (a multistep chain's also reads ``u_{j-1}``, the converted
+    output of row ``j-1``, and ``u_{-1} = u_prev``) and ``L_j = coef[..., 0]``::
 
         g_{-1} = x_{k0}   (anchor, row 0 of xw)
         g_j    = L_j g_{j-1} + (s_j - L_j x_j)          j = 0 .. W-1
@@ -185,7 +191,11 @@ def scan_residual(
     """
     width = e.shape[1]
     x_in = xw[:, :width]
-    s = step_rows(x_in, e, z, coef, transform)
+    before = None
+    if ms is not None:
+        u = converted_rows(x_in, e, coef, ms, transform)
+        before = torch.cat([u_prev.unsqueeze(1), u[:, :-1]], dim=1)
+    s = step_rows(x_in, e, z, coef, transform, ms, before)
     L = coef[..., 0].to(xw.dtype)
     g = linear_scan(xw[:, 0], L, s - L.unsqueeze(-1) * x_in, unit=drift)
     live = row_mask(n_rows, width).unsqueeze(-1)
@@ -199,6 +209,21 @@ def scan_residual(
         gram = torch.einsum("bwd,kbwd->bwk", f.to(acc), hist_f.to(acc))
     nonfinite = (~torch.isfinite(e) & live).sum(-1).to(acc)
     return ScanResult(g=g, f=f, f_sq=f_sq, g_sq=g_sq, gram=gram, nonfinite=nonfinite)
+
+
+def carry_converted(
+    u_prev: torch.Tensor, xw: torch.Tensor, e: torch.Tensor, coef: torch.Tensor, ms: torch.Tensor,
+    delta: torch.Tensor, transform: X0Transform,
+) -> None:
+    """A multistep chain's window slide of ``u_prev`` ``[B, D]``, in place: where sample ``b``
+    freezes ``delta[b] >= 1`` rows, its new first live row reads the converted output of its last
+    frozen input row, ``u_prev[b] = u(xw[b, d], e[b, d])``, ``d = delta[b] - 1`` — the value the
+    round's scan gave the frozen rows (docs/math.md §1.1). ``xw``, ``e``, ``coef``, ``ms``: the
+    round's window before the commit slides it (:func:`scan_residual`'s shapes)."""
+    b = torch.arange(xw.shape[0], device=xw.device)
+    d = (delta - 1).clamp(min=0)
+    u = converted_rows(xw[b, d], e[b, d], coef[b, d], ms[b, d], transform)
+    u_prev.copy_(torch.where((delta > 0).unsqueeze(1), u, u_prev))
 
 
 def anderson_weights(

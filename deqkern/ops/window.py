@@ -12,23 +12,45 @@ from deqkern.schedule import X0Transform
 
 
 def step_rows(
-    x: torch.Tensor, out: torch.Tensor, z: torch.Tensor | None, coef: torch.Tensor, transform: X0Transform
+    x: torch.Tensor, out: torch.Tensor, z: torch.Tensor | None, coef: torch.Tensor, transform: X0Transform,
+    ms: torch.Tensor | None = None, u_prev: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One chain step per row: ``cx x + co out + c0 f(px x + po out) + sigma z``.
+    """One chain step per row: ``cx x + co out + c0 f(px x + po out) [+ c1 u_prev] + sigma z``.
 
-    ``x``, ``out``, ``z``: ``[..., D]``; ``coef``: ``[..., 7]``. The x0 transform acts per row.
+    ``x``, ``out``, ``z``, ``u_prev``: ``[..., D]``; ``coef``: ``[..., 7]``; ``ms``: ``[..., 4]``
+    (:data:`deqkern.schedule.MULTISTEP_FIELDS`), with ``u_prev`` the previous step's converted output
+    (:func:`converted_rows`) in a multistep chain. The x0 transform acts per row.
     """
     c = coef.to(x.dtype).unsqueeze(-1)
     _, cx, co, c0, px, po, sigma = c.unbind(-2)
     y = cx * x + co * out
     if transform.kind != "none":
-        x0 = px * x + po * out
-        lead = x0.shape[:-1]
-        x0 = transform.apply(x0.reshape(-1, x0.shape[-1])).reshape(*lead, x0.shape[-1])
-        y = y + c0 * x0
+        y = y + c0 * _transformed_x0(px * x + po * out, transform)
+    if ms is not None:
+        y = y + ms[..., :1].to(x.dtype) * u_prev
     if z is not None:
         y = y + sigma * z
     return y
+
+
+def converted_rows(
+    x: torch.Tensor, out: torch.Tensor, coef: torch.Tensor, ms: torch.Tensor, transform: X0Transform
+) -> torch.Tensor:
+    """A multistep step's converted model output per row, ``u = ux x + uo out + uf f(px x + po out)``
+    (the x0 or noise prediction the next step reads, docs/math.md §1.1). Shapes as :func:`step_rows`."""
+    m = ms.to(x.dtype).unsqueeze(-1)
+    _, ux, uo, uf = m.unbind(-2)
+    u = ux * x + uo * out
+    if transform.kind != "none":
+        c = coef.to(x.dtype).unsqueeze(-1)
+        u = u + uf * _transformed_x0(c[..., 4, :] * x + c[..., 5, :] * out, transform)
+    return u
+
+
+def _transformed_x0(x0: torch.Tensor, transform: X0Transform) -> torch.Tensor:
+    """``f(x0)`` of ``[..., D]`` rows, the transform acting per row."""
+    lead = x0.shape[:-1]
+    return transform.apply(x0.reshape(-1, x0.shape[-1])).reshape(*lead, x0.shape[-1])
 
 
 def row_mask(n_rows: torch.Tensor, width: int) -> torch.Tensor:

@@ -153,8 +153,9 @@ def step_noise(pipe: Any, schedule: Schedule, latents: torch.Tensor, generator: 
     With ``batch``, each step draws for that many rows and the first ``latents.shape[0]`` are kept.
 
     DDIM (eta > 0) and Euler ancestral draw every step, DDPM at timesteps > 0, flow matching
-    (``stochastic_sampling``) every step in float32; each in the model output's shape and dtype
-    (the latents'), as their ``step`` does.
+    (``stochastic_sampling``) and DPM-Solver's SDE variants every step in float32 (the latter
+    also at a final step whose noise scale is 0); each in the model output's shape (the
+    latents'), as their ``step`` does.
     """
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -162,9 +163,9 @@ def step_noise(pipe: Any, schedule: Schedule, latents: torch.Tensor, generator: 
         return None
     name = type(pipe.scheduler).__name__
     kind = SUPPORTED.get(name)
-    if kind not in ("ddim", "ddpm", "euler_a", "flow"):
+    if kind not in ("ddim", "ddpm", "euler_a", "flow", "dpm"):
         raise UnsupportedSchedulerOption(f"{name}: sample_pipeline does not know the order of its noise draws")
-    dtype = torch.float32 if kind == "flow" else latents.dtype
+    dtype = torch.float32 if kind in ("flow", "dpm") else latents.dtype
     shape, rows = (batch or latents.shape[0], *latents.shape[1:]), latents.shape[0]
     draws = [
         torch.zeros_like(latents) if kind == "ddpm" and int(t) == 0
