@@ -3,9 +3,7 @@ chain ``--scheduler`` offers, deqkern's default solver against the peers, full w
 ``--window``, with each scheduler's rounds over DDIM's at the same S (GitHub issue 11, item 4).
 
 Every scheduler runs :func:`deqkern.bench.runner.run_benchmark` on the same model, x_T draw, batch
-and settings; a scheduler deqkern does not reproduce yet (``Schedule.from_diffusers`` raises
-:class:`deqkern.UnsupportedSchedulerOption`) is reported as pending with that message. Writes
-``<out>.json`` and ``<out>.md``.
+and settings. Writes ``<out>.json`` and ``<out>.md``.
 """
 from __future__ import annotations
 
@@ -19,7 +17,6 @@ from typing import Any
 from deqkern.bench.chains import SCHEDULERS
 from deqkern.bench.report import _finite
 from deqkern.bench.runner import BEST, BOUNDS, BenchConfig, run_benchmark
-from deqkern.errors import UnsupportedSchedulerOption
 
 #: (full window, window --window) pairs: ours, then ParaDiGMS; then the full-window-only peers
 PAIRS = ((BEST, f"{BEST}-win"), ("paradigms-full", "paradigms"))
@@ -28,20 +25,15 @@ SOLVERS = ("sequential", *(n for pair in PAIRS for n in pair), *SOLO)
 
 
 def run_schedulers(base: BenchConfig, schedulers: tuple[str, ...]) -> dict[str, Any]:
-    """Every scheduler's bench with ``base``'s settings: the config, environment, ``runs`` (name: the
-    RunRecord dicts) and ``pending`` (name: why deqkern does not reproduce that scheduler yet)."""
+    """Every scheduler's bench with ``base``'s settings: the config, environment and ``runs`` (name:
+    the RunRecord dicts)."""
     runs: dict[str, list[dict[str, Any]]] = {}
-    pending: dict[str, str] = {}
     env: dict[str, Any] = {}
     for name in schedulers:
-        try:
-            result = run_benchmark(BenchConfig(**{**asdict(base), "scheduler": name}))
-        except UnsupportedSchedulerOption as exc:
-            pending[name] = str(exc)
-            continue
+        result = run_benchmark(BenchConfig(**{**asdict(base), "scheduler": name}))
         env = result.environment
         runs[name] = [asdict(r) for r in result.records]
-    return {"config": asdict(base), "environment": env, "runs": runs, "pending": pending}
+    return {"config": asdict(base), "environment": env, "runs": runs}
 
 
 def _rounds(run: dict[str, Any] | None) -> tuple[str, int | None]:
@@ -90,9 +82,6 @@ def markdown(data: dict[str, Any], command: str) -> str:
               "|---|---|" + "---|" * (len(cols) + 1)]
     reasons: dict[str, set[str]] = {}
     for name in SCHEDULERS:
-        if name in data["pending"]:
-            lines.append(f"| {name} | all | pending: {data['pending'][name]} |" + " |" * len(cols))
-            continue
         for steps in cfg["steps"]:
             by = {r["solver"]: r for r in data["runs"].get(name, []) if r["steps"] == steps}
             cells = [_rounds(by.get(n))[0] for n in cols]
