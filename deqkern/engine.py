@@ -74,8 +74,9 @@ class Problem:
     #: [S, 3] float64 a multistep chain's terms of the x0 rule (Multistep.packed_x0), None otherwise
     x0_extra: torch.Tensor | None = None
     #: [S+1] the latents' scale against VP coordinates (Schedule.coords), None: VP already. The
-    #: drift form's L is then not 1 (the scan is no plain cumulative sum) and the first guess of
-    #: row k is x_T's VP latent in row k's coordinates, ``x_T coords[k] / coords[0]``
+    #: drift form's L is then not 1 (the scan is no plain cumulative sum), the first guess of row k
+    #: is x_T's VP latent in row k's coordinates, ``x_T coords[k] / coords[0]``, and rows entering
+    #: the window are copied or extrapolated in VP coordinates (ops.commit_window)
     coords: torch.Tensor | None = None
     #: ``arange(W)`` and ``arange(B)`` on the device, made once: every round indexes with them, and
     #: inside a captured graph each arange would be a kernel node of every round
@@ -383,7 +384,7 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
         st.traj[dest, b_idx.unsqueeze(1)] = res.g
     # freeze the accepted rows at G, slide every window, write the next model input: one pass
     with annotate("commit"):
-        commit_window(st.xw, x_new, res.g, delta, n_commit, st.k0, p.init, st.model_in, p.extrapolate)
+        commit_window(st.xw, x_new, res.g, delta, n_commit, st.k0, p.init, st.model_in, p.extrapolate, p.coords)
     solver.shift(delta)
     if st.secant is not None:
         slide_secant(st.secant, delta)

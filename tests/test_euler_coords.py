@@ -185,3 +185,61 @@ def test_bad_coords_name_the_position():
         replace(s, coords=bad)
     with pytest.raises(ValueError, match=r"coords: expected float64 of shape \(11,\)"):
         replace(s, coords=s.coords[:-1])
+
+
+def _commit_case(seed: int, extrapolate: bool):
+    """A commit's inputs in VP coordinates (``y``), every (delta, n) corner: a finished sample,
+    one live row (the anchor as the previous row), all rows accepted, a window past S."""
+    s, _, _ = _case(EULER, {})
+    gen = torch.Generator().manual_seed(seed)
+    batch, width, dim = 5, 4, 37
+    n = torch.tensor([0, 1, 4, 3, 2])
+    delta = torch.tensor([0, 0, 4, 1, 2])
+    k0 = torch.tensor([2, 5, 0, 3, STEPS - 2])  # the last window: positions up to S + 2, clamped to S
+    y = dict(xw=torch.randn(batch, width + 1, dim, generator=gen, dtype=torch.float64),
+             mixed=torch.randn(batch, width, dim, generator=gen, dtype=torch.float64),
+             g=torch.randn(batch, width, dim, generator=gen, dtype=torch.float64))
+    return s.coords, dict(delta=delta, n_rows=n, k0=k0, extrapolate=extrapolate), y
+
+
+def _at(coords: torch.Tensor, k0: torch.Tensor, first: int, rows: int) -> torch.Tensor:
+    """``[B, rows, 1]`` ``coords`` at positions ``k0 + first + i``, clamped to S."""
+    pos = (k0.unsqueeze(1) + first + torch.arange(rows)).clamp(max=coords.numel() - 1)
+    return coords[pos].unsqueeze(-1)
+
+
+@pytest.mark.parametrize("extrapolate", [False, True])
+def test_entering_rows_continue_in_vp_coordinates(extrapolate):
+    """With ``coords`` the commit of latents ``x = c y`` is the plain commit of the VP latents ``y``,
+    scaled back at the rows' new positions (float64, 1e-14): entering rows are copied or
+    extrapolated in VP coordinates, the other rows move as they are."""
+    coords, kw, y = _commit_case(3, extrapolate)
+    k0, width = kw["k0"], y["g"].shape[1]
+    x = dict(xw=y["xw"] * _at(coords, k0, 0, width + 1), mixed=y["mixed"] * _at(coords, k0, 1, width),
+             g=y["g"] * _at(coords, k0, 1, width))
+    coords_free = {k: v.clone() for k, v in x.items()}
+    reference.commit_window(**y, **kw)
+    reference.commit_window(**x, **kw, coords=coords)
+    want = y["xw"] * _at(coords, k0 + kw["delta"] * (kw["n_rows"] > 0), 0, width + 1)
+    assert rel_err(x["xw"], want) < 1e-14
+    # coords are live: the unscaled commit differs on entering rows
+    reference.commit_window(**coords_free, **kw)
+    assert rel_err(coords_free["xw"], want) > 1e-3
+
+
+@pytest.mark.parametrize("extrapolate", [False, True])
+def test_commit_kernel_with_coords_matches_reference(ops, extrapolate):
+    """The Triton commit (interpreted on CPU) with ``coords`` == the reference, fp32, outputs
+    poisoned, the next model input in fp16; within 1e-6 (a GPU may fuse the scaling into FMAs)."""
+    coords, kw, y = _commit_case(4, extrapolate)
+    args = {**{k: v.float() for k, v in y.items()}, **kw, "coords": coords.float()}
+    want = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    width, dim = y["g"].shape[1:]
+    want_out = torch.full((5, width, dim), float("nan"), dtype=torch.float16)
+    reference.commit_window(**want, out=want_out)
+    got = dev(args)
+    got_out = torch.full((5, width, dim), float("nan"), dtype=torch.float16, device=want_out.device)
+    with poisoned_allocations():
+        ops.commit_window(**got, out=got_out.to(got["xw"].device))
+    check("xw", got["xw"], want["xw"], 1e-6)
+    check("out", got_out, want_out, 1e-3)
