@@ -485,7 +485,8 @@ def euler_coords(quick: bool) -> dict[str, Any]:
                                      "worst_error_over_tol": ratio, "converged": r.all_converged})
                         print(f"{name:<8} {coords} {solver:<8} S={steps:<4} W={window or 'S':<3} rounds "
                               f"{r.rounds:>3}, worst x0 error {ratio:5.2f} x tol")
-    return {"what": "rounds and the worst sample's x0 error at the stop / tol (x0 rule, tol 1e-3), batch 8, seed 0: "
+    return {"command": "python bench/solver_studies.py euler-coords",
+            "what": "rounds and the worst sample's x0 error at the stop / tol (x0 rule, tol 1e-3), batch 8, seed 0: "
                     "Euler / Euler ancestral in VP coordinates (coords 'vp', this solve) and in VE coordinates "
                     "(coords 've': L = 1, rows at x_T, the former solve), DDIM / DDPM from the digits config",
             "rows": rows}
