@@ -243,3 +243,11 @@ def test_commit_kernel_with_coords_matches_reference(ops, extrapolate):
         ops.commit_window(**got, out=got_out.to(got["xw"].device))
     check("xw", got["xw"], want["xw"], 1e-6)
     check("out", got_out, want_out, 1e-3)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_commit_with_coords_needs_k0(ops, impl):
+    coords, kw, y = _commit_case(5, True)
+    args = {**{k: v.float() for k, v in y.items()}, **kw, "k0": None, "coords": coords.float()}
+    with pytest.raises(ValueError, match="k0: required with coords"):
+        (reference if impl == "reference" else ops).commit_window(**dev(args))

@@ -311,8 +311,11 @@ def commit_window(
     n = n_rows.unsqueeze(1)
     shifted = full[b, torch.minimum(src, n)]
     scaled = coords is not None and init is None
+    if scaled and k0 is None:
+        raise ValueError("k0: required with coords (positions of the windows)")
     if scaled:  # entering rows: full[n] in their own coordinates, c_src / c_n full[n]
-        c = coords.to(xw.dtype)[(k0.unsqueeze(1) + torch.cat([src, n - 1, n], dim=1)).clamp(min=0, max=coords.numel() - 1)]
+        pos = k0.unsqueeze(1) + torch.cat([src, n - 1, n], dim=1)
+        c = coords.to(xw.dtype)[pos.clamp(min=0, max=coords.numel() - 1)]
         c_src, c_prev, c_last = c[:, :rows], c[:, rows:rows + 1], c[:, rows + 1:]
         shifted = torch.where((src > n).unsqueeze(-1), shifted * (c_src / c_last).unsqueeze(-1), shifted)
     if extrapolate and init is None:
