@@ -8,6 +8,7 @@
     python bench/solver_studies.py tail-chunks     # fixed-shape rounds: model batches run past convergence, syncs
     python bench/solver_studies.py divergence      # the divergence guard's growth window: false alarms, rounds
     python bench/solver_studies.py multistep-rounds  # DPM-Solver++(2M) against DDIM: rounds to x0 within tol
+    python bench/solver_studies.py euler-coords    # Euler chains in VP against VE coordinates, against DDIM/DDPM
 
 All on the embedded digits model, one CPU thread. ``--quick`` shrinks each study to seconds (the
 test suite runs it so the command lines stay true).
@@ -444,9 +445,56 @@ def multistep_rounds(quick: bool) -> dict[str, Any]:
             "rows": rows}
 
 
+def euler_coords(quick: bool) -> dict[str, Any]:
+    """Euler and Euler ancestral solved in VP coordinates (``Schedule.coords``: the drift form's
+    ``L_k = c_{k+1} / c_k``, rows started and entering at x_T's VP latent) against the same chains
+    with ``coords=None`` (the former ``L = 1`` in VE coordinates, every row at x_T), and DDIM / DDPM
+    from the same config: Picard and the default solver, the default stopping rule (x0, tol 1e-3),
+    S = 25 and 100, full window and window 10, batch 8, seed 0 (x_T times ``init_noise_sigma``
+    for the Euler chains, the step noise drawn up front, seed 1)."""
+    from dataclasses import replace
+
+    from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+
+    unet, ddim = _digits("ddim")
+    _, ddpm = _digits("ddpm")
+    chains = {"ddim": ddim, "ddpm": ddpm, "euler": EulerDiscreteScheduler.from_config(ddim.config),
+              "euler-a": EulerAncestralDiscreteScheduler.from_config(ddim.config)}
+    sizes = [(6, None)] if quick else [(25, None), (25, 10), (100, None), (100, 10)]
+    tol, batch, rows = 1e-3, 2 if quick else 8, []
+    for steps, window in sizes:
+        for name, sched in chains.items():
+            schedule = deqkern.Schedule.from_diffusers(sched, steps)
+            twin = type(sched).from_config(sched.config)
+            twin.set_timesteps(steps)
+            x = torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * float(twin.init_noise_sigma)
+            noise = None
+            if schedule.is_stochastic:
+                noise = torch.randn(steps, *x.shape, generator=torch.Generator().manual_seed(1))
+            variants = {"vp": schedule} if schedule.coords is None else {"vp": schedule,
+                                                                          "ve": replace(schedule, coords=None)}
+            with torch.no_grad():
+                ref = deqkern.sample_sequential(unet, x, schedule, noise=noise, execution="eager").x0
+                for coords, chain in variants.items():
+                    for solver in ("picard", "anderson"):
+                        r = deqkern.sample(unet, x, chain, solver=solver, tol=tol, window=window, noise=noise,
+                                           execution="eager")
+                        ratio = _x0_err(r.x0, ref) / tol
+                        rows.append({"scheduler": name, "coords": coords, "solver": solver, "steps": steps,
+                                     "window": window, "tol": tol, "rounds": r.rounds,
+                                     "worst_error_over_tol": ratio, "converged": r.all_converged})
+                        print(f"{name:<8} {coords} {solver:<8} S={steps:<4} W={window or 'S':<3} rounds "
+                              f"{r.rounds:>3}, worst x0 error {ratio:5.2f} x tol")
+    return {"command": "python bench/solver_studies.py euler-coords",
+            "what": "rounds and the worst sample's x0 error at the stop / tol (x0 rule, tol 1e-3), batch 8, seed 0: "
+                    "Euler / Euler ancestral in VP coordinates (coords 'vp', this solve) and in VE coordinates "
+                    "(coords 've': L = 1, rows at x_T, the former solve), DDIM / DDPM from the digits config",
+            "rows": rows}
+
+
 STUDIES = {"adjoint-vjp": adjoint_vjp, "ops-per-round": ops_per_round, "stopping-rule": stopping_rule,
            "stopping-x0": stopping_x0, "tail-chunks": tail_chunks, "half-precision": half_precision,
-           "divergence": divergence, "multistep-rounds": multistep_rounds}
+           "divergence": divergence, "multistep-rounds": multistep_rounds, "euler-coords": euler_coords}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -73,6 +73,11 @@ class Problem:
     ms_coef: torch.Tensor | None = None
     #: [S, 3] float64 a multistep chain's terms of the x0 rule (Multistep.packed_x0), None otherwise
     x0_extra: torch.Tensor | None = None
+    #: [S+1] the latents' scale against VP coordinates (Schedule.coords), None: VP already. The
+    #: drift form's L is then not 1 (the scan is no plain cumulative sum), the first guess of row k
+    #: is x_T's VP latent in row k's coordinates, ``x_T coords[k] / coords[0]``, and rows entering
+    #: the window are copied or extrapolated in VP coordinates (ops.commit_window)
+    coords: torch.Tensor | None = None
     #: ``arange(W)`` and ``arange(B)`` on the device, made once: every round indexes with them, and
     #: inside a captured graph each arange would be a kernel node of every round
     row_index: torch.Tensor = field(init=False, repr=False)
@@ -84,7 +89,8 @@ class Problem:
 
     @property
     def drift(self) -> bool:
-        return self.form == "drift"
+        """Every ``L`` is 1: the drift form in latents that are VP coordinates already."""
+        return self.form == "drift" and self.coords is None
 
     @property
     def secant(self) -> bool:
@@ -136,6 +142,8 @@ class SolveState:
         flat = x_T.reshape(b, d)
         if p.init is None:
             xw = flat.unsqueeze(1).repeat(1, p.width + 1, 1)
+            if p.coords is not None:  # every row at x_T in VP coordinates (docs/math.md §3)
+                xw.mul_((p.coords[: p.width + 1] / p.coords[0]).to(xw.dtype).view(1, -1, 1))
         else:
             xw = p.init[: p.width + 1].transpose(0, 1).clone()
         traj = None
@@ -376,7 +384,7 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
         st.traj[dest, b_idx.unsqueeze(1)] = res.g
     # freeze the accepted rows at G, slide every window, write the next model input: one pass
     with annotate("commit"):
-        commit_window(st.xw, x_new, res.g, delta, n_commit, st.k0, p.init, st.model_in, p.extrapolate)
+        commit_window(st.xw, x_new, res.g, delta, n_commit, st.k0, p.init, st.model_in, p.extrapolate, p.coords)
     solver.shift(delta)
     if st.secant is not None:
         slide_secant(st.secant, delta)

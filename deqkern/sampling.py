@@ -638,6 +638,7 @@ class ParallelSampler:
             max_iters=c.max_iters, form=c.form, extrapolate=c.extrapolate,
             ms_coef=schedule.packed_multistep(dev, dt),
             x0_extra=None if schedule.multistep is None else schedule.multistep.packed_x0(dev),
+            coords=None if schedule.coords is None else schedule.coords.to(dev, dt),
         )
         return Workspace(
             p, x_T, ev, c.solver, c.solver_options, execution=execution, rounds_per_graph=c.rounds_per_graph,

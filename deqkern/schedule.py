@@ -170,6 +170,10 @@ class Schedule:
     step_inputs: StepInputs | None = None
     #: the previous-output term of a multistep chain (None: every step reads its own row only)
     multistep: Multistep | None = None
+    #: ``[S+1]`` float64 the latents' scale against variance-preserving coordinates, ``x[k] =
+    #: coords[k] x_vp[k]`` (Euler: ``sqrt(sigma_k^2 + 1)``; None: VP already). The drift form
+    #: drifts in VP coordinates and the solve's first guess is x_T's VP latent (docs/math.md §3).
+    coords: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         s = self.timesteps.numel()
@@ -198,6 +202,13 @@ class Schedule:
                 )
         if self.multistep is not None:
             self.multistep.check(s)
+        if self.coords is not None:
+            c = self.coords
+            if c.shape != (s + 1,) or c.dtype != torch.float64:
+                raise ValueError(f"coords: expected float64 of shape ({s + 1},), got {c.dtype} {tuple(c.shape)}")
+            if not bool((torch.isfinite(c) & (c > 0)).all()):
+                k = int(torch.nonzero(~(torch.isfinite(c) & (c > 0)))[0, 0])
+                raise ValueError(f"coords: expected finite positive scales, got {c[k].item()!r} at position {k}")
         if self.form not in ("drift", "scan", "secant"):
             raise ValueError(f"form: expected 'drift', 'scan' or 'secant', got {self.form!r}")
         if self.form == "scan" and not self.is_affine:
@@ -241,9 +252,22 @@ class Schedule:
         """The same chain, solved in the other fixed-point form."""
         return replace(self, form=form)
 
+    def drift_multipliers(self) -> torch.Tensor:
+        """``[S]`` the drift form's ``L_k``: 1 in VP coordinates, so ``coords[k+1] / coords[k]`` in
+        the latents' own (docs/math.md §3, "Drift in VP coordinates")."""
+        if self.coords is None:
+            return torch.ones_like(self.a_coef)
+        return self.coords[1:] / self.coords[:-1]
+
     def packed(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``[S, 7]`` coefficients in :data:`COEF_FIELDS` order, with ``L`` set by the form."""
-        L = self.a_coef if self.form == "scan" else torch.ones_like(self.a_coef)
+        """``[S, 7]`` coefficients in :data:`COEF_FIELDS` order, with ``L`` set by the form (the
+        secant form's start is 1: the engine adapts it per row)."""
+        if self.form == "scan":
+            L = self.a_coef
+        elif self.form == "drift":
+            L = self.drift_multipliers()
+        else:
+            L = torch.ones_like(self.a_coef)
         cols = [L, self.cx, self.co, self.c0, self.px, self.po, self.sigma]
         return torch.stack(cols, dim=1).to(device=device, dtype=dtype)
 
@@ -378,8 +402,10 @@ class Schedule:
         r = (to - s) / s
         kind = "EulerAncestral" if ancestral else "Euler"
         desc = f"{kind} S={s.numel()} prediction={prediction_type}"
-        return _build(cls, torch.arange(s.numel()), 1 + r, torch.zeros_like(s), -r, px, po, up, up_sq,
-                      X0Transform(), prediction_type, form, desc, StepInputs(ts, 1 / (s**2 + 1).sqrt()))
+        out = _build(cls, torch.arange(s.numel()), 1 + r, torch.zeros_like(s), -r, px, po, up, up_sq,
+                     X0Transform(), prediction_type, form, desc, StepInputs(ts, 1 / (s**2 + 1).sqrt()))
+        # x / sqrt(sigma^2 + 1) is the VP latent the model sees: DDIM's chain, in its coordinates
+        return replace(out, coords=(sig**2 + 1).sqrt())
 
     @classmethod
     def flow_match(

@@ -32,15 +32,16 @@ def _window_row(r, use, delta, anchor, g_row, m_row, stride_g_j, stride_g_d, str
 
 @triton.jit
 def _commit_window_kernel(
-    xw_ptr, mixed_ptr, g_ptr, delta_ptr, nrows_ptr, k0_ptr, init_ptr, out_ptr,
+    xw_ptr, mixed_ptr, g_ptr, delta_ptr, nrows_ptr, k0_ptr, init_ptr, out_ptr, coords_ptr,
     W, D, S,
     stride_xw_b, stride_xw_j, stride_xw_d,
     stride_mixed_b, stride_mixed_j, stride_mixed_d,
     stride_g_b, stride_g_j, stride_g_d,
     stride_delta_b, stride_nrows_b, stride_k0_b,
     stride_init_p, stride_init_b, stride_init_d,
-    stride_out_b, stride_out_j, stride_out_d,
-    HAS_INIT: tl.constexpr, HAS_OUT: tl.constexpr, EXTRAP: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_out_b, stride_out_j, stride_out_d, stride_coords_p,
+    HAS_INIT: tl.constexpr, HAS_OUT: tl.constexpr, EXTRAP: tl.constexpr, COORDS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """One program = one sample ``b`` x one block of ``BLOCK_D`` latent elements, rows ``i = 0..W``.
 
@@ -60,12 +61,16 @@ def _commit_window_kernel(
     and with ``EXTRAP`` (no init) a row entering continues the last step linearly: to the value
     above (the last computed row, ``full[n]`` of ``full = [anchor, rows...]``) it adds
     ``(src - n) (full[n] - full[n-1])``, ``full[n-1]`` chosen the same way (anchor, g or mixed).
+    With ``COORDS`` (no init; ``coords`` ``[S+1]`` the latents' scale by position) an entering row
+    reads ``full[i]`` as ``c_src / c_i full[i]``, ``c_i = coords[min(k0 + i, S)]``: both rules act in
+    VP coordinates (docs/math.md §3); three scalar loads per row.
 
     In place is safe: the elements of ``xw`` read are the anchor ``xw[b, 0]``, only by rows that
     also write the anchor's value, and an inactive sample's row ``i``, read just before it is
     written by the same program. Pointers (element strides explicit): xw ``[B, W+1, D]``;
     mixed, g ``[B, W, D]``; delta, nrows, k0 ``[B]`` int; init ``[S+1, B, D]`` (unread unless
-    ``HAS_INIT``); out ``[B, W, D]`` any float dtype (unwritten unless ``HAS_OUT``). Grid
+    ``HAS_INIT``); out ``[B, W, D]`` any float dtype (unwritten unless ``HAS_OUT``); coords ``[S+1]``
+    in xw's dtype (unread unless ``COORDS``). Grid
     ``(cdiv(D, BLOCK_D), B)``. Memory: reads N (one source row per row), writes N (+ N for
     ``out``), N = B (W+1) D — it replaces a select, a concatenation, a gather and a copy; with
     ``EXTRAP`` the entering rows read one more row each.
@@ -77,7 +82,7 @@ def _commit_window_kernel(
     delta = tl.load(delta_ptr + b * stride_delta_b)
     n = tl.load(nrows_ptr + b * stride_nrows_b)
     anchor = tl.load(xw_ptr + b * stride_xw_b + offs * stride_xw_d, mask=dmask, other=0.0)
-    if HAS_INIT:
+    if HAS_INIT or COORDS:
         k0 = tl.load(k0_ptr + b * stride_k0_b)
     g_row = g_ptr + b * stride_g_b
     m_row = mixed_ptr + b * stride_mixed_b
@@ -94,11 +99,21 @@ def _commit_window_kernel(
             p = tl.minimum(k0 + src, S).to(tl.int64)
             val += tl.load(init_ptr + p * stride_init_p + b * stride_init_b + offs * stride_init_d,
                            mask=offs < tl.where(keep == 0, D, 0), other=0.0)
+        if COORDS:
+            # entering rows (src > n) read full[i] as c_src / c_i full[i]; other rows 1
+            c_src = tl.load(coords_ptr + tl.minimum(k0 + src, S) * stride_coords_p)
+            c_last = tl.load(coords_ptr + tl.minimum(k0 + n, S) * stride_coords_p)
+            c_prev = tl.load(coords_ptr + tl.maximum(tl.minimum(k0 + n - 1, S), 0) * stride_coords_p)
+            r_last = tl.where(src > n, c_src / c_last, 1.0).to(val.dtype)
+            r_prev = tl.where(src > n, c_src / c_prev, 1.0).to(val.dtype)
+            val = val * r_last
         if EXTRAP:
             # rows entering (src > n): + (src - n) (last - prev), prev = full[n - 1] (anchor at n <= 1)
             ahead = tl.maximum(src - n, 0)
             prev = _window_row(n - 2, (ahead > 0).to(tl.int32), delta, anchor, g_row, m_row, stride_g_j, stride_g_d,
                                stride_mixed_j, stride_mixed_d, offs, D)
+            if COORDS:
+                prev = prev * r_prev
             val += tl.where(offs < tl.where(ahead > 0, D, 0), ahead.to(val.dtype) * (val - prev), 0.0).to(val.dtype)
         idle = offs < tl.where(n == 0, D, 0)
         val = tl.where(idle, tl.load(xw_ptr + b * stride_xw_b + i * stride_xw_j + offs * stride_xw_d, mask=idle,
@@ -121,6 +136,7 @@ def commit_window(
     out: torch.Tensor | None = None,
     *,
     extrapolate: bool = False,
+    coords: torch.Tensor | None = None,
     block_d: int | None = None,
 ) -> None:
     """:func:`deqkern.ops.reference.commit_window` as one kernel (in place on ``xw``)."""
@@ -143,6 +159,14 @@ def commit_window(
     if out is not None:
         check_tensor("out", out, (batch, width, dim), xw, same_dtype=False)
         acc_dtype("out", out)
+    scaled = coords is not None and init is None
+    if scaled:
+        if k0 is None:
+            raise ValueError("k0: required with coords (positions of the windows)")
+        check_tensor("k0", k0, (batch,), xw, same_dtype=False)
+        if coords.ndim != 1 or coords.numel() < 1:
+            raise ValueError(f"coords: expected shape [S+1], got {tuple(coords.shape)}")
+        check_tensor("coords", coords, tuple(coords.shape), xw)
     if batch > MAX_GRID_YZ:
         raise ValueError(f"xw: at most {MAX_GRID_YZ} samples per launch, got {batch}")
     block = pick_block("block_d", block_d, lambda: block_d_for(dim, batch, sm_count(xw.device)))
@@ -151,13 +175,15 @@ def commit_window(
     k0_t = k0 if k0 is not None else delta
     out_t = out if out is not None else xw
     out_strides = out.stride() if out is not None else (0, 0, 0)
+    coords_t = coords if scaled else xw
+    last_pos = init.shape[0] - 1 if init is not None else coords.numel() - 1 if scaled else 0
     with on_device(xw.device):
         _commit_window_kernel[(-(-dim // block), batch)](
-            xw, mixed, g, delta, n_rows, k0_t, init_t, out_t,
-            width, dim, (init.shape[0] - 1) if init is not None else 0,
+            xw, mixed, g, delta, n_rows, k0_t, init_t, out_t, coords_t,
+            width, dim, last_pos,
             *xw.stride(), *mixed.stride(), *g.stride(),
             delta.stride(0), n_rows.stride(0), k0_t.stride(0),
-            *init_strides, *out_strides,
-            HAS_INIT=init is not None, HAS_OUT=out is not None, EXTRAP=extrapolate and init is None,
+            *init_strides, *out_strides, coords_t.stride(0) if scaled else 0,
+            HAS_INIT=init is not None, HAS_OUT=out is not None, EXTRAP=extrapolate and init is None, COORDS=scaled,
             BLOCK_D=block, num_warps=num_warps_for(block),
         )

@@ -110,14 +110,15 @@ def commit_window(
     init: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     extrapolate: bool = False,
+    coords: torch.Tensor | None = None,
 ) -> None:
     """:func:`deqkern.ops.reference.commit_window`, one fused kernel on the Triton backend."""
     if backend_for(xw) == "reference":
-        reference.commit_window(xw, mixed, g, delta, n_rows, k0, init, out, extrapolate)
+        reference.commit_window(xw, mixed, g, delta, n_rows, k0, init, out, extrapolate, coords)
         return
     from deqkern.ops import triton_ops
 
-    triton_ops.commit_window(xw, mixed, g, delta, n_rows, k0, init, out, extrapolate=extrapolate)
+    triton_ops.commit_window(xw, mixed, g, delta, n_rows, k0, init, out, extrapolate=extrapolate, coords=coords)
 
 
 def round_status(

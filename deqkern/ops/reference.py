@@ -283,6 +283,7 @@ def commit_window(
     init: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     extrapolate: bool = False,
+    coords: torch.Tensor | None = None,
 ) -> None:
     """End of a round, in place: freeze, slide, and write the next model input.
 
@@ -292,7 +293,10 @@ def commit_window(
     ``n = n_rows[b]`` computed ones start from ``init[k0[b] + src, b]`` (``init``: ``[S+1, B, D]``
     by position) or, without ``init``, copy the last computed row ``full[n]`` (ParaDiGMS'
     initialisation) or, with ``extrapolate``, continue the last step linearly:
-    ``full[n] + (src - n) (full[n] - full[n-1])`` (``full[-1]`` read as ``full[0]``). ``out``
+    ``full[n] + (src - n) (full[n] - full[n-1])`` (``full[-1]`` read as ``full[0]``). With
+    ``coords`` (``[S+1]`` by position, :attr:`deqkern.schedule.Schedule.coords`; needs ``k0``, unread
+    with ``init``) both rules act on the VP latents ``y_i = full[i] / c_i`` and the entering row is
+    ``c_src y``, ``c_i = coords[min(k0[b] + i, S)]`` (docs/math.md §3). ``out``
     (``[B, W, D]``, any float dtype, e.g. the model's input batch) receives ``xw[:, :W]``.
     An inactive sample (``n_rows[b] == 0``: done, or past ``max_iters`` inside a fixed-shape
     chunk) keeps its window as it is: its rows hold the solve's current estimate.
@@ -306,11 +310,21 @@ def commit_window(
     b = torch.arange(batch, device=xw.device).unsqueeze(1)
     n = n_rows.unsqueeze(1)
     shifted = full[b, torch.minimum(src, n)]
+    scaled = coords is not None and init is None
+    if scaled and k0 is None:
+        raise ValueError("k0: required with coords (positions of the windows)")
+    if scaled:  # entering rows: full[n] in their own coordinates, c_src / c_n full[n]
+        pos = k0.unsqueeze(1) + torch.cat([src, n - 1, n], dim=1)
+        c = coords.to(xw.dtype)[pos.clamp(min=0, max=coords.numel() - 1)]
+        c_src, c_prev, c_last = c[:, :rows], c[:, rows:rows + 1], c[:, rows + 1:]
+        shifted = torch.where((src > n).unsqueeze(-1), shifted * (c_src / c_last).unsqueeze(-1), shifted)
     if extrapolate and init is None:
-        last = full[b[:, 0], n_rows]
-        prev = full[b[:, 0], (n_rows - 1).clamp(min=0)]
+        last = full[b[:, 0], n_rows].unsqueeze(1)
+        prev = full[b[:, 0], (n_rows - 1).clamp(min=0)].unsqueeze(1)
+        if scaled:
+            last, prev = last * (c_src / c_last).unsqueeze(-1), prev * (c_src / c_prev).unsqueeze(-1)
         ahead = (src - n).clamp(min=0).to(xw.dtype).unsqueeze(-1)
-        shifted = shifted + ahead * (last - prev).unsqueeze(1)
+        shifted = shifted + ahead * (last - prev)
     if init is not None:
         fresh = init[(k0.unsqueeze(1) + src).clamp(max=init.shape[0] - 1), b]
         shifted = torch.where((src > n_rows.unsqueeze(1)).unsqueeze(-1), fresh, shifted)
