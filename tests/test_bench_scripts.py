@@ -42,7 +42,7 @@ def test_e2e_graphs_script_on_cpu(tmp_path):
 
 @pytest.mark.skipif(not (ROOT / "bench" / "solver_studies.py").exists(), reason="run from a source checkout")
 @pytest.mark.parametrize("study", ["adjoint-vjp", "ops-per-round", "stopping-rule", "stopping-x0", "tail-chunks",
-                                   "divergence"])
+                                   "divergence", "budget"])
 def test_solver_studies_run_quick(tmp_path, study):
     """The studies behind bench/results/README.md, at --quick sizes."""
     studies = _load("solver_studies")
