@@ -168,6 +168,9 @@ class StepSecants:
     valid: torch.Tensor  #: [B, W] bool: x and s hold the row's position
     gain: torch.Tensor  #: [B, W] float64 the latest measured ||J dx|| / ||dx|| (NaN: none)
     dev: torch.Tensor  #: [B, W] float64 the latest measured ||(J - L) dx|| / ||dx|| (NaN: none)
+    #: [B] float64 the model's largest gain ||E dx|| / ||dx|| (E: its Jacobian) over the rows measured
+    #: in the latest round that measured any (NaN: none yet); see :meth:`rule_dev`
+    model_gain: torch.Tensor
 
     @classmethod
     def start(cls, batch: int, width: int, dim: int, device, dtype) -> "StepSecants":
@@ -176,19 +179,23 @@ class StepSecants:
             x=torch.zeros(batch, width, dim, device=device, dtype=dtype),
             s=torch.zeros(batch, width, dim, device=device, dtype=dtype),
             valid=torch.zeros(batch, width, device=device, dtype=torch.bool), gain=nan, dev=nan.clone(),
+            model_gain=torch.full((batch,), math.nan, device=device, dtype=torch.float64),
         )
 
     def measure(
-        self, xw: torch.Tensor, g: torch.Tensor, mult: torch.Tensor, live: torch.Tensor
+        self, xw: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, live: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Record this round's inputs and step outputs and the secants they give; returns ``(dx, ds,
         valid)``, the moves since the last round and where they are one row's (for the secant form).
 
         ``s_j = g_j - L_j (g_{j-1} - x_j)`` is recovered from the scan (``g_{-1}`` = the anchor).
-        Fixed shapes, no host sync. ``xw``: the window ``[B, W+1, D]`` before the commit; ``mult``:
-        ``[B, W]`` this round's ``L``."""
+        The model's gain follows from the same secant: without an x0 transform a step is ``cx x +
+        co e(x) (+ sigma z)``, so ``E dx = (ds - cx dx) / co``. Fixed shapes, no host sync. ``xw``:
+        the window ``[B, W+1, D]`` before the commit; ``coef``: ``[B, W, 7]`` this round's step
+        coefficients with the scan's ``L`` in field 0."""
         width = g.shape[1]
         x = xw[:, :width]
+        mult = coef[..., 0]
         g_prev = torch.cat([xw[:, :1], g[:, :-1]], dim=1)
         s = g - mult.unsqueeze(-1).to(g.dtype) * (g_prev - x)
         gain, dev = step_secants(x, s, self.x, self.s, mult)
@@ -197,16 +204,33 @@ class StepSecants:
         self.gain.copy_(torch.where(fresh, gain, self.gain))
         self.dev.copy_(torch.where(fresh, dev, self.dev))
         dx, ds = x - self.x, s - self.s
+        # the model's gain: with cx in place of L, step_secants' dev is ||co E dx|| / ||dx||
+        _, co_e = step_secants(x, s, self.x, self.s, coef[..., 1])
+        model = torch.where(fresh, co_e / coef[..., 2].to(torch.float64).abs(), math.nan)
+        top = torch.where(torch.isfinite(model), model, -math.inf).amax(dim=1)
+        self.model_gain.copy_(torch.where(top > -math.inf, top, self.model_gain))
         self.x.copy_(x)
         self.s.copy_(s)
         self.valid.copy_(live)
         return dx, ds, valid
 
+    def rule_dev(self, coef: torch.Tensor, transform: X0Transform) -> torch.Tensor:
+        """``[B, W]`` float64 the ``||J - L||`` the x0 rule uses: the measured secant ``dev``, and
+        on rows not measured yet (rows entering the window) the schedule's bound with the model's
+        gain measured on the others, ``|cx - L| + |co| model_gain`` (steps without an x0 transform;
+        with one, or before any measurement: NaN, the rule's latent-gain bound). On the digits
+        model, DDIM S = 1000 window 10, the true ``||(J - L) F|| / ||F||`` at rows frozen this way
+        was at most 1.8 times it near x0 (bench/solver_studies.py budget); lending such rows the
+        window's largest measured ``dev`` instead missed it up to 760x there (``J - L`` grows
+        toward x0 with ``co``) and x0's bound 2.6x."""
+        if transform.kind != "none":
+            return self.dev
+        c = coef.to(torch.float64)
+        bound = (c[..., 1] - c[..., 0]).abs() + c[..., 2].abs() * self.model_gain.unsqueeze(1)
+        return torch.where(torch.isfinite(self.dev), self.dev, bound)
+
     def slide(self, slide: RowSlide) -> None:
-        """Slide with the window; rows entering have no history and no secants. (Lending them the
-        window's largest measured ``J - L`` froze whole windows at first sight and missed the bound
-        2.6x on the digits model, DDIM S = 1000, window 10: there it was a median 10x, and up to
-        760x near x0, below the true ``||(J - L) F|| / ||F||`` of the rows it froze.)"""
+        """Slide with the window; rows entering have no history and no secants (:meth:`rule_dev`)."""
         slide.apply(self.x, 0.0)
         slide.apply(self.s, 0.0)
         slide.apply(self.valid, False)
@@ -343,8 +367,10 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     n_ok = finite_rows(res, n, j)
     moves = None
     if st.secants is not None:  # this round's secants of the steps, before the x0 rule reads them
-        moves = st.secants.measure(st.xw, res.g, coef[..., 0], live)
-    gain, dev = (st.secants.gain, st.secants.dev) if st.secants is not None else (p.unmeasured, p.unmeasured)
+        moves = st.secants.measure(st.xw, res.g, coef, live)
+    gain, dev = p.unmeasured, p.unmeasured
+    if st.secants is not None:
+        gain, dev = st.secants.gain, st.secants.rule_dev(coef, p.transform)
     with annotate("status"):
         # the stopping test, the rows to freeze, the logs and SolveState.worst/done_round/bad_t/spent
         delta = round_status(res.f_sq, res.g_sq, res.nonfinite, t, n_ok, st.k0, st.rounds, p.noise_var, st.worst,

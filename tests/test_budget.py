@@ -58,9 +58,10 @@ def test_x0_row_costs_with_measured_secants_by_hand():
 
 
 def test_solve_measures_the_steps_j_minus_l():
-    """A linear model ``e = c x`` makes every step linear, ``J_k = cx_k + co_k c``: after two
+    """A linear model ``e = c x`` makes every step linear, ``J_k = cx_k + co_k c``: after three
     rounds, each row that kept its position holds ``gain = |J_k|`` and ``dev = |J_k - 1|`` (drift
-    form) for its position (float64, 1e-9 relative)."""
+    form) for its position (float64, 1e-9 relative), the model's gain is ``|c|``, and the rule's
+    ``||J - L||`` of the other rows is the schedule's bound with it."""
     steps, c = 12, 0.7
     sched = _ddim(steps)
     x = torch.randn(2, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -80,6 +81,14 @@ def test_solve_measures_the_steps_j_minus_l():
     assert int(seen.sum()) >= steps  # most of both windows
     torch.testing.assert_close(st.secants.gain[seen], jac[seen].abs(), rtol=1e-9, atol=0)
     torch.testing.assert_close(st.secants.dev[seen], (jac[seen] - 1).abs(), rtol=1e-9, atol=0)
+    # the model's gain is |c|; rows without a secant get the schedule's bound |cx - L| + |co| |c|
+    torch.testing.assert_close(st.secants.model_gain, torch.full((2,), c, dtype=torch.float64), rtol=1e-9, atol=0)
+    coef = p.coef[pos]
+    bound = (coef[..., 1] - 1).abs() + coef[..., 2].abs() * c
+    rule = st.secants.rule_dev(coef, sched.transform)
+    assert bool((~seen).any())
+    torch.testing.assert_close(rule[~seen], bound[~seen], rtol=1e-12, atol=0)
+    torch.testing.assert_close(rule[seen], st.secants.dev[seen], rtol=0, atol=0)
 
 
 def test_measured_budget_keeps_the_bound_where_the_latent_gain_misleads():
