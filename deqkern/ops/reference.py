@@ -74,7 +74,8 @@ def x0_row_costs(
 
     ``mult``: ``[B, W]`` the scan's multipliers ``L`` (``coef[..., 0]``, per row); ``gain``, ``dev``:
     ``[B, W]`` float64 the measured ``||J_l dx|| / ||dx||`` and ``||(J_l - L_l) dx|| / ||dx||``
-    (NaN: not measured).
+    (NaN: not measured; the engine passes as ``dev`` of rows not measured yet the schedule's bound
+    with the model's measured gain, :meth:`deqkern.engine.StepSecants.rule_dev`).
     """
     tiny = torch.finfo(g_sq.dtype).tiny
     norm = g_sq.to(torch.float64).clamp(min=tiny).sqrt()
