@@ -241,9 +241,9 @@ def _secant_check(unet, schedule, x: torch.Tensor, window: int | None, rounds: i
         seen["p"] = p
         return run_round(p, st, *a, **k)
 
-    def spy_measure(self, xw, g, mult, live):
-        seen.update(xw=xw.clone(), g=g.clone(), mult=mult.clone())
-        return measure(self, xw, g, mult, live)
+    def spy_measure(self, xw, g, coef, live):
+        seen.update(xw=xw.clone(), g=g.clone(), mult=coef[..., 0].clone())
+        return measure(self, xw, g, coef, live)
 
     def spy_status(*args, **kw):
         k0, rnd, dev = args[5], int(args[6]), args[15].clone()
@@ -305,7 +305,8 @@ def budget(quick: bool) -> dict[str, Any]:
     print(f"secant check: true ||(J - L)F||/||F|| over dev: median {check['median']}, max {check['max']} "
           f"({len(ratios)} frozen rows)")
     return {"what": "library defaults, batch 8, seed 0: rounds and worst x0 error / tol; ParaDiGMS (tol 0.1, "
-                    "window = ours or S) rounds and worst x0 error", "rows": rows, "secant_check": check}
+                    "window = ours or S) rounds and worst x0 error", "command": "python bench/solver_studies.py budget",
+            "rows": rows, "secant_check": check}
 
 
 def tail_chunks(quick: bool) -> dict[str, Any]:
