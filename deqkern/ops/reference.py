@@ -121,8 +121,8 @@ def x0_accepted_rows(
       / left``, plus one, at most ``n``.
 
     Hence ``||x0 - x0_seq|| <= tol ||x0_seq||`` to first order wherever the secants (times
-    ``SECANT_SAFETY``) and the latents' gains bound the steps' gains on the frozen errors; the bound as documented (``tol`` of :class:`deqkern.ParallelSampler`)
-    adds a floor, ``tol max(||x0_seq||, 1e-3 ||x_T||)``, for x0 near 0, and is checked on random
+    ``SECANT_SAFETY``) and the latents' gains bound the steps' gains on the frozen errors; the
+    bound as documented (``tol`` of :class:`deqkern.ParallelSampler`) adds a floor, ``tol max(||x0_seq||, 1e-3 ||x_T||)``, for x0 near 0, and is checked on random
     chains by ``tests/test_x0_bound.py``. The rule itself needs no floor: an x0 near 0 makes the
     last rows' costs large, down to one row per round, the sequential chain. ``cost``: ``[B, W]``
     from :func:`x0_row_costs`.
@@ -182,8 +182,8 @@ def round_status(
     a live row with a non-finite model output, if larger) and ``spent`` ``[B]`` float64 (the x0
     rule's budget spent so far, :func:`x0_accepted_rows`; other rules leave it). ``mult``:
     ``[B, W]`` the scan's multipliers ``L`` per row, ``gain``, ``dev``: ``[B, W]`` float64 the
-    steps' measured secants (NaN: none; :func:`step_secants`), read by the x0 rule. ``stop``: ``"relative"``, ``"noise"``
-    or ``"x0"``; ``dim``: D, the latent size (noise rule).
+    steps' measured secants (NaN: none; :func:`step_secants`), read by the x0 rule. ``stop``:
+    ``"relative"``, ``"noise"`` or ``"x0"``; ``dim``: D, the latent size (noise rule).
     """
     steps, width = noise_var.numel(), f_sq.shape[1]
     live = row_mask(n_rows, width)
