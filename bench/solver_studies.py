@@ -9,6 +9,7 @@
     python bench/solver_studies.py divergence      # the divergence guard's growth window: false alarms, rounds
     python bench/solver_studies.py multistep-rounds  # DPM-Solver++(2M) against DDIM: rounds to x0 within tol
     python bench/solver_studies.py euler-coords    # Euler chains in VP against VE coordinates, against DDIM/DDPM
+    python bench/solver_studies.py budget          # the x0 rule's measured secants: rounds vs ParaDiGMS, safety
 
 All on the embedded digits model, one CPU thread. ``--quick`` shrinks each study to seconds (the
 test suite runs it so the command lines stay true).
@@ -218,6 +219,96 @@ def stopping_x0(quick: bool) -> dict[str, Any]:
                   f"rounds mean {sum(rounds) / seeds:5.1f} max {max(rounds):>3}, eager evals {sum(evals) / seeds:.0f}")
     return {"what": "batch 8, one batch per seed: worst sample's x0 error at the stop / tol, rounds, eager model "
                     "evaluations", "rows": rows}
+
+
+def _secant_check(unet, schedule, x: torch.Tensor, window: int | None, rounds: int) -> list[float]:
+    """For every row the x0 rule freezes (but the last) in the first ``rounds`` rounds, the true
+    ``||(J - L) F|| / ||F||`` of the step after it (central differences of the step, float64 model)
+    over the secant ``dev`` the rule used; rows without a secant are left out."""
+    import copy
+
+    import deqkern.engine as engine
+    from deqkern.ops.window import step_rows
+
+    unet64 = copy.deepcopy(unet).double()
+    seen: dict[str, Any] = {}
+    ratios: list[float] = []
+    run_round, measure, status = engine.run_round, engine.StepSecants.measure, engine.round_status
+
+    def step(pos: int, v: torch.Tensor) -> torch.Tensor:
+        out = unet64(v.view(1, *x.shape[1:]), schedule.timesteps[pos:pos + 1]).sample.reshape(1, -1)
+        return step_rows(v.view(1, -1), out, None, seen["p"].coef[pos].view(1, 7).double(), schedule.transform)[0]
+
+    def spy_round(p, st, *a, **k):
+        seen["p"] = p
+        return run_round(p, st, *a, **k)
+
+    def spy_measure(self, xw, g, coef, live):
+        seen.update(xw=xw.clone(), g=g.clone(), mult=coef[..., 0].clone())
+        return measure(self, xw, g, coef, live)
+
+    def spy_status(*args, **kw):
+        k0, rnd, dev = args[5], int(args[6]), args[15].clone()
+        delta = status(*args, **kw)
+        for b in range(k0.shape[0] if rnd < rounds else 0):
+            for j in range(int(delta[b]) - 1):
+                if not math.isfinite(float(dev[b, j + 1])):
+                    continue
+                xin, pos = seen["xw"][b, j + 1].double(), int(k0[b]) + j + 1
+                f = seen["g"][b, j].double() - xin
+                h = 1e-5 * float(xin.norm()) / float(f.norm())
+                jf = (step(pos, xin + h * f) - step(pos, xin - h * f)) / (2 * h)
+                true = float((jf - float(seen["mult"][b, j + 1]) * f).norm() / f.norm())
+                ratios.append(true / float(dev[b, j + 1]))
+        return delta
+
+    engine.run_round, engine.StepSecants.measure, engine.round_status = spy_round, spy_measure, spy_status
+    try:
+        with torch.no_grad():
+            deqkern.sample(unet, x, schedule, window=window, execution="eager")
+    finally:
+        engine.run_round, engine.StepSecants.measure, engine.round_status = run_round, measure, status
+    return ratios
+
+
+def budget(quick: bool) -> dict[str, Any]:
+    """The x0 rule with measured step secants (issue 14): on issue 14's chains with the library's
+    defaults (stop="x0", tol 1e-3), the rounds and the worst sample's x0 error over tol, against
+    ParaDiGMS at its published tolerance (0.1) on the same noise; and the secant check behind
+    ``SECANT_SAFETY``: the true ``||(J - L) F|| / ||F||`` of the frozen rows over their secant."""
+    from deqkern.bench.peers import run_paradigms
+
+    chains = [("ddim", 6, None)] if quick else [
+        ("ddim", 100, None), ("ddim", 100, 10), ("ddim", 100, 25), ("ddpm", 100, None), ("ddim", 1000, 10)]
+    rows = []
+    for scheduler, steps, window in chains:
+        unet, sched = _digits(scheduler)
+        schedule = deqkern.Schedule.from_diffusers(sched, steps)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(8, 1, 8, 8, generator=g)
+        noise = torch.randn(steps, 8, 1, 8, 8, generator=g) if scheduler == "ddpm" else None
+        with torch.no_grad():
+            ref = deqkern.sample_sequential(unet, x, schedule, noise, execution="eager").x0.flatten(1)
+            ours = deqkern.sample(unet, x, schedule, window=window, noise=noise, execution="eager")
+            peer = run_paradigms(unet, dict(sched.config), scheduler, schedule, x, noise, parallel=window or steps)
+        err = lambda x0: float(((x0.flatten(1) - ref).norm(dim=1) / ref.norm(dim=1)).max())  # noqa: E731
+        rows.append({"scheduler": scheduler, "steps": steps, "window": window, "rounds": ours.rounds,
+                     "worst_error_over_tol": err(ours.x0) / 1e-3, "paradigms_rounds": peer.rounds,
+                     "paradigms_worst_error": err(peer.x0)})
+        print(f"{scheduler} S={steps:<4} W={window or 'S':<3}: rounds {ours.rounds:>3} (x0 error "
+              f"{rows[-1]['worst_error_over_tol']:.2f} tol), ParaDiGMS 0.1 {peer.rounds:>3} (error "
+              f"{rows[-1]['paradigms_worst_error']:.1e})")
+    unet, sched = _digits()
+    steps, window = (6, None) if quick else (100, 10)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    ratios = sorted(_secant_check(unet, deqkern.Schedule.from_diffusers(sched, steps), x, window, 6 if quick else 40))
+    check = {"chain": f"ddim S={steps} W={window or steps}, batch 2, first 40 rounds", "rows": len(ratios),
+             "max": ratios[-1] if ratios else None, "median": ratios[len(ratios) // 2] if ratios else None}
+    print(f"secant check: true ||(J - L)F||/||F|| over dev: median {check['median']}, max {check['max']} "
+          f"({len(ratios)} frozen rows)")
+    return {"what": "library defaults, batch 8, seed 0: rounds and worst x0 error / tol; ParaDiGMS (tol 0.1, "
+                    "window = ours or S) rounds and worst x0 error", "command": "python bench/solver_studies.py budget",
+            "rows": rows, "secant_check": check}
 
 
 def tail_chunks(quick: bool) -> dict[str, Any]:
@@ -494,7 +585,8 @@ def euler_coords(quick: bool) -> dict[str, Any]:
 
 STUDIES = {"adjoint-vjp": adjoint_vjp, "ops-per-round": ops_per_round, "stopping-rule": stopping_rule,
            "stopping-x0": stopping_x0, "tail-chunks": tail_chunks, "half-precision": half_precision,
-           "divergence": divergence, "multistep-rounds": multistep_rounds, "euler-coords": euler_coords}
+           "divergence": divergence, "multistep-rounds": multistep_rounds, "euler-coords": euler_coords,
+           "budget": budget}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -262,6 +262,9 @@ def _status_args():
         res_log=torch.full((max_iters + 1, batch), float("nan"), dtype=torch.float64, device=DEVICE),
         done_round=torch.zeros(batch, dtype=torch.int64, device=DEVICE),
         mult=torch.ones(batch, width, device=DEVICE), spent=torch.zeros(batch, dtype=torch.float64, device=DEVICE),
+        # the x0 rule's measured secants on every row: the rule's full path (both passes)
+        gain=torch.rand(batch, width, dtype=torch.float64, device=DEVICE, generator=g) + 0.5,
+        dev=torch.rand(batch, width, dtype=torch.float64, device=DEVICE, generator=g) * 1e-2,
         stop="x0", tol=1e-3, dim=64,
     )
 
@@ -283,7 +286,8 @@ def test_round_status(benchmark, copy_gbps, impl):
     check("spent", args["spent"], want["spent"], RTOL_SUMS)
     # the [B, W] norms and timesteps and the [B] state in, delta, the state and one log row out
     # (noise_var is read by the noise rule only)
-    read = [args[k] for k in ("f_sq", "g_sq", "nonfinite", "t", "n_rows", "k0", "done_round", "mult", "spent")]
+    read = [args[k] for k in ("f_sq", "g_sq", "nonfinite", "t", "n_rows", "k0", "done_round", "mult", "spent", "gain",
+                              "dev")]
     nbytes = bytes_moved(read, [delta, args["worst"], args["done_round"], args["res_log"][0], args["spent"]])
     _bench(benchmark, lambda: fn(**args), nbytes, copy_gbps, "round_status")
 

@@ -32,7 +32,7 @@ from deqkern.errors import NonFiniteModelOutput
 from deqkern.graphs import ChunkRunner, snapshot, state_tensors
 from deqkern.model import ModelEvaluator
 from deqkern.ops import ScanResult, commit_window, round_status, scan_residual
-from deqkern.ops.reference import carry_converted
+from deqkern.ops.reference import carry_converted, step_secants
 from deqkern.ops.window import RowSlide
 from deqkern.schedule import Form, X0Transform
 from deqkern.solvers import Solver, get_solver
@@ -82,10 +82,13 @@ class Problem:
     #: inside a captured graph each arange would be a kernel node of every round
     row_index: torch.Tensor = field(init=False, repr=False)
     sample_index: torch.Tensor = field(init=False, repr=False)
+    #: ``[B, W]`` NaN: the steps' secants when none are measured (stopping rules other than x0 do not read them)
+    unmeasured: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.row_index = torch.arange(self.width, device=self.coef.device)
         self.sample_index = torch.arange(self.batch, device=self.coef.device)
+        self.unmeasured = torch.full((self.batch, self.width), math.nan, dtype=torch.float64, device=self.coef.device)
 
     @property
     def drift(self) -> bool:
@@ -130,8 +133,10 @@ class SolveState:
     #: [B, W, D] the next model input in the model's dtype (fixed-shape rounds only): written by
     #: the round's commit, read by the next model call
     model_in: torch.Tensor | None = None
-    #: the secant form's per-row state (see :func:`secant_update`), window rows like ``xw[:, :W]``
-    secant: SecantState | None = None
+    #: the secant form's multipliers ``L`` [B, W] (:func:`secant_update`; start at 1, the drift form)
+    secant: torch.Tensor | None = None
+    #: the steps' secants per window row (the x0 rule, the secant form), rows like ``xw[:, :W]``
+    secants: StepSecants | None = None
     #: [B, D] multistep chains: the converted output of the row before the anchor, x[k0-1]
     #: (zero at k0 = 0, whose step reads none), slid with the window (ops.reference.carry_converted)
     prev_u: torch.Tensor | None = None
@@ -150,10 +155,12 @@ class SolveState:
         if return_trajectory:
             traj = torch.zeros(p.steps + 2, b, d, device=dev, dtype=x_T.dtype)
             traj[0] = flat
-        secant = SecantState.start(b, p.width, d, dev, x_T.dtype, p.coef.dtype) if p.secant else None
+        secant = torch.ones(b, p.width, device=dev, dtype=p.coef.dtype) if p.secant else None
+        secants = StepSecants.start(b, p.width, d, dev, x_T.dtype) if p.secant or p.stop == "x0" else None
         prev_u = None if p.ms_coef is None else torch.zeros(b, d, device=dev, dtype=x_T.dtype)
         return cls(
-            xw=xw, k0=torch.zeros(b, dtype=torch.int64, device=dev), secant=secant, guard=DivergenceGuard.start(b, dev),
+            xw=xw, k0=torch.zeros(b, dtype=torch.int64, device=dev), secant=secant, secants=secants,
+            guard=DivergenceGuard.start(b, dev),
             rounds=torch.zeros((), dtype=torch.int64, device=dev),
             done_round=torch.zeros(b, dtype=torch.int64, device=dev),
             res_log=torch.full((p.max_iters + 1, b), float("nan"), dtype=torch.float64, device=dev),
@@ -169,26 +176,87 @@ SECANT_RANGE = (0.0, 1.0)
 
 
 @dataclass
-class SecantState:
-    """Per window row ``(b, j)``: the multiplier ``L`` the next scan uses, and the row's input
-    and step output of the last round with whether they are valid."""
+class StepSecants:
+    """Per window row ``(b, j)``: the row's input and step output of the last round, whether they
+    hold the row's position, and the secants of its step measured from them (the x0 rule's gains,
+    :func:`deqkern.ops.reference.step_secants`; the secant form's fit)."""
 
-    mult: torch.Tensor  #: [B, W] L (starts at 1: the drift form)
     x: torch.Tensor  #: [B, W, D] last round's input x_j
     s: torch.Tensor  #: [B, W, D] last round's step output step_j(x_j)
     valid: torch.Tensor  #: [B, W] bool: x and s hold the row's position
+    gain: torch.Tensor  #: [B, W] float64 the latest measured ||J dx|| / ||dx|| (NaN: none)
+    dev: torch.Tensor  #: [B, W] float64 the latest measured ||(J - L) dx|| / ||dx|| (NaN: none)
+    #: [B] float64 the model's largest gain ||E dx|| / ||dx|| (E: its Jacobian) over the rows measured
+    #: in the latest round that measured any (NaN: none yet); see :meth:`rule_dev`
+    model_gain: torch.Tensor
 
     @classmethod
-    def start(cls, batch: int, width: int, dim: int, device, dtype, coef_dtype) -> "SecantState":
+    def start(cls, batch: int, width: int, dim: int, device, dtype) -> "StepSecants":
+        nan = torch.full((batch, width), math.nan, device=device, dtype=torch.float64)
         return cls(
-            mult=torch.ones(batch, width, device=device, dtype=coef_dtype),
             x=torch.zeros(batch, width, dim, device=device, dtype=dtype),
             s=torch.zeros(batch, width, dim, device=device, dtype=dtype),
-            valid=torch.zeros(batch, width, device=device, dtype=torch.bool),
+            valid=torch.zeros(batch, width, device=device, dtype=torch.bool), gain=nan, dev=nan.clone(),
+            model_gain=torch.full((batch,), math.nan, device=device, dtype=torch.float64),
         )
 
+    def measure(
+        self, xw: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, live: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Record this round's inputs and step outputs and the secants they give; returns ``(dx, ds,
+        valid)``, the moves since the last round and where they are one row's (for the secant form).
 
-def secant_update(sec: SecantState, xw: torch.Tensor, g: torch.Tensor, live: torch.Tensor) -> None:
+        ``s_j = g_j - L_j (g_{j-1} - x_j)`` is recovered from the scan (``g_{-1}`` = the anchor).
+        The model's gain follows from the same secant: without an x0 transform a step is ``cx x +
+        co e(x) (+ sigma z)``, so ``E dx = (ds - cx dx) / co``. Fixed shapes, no host sync. ``xw``:
+        the window ``[B, W+1, D]`` before the commit; ``coef``: ``[B, W, 7]`` this round's step
+        coefficients with the scan's ``L`` in field 0."""
+        width = g.shape[1]
+        x = xw[:, :width]
+        mult = coef[..., 0]
+        g_prev = torch.cat([xw[:, :1], g[:, :-1]], dim=1)
+        s = g - mult.unsqueeze(-1).to(g.dtype) * (g_prev - x)
+        gain, dev = step_secants(x, s, self.x, self.s, mult)
+        valid = self.valid & live
+        fresh = valid & torch.isfinite(gain) & torch.isfinite(dev)
+        self.gain.copy_(torch.where(fresh, gain, self.gain))
+        self.dev.copy_(torch.where(fresh, dev, self.dev))
+        dx, ds = x - self.x, s - self.s
+        # the model's gain: with cx in place of L, step_secants' dev is ||co E dx|| / ||dx||
+        _, co_e = step_secants(x, s, self.x, self.s, coef[..., 1])
+        model = torch.where(fresh, co_e / coef[..., 2].to(torch.float64).abs(), math.nan)
+        top = torch.where(torch.isfinite(model), model, -math.inf).amax(dim=1)
+        self.model_gain.copy_(torch.where(top > -math.inf, top, self.model_gain))
+        self.x.copy_(x)
+        self.s.copy_(s)
+        self.valid.copy_(live)
+        return dx, ds, valid
+
+    def rule_dev(self, coef: torch.Tensor, transform: X0Transform) -> torch.Tensor:
+        """``[B, W]`` float64 the ``||J - L||`` the x0 rule uses: the measured secant ``dev``, and
+        on rows not measured yet (rows entering the window) the schedule's bound with the model's
+        gain measured on the others, ``|cx - L| + |co| model_gain`` (steps without an x0 transform;
+        with one, or before any measurement: NaN, the rule's latent-gain bound). On the digits
+        model, DDIM S = 1000 window 10, the true ``||(J - L) F|| / ||F||`` at rows frozen this way
+        was at most 1.8 times it near x0 (bench/solver_studies.py budget); lending such rows the
+        window's largest measured ``dev`` instead missed it up to 760x there (``J - L`` grows
+        toward x0 with ``co``) and x0's bound 2.6x."""
+        if transform.kind != "none":
+            return self.dev
+        c = coef.to(torch.float64)
+        bound = (c[..., 1] - c[..., 0]).abs() + c[..., 2].abs() * self.model_gain.unsqueeze(1)
+        return torch.where(torch.isfinite(self.dev), self.dev, bound)
+
+    def slide(self, slide: RowSlide) -> None:
+        """Slide with the window; rows entering have no history and no secants (:meth:`rule_dev`)."""
+        slide.apply(self.x, 0.0)
+        slide.apply(self.s, 0.0)
+        slide.apply(self.valid, False)
+        slide.apply(self.gain, math.nan)
+        slide.apply(self.dev, math.nan)
+
+
+def secant_update(mult: torch.Tensor, dx: torch.Tensor, ds: torch.Tensor, valid: torch.Tensor) -> None:
     """The secant form: each row's next multiplier, a scalar secant estimate of its step's Jacobian.
 
     The scan of a round, ``g_j = L_j g_{j-1} + (s_j - L_j x_j)`` (``g_{-1}`` = the anchor), has
@@ -198,32 +266,15 @@ def secant_update(sec: SecantState, xw: torch.Tensor, g: torch.Tensor, live: tor
 
         L_j = <s_j - s'_j, x_j - x'_j> / ||x_j - x'_j||^2,   clamped to SECANT_RANGE
 
-    (``'``: the same position one round earlier; ``s_j = g_j - L_j (g_{j-1} - x_j)`` recovered from
-    the scan). A row without a previous round, or whose input did not move, keeps its ``L``.
-    Fixed shapes, no host sync. ``xw``: the window ``[B, W+1, D]`` before the commit.
+    (``'``: the same position one round earlier, :meth:`StepSecants.measure`). A row without a
+    previous round (``valid`` False), or whose input did not move, keeps its ``L`` (``mult`` ``[B,
+    W]``, in place). Fixed shapes, no host sync.
     """
-    width = g.shape[1]
-    x = xw[:, :width]
-    g_prev = torch.cat([xw[:, :1], g[:, :-1]], dim=1)
-    s = g - sec.mult.unsqueeze(-1).to(g.dtype) * (g_prev - x)
-    dx, ds = x - sec.x, s - sec.s
-    num = (ds * dx).sum(-1).to(sec.mult.dtype)
-    den = (dx * dx).sum(-1).to(sec.mult.dtype)
+    num = (ds * dx).sum(-1).to(mult.dtype)
+    den = (dx * dx).sum(-1).to(mult.dtype)
     tiny = torch.finfo(den.dtype).tiny
     fit = (num / den.clamp(min=tiny)).clamp(*SECANT_RANGE)
-    sec.mult.copy_(torch.where(sec.valid & live & (den > tiny), fit, sec.mult))
-    sec.x.copy_(x)
-    sec.s.copy_(s)
-    sec.valid.copy_(live)
-
-
-def slide_secant(sec: SecantState, delta: torch.Tensor) -> None:
-    """Slide the secant state with the window; rows entering start as drift rows with no history."""
-    slide = RowSlide(delta, sec.mult.shape[1])
-    slide.apply(sec.mult, 1.0)
-    slide.apply(sec.x, 0.0)
-    slide.apply(sec.s, 0.0)
-    slide.apply(sec.valid, False)
+    mult.copy_(torch.where(valid & (den > tiny), fit, mult))
 
 
 #: A sample whose window residual grew this many rounds in a row counts as diverging (as do
@@ -334,7 +385,7 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     pos = (st.k0.unsqueeze(1) + j).clamp(max=s - 1)
     coef = p.coef[pos]
     if st.secant is not None:
-        coef = torch.cat([st.secant.mult.unsqueeze(-1), coef[..., 1:]], dim=-1)
+        coef = torch.cat([st.secant.unsqueeze(-1), coef[..., 1:]], dim=-1)
     t = p.timesteps[pos]
     ms = None if p.ms_coef is None else p.ms_coef[pos]
     with annotate("model"):
@@ -356,18 +407,24 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
         res = scan_residual(st.xw, e, z, coef, n, p.transform, history, drift=p.drift, ms=ms, u_prev=st.prev_u)
     # the stopping rule judges the rows before the first non-finite one (row 0 always)
     n_ok = finite_rows(res, n, j)
+    moves = None
+    if st.secants is not None:  # this round's secants of the steps, before the x0 rule reads them
+        moves = st.secants.measure(st.xw, res.g, coef, live)
+    gain, dev = p.unmeasured, p.unmeasured
+    if st.secants is not None:
+        gain, dev = st.secants.gain, st.secants.rule_dev(coef, p.transform)
     with annotate("status"):
         # the stopping test, the rows to freeze, the logs and SolveState.worst/done_round/bad_t/spent
         mult = x0_multipliers(p, coef, pos, res, st.xw[:, 0])
         delta = round_status(res.f_sq, res.g_sq, res.nonfinite, t, n_ok, st.k0, st.rounds, p.noise_var, st.worst,
-                             st.res_log, st.done_round, st.bad_t, mult, st.spent, stop=p.stop, tol=p.tol,
-                             dim=dim)
+                             st.res_log, st.done_round, st.bad_t, mult, st.spent, gain, dev, stop=p.stop,
+                             tol=p.tol, dim=dim)
     picard = getattr(solver, "picard", False)
     # the round's window residual, as round_status logged it (NaN when inactive)
     resid = None if picard else st.res_log.index_select(0, st.rounds.clamp(max=p.max_iters).view(1))[0]
     n_commit = st.guard.check(n, n_ok, delta, resid)
     if st.secant is not None:
-        secant_update(st.secant, st.xw, res.g, live)
+        secant_update(st.secant, *moves)
     if st.prev_u is not None:  # before the commit slides xw: the new first row reads the last frozen one
         carry_converted(st.prev_u, st.xw, e, coef, ms, delta, p.transform)
     with annotate("solve+mix"):
@@ -386,8 +443,11 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     with annotate("commit"):
         commit_window(st.xw, x_new, res.g, delta, n_commit, st.k0, p.init, st.model_in, p.extrapolate, p.coords)
     solver.shift(delta)
-    if st.secant is not None:
-        slide_secant(st.secant, delta)
+    if st.secants is not None:
+        slide = RowSlide(delta, width)
+        st.secants.slide(slide)
+        if st.secant is not None:
+            slide.apply(st.secant, 1.0)
     st.k0.add_(delta)
     st.rounds.add_(active.any())
 

@@ -278,9 +278,9 @@ class ParallelSampler:
         tol: stopping tolerance (> 0; default 1e-3). ``stop="x0"`` (default): x0's relative
             error against the sequential sampler, ``||x0 - x0_seq|| <= tol max(||x0_seq||, 1e-3 ||x_T||)`` (the
             floor: below a thousandth of x_T, both chains' rounding is a sizeable part of x0) — to first order in
-            the residuals, with each step's gain estimated from the latents' norms: an estimate,
-            not a proof (:func:`deqkern.ops.reference.x0_accepted_rows`; checked by
-            ``tests/test_x0_bound.py`` and bench/solver_studies.py stopping-x0).
+            the residuals, with each step's gain measured by secants between rounds (docs/math.md
+            §4.3): an estimate, not a proof (:func:`deqkern.ops.reference.x0_accepted_rows`; checked
+            by ``tests/test_x0_bound.py`` and bench/solver_studies.py stopping-x0, budget).
             ``stop="relative"``: a row passes when ``||G(x) - x|| <= tol ||G(x)||``;
             ``stop="noise"`` (ParaDiGMS): when ``||G(x) - x||^2 / (D var_k) <= tol^2`` with
             ``var_k`` the step's posterior variance. These two bound residuals, not x0's error:

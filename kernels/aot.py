@@ -36,6 +36,7 @@ from deqkern.kernels._launch import (
     MAX_BLOCK_D, MAX_BLOCK_W, MIN_BLOCK_D, SCAN_STAGES, next_pow2, num_warps_for, scan_block_d,
 )
 from deqkern.kernels.round_status import STOP_CODES
+from deqkern.ops.reference import SECANT_SAFETY
 
 ARCHS = (80, 90)
 #: Scalar arguments typed by name: sizes and element strides are 32-bit integers, as the JIT passes
@@ -119,8 +120,10 @@ def _status_config(acc: str, stop: str, block: int) -> Config:
         "round_status", "_round_status_kernel", f"{acc} stop={stop} BLOCK_W={block}",
         pointers={"f_ptr": acc, "g_ptr": acc, "bad_ptr": acc, "t_ptr": "i64", "nrows_ptr": "i64", "k0_ptr": "i64",
                   "rounds_ptr": "i64", "var_ptr": "fp64", "delta_ptr": "i64", "worst_ptr": "fp64", "log_ptr": "fp64",
-                  "done_ptr": "i64", "badt_ptr": "i64", "mult_ptr": acc, "spent_ptr": "fp64"},
-        constexprs={"STOP": STOP_CODES[stop], "ACC": tl.float64 if acc == "fp64" else tl.float32, "BLOCK_W": block},
+                  "done_ptr": "i64", "badt_ptr": "i64", "mult_ptr": acc, "spent_ptr": "fp64", "gain_ptr": "fp64",
+                  "dev_ptr": "fp64"},
+        constexprs={"STOP": STOP_CODES[stop], "ACC": tl.float64 if acc == "fp64" else tl.float32, "BLOCK_W": block,
+                    "SAFETY": SECANT_SAFETY},
         num_warps=num_warps_for(block),
         unit=("stride_t_j", "stride_nrows_b", "stride_k0_b", "stride_delta_b", "stride_worst_b", "stride_log_b",
               "stride_done_b", "stride_badt_r"),

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from deqkern.kernels._launch import acc_dtype, check_tensor, num_warps_for, on_device, pick_block, status_block_w
+from deqkern.ops.reference import SECANT_SAFETY
 
 #: ``STOP`` of each stopping rule of :data:`deqkern.engine.StopRule`.
 STOP_CODES = {"relative": 0, "noise": 1, "x0": 2}
@@ -26,14 +27,35 @@ def _sqrt_ratio(num, den, F64: tl.constexpr):
 
 
 @triton.jit
+def _next_step(g_row, mult_row, gain_row, dev_row, stride_g_j, stride_mult_j, stride_gain_j, stride_dev_j, j, n,
+               tiny, SAFETY: tl.constexpr):
+    """For rows ``j`` of a block, the x0 rule's view of step ``j + 1`` (math: the kernel's
+    docstring): ``(live, ||G_{j+1}||, k_{j+1}, r_{j+1})``, with ``r`` 0 and ``k`` unused where
+    ``j + 1`` is not live. ``*_row``: the sample's rows of each tensor."""
+    nxt = (j + 1) < n
+    g0 = tl.load(g_row + j * stride_g_j, mask=nxt, other=1.0)
+    g1 = tl.load(g_row + (j + 1) * stride_g_j, mask=nxt, other=1.0)
+    m1 = tl.load(mult_row + (j + 1) * stride_mult_j, mask=nxt, other=0.0).to(tl.float64)
+    gain = tl.load(gain_row + (j + 1) * stride_gain_j, mask=nxt, other=float("nan"))
+    dev = tl.load(dev_row + (j + 1) * stride_dev_j, mask=nxt, other=float("nan"))
+    norm0 = tl.sqrt(tl.maximum(g0, tiny).to(tl.float64))
+    norm1 = tl.sqrt(tl.maximum(g1, tiny).to(tl.float64))
+    h = norm1 / norm0
+    # measured where finite: not NaN and not inf (x - x is NaN for both)
+    k = tl.where((dev - dev) == 0, SAFETY * dev, h + tl.abs(m1))
+    r = tl.where(((gain - gain) == 0) & nxt, tl.maximum(tl.log(gain / h), 0.0), 0.0)
+    return nxt, norm1, k, r
+
+
+@triton.jit
 def _round_status_kernel(
     f_ptr, g_ptr, bad_ptr, t_ptr, nrows_ptr, k0_ptr, rounds_ptr, var_ptr, delta_ptr, worst_ptr, log_ptr, done_ptr,
-    badt_ptr, mult_ptr, spent_ptr,
+    badt_ptr, mult_ptr, spent_ptr, gain_ptr, dev_ptr,
     W, S, D, max_iters: tl.int32, tol: tl.float64,
     stride_f_b, stride_f_j, stride_g_b, stride_g_j, stride_bad_b, stride_bad_j, stride_t_b, stride_t_j,
     stride_nrows_b, stride_k0_b, stride_delta_b, stride_worst_b, stride_log_r, stride_log_b, stride_done_b,
-    stride_badt_r, stride_mult_b, stride_mult_j, stride_spent_b,
-    STOP: tl.constexpr, ACC: tl.constexpr, BLOCK_W: tl.constexpr,
+    stride_badt_r, stride_mult_b, stride_mult_j, stride_spent_b, stride_gain_b, stride_gain_j, stride_dev_b,
+    stride_dev_j, STOP: tl.constexpr, ACC: tl.constexpr, BLOCK_W: tl.constexpr, SAFETY: tl.constexpr,
 ):
     """One program = one sample ``b``: the stopping test of its ``n = n_rows[b]`` live window
     rows (``n = 0``: inactive) from their squared norms ``f = ||G(x) - x||^2``, ``g = ||G(x)||^2``,
@@ -48,8 +70,11 @@ def _round_status_kernel(
     min(lead + 1, n)``. Relative, noise: row ``j`` passes if ``err_j <= tol``. x0 (in fp64; the
     budget :func:`deqkern.ops.reference.x0_accepted_rows`, ``L_j = mult[b, j]``)::
 
-        c_j   = sqrt(f_j) (1 / sqrt(max(g_j, tiny)) + |L_{j+1}| / sqrt(max(g_{j+1}, tiny)))
-                (0 unless j + 1 < n)
+        N_j   = sqrt(max(g_j, tiny)),  h_j = N_j / N_{j-1}
+        k_j   = SAFETY dev[b, j]             where dev[b, j] is finite (measured)
+              = h_j + |L_j|                  elsewhere
+        r_j   = max(log(gain[b, j] / h_j), 0) where gain[b, j] is finite and j < n, else 0
+        c_j   = sqrt(f_j) (k_{j+1} exp(sum_{j+1 < l < n} r_l) / N_{j+1})     (0 unless j + 1 < n)
         pass  : sum_{i <= j} c_i <= max(tol - spent[b], 0) (j + 2) / max(S - k0, 1)
         spent[b] += sum_{i <= delta - 2} c_i                   (nothing if delta < 2)
 
@@ -65,9 +90,10 @@ def _round_status_kernel(
     Pointers: f, g, bad ``[B, W]`` (ACC); t ``[B, W]`` int64; n_rows, k0, delta, done ``[B]``
     int64; rounds ``()`` int64; var ``[S]`` fp64 (read only by the noise rule); worst ``[B]``
     fp64; log ``[max_iters + 1, B]`` fp64; badt ``[max_iters + 1]`` int64; mult ``[B, W]``
-    (any float dtype; read by x0); spent ``[B]`` fp64 (read and written by x0). Grid ``(B,)``; the
-    window in blocks of ``BLOCK_W``. Memory: reads 4 B W values, writes 4 B — launch-bound by
-    design: it replaces small ops, not bandwidth.
+    (any float dtype; read by x0); spent ``[B]`` fp64 (read and written by x0); gain, dev ``[B, W]``
+    fp64 (the steps' secants, read by x0). Grid ``(B,)``; the window in blocks of ``BLOCK_W``,
+    twice for x0 (the sum of ``r`` first). Memory: reads 4 B W values (x0: 9), writes 4 B —
+    launch-bound by design: it replaces small ops, not bandwidth.
     """
     b = tl.program_id(0).to(tl.int64)
     n = tl.load(nrows_ptr + b * stride_nrows_b)
@@ -86,8 +112,17 @@ def _round_status_kernel(
     # the x0 rule: the running sum of row costs, what the freeze pays, the budget spent before
     spend = tl.zeros([], tl.float64)
     paid = tl.zeros([], tl.float64)
+    g_row = g_ptr + b * stride_g_b
+    mult_row = mult_ptr + b * stride_mult_b
+    gain_row = gain_ptr + b * stride_gain_b
+    dev_row = dev_ptr + b * stride_dev_b
+    r_left = tl.zeros([], tl.float64)  # sum of r_l over the rows l not yet passed (x0)
     if STOP == 2:
         spent = tl.load(spent_ptr + b * stride_spent_b)
+        for w0 in range(0, W, BLOCK_W):
+            _, _, _, r = _next_step(g_row, mult_row, gain_row, dev_row, stride_g_j, stride_mult_j, stride_gain_j,
+                                    stride_dev_j, w0 + tl.arange(0, BLOCK_W), n, tiny, SAFETY)
+            r_left += tl.sum(r, axis=0)
     f_sum = tl.zeros([], ACC)
     g_sum = tl.zeros([], ACC)
     worst = tl.zeros([], tl.float64)
@@ -104,12 +139,11 @@ def _round_status_kernel(
         else:
             err = _sqrt_ratio(f, tl.maximum(g, tiny), ACC == tl.float64)
         if STOP == 2:
-            nxt = (j + 1) < n
-            g1 = tl.load(g_ptr + b * stride_g_b + (j + 1) * stride_g_j, mask=nxt, other=1.0)
-            m1 = tl.load(mult_ptr + b * stride_mult_b + (j + 1) * stride_mult_j, mask=nxt, other=0.0).to(tl.float64)
-            inv_g = 1.0 / tl.sqrt(tl.maximum(g, tiny).to(tl.float64))
-            inv_g1 = 1.0 / tl.sqrt(tl.maximum(g1, tiny).to(tl.float64))
-            cost = tl.where(nxt, tl.sqrt(f.to(tl.float64)) * (inv_g + tl.abs(m1) * inv_g1), 0.0)
+            nxt, norm1, k1, r1 = _next_step(g_row, mult_row, gain_row, dev_row, stride_g_j, stride_mult_j,
+                                            stride_gain_j, stride_dev_j, j, n, tiny, SAFETY)
+            after = r_left - tl.cumsum(r1, axis=0)  # sum of r_l over l > j + 1
+            r_left -= tl.sum(r1, axis=0)
+            cost = tl.where(nxt, tl.sqrt(f.to(tl.float64)) * (k1 * tl.exp(after) / norm1), 0.0)
             run = spend + tl.cumsum(cost, axis=0)
             spend += tl.sum(cost, axis=0)
             # (tol - spent) (j + 2) / left, in the reference's order of operations
@@ -146,8 +180,8 @@ def _round_status_kernel(
 def round_status(
     f_sq: torch.Tensor, g_sq: torch.Tensor, nonfinite: torch.Tensor, t: torch.Tensor, n_rows: torch.Tensor,
     k0: torch.Tensor, rounds: torch.Tensor, noise_var: torch.Tensor, worst: torch.Tensor, res_log: torch.Tensor,
-    done_round: torch.Tensor, bad_t: torch.Tensor, mult: torch.Tensor, spent: torch.Tensor, *, stop: str, tol: float,
-    dim: int, block_w: int | None = None,
+    done_round: torch.Tensor, bad_t: torch.Tensor, mult: torch.Tensor, spent: torch.Tensor, gain: torch.Tensor,
+    dev: torch.Tensor, *, stop: str, tol: float, dim: int, block_w: int | None = None,
 ) -> torch.Tensor:
     """:func:`deqkern.ops.reference.round_status` as one kernel; returns ``delta``."""
     if f_sq.ndim != 2:
@@ -173,7 +207,8 @@ def round_status(
     if not mult.is_floating_point():
         raise TypeError(f"mult: expected a floating-point tensor (the scan's multipliers L), got {mult.dtype}")
     for name, v, shape in (("noise_var", noise_var, (steps,)), ("worst", worst, (batch,)),
-                           ("res_log", res_log, (rows, batch)), ("spent", spent, (batch,))):
+                           ("res_log", res_log, (rows, batch)), ("spent", spent, (batch,)),
+                           ("gain", gain, (batch, width)), ("dev", dev, (batch, width))):
         if v.shape != shape or v.dtype != torch.float64 or v.device != f_sq.device:
             raise ValueError(f"{name}: expected float64 of shape {shape} on {f_sq.device}, got {v.dtype} "
                              f"{tuple(v.shape)} on {v.device}")
@@ -182,10 +217,10 @@ def round_status(
     with on_device(f_sq.device):
         _round_status_kernel[(batch,)](
             f_sq, g_sq, nonfinite, t, n_rows, k0, rounds, noise_var, delta, worst, res_log, done_round, bad_t,
-            mult, spent, width, steps, dim, rows - 1, float(tol),
+            mult, spent, gain, dev, width, steps, dim, rows - 1, float(tol),
             *f_sq.stride(), *g_sq.stride(), *nonfinite.stride(), *t.stride(), n_rows.stride(0), k0.stride(0),
             delta.stride(0), worst.stride(0), *res_log.stride(), done_round.stride(0), bad_t.stride(0),
-            *mult.stride(), spent.stride(0),
-            STOP=STOP_CODES[stop], ACC=acc_tl, BLOCK_W=block, num_warps=num_warps_for(block),
+            *mult.stride(), spent.stride(0), *gain.stride(), *dev.stride(),
+            STOP=STOP_CODES[stop], ACC=acc_tl, BLOCK_W=block, SAFETY=SECANT_SAFETY, num_warps=num_warps_for(block),
         )
     return delta

@@ -42,7 +42,7 @@ def test_e2e_graphs_script_on_cpu(tmp_path):
 
 @pytest.mark.skipif(not (ROOT / "bench" / "solver_studies.py").exists(), reason="run from a source checkout")
 @pytest.mark.parametrize("study", ["adjoint-vjp", "ops-per-round", "stopping-rule", "stopping-x0", "tail-chunks",
-                                   "divergence", "euler-coords"])
+                                   "divergence", "euler-coords", "budget"])
 def test_solver_studies_run_quick(tmp_path, study):
     """The studies behind bench/results/README.md, at --quick sizes."""
     studies = _load("solver_studies")
@@ -73,6 +73,9 @@ def test_solver_studies_run_quick(tmp_path, study):
     elif study == "euler-coords":  # both coordinates of each Euler chain, every solve within its bound
         assert {(r["scheduler"], r["coords"]) for r in report["rows"]} >= {("euler", "vp"), ("euler", "ve")}
         assert all(r["converged"] and r["worst_error_over_tol"] <= 1 for r in report["rows"])
+    elif study == "budget":  # the library's defaults keep their bound; the secant check ran on frozen rows
+        assert all(r["worst_error_over_tol"] <= 1 and r["rounds"] >= 1 for r in report["rows"])
+        assert report["secant_check"]["rows"] >= 1
     else:
         assert {(r["stop"], r["tol"]) for r in report["rows"]} == {("relative", 1e-3), ("x0", 1e-3)}
         assert all(len(r["rounds"]) == len(r["worst_error_over_tol"]) == 1 for r in report["rows"])

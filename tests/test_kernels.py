@@ -556,7 +556,18 @@ def _status_inputs(batch, width, steps, max_iters, dtype, gen):
         # multipliers of either sign; budgets spent from none to past the smaller tolerances
         mult=(torch.rand(batch, width, generator=gen, dtype=torch.float64) * 3 - 1.5).to(dtype),
         spent=torch.rand(batch, generator=gen, dtype=torch.float64) * 1e-3,
+        **_secants(batch, width, torch.Generator().manual_seed(gen.initial_seed() + 1)),
     )
+
+
+def _secants(batch, width, gen):
+    """The x0 rule's measured secants on about two thirds of the rows (NaN: none): gains below and
+    above the latents' (``h`` about 1), ``||J - L||`` from far below to above the fallback's 2."""
+    def some(lo, hi):
+        v = torch.exp(torch.empty(batch, width, dtype=torch.float64).uniform_(lo, hi, generator=gen))
+        return torch.where(torch.rand(batch, width, generator=gen) < 0.35, float("nan"), v)
+
+    return {"gain": some(-1, 2), "dev": some(-8, 1)}
 
 
 @pytest.mark.parametrize("stop", ["relative", "noise", "x0"])

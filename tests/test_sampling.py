@@ -111,9 +111,9 @@ def test_secant_form_fits_a_linear_chain_exactly(ddim):
             run_round(p, st, factory(cfg), model, static=False)
         # rows still in the window fitted their step's a_k (positions k0 + j)
         pos = st.k0.unsqueeze(1) + torch.arange(S).unsqueeze(0)
-        fitted = st.secant.valid & (pos < S)
+        fitted = st.secants.valid & (pos < S)
         assert fitted.sum() >= S  # most of the window
-        torch.testing.assert_close(st.secant.mult[fitted], a[pos[fitted]], rtol=1e-10, atol=0)
+        torch.testing.assert_close(st.secant[fitted], a[pos[fitted]], rtol=1e-10, atol=0)
         run_round(p, st, factory(cfg), model, static=False)
         ref = deqkern.sample_sequential(lambda x, t: beta * x, x, sched, return_trajectory=True).trajectory
         drift = deqkern.sample(lambda x, t: beta * x, x, sched.with_form("drift"), "picard", tol=1e-300, max_iters=3)

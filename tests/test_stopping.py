@@ -16,15 +16,16 @@ from deqkern.ops.reference import x0_accepted_rows, x0_row_costs
 
 
 def test_x0_row_costs_by_hand():
-    """``c_j = ||F_j|| (1 / ||G_j|| + |L_{j+1}| / ||G_{j+1}||)``, 0 where row j + 1 is not live:
-    a row before a tiny ``G`` (a shrinking last step) costs a hundredfold more."""
+    """Unmeasured: ``c_j = ||F_j|| (1 / ||G_j|| + |L_{j+1}| / ||G_{j+1}||)``, 0 where row j + 1 is
+    not live: a row before a tiny ``G`` (a shrinking last step) costs a hundredfold more."""
     f_sq = torch.tensor([[1e-6, 4e-6, 1e-6, 9.0]], dtype=torch.float64)
     g_sq = torch.tensor([[1.0, 4.0, 1e-4, 1.0]], dtype=torch.float64)
     mult = torch.tensor([[1.0, -0.5, 1.0, 2.0]], dtype=torch.float64)
     live = torch.tensor([[True, True, True, False]])
+    none = torch.full((1, 4), float("nan"), dtype=torch.float64)
     want = [1e-3 * (1 + 0.5 / 2), 2e-3 * (1 / 2 + 1 / 1e-2), 0.0, 0.0]
-    assert torch.allclose(x0_row_costs(f_sq, g_sq, mult, live)[0], torch.tensor(want, dtype=torch.float64),
-                          rtol=1e-12, atol=0)
+    assert torch.allclose(x0_row_costs(f_sq, g_sq, mult, live, none, none)[0],
+                          torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
 
 
 def test_x0_rule_rows_by_hand():

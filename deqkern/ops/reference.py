@@ -52,21 +52,47 @@ def accepted_rows(passed: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     return torch.minimum(passed.to(torch.int64).cumprod(dim=1).sum(dim=1) + 1, n)
 
 
-def x0_row_costs(f_sq: torch.Tensor, g_sq: torch.Tensor, mult: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+#: Safety factor on a measured ``||J - L||`` (:func:`x0_row_costs`): the secant measures the
+#: step along the last change of its input, the freeze's error runs along the new residual (true
+#: gain up to 2.5x the secant on the digits model; 4 left x0 1.4 tol away there at S = 20, 8 within).
+#: Chosen by bench/solver_studies.py budget.
+SECANT_SAFETY = 8.0
+
+
+def x0_row_costs(
+    f_sq: torch.Tensor, g_sq: torch.Tensor, mult: torch.Tensor, live: torch.Tensor, gain: torch.Tensor,
+    dev: torch.Tensor,
+) -> torch.Tensor:
     """``[B, W]`` float64: what each row's residual costs x0 if the row is frozen, in units of
-    ``||x0||`` (the ``x0`` rule's budget is ``tol``; math: :func:`x0_accepted_rows`)::
+    ``||x0||`` (the ``x0`` rule's budget is ``tol``; math: :func:`x0_accepted_rows`, docs/math.md §4.3)::
 
-        c_j = ||F_j|| (1 / ||G_j|| + |L_{j+1}| / ||G_{j+1}||)      (0 unless row j + 1 is live)
+        c_j = ||F_j|| k_{j+1} exp(sum_{l = j+2}^{n-1} r_l) / ||G_{j+1}||     (0 unless row j + 1 is live)
 
-    ``mult``: ``[B, W]`` the scan's multipliers ``L`` (``coef[..., 0]``, per row).
+    with the latent's gain at step ``l``, ``h_l = ||G_l|| / ||G_{l-1}||``, and the secants of step
+    ``l`` measured between two rounds (:func:`step_secants`)
+
+        k_l = SECANT_SAFETY dev_l                 where dev_l is finite, else h_l + |L_l| (the bound
+                                                  from the latent's gain)
+        r_l = max(log(gain_l / h_l), 0)           where gain_l is finite, else 0 (the latent's gain)
+
+    ``mult``: ``[B, W]`` the scan's multipliers ``L`` (``coef[..., 0]``, per row); ``gain``, ``dev``:
+    ``[B, W]`` float64 the measured ``||J_l dx|| / ||dx||`` and ``||(J_l - L_l) dx|| / ||dx||``
+    (NaN: not measured; the engine passes as ``dev`` of rows not measured yet the schedule's bound
+    with the model's measured gain, :meth:`deqkern.engine.StepSecants.rule_dev`).
     """
-    f = f_sq.to(torch.float64).sqrt()
-    inv_g = 1.0 / g_sq.to(torch.float64).clamp(min=torch.finfo(g_sq.dtype).tiny).sqrt()
-    nxt = torch.zeros_like(inv_g)
-    nxt[:, :-1] = mult[:, 1:].to(torch.float64).abs() * inv_g[:, 1:]
+    tiny = torch.finfo(g_sq.dtype).tiny
+    norm = g_sq.to(torch.float64).clamp(min=tiny).sqrt()
+    h = torch.ones_like(norm)
+    h[:, 1:] = norm[:, 1:] / norm[:, :-1]
+    k = torch.where(torch.isfinite(dev), SECANT_SAFETY * dev, h + mult.to(torch.float64).abs())
+    r = torch.where(torch.isfinite(gain) & live, (gain / h).log().clamp(min=0.0), 0.0)
+    r[:, 0] = 0.0
+    after = r.sum(dim=1, keepdim=True) - r.cumsum(dim=1)  # after[:, l] = sum of r over l' > l
+    row = torch.zeros_like(norm)
+    row[:, :-1] = k[:, 1:] * after[:, 1:].exp() / norm[:, 1:]
     has_next = torch.zeros_like(live)
     has_next[:, :-1] = live[:, 1:]
-    return torch.where(has_next, f * (inv_g + nxt), 0.0)
+    return torch.where(has_next, f_sq.to(torch.float64).sqrt() * row, 0.0)
 
 
 def x0_accepted_rows(
@@ -81,10 +107,14 @@ def x0_accepted_rows(
     ``-sum_{j < d-1} (prod_{l > j+1} J_l) (J_{j+1} - L_{j+1}) F_j``: the first failing row's own
     residual costs nothing (hence "plus one"), and the others' reach x0 through the rest of the
     chain, which may shrink or grow them (prediction types ``sample``/``v_prediction`` shrink x0
-    a hundredfold in their last step while ``J - L`` stays about 1). Estimating each step's gain
-    by how it scales the latent, ``||J_{j+1}|| ~ ||G_{j+1}|| / ||G_j||`` and ``||prod_{l > j+1}
-    J_l|| ~ ||x0|| / ||G_{j+1}||``, with ``|J - L| <= ||J|| + |L|``, row ``j``'s share of x0's
-    error is at most ``c_j ||x0||`` (:func:`x0_row_costs`). The rule keeps ``sum c_j <= tol``
+    a hundredfold in their last step while ``J - L`` stays about 1). Row ``j``'s share of x0's
+    error is thus ``||F_j|| ||(J_{j+1} - L_{j+1})|| ||prod_{l > j+1} J_l||``, which
+    :func:`x0_row_costs` estimates as ``c_j ||x0||`` from the solve's own secants of each step
+    (:func:`step_secants`): the gain of ``J - L`` where measured, and the chain's gain to x0 as
+    the product of the latents' gains ``||G_l|| / ||G_{l-1}||`` (telescoping to ``||x0|| /
+    ||G_{j+1}||``), each raised to the measured step gain where that is larger; an unmeasured
+    ``J - L`` is bounded by ``||J|| + |L|`` with the latent's gain for ``||J||``. The rule keeps
+    ``sum c_j <= tol``
     over every row a sample ever freezes:
 
     * ``spent`` holds the sum so far; a freeze of ``d`` rows may spend ``(tol - spent) d /
@@ -93,9 +123,9 @@ def x0_accepted_rows(
     * the rows frozen: the leading rows ``j`` with ``sum_{i <= j} c_i <= (tol - spent) (j + 2)
       / left``, plus one, at most ``n``.
 
-    Hence ``||x0 - x0_seq|| <= tol ||x0_seq||`` to first order wherever the latents' norms
-    track the chain's gains; the bound as documented (``tol`` of :class:`deqkern.ParallelSampler`)
-    adds a floor, ``tol max(||x0_seq||, 1e-3 ||x_T||)``, for x0 near 0, and is checked on random
+    Hence ``||x0 - x0_seq|| <= tol ||x0_seq||`` to first order wherever the secants (times
+    ``SECANT_SAFETY``) and the latents' gains bound the steps' gains on the frozen errors; the
+    bound as documented (``tol`` of :class:`deqkern.ParallelSampler`) adds a floor, ``tol max(||x0_seq||, 1e-3 ||x_T||)``, for x0 near 0, and is checked on random
     chains by ``tests/test_x0_bound.py``. The rule itself needs no floor: an x0 near 0 makes the
     last rows' costs large, down to one row per round, the sequential chain. ``cost``: ``[B, W]``
     from :func:`x0_row_costs`.
@@ -111,16 +141,35 @@ def x0_accepted_rows(
     return delta
 
 
+def step_secants(
+    x: torch.Tensor, s: torch.Tensor, x_prev: torch.Tensor, s_prev: torch.Tensor, mult: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gain, dev)`` ``[B, W]`` float64: each step's secants between two rounds at one position,
+
+        gain = ||ds|| / ||dx||,    dev = ||ds - L dx|| / ||dx||,    dx = x - x', ds = s - s',
+
+    estimates of ``||J dx|| / ||dx||`` and ``||(J - L) dx|| / ||dx||`` along the input's last change
+    (``s = step(x)``; ``'``: the previous round; ``L`` = ``mult`` ``[B, W]``, the scan's multipliers
+    this round); NaN where the input did not move. ``x``, ``s``, ``x_prev``, ``s_prev``: ``[B, W, D]``.
+    """
+    dx, ds = x - x_prev, s - s_prev
+    norm = lambda v: v.square().sum(-1).to(torch.float64).sqrt()  # noqa: E731
+    den = norm(dx)
+    inv = torch.where(den > 0, 1.0 / den, math.nan)
+    return norm(ds) * inv, norm(ds - mult.to(x.dtype).unsqueeze(-1) * dx) * inv
+
+
 def window_residual(f_sq: torch.Tensor, g_sq: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-    """``[B]`` ``||F|| / ||G(X)||`` over each sample's live rows: the residual history we report."""
-    return ((f_sq * live).sum(1) / (g_sq * live).sum(1).clamp(min=1e-300)).sqrt()
+    """``[B]`` ``||F|| / ||G(X)||`` over each sample's live rows: the residual history we report
+    (dead rows ignored, a non-finite one included: ``where``, not ``* live``, which gives NaN)."""
+    return (torch.where(live, f_sq, 0.0).sum(1) / torch.where(live, g_sq, 0.0).sum(1).clamp(min=1e-300)).sqrt()
 
 
 def round_status(
     f_sq: torch.Tensor, g_sq: torch.Tensor, nonfinite: torch.Tensor, t: torch.Tensor, n_rows: torch.Tensor,
     k0: torch.Tensor, rounds: torch.Tensor, noise_var: torch.Tensor, worst: torch.Tensor, res_log: torch.Tensor,
-    done_round: torch.Tensor, bad_t: torch.Tensor, mult: torch.Tensor, spent: torch.Tensor, *, stop: str,
-    tol: float, dim: int,
+    done_round: torch.Tensor, bad_t: torch.Tensor, mult: torch.Tensor, spent: torch.Tensor, gain: torch.Tensor,
+    dev: torch.Tensor, *, stop: str, tol: float, dim: int,
 ) -> torch.Tensor:
     """A round's stopping test and bookkeeping; returns ``delta`` ``[B]``, the rows each sample
     freezes (math: :func:`deqkern.kernels.round_status._round_status_kernel`).
@@ -135,8 +184,9 @@ def round_status(
     row freezes now) and ``bad_t`` ``[max_iters + 1]`` (at the same row: the largest timestep of
     a live row with a non-finite model output, if larger) and ``spent`` ``[B]`` float64 (the x0
     rule's budget spent so far, :func:`x0_accepted_rows`; other rules leave it). ``mult``:
-    ``[B, W]`` the scan's multipliers ``L`` per row (read by the x0 rule). ``stop``: ``"relative"``, ``"noise"``
-    or ``"x0"``; ``dim``: D, the latent size (noise rule).
+    ``[B, W]`` the scan's multipliers ``L`` per row, ``gain``, ``dev``: ``[B, W]`` float64 the
+    steps' measured secants (NaN: none; :func:`step_secants`), read by the x0 rule. ``stop``:
+    ``"relative"``, ``"noise"`` or ``"x0"``; ``dim``: D, the latent size (noise rule).
     """
     steps, width = noise_var.numel(), f_sq.shape[1]
     live = row_mask(n_rows, width)
@@ -146,7 +196,7 @@ def round_status(
     else:
         err = relative_row_error(f_sq, g_sq)
     if stop == "x0":
-        cost = x0_row_costs(f_sq, g_sq, mult, live)
+        cost = x0_row_costs(f_sq, g_sq, mult, live, gain, dev)
         delta = x0_accepted_rows(cost, live, n_rows, steps - k0, tol, spent)
     else:
         delta = accepted_rows(live & (err <= tol), n_rows)

@@ -1,0 +1,108 @@
+"""The x0 rule's error budget from measured step gains (docs/math.md §4.3, issue 14 item 1).
+
+Oracles: the secants of a linear step are its exact gains; the costs by hand from their formula;
+in a solve, the secants of a linear model's chain are the schedule's ``|J - L|``; a converged
+solve's x0 within the bound of the sequential sampler's (tests/test_x0_bound.py's ``bound_ratio``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from test_x0_bound import bound_ratio
+
+import deqkern
+from deqkern.engine import Problem, SolveState, run_round
+from deqkern.model import ModelEvaluator
+from deqkern.ops.reference import SECANT_SAFETY, step_secants, x0_row_costs
+from deqkern.solvers import get_solver
+
+
+def _ddim(steps: int) -> deqkern.Schedule:
+    ac = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    return deqkern.Schedule.ddim(ac, list(range(999, -1, -(1000 // steps)))[:steps])
+
+
+def test_step_secants_of_a_linear_step_are_its_gains():
+    """``s = a x`` per row: ``gain = |a|``, ``dev = |a - L|`` for any move (float64, 1e-12 relative);
+    a row whose input did not move has no secant (NaN), including an exactly-zero move."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(3, 5, 1, generator=g, dtype=torch.float64)
+    mult = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    x_prev, x = (torch.randn(3, 5, 7, generator=g, dtype=torch.float64) for _ in range(2))
+    x[1, 2] = x_prev[1, 2]
+    gain, dev = step_secants(x, a * x, x_prev, a * x_prev, mult)
+    moved = torch.ones(3, 5, dtype=torch.bool)
+    moved[1, 2] = False
+    torch.testing.assert_close(gain[moved], a[..., 0].abs()[moved], rtol=1e-12, atol=0)
+    torch.testing.assert_close(dev[moved], (a[..., 0] - mult).abs()[moved], rtol=1e-12, atol=0)
+    assert math.isnan(float(gain[1, 2])) and math.isnan(float(dev[1, 2]))
+
+
+def test_x0_row_costs_with_measured_secants_by_hand():
+    """``c_j = ||F_j|| k_{j+1} exp(sum_{l > j+1} r_l) / ||G_{j+1}||``: ``k`` the measured ``dev``
+    times ``SECANT_SAFETY`` (rows 1, 3) or the latent bound ``h + |L|`` (row 2, unmeasured); ``r``
+    the log of a measured gain above the latent's ``h`` (row 3: 3 over 1), 0 where it is below
+    (rows 1, 2) or the row is dead (row 4, whose secants are ignored); the last live row costs 0."""
+    f_sq = torch.tensor([[4e-6, 1e-6, 9e-6, 1e-6, 5.0]], dtype=torch.float64)
+    g_sq = torch.tensor([[1.0, 4.0, 1.0, 1.0, 1.0]], dtype=torch.float64)  # norms 1, 2, 1, 1
+    mult = torch.tensor([[1.0, 1.0, -0.5, 1.0, 1.0]], dtype=torch.float64)
+    live = torch.tensor([[True, True, True, True, False]])
+    nan = float("nan")
+    gain = torch.tensor([[nan, 1.0, 0.25, 3.0, 9.0]], dtype=torch.float64)  # h = 2, 1/2, 1: r = 0, 0, log 3
+    dev = torch.tensor([[nan, 1e-3, nan, 2e-3, 9.0]], dtype=torch.float64)
+    k1, k2, k3 = SECANT_SAFETY * 1e-3, 0.5 + 0.5, SECANT_SAFETY * 2e-3
+    want = [2e-3 * k1 * 3.0 / 2.0, 1e-3 * k2 * 3.0 / 1.0, 3e-3 * k3 / 1.0, 0.0, 0.0]
+    got = x0_row_costs(f_sq, g_sq, mult, live, gain, dev)[0]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def test_solve_measures_the_steps_j_minus_l():
+    """A linear model ``e = c x`` makes every step linear, ``J_k = cx_k + co_k c``: after three
+    rounds, each row that kept its position holds ``gain = |J_k|`` and ``dev = |J_k - 1|`` (drift
+    form) for its position (float64, 1e-9 relative), the model's gain is ``|c|``, and the rule's
+    ``||J - L||`` of the other rows is the schedule's bound with it."""
+    steps, c = 12, 0.7
+    sched = _ddim(steps)
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    p = Problem(
+        coef=sched.packed(dtype=torch.float64), timesteps=sched.timesteps, noise_var=sched.noise_var, noise=None,
+        init=None, transform=sched.transform, shape=x.shape, width=steps, tol=1e-300, stop="x0", max_iters=steps,
+        form="drift",
+    )
+    st = SolveState.start(p, x, return_trajectory=False)
+    cfg, factory = get_solver("picard")
+    with torch.no_grad():
+        for _ in range(3):
+            run_round(p, st, factory(cfg), ModelEvaluator(lambda v, t: c * v), static=False)
+    pos = (st.k0.unsqueeze(1) + torch.arange(steps)).clamp(max=steps - 1)
+    jac = (sched.cx + sched.co * c)[pos]
+    seen = torch.isfinite(st.secants.dev)
+    assert int(seen.sum()) >= steps  # most of both windows
+    torch.testing.assert_close(st.secants.gain[seen], jac[seen].abs(), rtol=1e-9, atol=0)
+    torch.testing.assert_close(st.secants.dev[seen], (jac[seen] - 1).abs(), rtol=1e-9, atol=0)
+    # the model's gain is |c|; rows without a secant get the schedule's bound |cx - L| + |co| |c|
+    torch.testing.assert_close(st.secants.model_gain, torch.full((2,), c, dtype=torch.float64), rtol=1e-9, atol=0)
+    coef = p.coef[pos]
+    bound = (coef[..., 1] - 1).abs() + coef[..., 2].abs() * c
+    rule = st.secants.rule_dev(coef, sched.transform)
+    assert bool((~seen).any())
+    torch.testing.assert_close(rule[~seen], bound[~seen], rtol=1e-12, atol=0)
+    torch.testing.assert_close(rule[seen], st.secants.dev[seen], rtol=0, atol=0)
+
+
+def test_measured_budget_keeps_the_bound_where_the_latent_gain_misleads():
+    """A chain whose latent shrinks a hundredfold in its last step (``prediction_type="sample"``,
+    model ``tanh(0.008 x)``) while ``J - L`` there stays about 1: full and small windows, Picard and
+    Anderson, fresh seeds; every sample converged and within the bound of the sequential x0."""
+    b = torch.linspace(0.0005697633622623655, 0.01451780031411802, 1000, dtype=torch.float64)
+    sched = deqkern.Schedule.ddim(torch.cumprod(1 - b, 0), [795, 600, 357, 250, 196, 192], prediction_type="sample")
+    model = lambda v, t: torch.tanh(0.008 * v)  # noqa: E731
+    for seed in (21, 22):
+        x = torch.randn(3, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        ref = deqkern.sample_sequential(model, x, sched).x0
+        for solver in ("picard", "anderson"):
+            for window in (None, 3):
+                res = deqkern.sample(model, x, sched, solver, tol=1e-3, window=window)
+                assert res.all_converged
+                assert float(bound_ratio(res.x0, ref, x, 1e-3).max()) <= 1.0, (seed, solver, window)
