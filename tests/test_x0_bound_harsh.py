@@ -1,0 +1,144 @@
+"""A harsher fuzz of the ``x0`` stopping rule's contract (issue 10): converged means
+``||x0 - x0_seq|| <= tol * max(||x0_seq||, 1e-3 ||x_T||)`` (:func:`test_x0_bound.bound_ratio` <= 1).
+
+Oracle: the sequential sampler on the same chain, noise and dtype. The chains are sigma-space ones
+with arbitrary log-sigma spacing: each step's ``h = log(sigma_k / sigma_{k+1})`` drawn log-uniform
+over two decades, so neighbouring steps differ up to 100x (the multistep terms' ``1/r0 = h / h0``
+reach 100), a final sigma 0 or anywhere below the last. DPM-Solver multistep (every algorithm, orders
+1 and 2, both solver types, both final-step options, every prediction type) and Euler / Euler
+ancestral (solved in their VP coordinates); elementwise models whose gain ranges from shrinking
+x0 a thousandfold to growing it; float64 and float32; Picard and Anderson; full and small windows.
+
+Measured on the rule with measured step secants: the 400 Euler chains all hold; 31 of the 400 DPM
+chains converge outside the bound, up to 1236x, all with second-order steps (:data:`KNOWN_DPM_BREAKS`,
+strict xfails, and the minimal case in tests/data/x0_rule_harsh_dpm_case.pt).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_x0_bound import bound_ratio
+
+import deqkern
+
+
+def harsh_sigmas(g: torch.Generator, steps: int) -> torch.Tensor:
+    """``[S+1]`` float64 sigmas: ``sigma_0`` in [0.3, 150], step sizes ``h_k`` log-uniform over
+    [1, 100] x a common scale (so a total log range of 1 to ~12), the final sigma 0 (1 in 3) or a
+    random fraction of the last."""
+    u = lambda: float(torch.rand((), generator=g, dtype=torch.float64))  # noqa: E731
+    s0 = 10 ** (-0.5 + 2.7 * u())
+    h = 10 ** (2 * torch.rand(steps - 1, generator=g, dtype=torch.float64))
+    h = h / h.sum() * (1 + 11 * u())
+    sig = s0 * torch.exp(-torch.cat([torch.zeros(1, dtype=torch.float64), h.cumsum(0)]))
+    final = 0.0 if u() < 1 / 3 else float(sig[-1]) * u()
+    return torch.cat([sig, torch.tensor([final], dtype=torch.float64)])
+
+
+def _model(g: torch.Generator):
+    """An elementwise model of gain ``a`` from 1e-3 to ~3, either sign, or a timestep-dependent sine."""
+    u = float(torch.rand((), generator=g, dtype=torch.float64))
+    a = (1.0 if bool(torch.rand((), generator=g) < 0.5) else -1.0) * 10 ** (-3 + 3.5 * u)
+    kind = int(torch.randint(3, (), generator=g))
+    if kind == 0:
+        return lambda x, t: torch.tanh(a * x)
+    if kind == 1:
+        return lambda x, t: a * x
+    return lambda x, t: torch.sin(x + t.to(x.dtype).view(-1, *[1] * (x.ndim - 1)) / 1000)
+
+
+def harsh_case(seed: int, family: str) -> dict:
+    """One random chain of ``family`` ("dpm" or "euler"), model, dtype, solver, window and tol."""
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda seq: seq[int(torch.randint(len(seq), (), generator=g))]  # noqa: E731
+    steps = int(torch.randint(2, 13, (), generator=g))
+    sig = harsh_sigmas(g, steps)
+    ts = torch.randperm(1000, generator=g)[:steps].sort(descending=True).values
+    pred = pick(["epsilon", "sample", "v_prediction"])
+    if family == "dpm":
+        alg = pick(["dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver"])
+        if sig[-1] == 0 and not alg.endswith("++"):  # diffusers refuses a final sigma 0 there
+            sig[-1] = sig[-2] * 0.5
+        sched = deqkern.Schedule.dpm_solver(
+            sig, ts, algorithm_type=alg, solver_order=pick([1, 2, 2]), solver_type=pick(["midpoint", "heun"]),
+            first_order_final=pick([True, False]), prediction_type=pred)
+        x_scale = float(sig[0])
+    else:
+        sched = deqkern.Schedule.euler(sig, ts, prediction_type=pred, ancestral=pick([False, True]))
+        x_scale = float((sig[0] ** 2 + 1).sqrt())
+    model = _model(g)
+    dtype = pick([torch.float64, torch.float32])
+    tol = pick([1e-2, 1e-3, 1e-4] if dtype == torch.float64 else [1e-2, 1e-3])
+    x = torch.randn(2, 6, generator=g, dtype=dtype) * x_scale
+    noise = torch.randn(steps, 2, 6, generator=g, dtype=dtype) if sched.is_stochastic else None
+    window = pick([None, 1 + int(torch.randint(max(steps - 1, 1), (), generator=g))])
+    return dict(model=model, x=x, sched=sched, noise=noise, tol=tol, window=window, solver=pick(["picard", "anderson"]))
+
+
+def run_case(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(bound_ratio [B], converged [B])`` of the parallel solve against the sequential one."""
+    ref = deqkern.sample_sequential(case["model"], case["x"], case["sched"], case["noise"]).x0
+    res = deqkern.sample(case["model"], case["x"], case["sched"], case["solver"], tol=case["tol"],
+                         window=case["window"], noise=case["noise"])
+    return bound_ratio(res.x0, ref, case["x"], case["tol"]), res.converged
+
+
+#: DPM seeds (of ``range(4 * PER_BLOCK)``) whose converged x0 is outside the bound on the current rule
+#: (measured: 31 of 400, 1.04x to 1236x (seed 78); every one has second-order steps, 30 of them a step
+#: 2.5-70x longer than the one before it, ``1/r0 = h / h0``; no first-order chain broke). Checked as a
+#: strict xfail below, so a fix shows up.
+KNOWN_DPM_BREAKS = (17, 23, 25, 34, 63, 65, 69, 74, 77, 78, 86, 135, 143, 156, 159, 186, 210, 218, 232, 236, 254,
+                    274, 284, 292, 303, 331, 332, 335, 346, 359, 391)
+#: Seeds per test block; 4 blocks per family.
+PER_BLOCK = 100
+
+
+def _check(seeds, family: str) -> None:
+    for seed in seeds:
+        ratio, converged = run_case(harsh_case(seed, family))
+        assert bool(converged.all()), f"{family} seed {seed}: not converged within S rounds"
+        assert float(ratio.max()) <= 1.0, f"{family} seed {seed}: x0 {float(ratio.max()):.3g} x the bound away"
+
+
+@pytest.mark.parametrize("block", range(4))
+def test_euler_chains_within_bound(block):
+    """400 harsh Euler / Euler-ancestral chains (100 per block), in their VP coordinates: every sample
+    converged (default ``max_iters`` S) and within the bound."""
+    _check(range(PER_BLOCK * block, PER_BLOCK * (block + 1)), "euler")
+
+
+@pytest.mark.parametrize("block", range(4))
+def test_dpm_chains_within_bound(block):
+    """400 harsh DPM-Solver chains (100 per block) but the 31 known breaks: every sample converged and
+    within the bound."""
+    seeds = range(PER_BLOCK * block, PER_BLOCK * (block + 1))
+    _check([s for s in seeds if s not in KNOWN_DPM_BREAKS], "dpm")
+
+
+@pytest.mark.xfail(strict=True, reason="issue 10: second-order DPM steps after a much shorter step break the bound")
+@pytest.mark.parametrize("seed", KNOWN_DPM_BREAKS)
+def test_dpm_known_breaks_within_bound(seed):
+    """The chains of :data:`KNOWN_DPM_BREAKS`: each converged and within the bound (fails today)."""
+    _check([seed], "dpm")
+
+
+@pytest.mark.xfail(strict=True, reason="issue 10: second-order DPM steps after a much shorter step break the bound")
+def test_minimal_dpm_break():
+    """The smallest break found: DPM-Solver++ 2M (midpoint, v_prediction), S = 4, sigmas 3.13, 0.329,
+    0.282, 0.058, 0 (h = 2.25, 0.154, 1.58: the third step, second order, has ``1/r0 = h / h0`` = 10.3),
+    a linear model ``-0.00174 x``, float64, one sample of D = 4, full window. Picard and Anderson both
+    stop after 2 rounds with ``converged=True``, measured 9.55x the bound at ``tol`` 1e-3 (and 0.95x at
+    1e-2: the same error)."""
+    case = torch.load(Path(__file__).parent / "data" / "x0_rule_harsh_dpm_case.pt", weights_only=False)
+    sched = deqkern.Schedule.dpm_solver(
+        case["sigmas"], case["timesteps"], algorithm_type=case["algorithm_type"], solver_order=case["solver_order"],
+        solver_type=case["solver_type"], prediction_type=case["prediction_type"])
+    gain, x, tol = case["gain"], case["x"], case["tol"]
+    model = lambda v, t: gain * v  # noqa: E731
+    ref = deqkern.sample_sequential(model, x, sched).x0
+    for solver in ("picard", "anderson"):
+        res = deqkern.sample(model, x, sched, solver, tol=tol)
+        assert res.all_converged, solver
+        assert float(bound_ratio(res.x0, ref, x, tol).max()) <= 1.0, solver
