@@ -87,8 +87,9 @@ def run_case(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 #: DPM seeds (of ``range(4 * PER_BLOCK)``) whose converged x0 is outside the bound on the current rule
 #: (measured: 31 of 400, 1.04x to 1236x (seed 78); every one has second-order steps, 30 of them a step
-#: 2.5-70x longer than the one before it, ``1/r0 = h / h0``; no first-order chain broke). Checked as a
-#: strict xfail below, so a fix shows up.
+#: 2.5-70x longer than the one before it, ``1/r0 = h / h0``; no first-order chain broke). The rule
+#: before the measured secants held all 400: where a row's ``dev`` is measured, x0_row_costs uses it
+#: in place of engine.x0_multipliers' multistep terms. Checked as a strict xfail below, so a fix shows up.
 KNOWN_DPM_BREAKS = (17, 23, 25, 34, 63, 65, 69, 74, 77, 78, 86, 135, 143, 156, 159, 186, 210, 218, 232, 236, 254,
                     274, 284, 292, 303, 331, 332, 335, 346, 359, 391)
 #: Seeds per test block; 4 blocks per family.
