@@ -32,7 +32,7 @@ from deqkern.errors import NonFiniteModelOutput
 from deqkern.graphs import ChunkRunner, snapshot, state_tensors
 from deqkern.model import ModelEvaluator
 from deqkern.ops import ScanResult, commit_window, round_status, scan_residual
-from deqkern.ops.reference import carry_converted, step_secants
+from deqkern.ops.reference import SECANT_SAFETY, carry_converted, step_secants
 from deqkern.ops.window import RowSlide
 from deqkern.schedule import Form, X0Transform
 from deqkern.solvers import Solver, get_solver
@@ -416,6 +416,9 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     with annotate("status"):
         # the stopping test, the rows to freeze, the logs and SolveState.worst/done_round/bad_t/spent
         mult = x0_multipliers(p, coef, pos, res, st.xw[:, 0])
+        if p.x0_extra is not None and st.secants is not None:
+            # a secant measures the step through its own row only: keep what a second-order step adds
+            dev = dev + (mult.to(torch.float64).abs() - coef[..., 0].to(torch.float64).abs()) / SECANT_SAFETY
         delta = round_status(res.f_sq, res.g_sq, res.nonfinite, t, n_ok, st.k0, st.rounds, p.noise_var, st.worst,
                              st.res_log, st.done_round, st.bad_t, mult, st.spent, gain, dev, stop=p.stop,
                              tol=p.tol, dim=dim)

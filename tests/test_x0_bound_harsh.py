@@ -9,9 +9,10 @@ reach 100), a final sigma 0 or anywhere below the last. DPM-Solver multistep (ev
 ancestral (solved in their VP coordinates); elementwise models whose gain ranges from shrinking
 x0 a thousandfold to growing it; float64 and float32; Picard and Anderson; full and small windows.
 
-Measured on the rule with measured step secants: the 400 Euler chains all hold; 31 of the 400 DPM
-chains converge outside the bound, up to 1236x, all with second-order steps (:data:`KNOWN_DPM_BREAKS`,
-strict xfails, and the minimal case in tests/data/x0_rule_harsh_dpm_case.pt).
+All 800 chains hold. When the x0 rule first measured step secants, 31 of the 400 DPM chains
+converged outside the bound, up to 1236x, all with second-order steps (a secant sees a step through
+its own row only; the engine now adds the second-order terms of engine.x0_multipliers to it): the
+minimal such case is tests/data/x0_rule_harsh_dpm_case.pt (:func:`test_minimal_dpm_break`).
 """
 from __future__ import annotations
 
@@ -85,13 +86,6 @@ def run_case(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return bound_ratio(res.x0, ref, case["x"], case["tol"]), res.converged
 
 
-#: DPM seeds (of ``range(4 * PER_BLOCK)``) whose converged x0 is outside the bound on the current rule
-#: (measured: 31 of 400, 1.04x to 1236x (seed 78); every one has second-order steps, 30 of them a step
-#: 2.5-70x longer than the one before it, ``1/r0 = h / h0``; no first-order chain broke). The rule
-#: before the measured secants held all 400: where a row's ``dev`` is measured, x0_row_costs uses it
-#: in place of engine.x0_multipliers' multistep terms. Checked as a strict xfail below, so a fix shows up.
-KNOWN_DPM_BREAKS = (17, 23, 25, 34, 63, 65, 69, 74, 77, 78, 86, 135, 143, 156, 159, 186, 210, 218, 232, 236, 254,
-                    274, 284, 292, 303, 331, 332, 335, 346, 359, 391)
 #: Seeds per test block; 4 blocks per family.
 PER_BLOCK = 100
 
@@ -112,26 +106,17 @@ def test_euler_chains_within_bound(block):
 
 @pytest.mark.parametrize("block", range(4))
 def test_dpm_chains_within_bound(block):
-    """400 harsh DPM-Solver chains (100 per block) but the 31 known breaks: every sample converged and
-    within the bound."""
-    seeds = range(PER_BLOCK * block, PER_BLOCK * (block + 1))
-    _check([s for s in seeds if s not in KNOWN_DPM_BREAKS], "dpm")
+    """400 harsh DPM-Solver chains (100 per block): every sample converged and within the bound
+    (31 of them broke it, up to 1236x, before the secants kept the second-order terms)."""
+    _check(range(PER_BLOCK * block, PER_BLOCK * (block + 1)), "dpm")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: second-order DPM steps after a much shorter step break the bound")
-@pytest.mark.parametrize("seed", KNOWN_DPM_BREAKS)
-def test_dpm_known_breaks_within_bound(seed):
-    """The chains of :data:`KNOWN_DPM_BREAKS`: each converged and within the bound (fails today)."""
-    _check([seed], "dpm")
-
-
-@pytest.mark.xfail(strict=True, reason="issue 10: second-order DPM steps after a much shorter step break the bound")
 def test_minimal_dpm_break():
-    """The smallest break found: DPM-Solver++ 2M (midpoint, v_prediction), S = 4, sigmas 3.13, 0.329,
+    """The smallest break found on the rule that dropped the second-order terms where it had a
+    secant (now within the bound): DPM-Solver++ 2M (midpoint, v_prediction), S = 4, sigmas 3.13, 0.329,
     0.282, 0.058, 0 (h = 2.25, 0.154, 1.58: the third step, second order, has ``1/r0 = h / h0`` = 10.3),
     a linear model ``-0.00174 x``, float64, one sample of D = 4, full window. Picard and Anderson both
-    stop after 2 rounds with ``converged=True``, measured 9.55x the bound at ``tol`` 1e-3 (and 0.95x at
-    1e-2: the same error)."""
+    stopped after 2 rounds with ``converged=True``, measured 9.55x the bound at ``tol`` 1e-3."""
     case = torch.load(Path(__file__).parent / "data" / "x0_rule_harsh_dpm_case.pt", weights_only=False)
     sched = deqkern.Schedule.dpm_solver(
         case["sigmas"], case["timesteps"], algorithm_type=case["algorithm_type"], solver_order=case["solver_order"],
