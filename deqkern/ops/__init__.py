@@ -6,10 +6,11 @@ import; everything else uses :mod:`deqkern.ops.reference`. Same results, same AP
 from deqkern.ops.dispatch import (
     anderson_mix, anderson_weights, backend_for, commit_window, round_status, scan_residual,
 )
-from deqkern.ops.reference import ScanResult
+# ops with no kernel of their own (the multistep carry, the x0 rule's secants): the reference's
+from deqkern.ops.reference import SECANT_SAFETY, ScanResult, carry_converted, step_secants
 from deqkern.ops.window import row_mask, step_rows
 
 __all__ = [
-    "ScanResult", "anderson_mix", "anderson_weights", "backend_for", "commit_window", "round_status", "row_mask",
-    "scan_residual", "step_rows",
+    "SECANT_SAFETY", "ScanResult", "anderson_mix", "anderson_weights", "backend_for", "carry_converted",
+    "commit_window", "round_status", "row_mask", "scan_residual", "step_rows", "step_secants",
 ]
