@@ -150,3 +150,16 @@ def test_kernel_strides_have_full_names():
             short = [a for a in args if a.startswith("s_")]
             assert not short, (name, fn.name, short)
             assert all(a.count("_") >= 2 for a in args if a.startswith("stride")), (name, fn.name)
+
+
+def test_every_subpackage_ships_in_the_wheel():
+    """pyproject.toml lists its packages by name: every folder of deqkern with an ``__init__.py``
+    must be there, or the installed wheel cannot import it (as deqkern.pipelines once could not)."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]  # the source checkout (PACKAGE may be the installed copy)
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    source = root / "deqkern"
+    found = {"deqkern." + str(p.parent.relative_to(source)).replace("/", ".") for p in source.rglob("__init__.py")
+             if p.parent != source}
+    assert found - {"deqkern.kernels"} <= listed, sorted(found - listed)
