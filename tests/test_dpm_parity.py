@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import rel_err, tiny_unet
 from test_kernels import RTOL_ROWS, RTOL_SUMS, _scan_inputs, check, dev, f64, ops, poisoned_allocations  # noqa: F401
-from test_schedulers_parity import model
+from test_schedulers_parity import check_parallel_within_bound, check_unet_against_diffusers_loop, model
 from test_x0_bound import bound_ratio
 
 import deqkern
@@ -128,15 +128,7 @@ def test_parallel_within_bound(cfg, kw, steps):
     """Picard and Anderson, full window and window 3, eager and static: x0 within the x0 rule's
     bound (the window's first row reads the frozen row before it: SolveState.prev_u)."""
     s, x_T, _, noise = _case(cfg, kw, steps)
-    seq = deqkern.sample_sequential(model, x_T, s, noise=noise, execution="eager").x0
-    for solver in ("picard", "anderson"):
-        for window in (None, 3):
-            for execution in ("eager", "static"):
-                res = deqkern.sample(model, x_T, s, solver=solver, tol=PARALLEL_TOL, window=window, noise=noise,
-                                     execution=execution)
-                where = (solver, window, execution)
-                assert bool(res.converged.all()), where
-                assert float(bound_ratio(res.x0, seq, x_T, PARALLEL_TOL).max()) <= 1.0, where
+    check_parallel_within_bound(model, x_T, s, noise, PARALLEL_TOL)
 
 
 @pytest.mark.parametrize("form", ["drift", "scan", "secant"])
@@ -184,18 +176,7 @@ def test_tiny_unet_dpm_solver_pp_2m():
     DDIM/DDPM chain tests' bound) and the parallel solve within its bound."""
     unet = tiny_unet()
     cfg = dict(use_karras_sigmas=True, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    s = deqkern.Schedule.from_diffusers(_make(cfg), STEPS)
-    sched = _make(cfg)
-    sched.set_timesteps(STEPS)
-    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4)) * float(sched.init_noise_sigma)
-    x = x_T.clone()
-    with torch.no_grad():
-        for t in sched.timesteps:
-            x = sched.step(unet(sched.scale_model_input(x, t), t).sample, t, x).prev_sample
-        seq = deqkern.sample_sequential(unet, x_T, s, execution="eager")
-        par = deqkern.sample(unet, x_T, s, solver="anderson", tol=1e-3, window=4)
-    assert rel_err(seq.x0, x) < 2e-5
-    assert bool(par.converged.all()) and float(bound_ratio(par.x0, seq.x0, x_T, 1e-3).max()) <= 1.0
+    check_unet_against_diffusers_loop(unet, _make(cfg), deqkern.Schedule.from_diffusers(_make(cfg), STEPS))
 
 
 @pytest.mark.parametrize(

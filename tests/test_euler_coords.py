@@ -16,8 +16,7 @@ import pytest
 import torch
 from conftest import rel_err
 from test_kernels import RTOL_ROWS, RTOL_SUMS, check, dev, f64, ops, poisoned_allocations  # noqa: F401
-from test_schedulers_parity import _make, model
-from test_x0_bound import bound_ratio
+from test_schedulers_parity import _make, check_parallel_within_bound, model
 
 import deqkern
 from deqkern.engine import Problem, SolveState
@@ -135,15 +134,7 @@ def test_parallel_within_bound(cls_name, cfg):
     """Picard and Anderson, full window and window 3, eager and static: converged, x0 within the x0
     rule's bound of the sequential sampler's."""
     s, x_T, noise = _case(cls_name, cfg, seed=1)
-    seq = deqkern.sample_sequential(model, x_T, s, noise=noise, execution="eager").x0
-    for solver in ("picard", "anderson"):
-        for window in (None, 3):
-            for execution in ("eager", "static"):
-                res = deqkern.sample(model, x_T, s, solver=solver, tol=PARALLEL_TOL, window=window, noise=noise,
-                                     execution=execution)
-                where = (solver, window, execution)
-                assert bool(res.converged.all()), where
-                assert float(bound_ratio(res.x0, seq, x_T, PARALLEL_TOL).max()) <= 1.0, where
+    check_parallel_within_bound(model, x_T, s, noise, PARALLEL_TOL)
 
 
 @pytest.mark.parametrize("cls_name,cfg", [CHAINS[0], CHAINS[3]])

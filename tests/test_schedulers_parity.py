@@ -138,6 +138,35 @@ def _case(cls_name: str, cfg: dict, kw: dict, seed: int = 0):
     return s, x_T, ref, noise
 
 
+
+def check_parallel_within_bound(m, x_T, s, noise, tol) -> None:
+    """Picard and Anderson, full window and window 3, eager and static: every sample converged, x0
+    within the x0 rule's bound (:func:`test_x0_bound.bound_ratio`) of the sequential sampler's."""
+    seq = deqkern.sample_sequential(m, x_T, s, noise=noise, execution="eager").x0
+    for solver in ("picard", "anderson"):
+        for window in (None, 3):
+            for execution in ("eager", "static"):
+                res = deqkern.sample(m, x_T, s, solver=solver, tol=tol, window=window, noise=noise,
+                                     execution=execution)
+                where = (solver, window, execution)
+                assert bool(res.converged.all()), where
+                assert float(bound_ratio(res.x0, seq, x_T, tol).max()) <= 1.0, where
+
+
+def check_unet_against_diffusers_loop(unet, sched, s) -> None:
+    """A real diffusers model through ``sched``'s own loop (``scale_model_input``, ``step``) equals
+    deqkern's sequential sampler of ``s`` (float32: 2e-5), and the parallel solve lands within its bound."""
+    sched.set_timesteps(s.num_steps)
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4)) * float(sched.init_noise_sigma)
+    x = x_T.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(unet(sched.scale_model_input(x, t), t).sample, t, x).prev_sample
+        seq = deqkern.sample_sequential(unet, x_T, s, execution="eager")
+        par = deqkern.sample(unet, x_T, s, solver="anderson", tol=1e-3, window=4)
+    assert rel_err(seq.x0, x) < 2e-5
+    assert bool(par.converged.all()) and float(bound_ratio(par.x0, seq.x0, x_T, 1e-3).max()) <= 1.0
+
 @pytest.mark.parametrize("cls_name,cfg,kw", CASES, ids=lambda v: str(v) if isinstance(v, dict) else v)
 def test_sequential_equals_diffusers_loop(cls_name, cfg, kw):
     s, x_T, ref, noise = _case(cls_name, cfg, kw)
@@ -152,16 +181,7 @@ def test_sequential_equals_diffusers_loop(cls_name, cfg, kw):
 def test_parallel_within_bound(cls_name, cfg, kw):
     """Picard and Anderson, full window and window 3, eager and static: x0 within the x0 rule's bound."""
     s, x_T, _, noise = _case(cls_name, cfg, kw)
-    noise = noise if s.is_stochastic else None
-    seq = deqkern.sample_sequential(model, x_T, s, noise=noise, execution="eager").x0
-    for solver in ("picard", "anderson"):
-        for window in (None, 3):
-            for execution in ("eager", "static"):
-                res = deqkern.sample(model, x_T, s, solver=solver, tol=PARALLEL_TOL, window=window, noise=noise,
-                                     execution=execution)
-                where = (solver, window, execution)
-                assert bool(res.converged.all()), where
-                assert float(bound_ratio(res.x0, seq, x_T, PARALLEL_TOL).max()) <= 1.0, where
+    check_parallel_within_bound(model, x_T, s, noise if s.is_stochastic else None, PARALLEL_TOL)
 
 
 def test_model_receives_the_loops_inputs():
@@ -192,17 +212,7 @@ def test_tiny_unet_euler_float_timesteps():
     DDIM/DDPM chain tests' bound), and the parallel solve within its bound."""
     unet = tiny_unet()
     sched = _make("EulerDiscreteScheduler", dict(prediction_type="v_prediction"))
-    s = deqkern.Schedule.from_diffusers(sched, STEPS)
-    sched.set_timesteps(STEPS)
-    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4)) * float(sched.init_noise_sigma)
-    x = x_T.clone()
-    with torch.no_grad():
-        for t in sched.timesteps:
-            x = sched.step(unet(sched.scale_model_input(x, t), t).sample, t, x).prev_sample
-        seq = deqkern.sample_sequential(unet, x_T, s, execution="eager")
-        par = deqkern.sample(unet, x_T, s, solver="anderson", tol=1e-3, window=4)
-    assert rel_err(seq.x0, x) < 2e-5
-    assert bool(par.converged.all()) and float(bound_ratio(par.x0, seq.x0, x_T, 1e-3).max()) <= 1.0
+    check_unet_against_diffusers_loop(unet, sched, deqkern.Schedule.from_diffusers(sched, STEPS))
 
 
 @pytest.mark.parametrize(
