@@ -233,17 +233,15 @@ class StepSecants:
         self.valid.copy_(live)
         return dx, ds, valid
 
-    def rule_dev(self, coef: torch.Tensor, transform: X0Transform) -> torch.Tensor:
+    def rule_dev(self, coef: torch.Tensor) -> torch.Tensor:
         """``[B, W]`` float64 the ``||J - L||`` the x0 rule uses: the measured secant ``dev``, and
         on rows not measured yet (rows entering the window) the schedule's bound with the model's
-        gain measured on the others, ``|cx - L| + |co| model_gain`` (steps without an x0 transform;
-        with one, or before any measurement: NaN, the rule's latent-gain bound). On the digits
+        gain measured on the others, ``|cx - L| + |co| model_gain`` (before any measurement: NaN,
+        the rule's latent-gain bound; chains with an x0 transform use no secants, see run_round). On the digits
         model, DDIM S = 1000 window 10, the true ``||(J - L) F|| / ||F||`` at rows frozen this way
         was at most 1.8 times it near x0 (bench/solver_studies.py budget); lending such rows the
         window's largest measured ``dev`` instead missed it up to 760x there (``J - L`` grows
         toward x0 with ``co``) and x0's bound 2.6x."""
-        if transform.kind != "none":
-            return self.dev
         c = coef.to(torch.float64)
         bound = (c[..., 1] - c[..., 0]).abs() + c[..., 2].abs() * self.model_gain.unsqueeze(1)
         return torch.where(torch.isfinite(self.dev), self.dev, bound)
@@ -415,7 +413,7 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     # a clip or threshold bends the step: a secant across its kink can miss J (test_contract found a
     # clipped DDPM chain 2.8x outside the bound), so such chains keep the latent-gain bound
     if st.secants is not None and p.transform.kind == "none":
-        gain, dev = st.secants.gain, st.secants.rule_dev(coef, p.transform)
+        gain, dev = st.secants.gain, st.secants.rule_dev(coef)
     with annotate("status"):
         # the stopping test, the rows to freeze, the logs and SolveState.worst/done_round/bad_t/spent
         mult = x0_multipliers(p, coef, pos, res, st.xw[:, 0])

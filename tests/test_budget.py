@@ -85,7 +85,7 @@ def test_solve_measures_the_steps_j_minus_l():
     torch.testing.assert_close(st.secants.model_gain, torch.full((2,), c, dtype=torch.float64), rtol=1e-9, atol=0)
     coef = p.coef[pos]
     bound = (coef[..., 1] - 1).abs() + coef[..., 2].abs() * c
-    rule = st.secants.rule_dev(coef, sched.transform)
+    rule = st.secants.rule_dev(coef)
     assert bool((~seen).any())
     torch.testing.assert_close(rule[~seen], bound[~seen], rtol=1e-12, atol=0)
     torch.testing.assert_close(rule[seen], st.secants.dev[seen], rtol=0, atol=0)
