@@ -221,10 +221,12 @@ def stopping_x0(quick: bool) -> dict[str, Any]:
                     "evaluations", "rows": rows}
 
 
-def _secant_check(unet, schedule, x: torch.Tensor, window: int | None, rounds: int) -> list[float]:
-    """For every row the x0 rule freezes (but the last) in the first ``rounds`` rounds, the true
+def _secant_check(unet, schedule, x: torch.Tensor, window: int | None, rounds: int, lent: bool = False,
+                  first: int = 0) -> list[float]:
+    """For every row the x0 rule freezes (but the last) in rounds ``first .. rounds - 1``, the true
     ``||(J - L) F|| / ||F||`` of the step after it (central differences of the step, float64 model)
-    over the secant ``dev`` the rule used; rows without a secant are left out."""
+    over the ``dev`` the rule used: rows with a secant of their own, or with ``lent`` the rows that
+    borrowed it (:meth:`deqkern.engine.StepSecants.rule_dev`)."""
     import copy
 
     import deqkern.engine as engine
@@ -245,14 +247,16 @@ def _secant_check(unet, schedule, x: torch.Tensor, window: int | None, rounds: i
 
     def spy_measure(self, xw, g, coef, live):
         seen.update(xw=xw.clone(), g=g.clone(), mult=coef[..., 0].clone())
-        return measure(self, xw, g, coef, live)
+        moves = measure(self, xw, g, coef, live)
+        seen["own"] = torch.isfinite(self.dev)
+        return moves
 
     def spy_status(*args, **kw):
         k0, rnd, dev = args[5], int(args[6]), args[15].clone()
         delta = status(*args, **kw)
-        for b in range(k0.shape[0] if rnd < rounds else 0):
+        for b in range(k0.shape[0] if first <= rnd < rounds else 0):
             for j in range(int(delta[b]) - 1):
-                if not math.isfinite(float(dev[b, j + 1])):
+                if not math.isfinite(float(dev[b, j + 1])) or bool(seen["own"][b, j + 1]) == lent:
                     continue
                 xin, pos = seen["xw"][b, j + 1].double(), int(k0[b]) + j + 1
                 f = seen["g"][b, j].double() - xin
@@ -583,10 +587,94 @@ def euler_coords(quick: bool) -> dict[str, Any]:
             "rows": rows}
 
 
+def _triangle_rule_dev(self, coef: torch.Tensor) -> torch.Tensor:
+    """The lend before the study below: unmeasured rows took ``|cx - L| + |co| max ||E dx|| / ||dx||``."""
+    c = coef.to(torch.float64)
+    bound = (c[..., 1] - c[..., 0]).abs() + c[..., 2].abs() * self.model_gain.unsqueeze(1)
+    return torch.where(torch.isfinite(self.dev), self.dev, bound)
+
+
+def lend(quick: bool) -> dict[str, Any]:
+    """Rows entering a window have no secant of their own: what the x0 rule lends them
+    (``StepSecants.rule_dev``). Before: the triangle bound ``|cx - L| + |co| ||E||`` with the model's
+    largest measured gain; now ``||(cx - L) dx + co E dx||`` from the model's measured ``E dx``, which
+    keeps the cancellation between the two terms. Issue 14's chains with the library's defaults
+    (batch 8, seed 0): rounds and the worst x0 error over tol under each; and the check of the new
+    lend, the true ``||(J - L) F|| / ||F||`` of frozen rows that borrowed over what they borrowed."""
+    import deqkern.engine as engine
+
+    chains = [("ddim", 12, 4)] if quick else [
+        ("ddim", 100, 10), ("ddim", 100, 25), ("ddim", 100, 5), ("ddim", 1000, 10), ("ddim", 1000, 25)]
+    rows = []
+    new_rule = engine.StepSecants.rule_dev
+    for scheduler, steps, window in chains:
+        unet, sched = _digits(scheduler)
+        schedule = deqkern.Schedule.from_diffusers(sched, steps)
+        x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+        row: dict[str, Any] = {"scheduler": scheduler, "steps": steps, "window": window}
+        with torch.no_grad():
+            ref = deqkern.sample_sequential(unet, x, schedule, execution="eager").x0
+            for name, rule in (("triangle", _triangle_rule_dev), ("measured", new_rule)):
+                engine.StepSecants.rule_dev = rule
+                try:
+                    r = deqkern.sample(unet, x, schedule, window=window, execution="eager")
+                finally:
+                    engine.StepSecants.rule_dev = new_rule
+                row[name] = {"rounds": r.rounds, "converged": r.all_converged,
+                             "worst_error_over_tol": _x0_err(r.x0, ref) / 1e-3}
+        rows.append(row)
+        print(f"{scheduler} S={steps:<4} W={window:<3}: rounds triangle {row['triangle']['rounds']:>3} "
+              f"(x0 error {row['triangle']['worst_error_over_tol']:.2f} tol), measured {row['measured']['rounds']:>3} "
+              f"(x0 error {row['measured']['worst_error_over_tol']:.2f} tol)")
+    unet, sched = _digits()
+    checks = []
+    for steps, window, first, rounds in ([(12, 4, 0, 12)] if quick else [(100, 10, 0, 40), (1000, 10, 85, 200)]):
+        x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+        ratios = sorted(_secant_check(unet, deqkern.Schedule.from_diffusers(sched, steps), x, window, rounds,
+                                      lent=True, first=first))
+        checks.append({"chain": f"ddim S={steps} W={window}, batch 2, rounds {first}-{rounds - 1}", "rows": len(ratios),
+                       "max": ratios[-1] if ratios else None, "median": ratios[len(ratios) // 2] if ratios else None})
+        print(f"lend check {checks[-1]['chain']}: true ||(J - L)F||/||F|| over the lent dev: median "
+              f"{checks[-1]['median']}, max {checks[-1]['max']} ({len(ratios)} frozen rows)")
+    return {"what": "library defaults (x0 rule, tol 1e-3), batch 8, seed 0: rounds and worst x0 error / tol with "
+                    "the triangle lend (before) and the measured one (now); check: true / lent ||J - L|| at frozen "
+                    "rows (SECANT_SAFETY multiplies the lent value)", "command": "python bench/solver_studies.py lend",
+            "rows": rows, "lend_check": checks}
+
+
+def entering(quick: bool) -> dict[str, Any]:
+    """How rows entering a sliding window start (``extrapolate``): a copy of the last computed row
+    (False, ParaDiGMS), the last step continued linearly (True) or the chain stepped with the last
+    model output held (``"model"``); the library's defaults otherwise (x0 rule, tol 1e-3), batch 8,
+    seed 0: rounds and the worst x0 error over tol, DDIM and Euler (VP coordinates)."""
+    chains = [("ddim", 12, 4)] if quick else [
+        ("ddim", 100, 5), ("ddim", 100, 10), ("ddim", 100, 25), ("ddim", 1000, 10), ("euler", 100, 10)]
+    rows = []
+    from deqkern.bench.chains import build_chain, scheduler_config
+
+    unet, sched = _digits()
+    for scheduler, steps, window in chains:
+        conf = scheduler_config(scheduler, dict(sched.config), clip_sample=False)
+        noise = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+        schedule, x = build_chain(scheduler, conf, dict(sched.config), steps, 0.0, noise)
+        row: dict[str, Any] = {"scheduler": scheduler, "steps": steps, "window": window}
+        with torch.no_grad():
+            ref = deqkern.sample_sequential(unet, x, schedule, execution="eager").x0
+            for name, value in (("copy", False), ("linear", True), ("model", "model")):
+                r = deqkern.sample(unet, x, schedule, window=window, execution="eager", extrapolate=value)
+                row[name] = {"rounds": r.rounds, "converged": r.all_converged,
+                             "worst_error_over_tol": _x0_err(r.x0, ref) / 1e-3}
+        rows.append(row)
+        print(f"{scheduler} S={steps:<4} W={window:<3}: rounds " + ", ".join(
+            f"{k} {row[k]['rounds']} ({row[k]['worst_error_over_tol']:.2f} tol)" for k in ("copy", "linear", "model")))
+    return {"what": "library defaults (x0 rule, tol 1e-3) but extrapolate, batch 8, seed 0: rounds and worst x0 "
+                    "error / tol", "command": "python bench/solver_studies.py entering", "rows": rows}
+
+
 STUDIES = {"adjoint-vjp": adjoint_vjp, "ops-per-round": ops_per_round, "stopping-rule": stopping_rule,
            "stopping-x0": stopping_x0, "tail-chunks": tail_chunks, "half-precision": half_precision,
            "divergence": divergence, "multistep-rounds": multistep_rounds, "euler-coords": euler_coords,
-           "budget": budget}
+           "budget": budget, "lend": lend, "entering": entering}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -48,8 +48,11 @@ class SolveConfig:
             per call from the model's measured batch cost (:mod:`deqkern.autowindow`), kept
             ``"auto"`` by :meth:`resolved`.
         max_iters: most rounds, >= 1; None: S (Picard is exact after S rounds).
-        extrapolate: rows entering a sliding window continue the last step linearly (True) or
-            copy the last row (False); None: True for deterministic chains, False for stochastic.
+        extrapolate: how rows entering a sliding window start: ``"model"``, the chain stepped
+            from the last computed row with the last model output held (deterministic one-step
+            affine chains: DDIM, Euler, flow, no clipping); True, the last step continued linearly;
+            False, a copy of the last row (ParaDiGMS); None: the first that applies of
+            ``"model"``, True (deterministic chains), False (stochastic).
         execution: ``"eager"``, ``"static"``, ``"graph"``, ``"audit"`` or ``"auto"`` (graph on
             CUDA, eager elsewhere); see :class:`deqkern.ParallelSampler`.
         rounds_per_graph: fixed-shape rounds between convergence checks (one CUDA graph), >= 1.
@@ -65,7 +68,7 @@ class SolveConfig:
     form: Form | None = None
     window: int | Literal["auto"] | None = None
     max_iters: int | None = None
-    extrapolate: bool | None = None
+    extrapolate: bool | Literal["model"] | None = None
     execution: Execution = "auto"
     rounds_per_graph: int = 4
 
@@ -90,8 +93,9 @@ class SolveConfig:
                 set_(self, "window", POSITIVE_INT.check("window", self.window))
             except OptionError as exc:
                 raise OptionError("window", f"{exc.message} (or 'auto', or None for S)") from None
-        if self.extrapolate not in (None, True, False):
-            raise OptionError("extrapolate", f"expected True, False or None (auto), got {self.extrapolate!r}")
+        if not (self.extrapolate in (None, True, False) or (isinstance(self.extrapolate, str)
+                                                            and self.extrapolate == "model")):
+            raise OptionError("extrapolate", f"expected True, False, 'model' or None (auto), got {self.extrapolate!r}")
         check_choice("execution", self.execution, EXECUTIONS)
         set_(self, "rounds_per_graph", POSITIVE_INT.check("rounds_per_graph", self.rounds_per_graph))
 
@@ -108,10 +112,19 @@ class SolveConfig:
         form = schedule.form if self.form is None else self.form
         if form != schedule.form:
             schedule.with_form(form)  # the schedule checks that its steps admit the form
+        held = schedule.is_affine and not schedule.is_stochastic and not schedule.is_multistep
+        if self.extrapolate == "model" and not held:
+            raise OptionError("extrapolate", "'model' steps entering rows with the model output held, which needs "
+                                             "deterministic one-step affine steps; this chain is "
+                                             f"{schedule.description or 'not'} (use True or False)")
+        if self.extrapolate is None:
+            # chosen by bench/solver_studies.py entering: the held output beats the linear step on DDIM
+            extrapolate = "model" if held else not schedule.is_stochastic
+        else:
+            extrapolate = self.extrapolate
         return replace(
             self, form=form, window=s if self.window is None else self.window,
-            max_iters=s if self.max_iters is None else self.max_iters,
-            extrapolate=(not schedule.is_stochastic) if self.extrapolate is None else self.extrapolate,
+            max_iters=s if self.max_iters is None else self.max_iters, extrapolate=extrapolate,
         )
 
 

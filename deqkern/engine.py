@@ -14,8 +14,9 @@ One round (docs/math.md §2-§4, §6), per sample ``b`` with frozen prefix ``x[0
 4. the solver (Picard, Anderson, ...) proposes the next iterate of the other rows (a sample that
    diverged takes Picard steps from its frozen prefix instead: :class:`DivergenceGuard`);
 5. ``commit_window``: each sample's window slides by its own frozen count (new rows start from
-   ``init``, or continue the last step linearly for deterministic chains, or copy the last
-   computed row as ParaDiGMS does) and, in fixed-shape rounds, the next model input is written
+   ``init``, or step the chain with the last model output held (deterministic affine chains), or
+   continue the last step linearly (other deterministic chains), or copy the last computed row
+   as ParaDiGMS does) and, in fixed-shape rounds, the next model input is written
    in the model's dtype — one pass.
 """
 from __future__ import annotations
@@ -70,6 +71,9 @@ class Problem:
     #: rows entering the window continue the last step linearly instead of copying the last row
     #: (deqkern.ops.commit_window; measured in bench/results/extrapolate_cpu.md)
     extrapolate: bool = False
+    #: ``(P, Q)`` ``[S+1, W+1]`` (ops.reference.ahead_coefficients): rows entering the window are the
+    #: chain stepped with the last model output held instead (affine deterministic chains; None: off)
+    ahead: tuple[torch.Tensor, torch.Tensor] | None = None
     #: [S, 4] a multistep chain's previous-output coefficients (Schedule.packed_multistep), None otherwise
     ms_coef: torch.Tensor | None = None
     #: [S, 3] float64 a multistep chain's terms of the x0 rule (Multistep.packed_x0), None otherwise
@@ -83,11 +87,13 @@ class Problem:
     #: inside a captured graph each arange would be a kernel node of every round
     row_index: torch.Tensor = field(init=False, repr=False)
     sample_index: torch.Tensor = field(init=False, repr=False)
+    window_index: torch.Tensor = field(init=False, repr=False)  #: ``arange(W + 1)``, the window with its anchor
     #: ``[B, W]`` NaN: the steps' secants when none are measured (stopping rules other than x0 do not read them)
     unmeasured: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.row_index = torch.arange(self.width, device=self.coef.device)
+        self.window_index = torch.arange(self.width + 1, device=self.coef.device)
         self.sample_index = torch.arange(self.batch, device=self.coef.device)
         self.unmeasured = torch.full((self.batch, self.width), math.nan, dtype=torch.float64, device=self.coef.device)
 
@@ -187,9 +193,10 @@ class StepSecants:
     valid: torch.Tensor  #: [B, W] bool: x and s hold the row's position
     gain: torch.Tensor  #: [B, W] float64 the latest measured ||J dx|| / ||dx|| (NaN: none)
     dev: torch.Tensor  #: [B, W] float64 the latest measured ||(J - L) dx|| / ||dx|| (NaN: none)
-    #: [B] float64 the model's largest gain ||E dx|| / ||dx|| (E: its Jacobian) over the rows measured
-    #: in the latest round that measured any (NaN: none yet); see :meth:`rule_dev`
-    model_gain: torch.Tensor
+    #: [B, 3] float64 what rows not measured yet borrow (:meth:`rule_dev`), over the rows measured in
+    #: the latest round that measured any (NaN: none yet): the least and largest ``<dx, E dx> / ||dx||^2``
+    #: and the largest ``||E dx||^2 / ||dx||^2`` (E: the model's Jacobian)
+    lend: torch.Tensor
 
     @classmethod
     def start(cls, batch: int, width: int, dim: int, device, dtype) -> "StepSecants":
@@ -198,7 +205,7 @@ class StepSecants:
             x=torch.zeros(batch, width, dim, device=device, dtype=dtype),
             s=torch.zeros(batch, width, dim, device=device, dtype=dtype),
             valid=torch.zeros(batch, width, device=device, dtype=torch.bool), gain=nan, dev=nan.clone(),
-            model_gain=torch.full((batch,), math.nan, device=device, dtype=torch.float64),
+            lend=torch.full((batch, 3), math.nan, device=device, dtype=torch.float64),
         )
 
     def measure(
@@ -223,27 +230,47 @@ class StepSecants:
         self.gain.copy_(torch.where(fresh, gain, self.gain))
         self.dev.copy_(torch.where(fresh, dev, self.dev))
         dx, ds = x - self.x, s - self.s
-        # the model's gain: with cx in place of L, step_secants' dev is ||co E dx|| / ||dx||
-        _, co_e = step_secants(x, s, self.x, self.s, coef[..., 1])
-        model = torch.where(fresh, co_e / coef[..., 2].to(torch.float64).abs(), math.nan)
-        top = torch.where(torch.isfinite(model), model, -math.inf).amax(dim=1)
-        self.model_gain.copy_(torch.where(top > -math.inf, top, self.model_gain))
+        # the model's Jacobian along dx, E dx = (ds - cx dx) / co, as the two numbers rule_dev needs
+        # to rebuild ||(J - L) dx|| for other coefficients (in float64: the terms nearly cancel)
+        c = coef.to(torch.float64)
+        dx64, ds64 = dx.to(torch.float64), ds.to(torch.float64)
+        e_dx = (ds64 - c[..., 1:2] * dx64) / c[..., 2:3]
+        den = dx64.square().sum(-1)
+        ok = fresh & (c[..., 2] != 0) & (den > 0)
+        p = torch.where(ok, (dx64 * e_dx).sum(-1) / den, math.nan)
+        q = torch.where(ok, e_dx.square().sum(-1) / den, math.nan)
+        stats = torch.stack([
+            torch.where(ok, p, math.inf).amin(dim=1), torch.where(ok, p, -math.inf).amax(dim=1),
+            torch.where(ok, q, -math.inf).amax(dim=1),
+        ], dim=1)
+        self.lend.copy_(torch.where(ok.any(dim=1, keepdim=True), stats, self.lend))
         self.x.copy_(x)
         self.s.copy_(s)
         self.valid.copy_(live)
         return dx, ds, valid
 
+    @property
+    def model_gain(self) -> torch.Tensor:
+        """``[B]`` float64 the model's largest measured gain ``||E dx|| / ||dx||`` (NaN: none yet)."""
+        return self.lend[:, 2].sqrt()
+
     def rule_dev(self, coef: torch.Tensor) -> torch.Tensor:
         """``[B, W]`` float64 the ``||J - L||`` the x0 rule uses: the measured secant ``dev``, and
-        on rows not measured yet (rows entering the window) the schedule's bound with the model's
-        gain measured on the others, ``|cx - L| + |co| model_gain`` (before any measurement: NaN,
-        the rule's latent-gain bound; chains with an x0 transform use no secants, see run_round). On the digits
-        model, DDIM S = 1000 window 10, the true ``||(J - L) F|| / ||F||`` at rows frozen this way
-        was at most 1.8 times it near x0 (bench/solver_studies.py budget); lending such rows the
-        window's largest measured ``dev`` instead missed it up to 760x there (``J - L`` grows
-        toward x0 with ``co``) and x0's bound 2.6x."""
+        on rows not measured yet (rows entering the window) the step's own coefficients applied to
+        the model's Jacobian measured on the others. A step without an x0 transform has ``J - L =
+        a I + b E`` (``a = cx - L``, ``b = co``), so along a measured row's move ``dx`` (unit, ``E dx``
+        measured) ``||(J - L) dx||^2 = a^2 + 2ab <dx, E dx> + b^2 ||E dx||^2``; the rule takes the
+        largest this can be over the measured rows' extremes (:attr:`lend`). The cross term keeps
+        the cancellation of ``a`` against ``b E`` (``J`` near ``L``) that the triangle bound ``|a| +
+        |b| ||E||`` loses: 20-40x on DDIM S = 1000, window 10 (bench/solver_studies.py lend). Before
+        any measurement: NaN, the rule's latent-gain bound; chains with an x0 transform use no
+        secants (see run_round). Lending such rows the window's largest measured ``dev`` instead
+        missed ``J - L`` up to 760x near x0 (it grows toward x0 with ``co``) and x0's bound 2.6x."""
         c = coef.to(torch.float64)
-        bound = (c[..., 1] - c[..., 0]).abs() + c[..., 2].abs() * self.model_gain.unsqueeze(1)
+        a, b = c[..., 1] - c[..., 0], c[..., 2]
+        lo, hi, q = (v.unsqueeze(1) for v in self.lend.unbind(dim=1))
+        cross = torch.maximum(2 * a * b * lo, 2 * a * b * hi)
+        bound = (a * a + cross + b * b * q).clamp(min=0.0).sqrt()
         return torch.where(torch.isfinite(self.dev), self.dev, bound)
 
     def slide(self, slide: RowSlide) -> None:
@@ -444,8 +471,14 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
         dest = torch.where(frozen, st.k0.unsqueeze(1) + 1 + j, s + 1)
         st.traj[dest, b_idx.unsqueeze(1)] = res.g
     # freeze the accepted rows at G, slide every window, write the next model input: one pass
+    ahead = None
+    if p.ahead is not None:  # each entering row's distance m past the last computed row, at k0 + n
+        m = (p.window_index + (delta - n_commit).unsqueeze(1)).clamp(min=0, max=width)
+        start = (st.k0 + n_commit).clamp(max=s).unsqueeze(1)
+        ahead = (e, p.ahead[0][start, m], p.ahead[1][start, m])
     with annotate("commit"):
-        commit_window(st.xw, x_new, res.g, delta, n_commit, st.k0, p.init, st.model_in, p.extrapolate, p.coords)
+        commit_window(st.xw, x_new, res.g, delta, n_commit, st.k0, p.init, st.model_in, p.extrapolate, p.coords,
+                      ahead)
     solver.shift(delta)
     if st.secants is not None:
         slide = RowSlide(delta, width)

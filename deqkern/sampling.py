@@ -25,6 +25,7 @@ from deqkern.engine import (
 )
 from deqkern.interop import to_torch
 from deqkern.model import Guidance, ModelEvaluator, ModelFn
+from deqkern.ops import ahead_coefficients
 from deqkern.schedule import Form, Schedule
 from deqkern.sequential import ChainStep, SequentialWorkspace
 
@@ -307,10 +308,12 @@ class ParallelSampler:
             (:func:`solve_precision`); ``x0`` comes back in ``x_T``'s dtype (from a half
             ``x_T``: the float32 result rounded once). With a half model a ``tol`` below its
             floor (``HALF_TOL_FLOOR``) warns.
-        extrapolate: rows entering a sliding window (``window < S``) continue the last step
-            linearly (True) or copy the last computed row as ParaDiGMS does (False); default
-            (None): True for deterministic chains, where it saves rounds, False for stochastic
-            ones, where it does not (``bench/results/extrapolate_cpu.md``). ``init`` overrides it.
+        extrapolate: how rows entering a sliding window (``window < S``) start: ``"model"``
+            steps the chain from the last computed row with the last model output held (one-step
+            affine deterministic chains), True continues the last step linearly, False copies
+            the last computed row as ParaDiGMS does; default (None): ``"model"`` where it
+            applies, else True for deterministic chains, False for stochastic ones, where
+            neither helps (``bench/results/README.md``, "Entering rows"). ``init`` overrides it.
         execution: ``"eager"`` evaluates only live rows and checks convergence every round;
             ``"static"`` runs fixed-shape, sync-free rounds (all B*W rows) and checks once per
             ``rounds_per_graph`` rounds; ``"graph"`` captures those rounds as one CUDA graph
@@ -360,7 +363,7 @@ class ParallelSampler:
         model_dtype: torch.dtype | None = None,
         execution: Execution | None = None,
         rounds_per_graph: int | None = None,
-        extrapolate: bool | None = None,
+        extrapolate: bool | Literal["model"] | None = None,
         cache_size: int = 4,
         config: SolveConfig | Mapping[str, Any] | None = None,
         window_auto: AutoWindowConfig | Mapping[str, Any] | None = None,
@@ -516,7 +519,7 @@ class ParallelSampler:
                 current_trajectory(p, st).reshape(s + 1, *shape).to(x_T.dtype)),
             info={"solver": self.config.solver, "config": ws.config, "form": schedule.form, "stop": self.config.stop,
                   "tol": self.config.tol, "window": ws.p.width, "window_oom": window_oom,
-                  "extrapolate": self.config.extrapolate and init is None, **auto, **out.info},
+                  "extrapolate": self.config.extrapolate if init is None else False, **auto, **out.info},
         )
 
     def _auto_window(self, key: tuple, x: torch.Tensor, ev: ModelEvaluator) -> tuple[int | None, dict[str, Any]]:
@@ -635,7 +638,9 @@ class ParallelSampler:
             noise=None if noise is None else noise.reshape(s, batch, dim).clone(),
             init=None if init is None else torch.cat([x_T.reshape(1, batch, dim), init.reshape(s, batch, dim)]),
             transform=schedule.transform, shape=x_T.shape, width=width, tol=c.tol, stop=c.stop,
-            max_iters=c.max_iters, form=c.form, extrapolate=c.extrapolate,
+            max_iters=c.max_iters, form=c.form, extrapolate=c.extrapolate is True,
+            ahead=None if c.extrapolate != "model" or width >= s else tuple(
+                t.to(dev, dt) for t in ahead_coefficients(schedule.cx, schedule.co, width)),
             ms_coef=schedule.packed_multistep(dev, dt),
             x0_extra=None if schedule.multistep is None else schedule.multistep.packed_x0(dev),
             coords=None if schedule.coords is None else schedule.coords.to(dev, dt),

@@ -42,7 +42,7 @@ def test_e2e_graphs_script_on_cpu(tmp_path):
 
 @pytest.mark.skipif(not (ROOT / "bench" / "solver_studies.py").exists(), reason="run from a source checkout")
 @pytest.mark.parametrize("study", ["adjoint-vjp", "ops-per-round", "stopping-rule", "stopping-x0", "tail-chunks",
-                                   "divergence", "euler-coords", "budget"])
+                                   "divergence", "euler-coords", "budget", "lend", "entering"])
 def test_solver_studies_run_quick(tmp_path, study):
     """The studies behind bench/results/README.md, at --quick sizes."""
     studies = _load("solver_studies")
@@ -76,6 +76,13 @@ def test_solver_studies_run_quick(tmp_path, study):
     elif study == "budget":  # the library's defaults keep their bound; the secant check ran on frozen rows
         assert all(r["worst_error_over_tol"] <= 1 and r["rounds"] >= 1 for r in report["rows"])
         assert report["secant_check"]["rows"] >= 1
+    elif study == "lend":  # both lends keep the bound; the check ran on rows that borrowed
+        assert all(r[k]["converged"] and r[k]["worst_error_over_tol"] <= 1
+                   for r in report["rows"] for k in ("triangle", "measured"))
+        assert all(c["rows"] >= 1 for c in report["lend_check"])
+    elif study == "entering":  # every entering rule converges within the bound
+        assert all(r[k]["converged"] and r[k]["worst_error_over_tol"] <= 1
+                   for r in report["rows"] for k in ("copy", "linear", "model"))
     else:
         assert {(r["stop"], r["tol"]) for r in report["rows"]} == {("relative", 1e-3), ("x0", 1e-3)}
         assert all(len(r["rounds"]) == len(r["worst_error_over_tol"]) == 1 for r in report["rows"])

@@ -111,14 +111,16 @@ def commit_window(
     out: torch.Tensor | None = None,
     extrapolate: bool = False,
     coords: torch.Tensor | None = None,
+    ahead: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """:func:`deqkern.ops.reference.commit_window`, one fused kernel on the Triton backend."""
     if backend_for(xw) == "reference":
-        reference.commit_window(xw, mixed, g, delta, n_rows, k0, init, out, extrapolate, coords)
+        reference.commit_window(xw, mixed, g, delta, n_rows, k0, init, out, extrapolate, coords, ahead)
         return
     from deqkern.ops import triton_ops
 
-    triton_ops.commit_window(xw, mixed, g, delta, n_rows, k0, init, out, extrapolate=extrapolate, coords=coords)
+    triton_ops.commit_window(xw, mixed, g, delta, n_rows, k0, init, out, extrapolate=extrapolate, coords=coords,
+                             ahead=ahead)
 
 
 def round_status(
