@@ -10,6 +10,9 @@
     python bench/solver_studies.py multistep-rounds  # DPM-Solver++(2M) against DDIM: rounds to x0 within tol
     python bench/solver_studies.py euler-coords    # Euler chains in VP against VE coordinates, against DDIM/DDPM
     python bench/solver_studies.py budget          # the x0 rule's measured secants: rounds vs ParaDiGMS, safety
+    python bench/solver_studies.py lend            # what rows without a secant borrow: triangle vs measured lend
+    python bench/solver_studies.py entering        # rows entering a window: copy, linear, model output held
+    python bench/solver_studies.py floors          # how few rounds are possible: exact Newton, entering-row errors
 
 All on the embedded digits model, one CPU thread. ``--quick`` shrinks each study to seconds (the
 test suite runs it so the command lines stay true).
@@ -671,10 +674,108 @@ def entering(quick: bool) -> dict[str, Any]:
                     "error / tol", "command": "python bench/solver_studies.py entering", "rows": rows}
 
 
+def _newton_errors(unet64, schedule, x: torch.Tensor, noise: torch.Tensor | None, rounds: int) -> list[float]:
+    """Newton's method on the joint system (★) from every row at x_T: per round one batched model
+    call at all rows, then the exact linear solve of the lower-triangular system by forward
+    substitution, ``d_{k+1} = J_k d_k + r_k`` (``r_k = step_k(x_k) - x_{k+1}``), with ``J_k d`` by a
+    central difference of the model (float64; ``S`` sequential model calls per round, so this is a
+    floor for methods with one call per round, not one of them). The worst sample's relative x0
+    error after each round."""
+    b, d = x.shape[0], x[0].numel()
+    s, cx, co = schedule.num_steps, schedule.cx, schedule.co
+    sigma = schedule.sigma
+    shape = (-1, *x.shape[1:])
+    z = torch.zeros(s, b, d, dtype=torch.float64) if noise is None else noise.reshape(s, b, d).double()
+
+    def eps(v: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return unet64(v.reshape(shape), schedule.timesteps[k]).sample.reshape(v.shape)
+
+    with torch.no_grad():
+        seq = [x.reshape(b, d).double()]
+        for k in range(s):
+            seq.append(cx[k] * seq[-1] + co[k] * eps(seq[-1], torch.full((b,), k)) + sigma[k] * z[k])
+        x0 = seq[-1]
+        X = seq[0].unsqueeze(0).repeat(s + 1, 1, 1)
+        errs = []
+        for _ in range(rounds):
+            out = eps(X[:-1].reshape(s * b, d), torch.arange(s).repeat_interleave(b)).reshape(s, b, d)
+            step = cx.view(-1, 1, 1) * X[:-1] + co.view(-1, 1, 1) * out + sigma.view(-1, 1, 1) * z
+            dx = torch.zeros(b, d, dtype=torch.float64)
+            new = X.clone()
+            for k in range(s):
+                h = (1e-6 * X[k].norm(dim=1, keepdim=True) / dx.norm(dim=1, keepdim=True).clamp(min=1e-300))
+                kk = torch.full((b,), k)
+                jd = (eps(X[k] + h * dx, kk) - eps(X[k] - h * dx, kk)) / (2 * h)
+                dx = cx[k] * dx + co[k] * jd + (step[k] - X[k + 1])
+                new[k + 1] = X[k + 1] + dx
+            X = new
+            errs.append(float(((X[-1] - x0).norm(dim=1) / x0.norm(dim=1)).max()))
+    return errs
+
+
+def floors(quick: bool) -> dict[str, Any]:
+    """How few rounds issue 14's targets can take on the digits model. (1) Newton's method with
+    exact Jacobians (:func:`_newton_errors`): rounds until the worst sample's x0 is within 1e-3, to
+    set beside the targets for the full window (DDIM S = 100 <= 6, DDPM <= 12) and the default
+    solver. (2) Rows entering a window: the relative error of their first guess ``m`` rows past the
+    last exact one, from the exact trajectory, for the held model output and for a linear
+    extrapolation of it; the x0 rule freezes a row in its first evaluation only when this is below
+    about ``tol / (S SECANT_SAFETY kappa)`` (4e-4 for DDIM S = 100, tol 1e-3), else each row takes
+    two evaluations and a window of W frees at most W/2 rows a round."""
+    import copy
+
+    steps, batch, rounds = (8, 2, 4) if quick else (100, 8, 8)
+    newton = []
+    for scheduler in ("ddim", "ddpm"):
+        unet, sched = _digits(scheduler)
+        unet64 = copy.deepcopy(unet).double()
+        schedule = deqkern.Schedule.from_diffusers(sched, steps)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, 1, 8, 8, generator=g)
+        noise = torch.randn(steps, batch, 1, 8, 8, generator=g) if scheduler == "ddpm" else None
+        errs = _newton_errors(unet64, schedule, x, noise, rounds)
+        with torch.no_grad():
+            ref = deqkern.sample_sequential(unet, x, schedule, noise, execution="eager").x0
+            ours = deqkern.sample(unet, x, schedule, noise=noise, execution="eager")
+        reach = next((i + 1 for i, e in enumerate(errs) if e <= 1e-3), None)
+        newton.append({"scheduler": scheduler, "steps": steps, "newton_worst_x0_error": errs,
+                       "newton_rounds_to_1e-3": reach, "default_rounds": ours.rounds,
+                       "default_worst_error_over_tol": _x0_err(ours.x0, ref) / 1e-3})
+        print(f"{scheduler} S={steps}: exact Newton reaches 1e-3 in {reach} rounds "
+              f"({', '.join(f'{e:.0e}' for e in errs)}); the default solver stops after {ours.rounds}")
+    unet, sched = _digits()
+    schedule = deqkern.Schedule.from_diffusers(sched, steps)
+    x = torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        traj = deqkern.sample_sequential(unet, x, schedule, execution="eager", return_trajectory=True).trajectory
+        traj = traj.flatten(2).double()
+        cx, co = schedule.cx, schedule.co
+        e = [(traj[k + 1] - cx[k] * traj[k]) / co[k] for k in range(steps)]  # the model outputs, exactly
+    guesses = []
+    for frac in ((0.5,) if quick else (0.1, 0.4, 0.7, 0.9)):
+        n0 = max(2, int(frac * steps))
+        row = {"position": n0}
+        for name in ("held", "linear"):
+            v, errs = traj[n0].clone(), []
+            for m in range(1, min(10, steps - n0) + 1):
+                k = n0 + m - 1
+                out = e[n0 - 1] if name == "held" else e[n0 - 1] + m * (e[n0 - 1] - e[n0 - 2])
+                v = cx[k] * v + co[k] * out
+                errs.append(float(((v - traj[k + 1]).norm(dim=1) / traj[k + 1].norm(dim=1)).max()))
+            row[name] = errs
+        guesses.append(row)
+        print(f"entering rows after position {n0}: held {' '.join(f'{v:.0e}' for v in row['held'])}; "
+              f"linear {' '.join(f'{v:.0e}' for v in row['linear'])}")
+    return {"what": "(1) exact Newton (S sequential model calls per round) on the full window, batch 8, seed 0: "
+                    "worst x0 error per round; (2) DDIM S=100: relative error of an entering row's first guess m "
+                    "rows past the last exact row (worst sample)", "command": "python bench/solver_studies.py floors",
+            "rows": newton, "entering_guess_errors": guesses}
+
+
 STUDIES = {"adjoint-vjp": adjoint_vjp, "ops-per-round": ops_per_round, "stopping-rule": stopping_rule,
            "stopping-x0": stopping_x0, "tail-chunks": tail_chunks, "half-precision": half_precision,
            "divergence": divergence, "multistep-rounds": multistep_rounds, "euler-coords": euler_coords,
-           "budget": budget, "lend": lend, "entering": entering}
+           "budget": budget, "lend": lend, "entering": entering, "floors": floors}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

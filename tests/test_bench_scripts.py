@@ -42,7 +42,7 @@ def test_e2e_graphs_script_on_cpu(tmp_path):
 
 @pytest.mark.skipif(not (ROOT / "bench" / "solver_studies.py").exists(), reason="run from a source checkout")
 @pytest.mark.parametrize("study", ["adjoint-vjp", "ops-per-round", "stopping-rule", "stopping-x0", "tail-chunks",
-                                   "divergence", "euler-coords", "budget", "lend", "entering"])
+                                   "divergence", "euler-coords", "budget", "lend", "entering", "floors"])
 def test_solver_studies_run_quick(tmp_path, study):
     """The studies behind bench/results/README.md, at --quick sizes."""
     studies = _load("solver_studies")
@@ -80,6 +80,10 @@ def test_solver_studies_run_quick(tmp_path, study):
         assert all(r[k]["converged"] and r[k]["worst_error_over_tol"] <= 1
                    for r in report["rows"] for k in ("triangle", "measured"))
         assert all(c["rows"] >= 1 for c in report["lend_check"])
+    elif study == "floors":  # Newton's errors per round for both chains, guesses per distance
+        assert {r["scheduler"] for r in report["rows"]} == {"ddim", "ddpm"}
+        assert all(len(r["newton_worst_x0_error"]) == 4 for r in report["rows"])
+        assert all(len(g["held"]) == len(g["linear"]) >= 1 for g in report["entering_guess_errors"])
     elif study == "entering":  # every entering rule converges within the bound
         assert all(r[k]["converged"] and r[k]["worst_error_over_tol"] <= 1
                    for r in report["rows"] for k in ("copy", "linear", "model"))
