@@ -648,23 +648,26 @@ def lend(quick: bool) -> dict[str, Any]:
 def entering(quick: bool) -> dict[str, Any]:
     """How rows entering a sliding window start (``extrapolate``): a copy of the last computed row
     (False, ParaDiGMS), the last step continued linearly (True) or the chain stepped with the last
-    model output held (``"model"``); the library's defaults otherwise (x0 rule, tol 1e-3), batch 8,
-    seed 0: rounds and the worst x0 error over tol, DDIM and Euler (VP coordinates)."""
-    chains = [("ddim", 12, 4)] if quick else [
-        ("ddim", 100, 5), ("ddim", 100, 10), ("ddim", 100, 25), ("ddim", 1000, 10), ("euler", 100, 10)]
+    model output held (``"model"``, with the pre-drawn step noise on stochastic chains); the library's
+    defaults otherwise (x0 rule, tol 1e-3), batch 8, seed 0: rounds and the worst x0 error over tol,
+    DDIM, Euler (VP coordinates), DDPM and Euler ancestral."""
+    chains = [("ddim", 12, 4), ("ddpm", 12, 4)] if quick else [
+        ("ddim", 100, 5), ("ddim", 100, 10), ("ddim", 100, 25), ("ddim", 1000, 10), ("euler", 100, 10),
+        ("ddpm", 100, 10), ("ddpm", 100, 25), ("euler-a", 100, 10), ("ddpm", 1000, 10)]
     rows = []
     from deqkern.bench.chains import build_chain, scheduler_config
 
     unet, sched = _digits()
     for scheduler, steps, window in chains:
         conf = scheduler_config(scheduler, dict(sched.config), clip_sample=False)
-        noise = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-        schedule, x = build_chain(scheduler, conf, dict(sched.config), steps, 0.0, noise)
+        g = torch.Generator().manual_seed(0)
+        schedule, x = build_chain(scheduler, conf, dict(sched.config), steps, 0.0, torch.randn(8, 1, 8, 8, generator=g))
+        z = torch.randn(steps, 8, 1, 8, 8, generator=g) if schedule.is_stochastic else None
         row: dict[str, Any] = {"scheduler": scheduler, "steps": steps, "window": window}
         with torch.no_grad():
-            ref = deqkern.sample_sequential(unet, x, schedule, execution="eager").x0
+            ref = deqkern.sample_sequential(unet, x, schedule, z, execution="eager").x0
             for name, value in (("copy", False), ("linear", True), ("model", "model")):
-                r = deqkern.sample(unet, x, schedule, window=window, execution="eager", extrapolate=value)
+                r = deqkern.sample(unet, x, schedule, noise=z, window=window, execution="eager", extrapolate=value)
                 row[name] = {"rounds": r.rounds, "converged": r.all_converged,
                              "worst_error_over_tol": _x0_err(r.x0, ref) / 1e-3}
         rows.append(row)

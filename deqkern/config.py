@@ -49,10 +49,10 @@ class SolveConfig:
             ``"auto"`` by :meth:`resolved`.
         max_iters: most rounds, >= 1; None: S (Picard is exact after S rounds).
         extrapolate: how rows entering a sliding window start: ``"model"``, the chain stepped
-            from the last computed row with the last model output held (deterministic one-step
-            affine chains: DDIM, Euler, flow, no clipping); True, the last step continued linearly;
-            False, a copy of the last row (ParaDiGMS); None: the first that applies of
-            ``"model"``, True (deterministic chains), False (stochastic).
+            from the last computed row with the last model output held (one-step affine chains:
+            DDIM, DDPM, Euler, Euler ancestral, flow, without x0 clipping); True, the last step
+            continued linearly; False, a copy of the last row (ParaDiGMS); None: the first that
+            applies of ``"model"``, True (deterministic chains), False (stochastic).
         execution: ``"eager"``, ``"static"``, ``"graph"``, ``"audit"`` or ``"auto"`` (graph on
             CUDA, eager elsewhere); see :class:`deqkern.ParallelSampler`.
         rounds_per_graph: fixed-shape rounds between convergence checks (one CUDA graph), >= 1.
@@ -112,13 +112,13 @@ class SolveConfig:
         form = schedule.form if self.form is None else self.form
         if form != schedule.form:
             schedule.with_form(form)  # the schedule checks that its steps admit the form
-        held = schedule.is_affine and not schedule.is_stochastic and not schedule.is_multistep
+        held = schedule.is_affine and not schedule.is_multistep
         if self.extrapolate == "model" and not held:
             raise OptionError("extrapolate", "'model' steps entering rows with the model output held, which needs "
-                                             "deterministic one-step affine steps; this chain is "
-                                             f"{schedule.description or 'not'} (use True or False)")
+                                             "one-step affine steps (no x0 clip/threshold, no multistep); this chain "
+                                             f"is {schedule.description or 'not'} (use True or False)")
         if self.extrapolate is None:
-            # chosen by bench/solver_studies.py entering: the held output beats the linear step on DDIM
+            # chosen by bench/solver_studies.py entering: fewer rounds than the linear step or the copy
             extrapolate = "model" if held else not schedule.is_stochastic
         else:
             extrapolate = self.extrapolate

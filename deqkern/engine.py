@@ -14,7 +14,7 @@ One round (docs/math.md §2-§4, §6), per sample ``b`` with frozen prefix ``x[0
 4. the solver (Picard, Anderson, ...) proposes the next iterate of the other rows (a sample that
    diverged takes Picard steps from its frozen prefix instead: :class:`DivergenceGuard`);
 5. ``commit_window``: each sample's window slides by its own frozen count (new rows start from
-   ``init``, or step the chain with the last model output held (deterministic affine chains), or
+   ``init``, or step the chain with the last model output held (one-step affine chains), or
    continue the last step linearly (other deterministic chains), or copy the last computed row
    as ParaDiGMS does) and, in fixed-shape rounds, the next model input is written
    in the model's dtype — one pass.
@@ -71,9 +71,9 @@ class Problem:
     #: rows entering the window continue the last step linearly instead of copying the last row
     #: (deqkern.ops.commit_window; measured in bench/results/extrapolate_cpu.md)
     extrapolate: bool = False
-    #: ``(P, Q)`` ``[S+1, W+1]`` (ops.reference.ahead_coefficients): rows entering the window are the
-    #: chain stepped with the last model output held instead (affine deterministic chains; None: off)
-    ahead: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: rows entering the window are the chain stepped with the last model output held instead
+    #: (one-step affine chains, ops.commit_window's ``ahead``; docs/math.md §2)
+    held: bool = False
     #: [S, 4] a multistep chain's previous-output coefficients (Schedule.packed_multistep), None otherwise
     ms_coef: torch.Tensor | None = None
     #: [S, 3] float64 a multistep chain's terms of the x0 rule (Multistep.packed_x0), None otherwise
@@ -87,13 +87,11 @@ class Problem:
     #: inside a captured graph each arange would be a kernel node of every round
     row_index: torch.Tensor = field(init=False, repr=False)
     sample_index: torch.Tensor = field(init=False, repr=False)
-    window_index: torch.Tensor = field(init=False, repr=False)  #: ``arange(W + 1)``, the window with its anchor
     #: ``[B, W]`` NaN: the steps' secants when none are measured (stopping rules other than x0 do not read them)
     unmeasured: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.row_index = torch.arange(self.width, device=self.coef.device)
-        self.window_index = torch.arange(self.width + 1, device=self.coef.device)
         self.sample_index = torch.arange(self.batch, device=self.coef.device)
         self.unmeasured = torch.full((self.batch, self.width), math.nan, dtype=torch.float64, device=self.coef.device)
 
@@ -471,11 +469,7 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
         dest = torch.where(frozen, st.k0.unsqueeze(1) + 1 + j, s + 1)
         st.traj[dest, b_idx.unsqueeze(1)] = res.g
     # freeze the accepted rows at G, slide every window, write the next model input: one pass
-    ahead = None
-    if p.ahead is not None:  # each entering row's distance m past the last computed row, at k0 + n
-        m = (p.window_index + (delta - n_commit).unsqueeze(1)).clamp(min=0, max=width)
-        start = (st.k0 + n_commit).clamp(max=s).unsqueeze(1)
-        ahead = (e, p.ahead[0][start, m], p.ahead[1][start, m])
+    ahead = (e, p.coef, p.noise) if p.held else None
     with annotate("commit"):
         commit_window(st.xw, x_new, res.g, delta, n_commit, st.k0, p.init, st.model_in, p.extrapolate, p.coords,
                       ahead)

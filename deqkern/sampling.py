@@ -25,7 +25,6 @@ from deqkern.engine import (
 )
 from deqkern.interop import to_torch
 from deqkern.model import Guidance, ModelEvaluator, ModelFn
-from deqkern.ops import ahead_coefficients
 from deqkern.schedule import Form, Schedule
 from deqkern.sequential import ChainStep, SequentialWorkspace
 
@@ -309,11 +308,11 @@ class ParallelSampler:
             ``x_T``: the float32 result rounded once). With a half model a ``tol`` below its
             floor (``HALF_TOL_FLOOR``) warns.
         extrapolate: how rows entering a sliding window (``window < S``) start: ``"model"``
-            steps the chain from the last computed row with the last model output held (one-step
-            affine deterministic chains), True continues the last step linearly, False copies
-            the last computed row as ParaDiGMS does; default (None): ``"model"`` where it
-            applies, else True for deterministic chains, False for stochastic ones, where
-            neither helps (``bench/results/README.md``, "Entering rows"). ``init`` overrides it.
+            steps the chain from the last computed row with the last model output held (and the
+            pre-drawn step noise; one-step affine chains), True continues the last step
+            linearly, False copies the last computed row as ParaDiGMS does; default (None):
+            ``"model"`` where it applies, else True for deterministic chains, False for
+            stochastic ones (``bench/results/README.md``, "Entering rows"). ``init`` overrides it.
         execution: ``"eager"`` evaluates only live rows and checks convergence every round;
             ``"static"`` runs fixed-shape, sync-free rounds (all B*W rows) and checks once per
             ``rounds_per_graph`` rounds; ``"graph"`` captures those rounds as one CUDA graph
@@ -639,8 +638,7 @@ class ParallelSampler:
             init=None if init is None else torch.cat([x_T.reshape(1, batch, dim), init.reshape(s, batch, dim)]),
             transform=schedule.transform, shape=x_T.shape, width=width, tol=c.tol, stop=c.stop,
             max_iters=c.max_iters, form=c.form, extrapolate=c.extrapolate is True,
-            ahead=None if c.extrapolate != "model" or width >= s else tuple(
-                t.to(dev, dt) for t in ahead_coefficients(schedule.cx, schedule.co, width)),
+            held=c.extrapolate == "model" and width < s,
             ms_coef=schedule.packed_multistep(dev, dt),
             x0_extra=None if schedule.multistep is None else schedule.multistep.packed_x0(dev),
             coords=None if schedule.coords is None else schedule.coords.to(dev, dt),

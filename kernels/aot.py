@@ -99,19 +99,19 @@ def _mix_config(dtype: str, out: str, block: int, m: int) -> Config:
 
 
 def _commit_config(dtype: str, out: str, block: int, has_init: bool, extrap: bool = False,
-                   coords: bool = False, ahead: bool = False) -> Config:
+                   coords: bool = False, ahead: bool = False, noise: bool = False) -> Config:
     return Config(
         "commit_window", "_commit_window_kernel",
         f"{dtype}->{out} BLOCK_D={block} init={int(has_init)}" + (" extrap" if extrap else "")
-        + (" coords" if coords else "") + (" ahead" if ahead else ""),
+        + (" coords" if coords else "") + (" ahead" if ahead else "") + (" noise" if noise else ""),
         pointers={"xw_ptr": dtype, "mixed_ptr": dtype, "g_ptr": dtype, "delta_ptr": "i64", "nrows_ptr": "i64",
                   "k0_ptr": "i64", "init_ptr": dtype, "out_ptr": out, "coords_ptr": dtype, "e_ptr": dtype,
-                  "p_ptr": dtype, "q_ptr": dtype},
+                  "coef_ptr": dtype, "z_ptr": dtype},
         constexprs={"HAS_INIT": has_init, "HAS_OUT": True, "EXTRAP": extrap, "COORDS": coords, "AHEAD": ahead,
-                    "BLOCK_D": block},
+                    "NOISE": noise, "BLOCK_D": block},
         num_warps=num_warps_for(block),
         unit=("stride_xw_d", "stride_mixed_d", "stride_g_d", "stride_delta_b", "stride_nrows_b", "stride_k0_b",
-              "stride_init_d", "stride_out_d", "stride_coords_p", "stride_e_d", "stride_p_j", "stride_q_j"),
+              "stride_init_d", "stride_out_d", "stride_coords_p", "stride_e_d", "stride_coef_f", "stride_z_d"),
         aligned=("D", "stride_xw_b", "stride_xw_j", "stride_mixed_b", "stride_mixed_j", "stride_g_b", "stride_g_j",
                  "stride_init_p", "stride_init_b", "stride_out_b", "stride_out_j"),
     )
@@ -163,7 +163,8 @@ def configs() -> list[Config]:
     out.append(_commit_config("fp32", "fp16", MAX_BLOCK_D, False))
     out.append(_commit_config("fp32", "fp16", MAX_BLOCK_D, False, extrap=True))
     out.append(_commit_config("fp32", "fp16", MAX_BLOCK_D, False, extrap=True, coords=True))  # Euler chains
-    out.append(_commit_config("fp32", "fp16", MAX_BLOCK_D, False, ahead=True))  # deterministic affine windows
+    out.append(_commit_config("fp32", "fp16", MAX_BLOCK_D, False, ahead=True))  # one-step affine windows
+    out.append(_commit_config("fp32", "fp16", MAX_BLOCK_D, False, ahead=True, noise=True))  # ... stochastic
     out.append(_commit_config("fp64", "fp64", MAX_BLOCK_D, True))
     for stop in STOP_CODES:
         out.extend(_status_config("fp32", stop, block) for block in (16, MAX_BLOCK_W))

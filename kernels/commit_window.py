@@ -32,7 +32,7 @@ def _window_row(r, use, delta, anchor, g_row, m_row, stride_g_j, stride_g_d, str
 
 @triton.jit
 def _commit_window_kernel(
-    xw_ptr, mixed_ptr, g_ptr, delta_ptr, nrows_ptr, k0_ptr, init_ptr, out_ptr, coords_ptr, e_ptr, p_ptr, q_ptr,
+    xw_ptr, mixed_ptr, g_ptr, delta_ptr, nrows_ptr, k0_ptr, init_ptr, out_ptr, coords_ptr, e_ptr, coef_ptr, z_ptr,
     W, D, S,
     stride_xw_b, stride_xw_j, stride_xw_d,
     stride_mixed_b, stride_mixed_j, stride_mixed_d,
@@ -40,9 +40,9 @@ def _commit_window_kernel(
     stride_delta_b, stride_nrows_b, stride_k0_b,
     stride_init_p, stride_init_b, stride_init_d,
     stride_out_b, stride_out_j, stride_out_d, stride_coords_p,
-    stride_e_b, stride_e_j, stride_e_d, stride_p_b, stride_p_j, stride_q_b, stride_q_j,
+    stride_e_b, stride_e_j, stride_e_d, stride_coef_p, stride_coef_f, stride_z_p, stride_z_b, stride_z_d,
     HAS_INIT: tl.constexpr, HAS_OUT: tl.constexpr, EXTRAP: tl.constexpr, COORDS: tl.constexpr,
-    AHEAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    AHEAD: tl.constexpr, NOISE: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program = one sample ``b`` x one block of ``BLOCK_D`` latent elements, rows ``i = 0..W``.
 
@@ -65,13 +65,17 @@ def _commit_window_kernel(
     With ``COORDS`` (no init; ``coords`` ``[S+1]`` the latents' scale by position) an entering row
     reads ``full[i]`` as ``c_src / c_i full[i]``, ``c_i = coords[min(k0 + i, S)]``: both rules act in
     VP coordinates (docs/math.md §3); three scalar loads per row.
-    With ``AHEAD`` (no init, no ``EXTRAP``/``COORDS``) an entering row is the chain stepped from the
-    last computed row with the last live row's model output held fixed (docs/math.md §2)::
+    With ``AHEAD`` (no init, no ``EXTRAP``/``COORDS``) the entering rows are the chain stepped from
+    the last computed row with the last live row's model output ``u = e[b, n - 1]`` held
+    (docs/math.md §2); they are consecutive (``src = n + 1, n + 2, ...``), so one register vector
+    ``v`` carries the chain from row to row::
 
-        xw[b, i] = p[b, i] full[n] + q[b, i] e[b, n - 1]                      (src > n)
+        v = full[n];  for each entering row:  v <- cx_q v + co_q u (+ sigma_q z[q, b]),  q = k0 + src - 1
 
-    ``e`` ``[B, W, D]`` the round's model outputs, ``p``, ``q`` ``[B, W+1]`` in xw's dtype
-    (:func:`deqkern.ops.reference.ahead_coefficients`): one more ``[D]`` read per sample.
+    ``e`` ``[B, W, D]`` the round's model outputs; ``coef`` ``[S, 7]`` the steps by position (fields
+    1, 2, 6: ``cx``, ``co``, ``sigma``), three scalar loads per entering row; with ``NOISE`` the
+    step noise ``z`` ``[S, B, D]``, one ``[D]`` read per entering row. ``u`` is one ``[D]`` read
+    per sample.
 
     In place is safe: the elements of ``xw`` read are the anchor ``xw[b, 0]``, only by rows that
     also write the anchor's value, and an inactive sample's row ``i``, read just before it is
@@ -90,14 +94,17 @@ def _commit_window_kernel(
     delta = tl.load(delta_ptr + b * stride_delta_b)
     n = tl.load(nrows_ptr + b * stride_nrows_b)
     anchor = tl.load(xw_ptr + b * stride_xw_b + offs * stride_xw_d, mask=dmask, other=0.0)
-    if HAS_INIT or COORDS:
-        k0 = tl.load(k0_ptr + b * stride_k0_b)
-    if AHEAD:
-        # the last live row's model output, read once (nothing when the sample is inactive)
-        e_last = tl.load(e_ptr + b * stride_e_b + tl.maximum(n - 1, 0).to(tl.int64) * stride_e_j + offs * stride_e_d,
-                         mask=offs < tl.where(n > 0, D, 0), other=0.0)
     g_row = g_ptr + b * stride_g_b
     m_row = mixed_ptr + b * stride_mixed_b
+    if HAS_INIT or COORDS or AHEAD:
+        k0 = tl.load(k0_ptr + b * stride_k0_b)
+    if AHEAD:
+        # the last live row's model output, read once, and the chain from the last computed row
+        # (nothing read when the sample is inactive)
+        u = tl.load(e_ptr + b * stride_e_b + tl.maximum(n - 1, 0).to(tl.int64) * stride_e_j + offs * stride_e_d,
+                    mask=offs < tl.where(n > 0, D, 0), other=0.0).to(anchor.dtype)
+        v = _window_row(n - 1, (n > 0).to(tl.int32), delta, anchor, g_row, m_row, stride_g_j, stride_g_d,
+                        stride_mixed_j, stride_mixed_d, offs, D)
     for i in range(0, W + 1):
         src = i + delta
         # 0/1 flags and masks written as bounds (interpreter quirks: deqkern.kernels._launch)
@@ -128,9 +135,17 @@ def _commit_window_kernel(
                 prev = prev * r_prev
             val += tl.where(offs < tl.where(ahead > 0, D, 0), ahead.to(val.dtype) * (val - prev), 0.0).to(val.dtype)
         if AHEAD:
-            p_i = tl.load(p_ptr + b * stride_p_b + i * stride_p_j).to(val.dtype)
-            q_i = tl.load(q_ptr + b * stride_q_b + i * stride_q_j).to(val.dtype)
-            val = tl.where(offs < tl.where(src > n, D, 0), p_i * val + q_i * e_last.to(val.dtype), val)
+            enter = (src > n).to(tl.int32)
+            q = tl.minimum(tl.maximum(k0 + src - 1, 0), S - 1).to(tl.int64)
+            cx = tl.load(coef_ptr + q * stride_coef_p + 1 * stride_coef_f).to(val.dtype)
+            co = tl.load(coef_ptr + q * stride_coef_p + 2 * stride_coef_f).to(val.dtype)
+            step = cx * v + co * u
+            if NOISE:
+                sig = tl.load(coef_ptr + q * stride_coef_p + 6 * stride_coef_f).to(val.dtype)
+                step += sig * tl.load(z_ptr + q * stride_z_p + b * stride_z_b + offs * stride_z_d,
+                                      mask=offs < tl.where(enter > 0, D, 0), other=0.0).to(val.dtype)
+            v = tl.where(enter > 0, step, v)
+            val = tl.where(offs < tl.where(enter > 0, D, 0), v, val)
         idle = offs < tl.where(n == 0, D, 0)
         val = tl.where(idle, tl.load(xw_ptr + b * stride_xw_b + i * stride_xw_j + offs * stride_xw_d, mask=idle,
                                      other=0.0), val)
@@ -153,7 +168,7 @@ def commit_window(
     *,
     extrapolate: bool = False,
     coords: torch.Tensor | None = None,
-    ahead: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ahead: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
     block_d: int | None = None,
 ) -> None:
     """:func:`deqkern.ops.reference.commit_window` as one kernel (in place on ``xw``)."""
@@ -186,10 +201,16 @@ def commit_window(
         check_tensor("coords", coords, tuple(coords.shape), xw)
     held = ahead is not None and init is None
     if held:
-        e, p_row, q_row = ahead
+        e, coef, noise = ahead
+        if k0 is None:
+            raise ValueError("k0: required with ahead (positions of the windows)")
+        check_tensor("k0", k0, (batch,), xw, same_dtype=False)
         check_tensor("e", e, (batch, width, dim), xw, same_dtype=False)
-        check_tensor("p", p_row, (batch, rows), xw)
-        check_tensor("q", q_row, (batch, rows), xw)
+        if coef.ndim != 2 or coef.shape[1] != 7 or coef.shape[0] < 1:
+            raise ValueError(f"coef: expected shape [S, 7], got {tuple(coef.shape)}")
+        check_tensor("coef", coef, tuple(coef.shape), xw)
+        if noise is not None:
+            check_tensor("noise", noise, (coef.shape[0], batch, dim), xw, same_dtype=False)
         # the held rows replace both other rules for entering rows (the only rows those touch)
         extrapolate, scaled = False, False
     if batch > MAX_GRID_YZ:
@@ -201,17 +222,19 @@ def commit_window(
     out_t = out if out is not None else xw
     out_strides = out.stride() if out is not None else (0, 0, 0)
     coords_t = coords if scaled else xw
-    last_pos = init.shape[0] - 1 if init is not None else coords.numel() - 1 if scaled else 0
+    last_pos = (init.shape[0] - 1 if init is not None else coords.numel() - 1 if scaled
+                else coef.shape[0] if held else 0)
     with on_device(xw.device):
         _commit_window_kernel[(-(-dim // block), batch)](
             xw, mixed, g, delta, n_rows, k0_t, init_t, out_t, coords_t,
-            *((e, p_row, q_row) if held else (xw, delta, delta)),
+            *((e, coef, xw if noise is None else noise) if held else (xw, xw, xw)),
             width, dim, last_pos,
             *xw.stride(), *mixed.stride(), *g.stride(),
             delta.stride(0), n_rows.stride(0), k0_t.stride(0),
             *init_strides, *out_strides, coords_t.stride(0) if scaled else 0,
-            *(e.stride() + p_row.stride() + q_row.stride() if held else (0,) * 7),
+            *(e.stride() + coef.stride() + (noise.stride() if noise is not None else (0, 0, 0)) if held
+              else (0,) * 8),
             HAS_INIT=init is not None, HAS_OUT=out is not None, EXTRAP=extrapolate and init is None, COORDS=scaled,
-            AHEAD=held,
+            AHEAD=held, NOISE=held and noise is not None,
             BLOCK_D=block, num_warps=num_warps_for(block),
         )

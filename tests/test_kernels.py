@@ -504,18 +504,21 @@ def test_commit_window(ops, batch, width, dim, has_init, extrapolate, out_dtype)
         check("out", got_out, want_out, 1e-3 if extrapolate and out_dtype == torch.float16 else bound)
 
 
+@pytest.mark.parametrize("noisy", [False, True])
 @pytest.mark.parametrize("batch,width,dim", [(3, 5, 37), (1, 1, 130), (4, 7, 200)])
-def test_commit_window_ahead(ops, batch, width, dim):
-    """``ahead``: an entering row is the chain stepped from the last computed row with the last live
-    row's model output held, ``x <- cx_l x + co_l e`` once per position past it. The reference
-    equals that loop in float64 (1e-12 relative, :func:`ahead_coefficients` against stepping by
-    hand); the kernel equals the reference within 1e-6 (an FMA), frozen and kept rows exactly
-    moved; every (delta, n) corner, incl. a done sample and n = 1."""
-    gen = torch.Generator().manual_seed(batch * 10 + width + dim)
+def test_commit_window_ahead(ops, batch, width, dim, noisy):
+    """``ahead``: the entering rows are the chain stepped from the last computed row with the last
+    live row's model output held, ``v <- cx_q v + co_q u (+ sigma_q z_q)`` once per position past
+    it. The reference equals that loop written out by hand in float64 (1e-12 relative); the kernel
+    equals the reference within 1e-5 in float32 (FMAs), frozen and kept rows exactly moved; every
+    (delta, n) corner, incl. a done sample and n = 1; with and without step noise."""
+    gen = torch.Generator().manual_seed(batch * 10 + width + dim + noisy)
     steps = 3 * width + 2
-    cx = 1 + 0.1 * torch.rand(steps, generator=gen, dtype=torch.float64)
-    co = -0.2 * torch.rand(steps, generator=gen, dtype=torch.float64)
-    p_tab, q_tab = reference.ahead_coefficients(cx, co, width)
+    coef = torch.randn(steps, 7, generator=gen, dtype=torch.float64)
+    coef[:, 1] = 1 + 0.1 * torch.rand(steps, generator=gen, dtype=torch.float64)  # cx
+    coef[:, 2] = -0.2 * torch.rand(steps, generator=gen, dtype=torch.float64)  # co
+    coef[:, 6] = 0.3 * torch.rand(steps, generator=gen, dtype=torch.float64)  # sigma
+    noise = torch.randn(steps, batch, dim, generator=gen, dtype=torch.float64) if noisy else None
     n = torch.randint(0, width + 1, (batch,), generator=gen)
     n[0] = 0
     delta = torch.minimum(torch.randint(0, width + 1, (batch,), generator=gen), n)
@@ -524,8 +527,6 @@ def test_commit_window_ahead(ops, batch, width, dim):
     if batch > 2:
         n[1], delta[1] = 1, 0
     k0 = torch.randint(0, steps - 2 * width, (batch,), generator=gen)
-    m = (torch.arange(width + 1).unsqueeze(0) + delta.unsqueeze(1) - n.unsqueeze(1)).clamp(min=0)
-    start = (k0 + n).unsqueeze(1).expand_as(m)
     e = torch.randn(batch, width, dim, generator=gen, dtype=torch.float64)
     args = dict(
         xw=torch.randn(batch, width + 1, dim, generator=gen, dtype=torch.float64),
@@ -535,7 +536,8 @@ def test_commit_window_ahead(ops, batch, width, dim):
     want = {k: v.clone() for k, v in args.items()}
     full = torch.cat([want["xw"][:, :1], torch.where(
         (torch.arange(width) < delta.unsqueeze(1)).unsqueeze(-1), want["g"], want["mixed"])], dim=1)
-    reference.commit_window(**want, ahead=(e, p_tab[start, m], q_tab[start, m]))
+    reference.commit_window(**want, ahead=(e, coef, noise))
+    held = 0
     for b in range(1, batch):
         if int(n[b]) == 0:  # inactive: kept (test_commit_window_keeps_inactive_windows)
             continue
@@ -544,17 +546,18 @@ def test_commit_window_ahead(ops, batch, width, dim):
             if src <= int(n[b]):
                 continue
             x = full[b, int(n[b])].clone()
-            for step in range(int(k0[b] + n[b]), int(k0[b]) + src):  # by hand, one step at a time
-                x = cx[step] * x + co[step] * e[b, int(n[b]) - 1]
+            for q in range(int(k0[b] + n[b]), int(k0[b]) + src):  # by hand, one step at a time
+                x = coef[q, 1] * x + coef[q, 2] * e[b, int(n[b]) - 1] + (coef[q, 6] * noise[q, b] if noisy else 0.0)
             check(f"held row {b},{i}", want["xw"][b, i], x, 1e-12)
+            held += 1
+    assert held or width == 1 or batch == 1
     got = dev({k: v.float() if v.is_floating_point() else v for k, v in args.items()})
     out = torch.full((batch, width, dim), float("nan"), device=DEVICE)
+    z = noise.float().to(DEVICE) if noisy else None
     with poisoned_allocations():
-        ops.commit_window(**got, out=out, ahead=(e.float().to(DEVICE), p_tab[start, m].float().to(DEVICE),
-                                                 q_tab[start, m].float().to(DEVICE)))
+        ops.commit_window(**got, out=out, ahead=(e.float().to(DEVICE), coef.float().to(DEVICE), z))
     check("xw", got["xw"], want["xw"].float(), 1e-5)
     check("out", out, want["xw"][:, :width].float(), 1e-5)
-
 
 @pytest.mark.parametrize("has_init,extrapolate", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("impl", ["reference", "triton"])

@@ -68,19 +68,23 @@ def test_resolved_fills_the_schedule_defaults(sched, noisy):
     assert (r.window, r.max_iters, r.form, r.extrapolate) == (S, S, "drift", "model")
     r = deqkern.SolveConfig(window=3, max_iters=5, form="scan", extrapolate=True).resolved(noisy)
     assert (r.window, r.max_iters, r.form, r.extrapolate) == (3, 5, "scan", True)
-    assert deqkern.SolveConfig().resolved(noisy).extrapolate is False
+    assert deqkern.SolveConfig().resolved(noisy).extrapolate == "model"
     with pytest.raises(OptionError, match=rf"^window: expected an int in \[1, S={S}\], got 9"):
         deqkern.SolveConfig(window=9).resolved(sched)
 
 
 def test_extrapolate_model_only_where_the_steps_allow(ddim, sched, noisy):
-    """``extrapolate=None`` picks the held model output on a deterministic affine one-step chain,
-    the linear step on a deterministic clipped one, a copy on a stochastic one; asking for
-    ``"model"`` where it does not apply is an error naming the option; other strings too."""
+    """``extrapolate=None`` picks the held model output on one-step affine chains (deterministic
+    or not), the linear step on a deterministic clipped one, a copy on a stochastic clipped one;
+    asking for ``"model"`` where it does not apply is an error naming the option; other strings too."""
     clipped = deqkern.Schedule.ddim(ddim.alphas_cumprod, sched.timesteps, transform=deqkern.X0Transform("clip"))
+    noisy_clipped = deqkern.Schedule.ddim(ddim.alphas_cumprod, sched.timesteps, eta=0.5,
+                                          transform=deqkern.X0Transform("clip"))
     assert deqkern.SolveConfig().resolved(clipped).extrapolate is True
+    assert deqkern.SolveConfig().resolved(noisy_clipped).extrapolate is False
     assert deqkern.SolveConfig(extrapolate=True).resolved(sched).extrapolate is True
-    for bad in (noisy, clipped):
+    assert deqkern.SolveConfig(extrapolate="model").resolved(noisy).extrapolate == "model"
+    for bad in (clipped, noisy_clipped):
         with pytest.raises(OptionError, match="^extrapolate: 'model' steps entering rows"):
             deqkern.SolveConfig(extrapolate="model").resolved(bad)
     with pytest.raises(OptionError, match="^extrapolate: expected True, False, 'model' or None"):

@@ -334,7 +334,7 @@ def commit_window(
     out: torch.Tensor | None = None,
     extrapolate: bool = False,
     coords: torch.Tensor | None = None,
-    ahead: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ahead: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
 ) -> None:
     """End of a round, in place: freeze, slide, and write the next model input.
 
@@ -349,11 +349,13 @@ def commit_window(
     with ``init``) both rules act on the VP latents ``y_i = full[i] / c_i`` and the entering row is
     ``c_src y``, ``c_i = coords[min(k0[b] + i, S)]`` (docs/math.md §3). ``out``
     (``[B, W, D]``, any float dtype, e.g. the model's input batch) receives ``xw[:, :W]``.
-    ``ahead = (e, p, q)`` (no ``init``; replaces the two rules above): an entering row steps the
-    chain from the last computed row with the last live row's model output held fixed,
-    ``p[b, i] full[n] + q[b, i] e[b, n - 1]`` (``e``: ``[B, W, D]`` the round's model outputs;
-    ``p``, ``q``: ``[B, W+1]`` what the affine steps from position ``k0 + n`` to the row's make of
-    the two, :func:`ahead_coefficients`).
+    ``ahead = (e, coef, noise)`` (needs ``k0``, no ``init``; replaces the two rules above): the
+    entering rows are the chain stepped from the last computed row with the last live row's model
+    output ``u = e[b, n - 1]`` held, ``v <- cx_q v + co_q u + sigma_q z_q`` from ``v = full[n]``
+    over the steps ``q = k0 + n, ..., k0 + src - 1`` (``e``: ``[B, W, D]`` the round's model outputs;
+    ``coef``: ``[S, 7]`` the affine steps by position, fields ``cx``, ``co``, ``sigma`` of
+    ``COEF_FIELDS``; ``noise``: ``[S, B, D]`` the pre-drawn step noise, None for a deterministic
+    chain).
     An inactive sample (``n_rows[b] == 0``: done, or past ``max_iters`` inside a fixed-shape
     chunk) keeps its window as it is: its rows hold the solve's current estimate.
     """
@@ -382,10 +384,20 @@ def commit_window(
         beyond = (src - n).clamp(min=0).to(xw.dtype).unsqueeze(-1)
         shifted = shifted + beyond * (last - prev)
     if ahead is not None and init is None:
-        e, p_row, q_row = ahead
-        last = full[b[:, 0], n_rows].unsqueeze(1)
-        e_last = e[b[:, 0], (n_rows - 1).clamp(min=0)].unsqueeze(1).to(xw.dtype)
-        held = p_row.to(xw.dtype).unsqueeze(-1) * last + q_row.to(xw.dtype).unsqueeze(-1) * e_last
+        if k0 is None:
+            raise ValueError("k0: required with ahead (positions of the windows)")
+        e, coef, noise = ahead
+        v = full[b[:, 0], n_rows]
+        u = e[b[:, 0], (n_rows - 1).clamp(min=0)].to(xw.dtype)
+        held = []
+        for m in range(width):  # m + 1 steps past the last computed row (entering rows are consecutive)
+            q = (k0 + n_rows + m).clamp(max=coef.shape[0] - 1)
+            c = coef[q].to(xw.dtype)
+            v = c[:, 1:2] * v + c[:, 2:3] * u
+            if noise is not None:
+                v = v + c[:, 6:7] * noise[q, b[:, 0]].to(xw.dtype)
+            held.append(v)
+        held = torch.stack(held, dim=1)[b, (src - n - 1).clamp(min=0, max=width - 1)]
         shifted = torch.where((src > n).unsqueeze(-1), held, shifted)
     if init is not None:
         fresh = init[(k0.unsqueeze(1) + src).clamp(max=init.shape[0] - 1), b]
@@ -395,20 +407,3 @@ def commit_window(
     if out is not None:
         out.copy_(shifted[:, :width])
 
-
-def ahead_coefficients(cx: torch.Tensor, co: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(P, Q)`` ``[S+1, W+1]``: ``m`` affine steps ``x <- cx_l x + co_l e`` from position ``k``
-    with ``e`` held fixed give ``P[k, m] x + Q[k, m] e``, i.e. ``P[k, m] = prod_{l<m} cx_{k+l}``
-    and ``Q[k, m] = sum_{l<m} co_{k+l} prod_{l<l'<m} cx_{k+l'}`` (steps past ``S - 1``: the
-    identity). ``cx``, ``co``: ``[S]`` the steps' coefficients (float64 for the products)."""
-    s = cx.numel()
-    pad = torch.ones(width, dtype=cx.dtype, device=cx.device)
-    cxp, cop = torch.cat([cx, pad]), torch.cat([co, torch.zeros_like(pad)])
-    p = torch.ones(s + 1, width + 1, dtype=cx.dtype, device=cx.device)
-    q = torch.zeros_like(p)
-    start = torch.arange(s + 1, device=cx.device)
-    for m in range(1, width + 1):  # once per solve: W short vector steps
-        step = start + m - 1
-        p[:, m] = cxp[step] * p[:, m - 1]
-        q[:, m] = cxp[step] * q[:, m - 1] + cop[step]
-    return p, q
