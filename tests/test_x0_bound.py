@@ -114,3 +114,39 @@ def test_x0_rule_large_jacobian_small_latent():
     err = (res.x0.double() - ref).norm(dim=1)
     bound = case["tol"] * torch.maximum(ref.norm(dim=1), 1e-3 * x.double().norm(dim=1)) + 1e-5
     assert bool((err <= bound).all()), (err / bound).tolist()
+
+
+def test_x0_rule_secant_form_coincident_secant():
+    """A chain found by the contract suite's deep run (DDPM S=8, "sample" prediction, 1-D latents,
+    secant form, Anderson per row with damping 0.6, a warm start, tol 1e-2, float32): the secant
+    form fits ``L`` to the previous secant, and at one row the newest secant matched it to 4e-5
+    while ``|J - L|`` at the iterate was about 1e-3; the rule froze two rows on it and x0 ended
+    2.9x outside the bound. The rule now takes the larger of a row's last two measurements in the
+    secant form (``StepSecants.rule_dev``)."""
+    f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    cx = f64([2.4505e-04, 4.5309e-01, 5.5963e-01, 5.7128e-01, 5.3001e-01, 4.3545e-01, 2.5937e-01, 0.0])
+    zeros = torch.zeros(8, dtype=torch.float64)
+    sched = deqkern.Schedule(
+        timesteps=torch.tensor([999, 874, 749, 624, 499, 374, 249, 124]), cx=cx,
+        co=f64([0.1936, 0.2921, 0.3392, 0.3876, 0.4547, 0.5601, 0.7400, 1.0]), c0=zeros, px=zeros,
+        po=torch.ones(8, dtype=torch.float64), sigma=f64([1.0, 0.8604, 0.7253, 0.6194, 0.5275, 0.4384, 0.3401, 0.2054]),
+        a_coef=cx.clone(), noise_var=f64([0.96253, 0.65813, 0.42761, 0.27914, 0.17359, 0.093112, 0.031904, 1e-20]),
+        prediction_type="sample",
+    )
+    x = torch.tensor([[-0.9800], [-1.6578]])
+    noise = torch.tensor([[[0.2859], [-0.0296]], [[-1.5471], [0.6049]], [[-0.0351], [0.8268]], [[1.5914], [-0.9388]],
+                          [[-0.3284], [-0.4330]], [[1.3729], [2.9334]], [[-0.1220], [-0.0615]], [[-0.4091], [0.3801]]])
+    init = torch.tensor([[[0.9849], [-0.1484]], [[-1.4795], [0.4483]], [[-2.1921], [-0.7814]], [[-0.2808], [-0.7389]],
+                         [[-1.2199], [0.3031]], [[-1.0725], [0.7276]], [[2.2497], [-0.4755]], [[0.6205], [1.1500]]])
+    cond = torch.tensor([[-1.1345]])
+
+    def model(v, t, cond):
+        return torch.sin(v + 0.008 * t.to(v.dtype).view(-1, 1) / 1000) + 0.1 * cond
+
+    res = deqkern.sample(model, x, sched, "anderson", solver_options={"damping": 0.6, "mixing": "row"}, tol=1e-2,
+                         noise=noise, init=init, form="secant", execution="eager", model_kwargs={"cond": cond})
+    ref = deqkern.sample_sequential(model, x.double(), sched, noise.double(), model_kwargs={"cond": cond.double()}).x0
+    assert res.all_converged
+    err = (res.x0.double() - ref).norm(dim=1)
+    bound = 1e-2 * torch.maximum(ref.norm(dim=1), 1e-3 * x.double().norm(dim=1)) + 1e-5
+    assert bool((err <= bound).all()), (err / bound).tolist()
