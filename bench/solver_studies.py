@@ -278,6 +278,13 @@ def _secant_check(unet, schedule, x: torch.Tensor, window: int | None, rounds: i
     return ratios
 
 
+def _ratio_summary(chain: str, ratios: list[float]) -> dict[str, Any]:
+    """What the secant checks report: the chain, how many rows, the median and largest ratio."""
+    ratios = sorted(ratios)
+    return {"chain": chain, "rows": len(ratios), "max": ratios[-1] if ratios else None,
+            "median": ratios[len(ratios) // 2] if ratios else None}
+
+
 def budget(quick: bool) -> dict[str, Any]:
     """The x0 rule with measured step secants (issue 14): on issue 14's chains with the library's
     defaults (stop="x0", tol 1e-3), the rounds and the worst sample's x0 error over tol, against
@@ -308,9 +315,8 @@ def budget(quick: bool) -> dict[str, Any]:
     unet, sched = _digits()
     steps, window = (6, None) if quick else (100, 10)
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    ratios = sorted(_secant_check(unet, deqkern.Schedule.from_diffusers(sched, steps), x, window, 6 if quick else 40))
-    check = {"chain": f"ddim S={steps} W={window or steps}, batch 2, first 40 rounds", "rows": len(ratios),
-             "max": ratios[-1] if ratios else None, "median": ratios[len(ratios) // 2] if ratios else None}
+    ratios = _secant_check(unet, deqkern.Schedule.from_diffusers(sched, steps), x, window, 6 if quick else 40)
+    check = _ratio_summary(f"ddim S={steps} W={window or steps}, batch 2, first 40 rounds", ratios)
     print(f"secant check: true ||(J - L)F||/||F|| over dev: median {check['median']}, max {check['max']} "
           f"({len(ratios)} frozen rows)")
     return {"what": "library defaults, batch 8, seed 0: rounds and worst x0 error / tol; ParaDiGMS (tol 0.1, "
@@ -633,10 +639,9 @@ def lend(quick: bool) -> dict[str, Any]:
     checks = []
     for steps, window, first, rounds in ([(12, 4, 0, 12)] if quick else [(100, 10, 0, 40), (1000, 10, 85, 200)]):
         x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-        ratios = sorted(_secant_check(unet, deqkern.Schedule.from_diffusers(sched, steps), x, window, rounds,
-                                      lent=True, first=first))
-        checks.append({"chain": f"ddim S={steps} W={window}, batch 2, rounds {first}-{rounds - 1}", "rows": len(ratios),
-                       "max": ratios[-1] if ratios else None, "median": ratios[len(ratios) // 2] if ratios else None})
+        ratios = _secant_check(unet, deqkern.Schedule.from_diffusers(sched, steps), x, window, rounds, lent=True,
+                               first=first)
+        checks.append(_ratio_summary(f"ddim S={steps} W={window}, batch 2, rounds {first}-{rounds - 1}", ratios))
         print(f"lend check {checks[-1]['chain']}: true ||(J - L)F||/||F|| over the lent dev: median "
               f"{checks[-1]['median']}, max {checks[-1]['max']} ({len(ratios)} frozen rows)")
     return {"what": "library defaults (x0 rule, tol 1e-3), batch 8, seed 0: rounds and worst x0 error / tol with "
