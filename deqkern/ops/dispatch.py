@@ -111,7 +111,7 @@ def commit_window(
     out: torch.Tensor | None = None,
     extrapolate: bool = False,
     coords: torch.Tensor | None = None,
-    ahead: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ahead: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
 ) -> None:
     """:func:`deqkern.ops.reference.commit_window`, one fused kernel on the Triton backend."""
     if backend_for(xw) == "reference":

@@ -368,7 +368,9 @@ def commit_window(
     b = torch.arange(batch, device=xw.device).unsqueeze(1)
     n = n_rows.unsqueeze(1)
     shifted = full[b, torch.minimum(src, n)]
-    scaled = coords is not None and init is None
+    # both rules below touch only entering rows, which ahead (or init) replaces: skip them then
+    held = ahead is not None and init is None
+    scaled = coords is not None and init is None and not held
     if scaled and k0 is None:
         raise ValueError("k0: required with coords (positions of the windows)")
     if scaled:  # entering rows: full[n] in their own coordinates, c_src / c_n full[n]
@@ -376,14 +378,14 @@ def commit_window(
         c = coords.to(xw.dtype)[pos.clamp(min=0, max=coords.numel() - 1)]
         c_src, c_prev, c_last = c[:, :rows], c[:, rows:rows + 1], c[:, rows + 1:]
         shifted = torch.where((src > n).unsqueeze(-1), shifted * (c_src / c_last).unsqueeze(-1), shifted)
-    if extrapolate and init is None:
+    if extrapolate and init is None and not held:
         last = full[b[:, 0], n_rows].unsqueeze(1)
         prev = full[b[:, 0], (n_rows - 1).clamp(min=0)].unsqueeze(1)
         if scaled:
             last, prev = last * (c_src / c_last).unsqueeze(-1), prev * (c_src / c_prev).unsqueeze(-1)
         beyond = (src - n).clamp(min=0).to(xw.dtype).unsqueeze(-1)
         shifted = shifted + beyond * (last - prev)
-    if ahead is not None and init is None:
+    if held:
         if k0 is None:
             raise ValueError("k0: required with ahead (positions of the windows)")
         e, coef, noise = ahead
