@@ -40,6 +40,7 @@ from deqkern.schedule import Form, X0Transform
 from deqkern.solvers import Solver, get_solver
 
 StopRule = Literal["relative", "noise", "x0"]
+Entering = Literal["copy", "linear", "held"]
 Execution = Literal["auto", "eager", "static", "graph", "audit"]
 #: a solve's progress bar: off (False), on (True), or on with these tqdm options
 Progress = bool | Mapping[str, Any]
@@ -68,12 +69,11 @@ class Problem:
     #: the fixed-point form: "drift" (every L = 1), "scan" (L from ``coef``) or "secant" (L per
     #: sample and row, adapted every round: SolveState.secant)
     form: Form
-    #: rows entering the window continue the last step linearly instead of copying the last row
-    #: (deqkern.ops.commit_window; measured in bench/results/extrapolate_cpu.md)
-    extrapolate: bool = False
-    #: rows entering the window are the chain stepped with the last model output held instead
-    #: (one-step affine chains, ops.commit_window's ``ahead``; docs/math.md §2)
-    held: bool = False
+    #: how rows entering a sliding window start (ops.commit_window): a copy of the last computed
+    #: row, the last step continued linearly, or the chain stepped with the last model output held
+    #: (one-step affine chains only: ``ahead``, docs/math.md §2); chosen by
+    #: bench/solver_studies.py entering
+    entering: Entering = "copy"
     #: [S, 4] a multistep chain's previous-output coefficients (Schedule.packed_multistep), None otherwise
     ms_coef: torch.Tensor | None = None
     #: [S, 3] float64 a multistep chain's terms of the x0 rule (Multistep.packed_x0), None otherwise
@@ -229,13 +229,13 @@ class StepSecants:
         mult = coef[..., 0]
         g_prev = torch.cat([xw[:, :1], g[:, :-1]], dim=1)
         s = g - mult.unsqueeze(-1).to(g.dtype) * (g_prev - x)
-        gain, dev = step_secants(x, s, self.x, self.s, mult)
+        dx, ds = x - self.x, s - self.s
+        gain, dev = step_secants(dx, ds, mult)
         valid = self.valid & live
         fresh = valid & torch.isfinite(gain) & torch.isfinite(dev)
         self.gain.copy_(torch.where(fresh, gain, self.gain))
         self.dev_prev.copy_(torch.where(fresh, self.dev, self.dev_prev))
         self.dev.copy_(torch.where(fresh, dev, self.dev))
-        dx, ds = x - self.x, s - self.s
         # the model's Jacobian along dx, E dx = (ds - cx dx) / co, as the two numbers rule_dev needs
         # to rebuild ||(J - L) dx|| for other coefficients (in float64: the terms nearly cancel)
         c = coef.to(torch.float64)
@@ -484,10 +484,10 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
         dest = torch.where(frozen, st.k0.unsqueeze(1) + 1 + j, s + 1)
         st.traj[dest, b_idx.unsqueeze(1)] = res.g
     # freeze the accepted rows at G, slide every window, write the next model input: one pass
-    ahead = (e, p.coef, p.noise) if p.held else None
+    ahead = (e, p.coef, p.noise) if p.entering == "held" else None
     with annotate("commit"):
-        commit_window(st.xw, x_new, res.g, delta, n_commit, st.k0, p.init, st.model_in, p.extrapolate, p.coords,
-                      ahead)
+        commit_window(st.xw, x_new, res.g, delta, n_commit, st.k0, p.init, st.model_in, p.entering == "linear",
+                      p.coords, ahead)
     solver.shift(delta)
     if st.secants is not None:
         slide = RowSlide(delta, width)

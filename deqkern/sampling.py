@@ -637,8 +637,10 @@ class ParallelSampler:
             noise=None if noise is None else noise.reshape(s, batch, dim).clone(),
             init=None if init is None else torch.cat([x_T.reshape(1, batch, dim), init.reshape(s, batch, dim)]),
             transform=schedule.transform, shape=x_T.shape, width=width, tol=c.tol, stop=c.stop,
-            max_iters=c.max_iters, form=c.form, extrapolate=c.extrapolate is True,
-            held=c.extrapolate == "model" and width < s,
+            max_iters=c.max_iters, form=c.form,
+            # at the full window no row ever enters: the held chain would be computed for nothing
+            entering=("held" if width < s else "copy") if c.extrapolate == "model"
+            else "linear" if c.extrapolate else "copy",
             ms_coef=schedule.packed_multistep(dev, dt),
             x0_extra=None if schedule.multistep is None else schedule.multistep.packed_x0(dev),
             coords=None if schedule.coords is None else schedule.coords.to(dev, dt),

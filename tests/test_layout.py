@@ -16,6 +16,7 @@ from conftest import rel_err
 
 import deqkern
 from deqkern.ops.window import RowSlide
+from deqkern.solvers import base as solvers_base
 
 S = 10
 PACKAGE = Path(deqkern.__file__).parent
@@ -55,7 +56,9 @@ class DampedSolver:
 
 
 @pytest.fixture
-def damped():
+def damped(monkeypatch):
+    # a copy of the registry for this test: monkeypatch restores the original (without the solver)
+    monkeypatch.setattr(solvers_base, "_REGISTRY", dict(solvers_base._REGISTRY))
     solvers: list[DampedSolver] = []
 
     def factory(config, batch, width, dim, device, dtype):

@@ -231,7 +231,8 @@ def solve_adjoint(
         noise=None, init=None, transform=X0Transform(), shape=torch.Size((batch, dim)), width=width,
         tol=c.tol, stop=c.stop, max_iters=s if c.max_iters is None else c.max_iters,
         # the plain and scan adjoints are both scans with the multipliers in coef's L column
-        form="drift" if config.form == "drift" else "scan", extrapolate=c.extrapolate is not False,
+        form="drift" if config.form == "drift" else "scan",
+        entering="copy" if c.extrapolate is False else "linear",
     )
     before = vjp.vjp_rows
 

@@ -141,22 +141,19 @@ def x0_accepted_rows(
     return delta
 
 
-def step_secants(
-    x: torch.Tensor, s: torch.Tensor, x_prev: torch.Tensor, s_prev: torch.Tensor, mult: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def step_secants(dx: torch.Tensor, ds: torch.Tensor, mult: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(gain, dev)`` ``[B, W]`` float64: each step's secants between two rounds at one position,
 
         gain = ||ds|| / ||dx||,    dev = ||ds - L dx|| / ||dx||,    dx = x - x', ds = s - s',
 
     estimates of ``||J dx|| / ||dx||`` and ``||(J - L) dx|| / ||dx||`` along the input's last change
     (``s = step(x)``; ``'``: the previous round; ``L`` = ``mult`` ``[B, W]``, the scan's multipliers
-    this round); NaN where the input did not move. ``x``, ``s``, ``x_prev``, ``s_prev``: ``[B, W, D]``.
+    this round); NaN where the input did not move. ``dx``, ``ds``: ``[B, W, D]``.
     """
-    dx, ds = x - x_prev, s - s_prev
     norm = lambda v: v.square().sum(-1).to(torch.float64).sqrt()  # noqa: E731
     den = norm(dx)
     inv = torch.where(den > 0, 1.0 / den, math.nan)
-    return norm(ds) * inv, norm(ds - mult.to(x.dtype).unsqueeze(-1) * dx) * inv
+    return norm(ds) * inv, norm(ds - mult.to(dx.dtype).unsqueeze(-1) * dx) * inv
 
 
 def window_residual(f_sq: torch.Tensor, g_sq: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
