@@ -653,12 +653,14 @@ def lend(quick: bool) -> dict[str, Any]:
 def entering(quick: bool) -> dict[str, Any]:
     """How rows entering a sliding window start (``extrapolate``): a copy of the last computed row
     (False, ParaDiGMS), the last step continued linearly (True) or the chain stepped with the last
-    model output held (``"model"``, with the pre-drawn step noise on stochastic chains); the library's
-    defaults otherwise (x0 rule, tol 1e-3), batch 8, seed 0: rounds and the worst x0 error over tol,
-    DDIM, Euler (VP coordinates), DDPM and Euler ancestral."""
-    chains = [("ddim", 12, 4), ("ddpm", 12, 4)] if quick else [
+    model output held (``"model"``, with the pre-drawn step noise on stochastic chains; DPM-Solver++
+    holds its predicted x0); the library's defaults otherwise (x0 rule, tol 1e-3), batch 8, seed 0:
+    rounds and the worst x0 error over tol, DDIM, Euler (VP coordinates), DDPM, Euler ancestral and
+    DPM-Solver++(2M)."""
+    chains = [("ddim", 12, 4), ("ddpm", 12, 4), ("dpm++2m", 12, 4)] if quick else [
         ("ddim", 100, 5), ("ddim", 100, 10), ("ddim", 100, 25), ("ddim", 1000, 10), ("euler", 100, 10),
-        ("ddpm", 100, 10), ("ddpm", 100, 25), ("euler-a", 100, 10), ("ddpm", 1000, 10)]
+        ("ddpm", 100, 10), ("ddpm", 100, 25), ("euler-a", 100, 10), ("ddpm", 1000, 10), ("dpm++2m", 50, 10),
+        ("dpm++2m", 100, 10), ("dpm++2m", 100, 25)]
     rows = []
     from deqkern.bench.chains import build_chain, scheduler_config
 
@@ -780,10 +782,70 @@ def floors(quick: bool) -> dict[str, Any]:
             "rows": newton, "entering_guess_errors": guesses}
 
 
+def _by_position(coarse: torch.Tensor, steps: int) -> torch.Tensor:
+    """``[steps, ...]`` positions 1..steps of a fine chain read off a coarse trajectory ``[K+1, ...]``
+    (positions 0..K), linearly between its two nearest states by the fraction of the chain run."""
+    k = coarse.shape[0] - 1
+    rows = []
+    for i in range(1, steps + 1):
+        f = i * k / steps
+        lo = min(int(f), k - 1)
+        w = f - lo
+        rows.append((1 - w) * coarse[lo] + w * coarse[lo + 1])
+    return torch.stack(rows)
+
+
+def starts(quick: bool) -> dict[str, Any]:
+    """Does a better first guess of the whole chain (``init``) cut rounds? DDIM, batch 8, seed 0,
+    library defaults (x0 rule, tol 1e-3), full window and a window of 10. Starts: the default (every
+    row at x_T; a window's entering rows stepped with the last output held); x_T stepped with its
+    own model output held to every row (a DDIM jump: one sequential model call first); a coarse
+    K-step DDIM trajectory read off by position (ParaSolver's hierarchical start: K sequential calls
+    first); and, as no method but a measure of how close a start must be, the exact trajectory with
+    every row moved by Gaussian noise of relative size eps. ``init`` replaces the held entering rows
+    of a window (its rows come from ``init``)."""
+    steps, windows, coarse_steps, eps = (12, (None, 4), (3,), (1e-2,)) if quick else (
+        100, (None, 10), (5, 20), (1e-2, 1e-3, 1e-4))
+    unet, sched = _digits()
+    schedule = deqkern.Schedule.from_diffusers(sched, steps)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 1, 8, 8, generator=g)
+    with torch.no_grad():
+        seq = deqkern.sample_sequential(unet, x, schedule, execution="eager", return_trajectory=True)
+        ref, exact = seq.x0, seq.trajectory[1:]
+        e_T = unet(x, schedule.timesteps[0].repeat(x.shape[0])).sample
+        jump, v = [], x
+        for k in range(steps):
+            v = schedule.cx[k] * v + schedule.co[k] * e_T
+            jump.append(v)
+        inits: list[tuple[str, int, torch.Tensor | None]] = [("default", 0, None), ("DDIM jump", 1, torch.stack(jump))]
+        for k in coarse_steps:
+            coarse = deqkern.sample_sequential(unet, x, deqkern.Schedule.from_diffusers(sched, k), execution="eager",
+                                               return_trajectory=True).trajectory
+            inits.append((f"coarse K={k}", k, _by_position(coarse, steps)))
+        row_norm = exact.flatten(2).norm(dim=2).view(steps, -1, 1, 1, 1) / math.sqrt(exact[0, 0].numel())
+        for e in eps:
+            noise = torch.randn(exact.shape, generator=torch.Generator().manual_seed(1))
+            inits.append((f"exact + {e:g} noise", 0, exact + e * row_norm * noise))
+        rows = []
+        for name, calls, init in inits:
+            row: dict[str, Any] = {"start": name, "sequential_calls_first": calls,
+                                   "start_x0_error_over_tol": None if init is None else _x0_err(init[-1], ref) / 1e-3}
+            for w in windows:
+                r = deqkern.sample(unet, x, schedule, window=w, execution="eager", init=init)
+                row[f"window_{w or steps}"] = {"rounds": r.rounds, "converged": r.all_converged,
+                                               "worst_error_over_tol": _x0_err(r.x0, ref) / 1e-3}
+            rows.append(row)
+            print(f"{name:<20} + {calls:>2} calls: " + ", ".join(
+                f"W={w or steps} {row[f'window_{w or steps}']['rounds']} rounds" for w in windows))
+    return {"what": f"DDIM S={steps}, batch 8, seed 0, library defaults but init: rounds and worst x0 error / tol "
+                    "per start", "command": "python bench/solver_studies.py starts", "rows": rows}
+
+
 STUDIES = {"adjoint-vjp": adjoint_vjp, "ops-per-round": ops_per_round, "stopping-rule": stopping_rule,
            "stopping-x0": stopping_x0, "tail-chunks": tail_chunks, "half-precision": half_precision,
            "divergence": divergence, "multistep-rounds": multistep_rounds, "euler-coords": euler_coords,
-           "budget": budget, "lend": lend, "entering": entering, "floors": floors}
+           "budget": budget, "lend": lend, "entering": entering, "floors": floors, "starts": starts}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -49,8 +49,9 @@ class SolveConfig:
             ``"auto"`` by :meth:`resolved`.
         max_iters: most rounds, >= 1; None: S (Picard is exact after S rounds).
         extrapolate: how rows entering a sliding window start: ``"model"``, the chain stepped
-            from the last computed row with the last model output held (one-step affine chains:
-            DDIM, DDPM, Euler, Euler ancestral, flow, without x0 clipping); True, the last step
+            from the last computed row with the last model output held (affine chains: DDIM,
+            DDPM, Euler, Euler ancestral, flow, DPM-Solver++ holding its predicted x0, without x0
+            clipping); True, the last step
             continued linearly; False, a copy of the last row (ParaDiGMS); None: the first that
             applies of ``"model"``, True (deterministic chains), False (stochastic).
         execution: ``"eager"``, ``"static"``, ``"graph"``, ``"audit"`` or ``"auto"`` (graph on
@@ -112,10 +113,10 @@ class SolveConfig:
         form = schedule.form if self.form is None else self.form
         if form != schedule.form:
             schedule.with_form(form)  # the schedule checks that its steps admit the form
-        held = schedule.is_affine and not schedule.is_multistep
+        held = schedule.can_hold_output
         if self.extrapolate == "model" and not held:
             raise OptionError("extrapolate", "'model' steps entering rows with the model output held, which needs "
-                                             "one-step affine steps (no x0 clip/threshold, no multistep); this chain "
+                                             "affine steps (no x0 clip/threshold); this chain "
                                              f"is {schedule.description or 'not'} (use True or False)")
         if self.extrapolate is None:
             # chosen by bench/solver_studies.py entering: fewer rounds than the linear step or the copy

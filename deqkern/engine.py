@@ -74,6 +74,8 @@ class Problem:
     #: (one-step affine chains only: ``ahead``, docs/math.md §2); chosen by
     #: bench/solver_studies.py entering
     entering: Entering = "copy"
+    #: [S, 7] the steps with the last model output held (Schedule.packed_held), read when ``entering`` is "held"
+    held_coef: torch.Tensor | None = None
     #: [S, 4] a multistep chain's previous-output coefficients (Schedule.packed_multistep), None otherwise
     ms_coef: torch.Tensor | None = None
     #: [S, 3] float64 a multistep chain's terms of the x0 rule (Multistep.packed_x0), None otherwise
@@ -484,7 +486,9 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
         dest = torch.where(frozen, st.k0.unsqueeze(1) + 1 + j, s + 1)
         st.traj[dest, b_idx.unsqueeze(1)] = res.g
     # freeze the accepted rows at G, slide every window, write the next model input: one pass
-    ahead = (e, p.coef, p.noise) if p.entering == "held" else None
+    ahead = None
+    if p.entering == "held":
+        ahead = (e if ms is None else held_converted(st.xw, e, ms, n_commit), p.held_coef, p.noise)
     with annotate("commit"):
         commit_window(st.xw, x_new, res.g, delta, n_commit, st.k0, p.init, st.model_in, p.entering == "linear",
                       p.coords, ahead)
@@ -496,6 +500,19 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
             slide.apply(st.secant, 1.0)
     st.k0.add_(delta)
     st.rounds.add_(active.any())
+
+
+def held_converted(xw: torch.Tensor, e: torch.Tensor, ms: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """``[B, W, D]`` (a broadcast view of ``[B, D]``): a multistep chain's converted output of each
+    sample's last live row ``n - 1``, ``u = ux x + uo e`` (affine chains: the x0 transform is the
+    identity), the output its entering rows hold (Schedule.packed_held): the commit reads row
+    ``n - 1`` of the model outputs it is given. ``xw``: the window before the commit; ``e``: the
+    round's outputs; ``ms``: ``[B, W, 4]`` this round's multistep coefficients."""
+    b = torch.arange(e.shape[0], device=e.device)
+    last = (n - 1).clamp(min=0)
+    m = ms[b, last].to(e.dtype)
+    u = m[:, 1:2] * xw[b, last] + m[:, 2:3] * e[b, last]
+    return u.unsqueeze(1).expand_as(e)
 
 
 #: A solve whose worst live row is within this factor of its stopping test (``SolveState.worst``,

@@ -309,7 +309,8 @@ class ParallelSampler:
             floor (``HALF_TOL_FLOOR``) warns.
         extrapolate: how rows entering a sliding window (``window < S``) start: ``"model"``
             steps the chain from the last computed row with the last model output held (and the
-            pre-drawn step noise; one-step affine chains), True continues the last step
+            pre-drawn step noise; affine chains, a multistep one holding its converted output),
+            True continues the last step
             linearly, False copies the last computed row as ParaDiGMS does; default (None):
             ``"model"`` where it applies, else True for deterministic chains, False for
             stochastic ones (``bench/results/README.md``, "Entering rows"). ``init`` overrides it.
@@ -641,6 +642,7 @@ class ParallelSampler:
             # at the full window no row ever enters: the held chain would be computed for nothing
             entering=("held" if width < s else "copy") if c.extrapolate == "model"
             else "linear" if c.extrapolate else "copy",
+            held_coef=schedule.packed_held(dev, dt) if c.extrapolate == "model" and width < s else None,
             ms_coef=schedule.packed_multistep(dev, dt),
             x0_extra=None if schedule.multistep is None else schedule.multistep.packed_x0(dev),
             coords=None if schedule.coords is None else schedule.coords.to(dev, dt),

@@ -271,6 +271,28 @@ class Schedule:
         cols = [L, self.cx, self.co, self.c0, self.px, self.po, self.sigma]
         return torch.stack(cols, dim=1).to(device=device, dtype=dtype)
 
+    @property
+    def can_hold_output(self) -> bool:
+        """Whether rows entering a window can be stepped with a model output held
+        (:meth:`packed_held`): affine steps, and in a multistep chain every ``uo != 0``."""
+        return self.is_affine and (self.multistep is None or bool((self.multistep.uo != 0).all()))
+
+    def packed_held(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``[S, 7]`` like :meth:`packed`: the steps with a model output held, read by the commit's
+        ``ahead`` (fields ``cx``, ``co``, ``sigma``; docs/math.md §2). A one-step chain holds its
+        raw output ``e``: its own steps. A multistep chain holds the converted output ``u`` (the
+        predicted x0 of DPM-Solver++): the raw output of row ``q`` is then ``e = (u - ux_q x) / uo_q``
+        and the previous output ``u`` too, so step ``q`` is ``(cx_q - co_q ux_q / uo_q) x + (co_q /
+        uo_q + c1_q) u + sigma_q z_q``. Needs :attr:`can_hold_output`."""
+        if not self.can_hold_output:
+            raise ValueError("packed_held: needs affine steps and, in a multistep chain, uo != 0 at every step")
+        held = self.packed(device, torch.float64)
+        if self.multistep is not None:
+            m = self.multistep
+            held[:, COEF_FIELDS.index("cx")] = self.cx - self.co * m.ux / m.uo
+            held[:, COEF_FIELDS.index("co")] = self.co / m.uo + m.c1
+        return held.to(device=device, dtype=dtype)
+
     # ------------------------------------------------------------------ constructors
     @classmethod
     def ddim(

@@ -42,7 +42,8 @@ def test_e2e_graphs_script_on_cpu(tmp_path):
 
 @pytest.mark.skipif(not (ROOT / "bench" / "solver_studies.py").exists(), reason="run from a source checkout")
 @pytest.mark.parametrize("study", ["adjoint-vjp", "ops-per-round", "stopping-rule", "stopping-x0", "tail-chunks",
-                                   "divergence", "euler-coords", "budget", "lend", "entering", "floors"])
+                                   "divergence", "euler-coords", "budget", "lend", "entering", "floors",
+                                   "starts"])
 def test_solver_studies_run_quick(tmp_path, monkeypatch, study):
     """The studies behind bench/results/README.md, at --quick sizes."""
     # as a user runs them on CPU: the reference ops (adjoint-vjp's child processes would otherwise
@@ -87,6 +88,10 @@ def test_solver_studies_run_quick(tmp_path, monkeypatch, study):
         assert {r["scheduler"] for r in report["rows"]} == {"ddim", "ddpm"}
         assert all(len(r["newton_worst_x0_error"]) == 4 for r in report["rows"])
         assert all(len(g["held"]) == len(g["linear"]) >= 1 for g in report["entering_guess_errors"])
+    elif study == "starts":  # every start converges within the bound, at both windows
+        assert [r["start"] for r in report["rows"]][:3] == ["default", "DDIM jump", "coarse K=3"]
+        assert all(r[k]["converged"] and r[k]["worst_error_over_tol"] <= 1
+                   for r in report["rows"] for k in ("window_12", "window_4"))
     elif study == "entering":  # every entering rule converges within the bound
         assert all(r[k]["converged"] and r[k]["worst_error_over_tol"] <= 1
                    for r in report["rows"] for k in ("copy", "linear", "model"))

@@ -152,9 +152,67 @@ def test_warm_start_and_extrapolation():
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     seq = deqkern.sample_sequential(model, x_T, s, execution="eager", return_trajectory=True)
     init = seq.trajectory[1:] + 1e-2 * torch.randn_like(seq.trajectory[1:])
-    for kw in (dict(init=init), dict(extrapolate=True), dict(extrapolate=False)):
+    for kw in (dict(init=init), dict(extrapolate=True), dict(extrapolate=False), dict(extrapolate="model")):
         res = deqkern.sample(model, x_T, s, solver="anderson", tol=PARALLEL_TOL, window=4, **kw)
         assert bool(res.converged.all()) and float(bound_ratio(res.x0, seq.x0, x_T, PARALLEL_TOL).max()) <= 1.0
+
+
+@pytest.mark.parametrize("alg", ["dpmsolver++", "dpmsolver", "sde-dpmsolver++"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_packed_held_steps_hold_the_converted_output(alg, prediction):
+    """``Schedule.packed_held``: one step with the converted output ``u`` held is the chain's own
+    step (:func:`deqkern.ops.step_rows`, float64) with the raw output whose conversion is ``u``,
+    ``e = (u - ux x) / uo``, and ``u`` as the previous output (1e-12 relative), at every position;
+    the pre-drawn noise enters as in the chain. A one-step chain's held steps are its own."""
+    from deqkern.ops import step_rows
+
+    s = deqkern.Schedule.from_diffusers(_make(dict(algorithm_type=alg, prediction_type=prediction,
+                                                   final_sigmas_type=_final(alg))), STEPS)
+    assert s.can_hold_output
+    coef, ms, held = s.packed(dtype=torch.float64), s.packed_multistep(dtype=torch.float64), s.packed_held(
+        dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    x, u, z = (torch.randn(3, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    for q in range(STEPS):
+        e = (u - ms[q, 1] * x) / ms[q, 2]
+        want = step_rows(x, e, z, coef[q], s.transform, ms[q], u)
+        got = held[q, 1] * x + held[q, 2] * u + held[q, 6] * z
+        assert rel_err(got, want) < 1e-12, q
+    one_step = deqkern.Schedule.from_diffusers(_make(dict(solver_order=1)), STEPS)
+    if one_step.multistep is None:
+        assert torch.equal(one_step.packed_held(), one_step.packed())
+
+
+def test_held_converted_is_the_last_live_rows_converted_output():
+    """``engine.held_converted``: for every window row, the converted output
+    (:func:`deqkern.ops.window.converted_rows`) of the sample's last live row ``n - 1`` (row 0
+    when nothing is live), exactly."""
+    from deqkern.engine import held_converted
+    from deqkern.ops.window import converted_rows
+
+    s = deqkern.Schedule.from_diffusers(_make({}), STEPS)
+    batch, width, dim = 4, 5, 6
+    g = torch.Generator().manual_seed(6)
+    pos = torch.randint(0, STEPS, (batch, width), generator=g)
+    coef, ms = s.packed(dtype=torch.float64)[pos], s.packed_multistep(dtype=torch.float64)[pos]
+    xw = torch.randn(batch, width + 1, dim, generator=g, dtype=torch.float64)
+    e = torch.randn(batch, width, dim, generator=g, dtype=torch.float64)
+    n = torch.tensor([0, 1, 3, width])
+    got = held_converted(xw, e, ms, n)
+    assert got.shape == (batch, width, dim)
+    for b in range(batch):
+        last = max(int(n[b]) - 1, 0)
+        want = converted_rows(xw[b, last], e[b, last], coef[b, last], ms[b, last], s.transform)
+        assert torch.equal(got[b], want.expand(width, dim))
+
+
+def test_packed_held_refuses_a_clipped_chain():
+    s = deqkern.Schedule.from_diffusers(_make(dict(thresholding=True)), STEPS)
+    assert not s.can_hold_output
+    with pytest.raises(ValueError, match="packed_held: needs affine steps"):
+        s.packed_held()
+    with pytest.raises(ValueError, match="^extrapolate: "):  # OptionError names the option first
+        deqkern.SolveConfig(extrapolate="model").resolved(s)
 
 
 def test_repeated_final_sigma_is_an_identity_step():

@@ -504,15 +504,17 @@ def test_commit_window(ops, batch, width, dim, has_init, extrapolate, out_dtype)
         check("out", got_out, want_out, 1e-3 if extrapolate and out_dtype == torch.float16 else bound)
 
 
-@pytest.mark.parametrize("noisy", [False, True])
+@pytest.mark.parametrize("noisy,broadcast", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("batch,width,dim", [(3, 5, 37), (1, 1, 130), (4, 7, 200)])
-def test_commit_window_ahead(ops, batch, width, dim, noisy):
+def test_commit_window_ahead(ops, batch, width, dim, noisy, broadcast):
     """``ahead``: the entering rows are the chain stepped from the last computed row with the last
     live row's model output held, ``v <- cx_q v + co_q u (+ sigma_q z_q)`` once per position past
     it. The reference equals that loop written out by hand in float64 (1e-12 relative); the kernel
     equals the reference within 1e-5 in float32 (FMAs), frozen and kept rows exactly moved; every
-    (delta, n) corner, incl. a done sample and n = 1; with and without step noise."""
-    gen = torch.Generator().manual_seed(batch * 10 + width + dim + noisy)
+    (delta, n) corner, incl. a done sample and n = 1; with and without step noise; the outputs
+    also as one row per sample broadcast over the window (stride 0: what a multistep chain's
+    engine passes, engine.held_converted)."""
+    gen = torch.Generator().manual_seed(batch * 10 + width + dim + noisy + 2 * broadcast)
     steps = 3 * width + 2
     coef = torch.randn(steps, 7, generator=gen, dtype=torch.float64)
     coef[:, 1] = 1 + 0.1 * torch.rand(steps, generator=gen, dtype=torch.float64)  # cx
@@ -527,7 +529,9 @@ def test_commit_window_ahead(ops, batch, width, dim, noisy):
     if batch > 2:
         n[1], delta[1] = 1, 0
     k0 = torch.randint(0, steps - 2 * width, (batch,), generator=gen)
-    e = torch.randn(batch, width, dim, generator=gen, dtype=torch.float64)
+    e0 = torch.randn(batch, width if not broadcast else 1, dim, generator=gen, dtype=torch.float64)
+    as_rows = (lambda v: v.expand(batch, width, dim)) if broadcast else (lambda v: v)  # noqa: E731
+    e = as_rows(e0)
     args = dict(
         xw=torch.randn(batch, width + 1, dim, generator=gen, dtype=torch.float64),
         mixed=torch.randn(batch, width, dim, generator=gen, dtype=torch.float64),
@@ -555,7 +559,7 @@ def test_commit_window_ahead(ops, batch, width, dim, noisy):
     out = torch.full((batch, width, dim), float("nan"), device=DEVICE)
     z = noise.float().to(DEVICE) if noisy else None
     with poisoned_allocations():
-        ops.commit_window(**got, out=out, ahead=(e.float().to(DEVICE), coef.float().to(DEVICE), z))
+        ops.commit_window(**got, out=out, ahead=(as_rows(e0.float().to(DEVICE)), coef.float().to(DEVICE), z))
     check("xw", got["xw"], want["xw"].float(), 1e-5)
     check("out", out, want["xw"][:, :width].float(), 1e-5)
 
