@@ -656,19 +656,22 @@ def entering(quick: bool) -> dict[str, Any]:
     model output held (``"model"``, with the pre-drawn step noise on stochastic chains; DPM-Solver++
     holds its predicted x0); the library's defaults otherwise (x0 rule, tol 1e-3), batch 8, seed 0:
     rounds and the worst x0 error over tol, DDIM, Euler (VP coordinates), DDPM, Euler ancestral and
-    DPM-Solver++(2M)."""
-    chains = [("ddim", 12, 4), ("ddpm", 12, 4), ("dpm++2m", 12, 4)] if quick else [
+    DPM-Solver++(2M), deterministic and SDE."""
+    chains = [("ddim", 12, 4), ("ddpm", 12, 4), ("sde-dpm++2m", 12, 4)] if quick else [
         ("ddim", 100, 5), ("ddim", 100, 10), ("ddim", 100, 25), ("ddim", 1000, 10), ("euler", 100, 10),
         ("ddpm", 100, 10), ("ddpm", 100, 25), ("euler-a", 100, 10), ("ddpm", 1000, 10), ("dpm++2m", 50, 10),
-        ("dpm++2m", 100, 10), ("dpm++2m", 100, 25)]
+        ("dpm++2m", 100, 10), ("dpm++2m", 100, 25), ("sde-dpm++2m", 100, 10)]
+    # chains the bench does not name: (its chain, scheduler options)
+    variants = {"sde-dpm++2m": ("dpm++2m", {"algorithm_type": "sde-dpmsolver++"})}
     rows = []
     from deqkern.bench.chains import build_chain, scheduler_config
 
     unet, sched = _digits()
     for scheduler, steps, window in chains:
-        conf = scheduler_config(scheduler, dict(sched.config), clip_sample=False)
+        chain, options = variants.get(scheduler, (scheduler, {}))
+        conf = {**scheduler_config(chain, dict(sched.config), clip_sample=False), **options}
         g = torch.Generator().manual_seed(0)
-        schedule, x = build_chain(scheduler, conf, dict(sched.config), steps, 0.0, torch.randn(8, 1, 8, 8, generator=g))
+        schedule, x = build_chain(chain, conf, dict(sched.config), steps, 0.0, torch.randn(8, 1, 8, 8, generator=g))
         z = torch.randn(steps, 8, 1, 8, 8, generator=g) if schedule.is_stochastic else None
         row: dict[str, Any] = {"scheduler": scheduler, "steps": steps, "window": window}
         with torch.no_grad():
@@ -842,10 +845,53 @@ def starts(quick: bool) -> dict[str, Any]:
                     "per start", "command": "python bench/solver_studies.py starts", "rows": rows}
 
 
+def safety(quick: bool) -> dict[str, Any]:
+    """What ``SECANT_SAFETY`` costs: the library's defaults (x0 rule, tol 1e-3), batch 8, seed 0,
+    with the factor at 8 (the library's), 4, 2 and 1: rounds and the worst x0 error over tol. Where
+    the rounds do not move with the factor, the certificate costs no rounds and the solver's own
+    convergence sets them. Runs the reference ops (the factor is patched in deqkern.ops.reference
+    and deqkern.engine for the study, then restored; the Triton kernel takes it as a constexpr)."""
+    import deqkern.engine as engine
+    import deqkern.ops.reference as reference
+
+    factors = (8.0, 4.0, 2.0, 1.0)
+    chains = [("ddim", 12, None)] if quick else [("ddim", 100, None), ("ddim", 100, 10), ("ddpm", 100, None),
+                                                ("ddpm", 100, 10)]
+    unet, sched = _digits()
+    kept = reference.SECANT_SAFETY
+    rows = []
+    try:
+        for scheduler, steps, window in chains:
+            from deqkern.bench.chains import build_chain, scheduler_config
+
+            conf = scheduler_config(scheduler, dict(sched.config), clip_sample=False)
+            g = torch.Generator().manual_seed(0)
+            schedule, x = build_chain(scheduler, conf, dict(sched.config), steps, 0.0,
+                                      torch.randn(8, 1, 8, 8, generator=g))
+            z = torch.randn(steps, 8, 1, 8, 8, generator=g) if schedule.is_stochastic else None
+            row: dict[str, Any] = {"scheduler": scheduler, "steps": steps, "window": window, "factors": {}}
+            with torch.no_grad():
+                ref = deqkern.sample_sequential(unet, x, schedule, z, execution="eager").x0
+                for f in factors:
+                    reference.SECANT_SAFETY = engine.SECANT_SAFETY = f
+                    r = deqkern.sample(unet, x, schedule, noise=z, window=window, execution="eager")
+                    row["factors"][str(f)] = {"rounds": r.rounds, "converged": r.all_converged,
+                                              "worst_error_over_tol": _x0_err(r.x0, ref) / 1e-3}
+            rows.append(row)
+            print(f"{scheduler} S={steps:<4} W={window or 'S':<3}: " + ", ".join(
+                f"factor {f:g} {v['rounds']} rounds ({v['worst_error_over_tol']:.2f} tol)"
+                for f, v in zip(factors, row["factors"].values())))
+    finally:
+        reference.SECANT_SAFETY = engine.SECANT_SAFETY = kept
+    return {"what": "library defaults but SECANT_SAFETY, batch 8, seed 0: rounds and worst x0 error / tol",
+            "command": "python bench/solver_studies.py safety", "rows": rows}
+
+
 STUDIES = {"adjoint-vjp": adjoint_vjp, "ops-per-round": ops_per_round, "stopping-rule": stopping_rule,
            "stopping-x0": stopping_x0, "tail-chunks": tail_chunks, "half-precision": half_precision,
            "divergence": divergence, "multistep-rounds": multistep_rounds, "euler-coords": euler_coords,
-           "budget": budget, "lend": lend, "entering": entering, "floors": floors, "starts": starts}
+           "budget": budget, "lend": lend, "entering": entering, "floors": floors, "starts": starts,
+           "safety": safety}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

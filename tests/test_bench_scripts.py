@@ -43,7 +43,7 @@ def test_e2e_graphs_script_on_cpu(tmp_path):
 @pytest.mark.skipif(not (ROOT / "bench" / "solver_studies.py").exists(), reason="run from a source checkout")
 @pytest.mark.parametrize("study", ["adjoint-vjp", "ops-per-round", "stopping-rule", "stopping-x0", "tail-chunks",
                                    "divergence", "euler-coords", "budget", "lend", "entering", "floors",
-                                   "starts"])
+                                   "starts", "safety"])
 def test_solver_studies_run_quick(tmp_path, monkeypatch, study):
     """The studies behind bench/results/README.md, at --quick sizes."""
     # as a user runs them on CPU: the reference ops (adjoint-vjp's child processes would otherwise
@@ -92,6 +92,12 @@ def test_solver_studies_run_quick(tmp_path, monkeypatch, study):
         assert [r["start"] for r in report["rows"]][:3] == ["default", "DDIM jump", "coarse K=3"]
         assert all(r[k]["converged"] and r[k]["worst_error_over_tol"] <= 1
                    for r in report["rows"] for k in ("window_12", "window_4"))
+    elif study == "safety":  # every factor ran; the library's is restored afterwards
+        from deqkern.ops.reference import SECANT_SAFETY
+
+        assert SECANT_SAFETY == 8.0 and list(report["rows"][0]["factors"]) == ["8.0", "4.0", "2.0", "1.0"]
+        assert all(v["rounds"] >= 1 for v in report["rows"][0]["factors"].values())
+        assert report["rows"][0]["factors"]["8.0"]["worst_error_over_tol"] <= 1
     elif study == "entering":  # every entering rule converges within the bound
         assert all(r[k]["converged"] and r[k]["worst_error_over_tol"] <= 1
                    for r in report["rows"] for k in ("copy", "linear", "model"))
