@@ -887,11 +887,35 @@ def safety(quick: bool) -> dict[str, Any]:
             "command": "python bench/solver_studies.py safety", "rows": rows}
 
 
+def clipped(quick: bool) -> dict[str, Any]:
+    """The x0 rule on chains with diffusers' ``clip_sample`` (docs/math.md §4.3, chains with an x0
+    transform: the model's own secants and the clip's Jacobian at the row): library defaults,
+    batch 8, seed 0, rounds and the worst x0 error over tol."""
+    chains = [("ddim", 12, None)] if quick else [("ddim", 100, None), ("ddpm", 100, None), ("ddim", 100, 10),
+                                                ("ddpm", 25, None)]
+    rows = []
+    for scheduler, steps, window in chains:
+        unet, sched = _digits(scheduler, clip=True)
+        schedule = deqkern.Schedule.from_diffusers(sched, steps)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(8, 1, 8, 8, generator=g)
+        z = torch.randn(steps, 8, 1, 8, 8, generator=g) if scheduler == "ddpm" else None
+        with torch.no_grad():
+            ref = deqkern.sample_sequential(unet, x, schedule, z, execution="eager").x0
+            r = deqkern.sample(unet, x, schedule, noise=z, window=window, execution="eager")
+        rows.append({"scheduler": scheduler, "steps": steps, "window": window, "rounds": r.rounds,
+                     "converged": r.all_converged, "worst_error_over_tol": _x0_err(r.x0, ref) / 1e-3})
+        print(f"{scheduler} S={steps:<4} W={window or 'S':<3} clip_sample: {r.rounds} rounds "
+              f"({rows[-1]['worst_error_over_tol']:.3f} tol)")
+    return {"what": "library defaults, clip_sample=True, batch 8, seed 0: rounds and worst x0 error / tol",
+            "command": "python bench/solver_studies.py clipped", "rows": rows}
+
+
 STUDIES = {"adjoint-vjp": adjoint_vjp, "ops-per-round": ops_per_round, "stopping-rule": stopping_rule,
            "stopping-x0": stopping_x0, "tail-chunks": tail_chunks, "half-precision": half_precision,
            "divergence": divergence, "multistep-rounds": multistep_rounds, "euler-coords": euler_coords,
            "budget": budget, "lend": lend, "entering": entering, "floors": floors, "starts": starts,
-           "safety": safety}
+           "safety": safety, "clipped": clipped}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -163,7 +163,9 @@ class SolveState:
             traj = torch.zeros(p.steps + 2, b, d, device=dev, dtype=x_T.dtype)
             traj[0] = flat
         secant = torch.ones(b, p.width, device=dev, dtype=p.coef.dtype) if p.secant else None
-        secants = (StepSecants.start(b, p.width, d, dev, x_T.dtype, secant_form=p.secant)
+        secants = (StepSecants.start(b, p.width, d, dev, x_T.dtype, secant_form=p.secant,
+                                     transform=p.transform if p.stop == "x0" and p.transform.kind != "none"
+                                     else None)
                    if p.secant or p.stop == "x0" else None)
         prev_u = None if p.ms_coef is None else torch.zeros(b, d, device=dev, dtype=x_T.dtype)
         return cls(
@@ -203,9 +205,16 @@ class StepSecants:
     #: the secant form: ``L`` is fitted to the previous secant, so the latest ``dev`` (the newest
     #: secant against it) can vanish by coincidence; :meth:`rule_dev` takes the larger of the last two
     secant_form: bool = False
+    #: chains with an x0 transform (clip, threshold) under the x0 rule: the transform, and [B, W, D]
+    #: last round's model outputs, whose secants measure the model's Jacobian ``E`` directly (a step
+    #: secant can cross the transform's kink; :meth:`measure`, :meth:`transformed_bounds`); None on
+    #: affine chains
+    transform: X0Transform | None = None
+    e: torch.Tensor | None = None
 
     @classmethod
-    def start(cls, batch: int, width: int, dim: int, device, dtype, secant_form: bool = False) -> "StepSecants":
+    def start(cls, batch: int, width: int, dim: int, device, dtype, secant_form: bool = False,
+              transform: X0Transform | None = None) -> "StepSecants":
         nan = torch.full((batch, width), math.nan, device=device, dtype=torch.float64)
         return cls(
             x=torch.zeros(batch, width, dim, device=device, dtype=dtype),
@@ -213,10 +222,12 @@ class StepSecants:
             valid=torch.zeros(batch, width, device=device, dtype=torch.bool), gain=nan, dev=nan.clone(),
             dev_prev=nan.clone(), secant_form=secant_form,
             lend=torch.full((batch, 3), math.nan, device=device, dtype=torch.float64),
+            transform=transform, e=None if transform is None else torch.zeros(batch, width, dim, device=device,
+                                                                               dtype=dtype),
         )
 
     def measure(
-        self, xw: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, live: torch.Tensor
+        self, xw: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, live: torch.Tensor, e: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Record this round's inputs and step outputs and the secants they give; returns ``(dx, ds,
         valid)``, the moves since the last round and where they are one row's (for the secant form).
@@ -225,7 +236,8 @@ class StepSecants:
         The model's gain follows from the same secant: without an x0 transform a step is ``cx x +
         co e(x) (+ sigma z)``, so ``E dx = (ds - cx dx) / co``. Fixed shapes, no host sync. ``xw``:
         the window ``[B, W+1, D]`` before the commit; ``coef``: ``[B, W, 7]`` this round's step
-        coefficients with the scan's ``L`` in field 0."""
+        coefficients with the scan's ``L`` in field 0; ``e``: ``[B, W, D]`` the round's model outputs,
+        read on chains with an x0 transform, where ``E dx`` is their own secant instead."""
         width = g.shape[1]
         x = xw[:, :width]
         mult = coef[..., 0]
@@ -241,12 +253,18 @@ class StepSecants:
         # the model's Jacobian along dx, E dx = (ds - cx dx) / co, as the two numbers rule_dev needs
         # to rebuild ||(J - L) dx|| for other coefficients (in float64: the terms nearly cancel)
         c = coef.to(torch.float64)
-        dx64, ds64 = dx.to(torch.float64), ds.to(torch.float64)
-        e_dx = (ds64 - c[..., 1:2] * dx64) / c[..., 2:3]
+        dx64 = dx.to(torch.float64)
         den = dx64.square().sum(-1)
-        ok = fresh & (c[..., 2] != 0) & (den > 0)
+        if self.e is None:
+            e_dx = (ds.to(torch.float64) - c[..., 1:2] * dx64) / c[..., 2:3]
+            ok = fresh & (c[..., 2] != 0) & (den > 0)
+        else:
+            e_dx = (e - self.e).to(torch.float64)
+            ok = valid & (den > 0)
         p = torch.where(ok, (dx64 * e_dx).sum(-1) / den, math.nan)
         q = torch.where(ok, e_dx.square().sum(-1) / den, math.nan)
+        if self.e is not None:
+            self._measure_transformed(x, e, e_dx, dx64, c, ok)
         stats = torch.stack([
             torch.where(ok, p, math.inf).amin(dim=1), torch.where(ok, p, -math.inf).amax(dim=1),
             torch.where(ok, q, -math.inf).amax(dim=1),
@@ -287,10 +305,63 @@ class StepSecants:
             dev = torch.where(torch.isfinite(self.dev_prev), torch.maximum(dev, self.dev_prev), dev)
         return torch.where(torch.isfinite(dev), dev, bound)
 
+    def _measure_transformed(self, x: torch.Tensor, e: torch.Tensor, e_dx: torch.Tensor, dx: torch.Tensor,
+                             c: torch.Tensor, ok: torch.Tensor) -> None:
+        """A transformed chain's ``gain`` and ``dev`` along the row's move ``dx`` (float64, ``e_dx``
+        the model's secant ``E dx``): the step's Jacobian at this round's input, ``J = a + b E -
+        c0 (I - J_f)(px + po E)`` (:meth:`transformed_bounds`), applied to ``dx``, ``J_f`` at the
+        row's predicted x0 (X0Transform.jacobian_gap), instead of a step secant across the kink."""
+        L, cx, co, c0, px, po = (c[..., i : i + 1] for i in range(6))
+        x0 = (px * x.to(torch.float64) + po * e.to(torch.float64)).flatten(0, 1)
+        gap, rest = self.transform.jacobian_gap(x0, (px * dx + po * e_dx).flatten(0, 1))
+        jdx = (cx + c0 * px) * dx + (co + c0 * po) * e_dx - c0 * gap.view_as(dx)
+        den = dx.square().sum(-1).sqrt()
+        extra = c0[..., 0].abs() * rest.view(den.shape)
+        gain = (jdx.square().sum(-1).sqrt() + extra) / den
+        dev = ((jdx - L * dx).square().sum(-1).sqrt() + extra) / den
+        self.gain.copy_(torch.where(ok, gain, self.gain))
+        self.dev_prev.copy_(torch.where(ok, self.dev, self.dev_prev))
+        self.dev.copy_(torch.where(ok, dev, self.dev))
+        self.e.copy_(e)
+
+    def transformed_bounds(self, coef: torch.Tensor, kink: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gain, dev)`` ``[B, W]`` float64 for the x0 rule on a chain with an x0 transform ``f``
+        (clip, threshold): bounds on ``||J||`` and ``||J - L||`` along the row's move from the
+        model's own measured secant, not the step's (which can cross ``f``'s kink; the contract
+        suite's deep run found a clipped "sample"-prediction chain 1.8x outside its bound with the
+        latent-gain bound these chains used before: a model with a large Jacobian on a shrinking
+        latent). A step is ``cx x + co e + c0 f(px x + po e)``, so with ``J_f`` the transform's
+        Jacobian, ``a = cx + c0 px``, ``b = co + c0 po``,
+
+            J - L = (a - L) I + b E - c0 (I - J_f)(px I + po E),
+
+        measured along the row's move where it has one (:meth:`_measure_transformed`, ``J_f`` exact
+        at the row), else bounded: the first part as in :meth:`rule_dev` from the window's
+        :attr:`lend`, the second by ``|c0| kink (|px| + |po| ||E||)``, ``kink`` ``[B, W]`` a bound on
+        ``||I - J_f||`` at the row (0 where ``f`` is the identity around it). ``gain`` is the same
+        with ``L = 0``. NaN before any measurement (the rule's latent-gain bound)."""
+        c = coef.to(torch.float64)
+        L, cx, co, c0, px, po = (c[..., i] for i in range(6))
+        a, b = cx + c0 * px, co + c0 * po
+        lo, hi, q = (v.unsqueeze(1) for v in self.lend.unbind(dim=1))
+
+        def lent(shift: torch.Tensor) -> torch.Tensor:
+            cross = torch.maximum(2 * shift * b * lo, 2 * shift * b * hi)
+            return (shift * shift + cross + b * b * q).clamp(min=0.0).sqrt() + c0.abs() * kink * (
+                px.abs() + po.abs() * q.sqrt())
+
+        dev = self.dev
+        if self.secant_form:  # as in rule_dev: L was fitted to the previous secant
+            dev = torch.where(torch.isfinite(self.dev_prev), torch.maximum(dev, self.dev_prev), dev)
+        return (torch.where(torch.isfinite(self.gain), self.gain, lent(a)),
+                torch.where(torch.isfinite(dev), dev, lent(a - L)))
+
     def slide(self, slide: RowSlide) -> None:
         """Slide with the window; rows entering have no history and no secants (:meth:`rule_dev`)."""
         slide.apply(self.x, 0.0)
         slide.apply(self.s, 0.0)
+        if self.e is not None:
+            slide.apply(self.e, 0.0)
         slide.apply(self.valid, False)
         slide.apply(self.gain, math.nan)
         slide.apply(self.dev, math.nan)
@@ -410,6 +481,22 @@ def x0_multipliers(
     return coef[..., 0].abs() + extra.to(coef.dtype)
 
 
+def transform_kink(transform: X0Transform, x: torch.Tensor, e: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """``[B, W]`` float64 a bound on ``||I - J_f||`` for the x0 transform ``f`` at each row's predicted
+    x0, ``x0 = px x + po e`` (StepSecants.transformed_bounds): 0 where ``f`` is the identity around
+    it (no element beyond the clip range; for the dynamic threshold, none beyond 1, so ``s = 1``).
+    Elsewhere a clip is a 0/1 diagonal (1); the threshold ``clamp(x0, -s, s) / s`` with ``s`` a
+    quantile of ``|x0|`` in ``[1, max_value]`` adds the rescale by ``s``, at most ``1 + 1/s +
+    ||clamp(x0)|| / s^2 <= 2 + sqrt(D)`` (the quantile moves with one or two elements), bounded
+    here without computing ``s``."""
+    c = coef.to(x.dtype)
+    x0 = c[..., 4:5] * x + c[..., 5:6] * e
+    edge = transform.clip_range if transform.kind == "clip" else 1.0
+    bent = (x0.abs() > edge).any(dim=-1)
+    worst = 1.0 if transform.kind == "clip" else 2.0 + math.sqrt(x.shape[-1])
+    return torch.where(bent, worst, 0.0).to(torch.float64)
+
+
 def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, static: bool) -> None:
     """One round of the parallel solve (see the module docstring), in place on ``st``.
 
@@ -450,11 +537,13 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     n_ok = finite_rows(res, n, j)
     moves = None
     if st.secants is not None:  # this round's secants of the steps, before the x0 rule reads them
-        moves = st.secants.measure(st.xw, res.g, coef, live)
+        moves = st.secants.measure(st.xw, res.g, coef, live, e)
     gain, dev = p.unmeasured, p.unmeasured
-    # a clip or threshold bends the step: a secant across its kink can miss J (test_contract found a
-    # clipped DDPM chain 2.8x outside the bound), so such chains keep the latent-gain bound
-    if st.secants is not None and p.transform.kind == "none":
+    if st.secants is not None and st.secants.e is not None:
+        # a clip or threshold bends the step: a secant across its kink can miss J (test_contract found
+        # a clipped DDPM chain 2.8x outside the bound), so these chains bound J from the model's secants
+        gain, dev = st.secants.transformed_bounds(coef, transform_kink(p.transform, st.xw[:, :width], e, coef))
+    elif st.secants is not None and p.transform.kind == "none":
         gain, dev = st.secants.gain, st.secants.rule_dev(coef)
     with annotate("status"):
         # the stopping test, the rows to freeze, the logs and SolveState.worst/done_round/bad_t/spent

@@ -90,6 +90,27 @@ class X0Transform:
         s = s.unsqueeze(1)
         return (torch.clamp(work, -s, s) / s).to(x0.dtype)
 
+    def jacobian_gap(self, x0: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gap, rest)``: ``(I - J_f) v = gap + r`` with ``||r|| <= rest``, ``J_f`` the transform's
+        Jacobian at ``x0`` ``[R, D]``, ``v`` ``[R, D]``; ``rest`` ``[R]`` float64. A clip passes the
+        elements inside its range and stops the others: ``gap = v`` on the clipped elements, 0
+        elsewhere, ``rest = 0``. The threshold ``clamp(x0, -s, s) / s`` also rescales by ``s``, which
+        moves with the one or two elements its quantile interpolates (unless ``s`` sits at 1 or
+        ``max_value``): ``gap = v - [|x0| < s] v / s`` and ``rest = ||clamp(x0, -s, s)|| / s^2
+        max|v|``. The x0 rule's bound on transformed steps (deqkern.engine.StepSecants)."""
+        if self.kind == "none":
+            return torch.zeros_like(v), torch.zeros(v.shape[0], dtype=torch.float64, device=v.device)
+        if self.kind == "clip":
+            return torch.where(x0.abs() > self.clip_range, v, 0.0), torch.zeros(
+                v.shape[0], dtype=torch.float64, device=v.device)
+        work = x0 if x0.dtype in (torch.float32, torch.float64) else x0.float()
+        q = torch.quantile(work.abs(), self.ratio, dim=1)
+        s = q.clamp(min=1.0, max=self.max_value).unsqueeze(1)
+        gap = v - torch.where(work.abs() < s, v / s, 0.0).to(v.dtype)
+        moving = (q > 1.0) & (q < self.max_value)
+        rest = torch.clamp(work, -s, s).norm(dim=1) / s[:, 0].square() * v.abs().amax(dim=1)
+        return gap, torch.where(moving, rest, 0.0).to(torch.float64)
+
 
 @dataclass(frozen=True)
 class Multistep:

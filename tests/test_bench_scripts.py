@@ -43,7 +43,7 @@ def test_e2e_graphs_script_on_cpu(tmp_path):
 @pytest.mark.skipif(not (ROOT / "bench" / "solver_studies.py").exists(), reason="run from a source checkout")
 @pytest.mark.parametrize("study", ["adjoint-vjp", "ops-per-round", "stopping-rule", "stopping-x0", "tail-chunks",
                                    "divergence", "euler-coords", "budget", "lend", "entering", "floors",
-                                   "starts", "safety"])
+                                   "starts", "safety", "clipped"])
 def test_solver_studies_run_quick(tmp_path, monkeypatch, study):
     """The studies behind bench/results/README.md, at --quick sizes."""
     # as a user runs them on CPU: the reference ops (adjoint-vjp's child processes would otherwise
@@ -98,6 +98,8 @@ def test_solver_studies_run_quick(tmp_path, monkeypatch, study):
         assert SECANT_SAFETY == 8.0 and list(report["rows"][0]["factors"]) == ["8.0", "4.0", "2.0", "1.0"]
         assert all(v["rounds"] >= 1 for v in report["rows"][0]["factors"].values())
         assert report["rows"][0]["factors"]["8.0"]["worst_error_over_tol"] <= 1
+    elif study == "clipped":  # clipped chains converge within the bound
+        assert all(r["converged"] and r["worst_error_over_tol"] <= 1 for r in report["rows"])
     elif study == "entering":  # every entering rule converges within the bound
         assert all(r[k]["converged"] and r[k]["worst_error_over_tol"] <= 1
                    for r in report["rows"] for k in ("copy", "linear", "model"))

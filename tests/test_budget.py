@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from test_x0_bound import bound_ratio
 
@@ -109,3 +110,25 @@ def test_measured_budget_keeps_the_bound_where_the_latent_gain_misleads():
                 res = deqkern.sample(model, x, sched, solver, tol=1e-3, window=window)
                 assert res.all_converged
                 assert float(bound_ratio(res.x0, ref, x, 1e-3).max()) <= 1.0, (seed, solver, window)
+
+
+@pytest.mark.parametrize("kind,max_value", [("clip", 1.0), ("threshold", 1.0), ("threshold", 4.0), ("threshold", 1.5)])
+def test_jacobian_gap_against_autograd(kind, max_value):
+    """``X0Transform.jacobian_gap``: ``(I - J_f) v`` (autograd's JVP of the transform, float64) is
+    ``gap`` plus a remainder within ``rest`` (1e-12 slack): exactly ``gap`` for the clip and where
+    the threshold's ``s`` sits at 1 or ``max_value``; rows inside, across and beyond the range."""
+    from deqkern import X0Transform
+
+    f = X0Transform(kind, clip_range=0.7, ratio=0.9, max_value=max_value)
+    g = torch.Generator().manual_seed(11)
+    x0 = torch.randn(6, 40, generator=g, dtype=torch.float64) * torch.tensor([0.2, 0.5, 1.0, 1.5, 3.0, 8.0],
+                                                                             dtype=torch.float64).view(-1, 1)
+    v = torch.randn(6, 40, generator=g, dtype=torch.float64)
+    _, jv = torch.autograd.functional.jvp(f.apply, x0, v)
+    gap, rest = f.jacobian_gap(x0, v)
+    miss = (v - jv - gap).norm(dim=1)
+    assert rest.dtype == torch.float64 and rest.shape == (6,)
+    assert bool((miss <= rest + 1e-12 * v.norm(dim=1)).all()), (miss, rest)
+    if kind == "clip" or max_value == 1.0:
+        assert float(rest.abs().max()) == 0.0 and float(miss.max()) <= 1e-12
+    assert float(gap[0].norm()) == 0.0 or kind == "threshold"  # row 0 inside the clip range: f is the identity

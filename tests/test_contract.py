@@ -339,9 +339,42 @@ _ITEM3 = Case(
 )
 
 
+#: the deep profile's find (2026-11-30): a clipped "sample"-prediction chain whose step at position
+#: 4 shrinks the latent 3x while the UNet's Jacobian does not; the latent-gain bound that chains with
+#: an x0 transform used let x0 end 1.8x outside its bound (secant form, Anderson). Coefficients as
+#: hypothesis printed them (4 digits), which reproduce it.
+_CLIPPED_SHRINKING = Case(
+    schedule=Schedule(
+        timesteps=torch.tensor([274, 247, 230, 202, 171, 2, 1, 0]),
+        cx=torch.tensor([0.9228, 0.9445, 0.8985, 0.8677, 0.0438, 0.7945, 0.6870, 0.0], dtype=torch.float64),
+        co=torch.tensor([-0.7271, -0.7772, -0.7581, -0.7601, -0.0398, -0.7944, -0.6869, 0.0], dtype=torch.float64),
+        c0=torch.tensor([0.8228, 0.8437, 0.8760, 0.9082, 0.9998, 0.9999, 0.9999, 1.0], dtype=torch.float64),
+        px=torch.zeros(8, dtype=torch.float64), po=torch.ones(8, dtype=torch.float64),
+        sigma=torch.zeros(8, dtype=torch.float64),
+        a_coef=torch.tensor([0.9228, 0.9445, 0.8985, 0.8677, 0.0438, 0.7945, 0.6870, 0.0], dtype=torch.float64),
+        noise_var=torch.tensor([7.0789e-02, 4.3656e-02, 5.8414e-02, 5.2467e-02, 3.3517e-04, 7.8161e-05,
+                                5.2813e-05, 5.2813e-05], dtype=torch.float64),
+        transform=X0Transform(kind="clip", clip_range=0.5), prediction_type="sample"),
+    model=Unet(seed=0),
+    x=torch.tensor([
+        -2.3104, -0.3733, -1.0608, 0.9995, -0.8840, -1.2755, -0.6232, -0.8664,
+        -1.2956, 1.5236, 0.3237, 2.0177, 1.1357, -1.2269, 0.0714, 0.3380,
+        0.1535, -0.6333, -1.2609, -0.7270, -0.0200, 0.2103, 0.1772, -0.8305,
+        1.0112, -0.2427, -0.7730, -1.5952, -0.6870, 1.4881, -0.4484, -0.8910,
+        -0.0917, 0.5563, -0.0094, -1.2177, -1.2655, -1.1195, 1.1665, 0.9262,
+        0.6539, 0.1482, -1.1461, 1.8728, -0.3099, 0.2402, -1.3488, 0.2444,
+        -3.1453, -0.1137, 1.6962, -0.6652, -0.5872, 2.8321, 0.9040, 0.9478,
+        -1.3809, -2.0548, 0.0476, -0.3856, -0.2750, 0.8866, 1.4857, -0.0079,
+    ], dtype=torch.float64).view(1, 1, 8, 8),
+    noise=None, init=None, model_kwargs={}, solver="anderson", solver_options=None, form="secant",
+    execution="eager", window=None, stop="x0", tol=1e-3, max_iters=None, rounds_per_graph=1,
+)
+
+
 @examples(1)
 @given(case=cases(shrinking_x0="only"))
 @example(case=_ITEM3)
+@example(case=_CLIPPED_SHRINKING)
 def test_converged_means_within_bound_x0_rule_shrinking_chains(case: Case):
     """(a) for ``stop="x0"`` at a real tolerance on "sample"/"v_prediction" chains."""
     _assert_converged_within_bound(case)
