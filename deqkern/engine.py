@@ -289,8 +289,8 @@ class StepSecants:
         largest this can be over the measured rows' extremes (:attr:`lend`). The cross term keeps
         the cancellation of ``a`` against ``b E`` (``J`` near ``L``) that the triangle bound ``|a| +
         |b| ||E||`` loses: 20-40x on DDIM S = 1000, window 10 (bench/solver_studies.py lend). Before
-        any measurement: NaN, the rule's latent-gain bound; chains with an x0 transform use no
-        secants (see run_round). Lending such rows the window's largest measured ``dev`` instead
+        any measurement: NaN, the rule's latent-gain bound; chains with an x0 transform use
+        :meth:`transformed_bounds` instead. Lending such rows the window's largest measured ``dev`` instead
         missed ``J - L`` up to 760x near x0 (it grows toward x0 with ``co``) and x0's bound 2.6x."""
         c = coef.to(torch.float64)
         a, b = c[..., 1] - c[..., 0], c[..., 2]
