@@ -486,15 +486,16 @@ def transform_kink(transform: X0Transform, x: torch.Tensor, e: torch.Tensor, coe
     x0, ``x0 = px x + po e`` (StepSecants.transformed_bounds): 0 where ``f`` is the identity around
     it (no element beyond the clip range; for the dynamic threshold, none beyond 1, so ``s = 1``).
     Elsewhere a clip is a 0/1 diagonal (1); the threshold ``clamp(x0, -s, s) / s`` with ``s`` a
-    quantile of ``|x0|`` in ``[1, max_value]`` adds the rescale by ``s``, at most ``1 + 1/s +
-    ||clamp(x0)|| / s^2 <= 2 + sqrt(D)`` (the quantile moves with one or two elements), bounded
-    here without computing ``s``."""
+    quantile of ``|x0|`` clamped to ``[1, max_value]`` (``max_value`` when that is below 1: then it
+    rescales everywhere) adds the rescale by ``s``, at most ``1 + 1/s + ||clamp(x0)|| / s^2 <= 1 +
+    (1 + sqrt(D)) / s`` (the quantile moves with one or two elements), bounded here without ``s``."""
     c = coef.to(x.dtype)
     x0 = c[..., 4:5] * x + c[..., 5:6] * e
-    edge = transform.clip_range if transform.kind == "clip" else 1.0
-    bent = (x0.abs() > edge).any(dim=-1)
-    worst = 1.0 if transform.kind == "clip" else 2.0 + math.sqrt(x.shape[-1])
-    return torch.where(bent, worst, 0.0).to(torch.float64)
+    if transform.kind == "clip":
+        return torch.where((x0.abs() > transform.clip_range).any(dim=-1), 1.0, 0.0).to(torch.float64)
+    least = min(1.0, transform.max_value)
+    bent = (x0.abs() > 1.0).any(dim=-1) | (transform.max_value < 1.0)
+    return torch.where(bent, 1.0 + (1.0 + math.sqrt(x.shape[-1])) / least, 0.0).to(torch.float64)
 
 
 def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, static: bool) -> None:

@@ -112,7 +112,8 @@ def test_measured_budget_keeps_the_bound_where_the_latent_gain_misleads():
                 assert float(bound_ratio(res.x0, ref, x, 1e-3).max()) <= 1.0, (seed, solver, window)
 
 
-@pytest.mark.parametrize("kind,max_value", [("clip", 1.0), ("threshold", 1.0), ("threshold", 4.0), ("threshold", 1.5)])
+@pytest.mark.parametrize("kind,max_value", [("clip", 1.0), ("threshold", 1.0), ("threshold", 4.0), ("threshold", 1.5),
+                                            ("threshold", 0.5)])
 def test_jacobian_gap_against_autograd(kind, max_value):
     """``X0Transform.jacobian_gap``: ``(I - J_f) v`` (autograd's JVP of the transform, float64) is
     ``gap`` plus a remainder within ``rest`` (1e-12 slack): exactly ``gap`` for the clip and where
@@ -129,6 +130,28 @@ def test_jacobian_gap_against_autograd(kind, max_value):
     miss = (v - jv - gap).norm(dim=1)
     assert rest.dtype == torch.float64 and rest.shape == (6,)
     assert bool((miss <= rest + 1e-12 * v.norm(dim=1)).all()), (miss, rest)
-    if kind == "clip" or max_value == 1.0:
+    if kind == "clip" or max_value <= 1.0:  # s never moves: (I - J_f) v is gap exactly
         assert float(rest.abs().max()) == 0.0 and float(miss.max()) <= 1e-12
     assert float(gap[0].norm()) == 0.0 or kind == "threshold"  # row 0 inside the clip range: f is the identity
+
+
+@pytest.mark.parametrize("kind,max_value", [("clip", 1.0), ("threshold", 1.0), ("threshold", 3.0), ("threshold", 0.5)])
+def test_transform_kink_bounds_the_gap(kind, max_value):
+    """``engine.transform_kink``: ``||(I - J_f) v|| <= kink ||v||`` for random directions (autograd's
+    JVP, float64), and 0 exactly where ``f`` is the identity around the row's x0 (``px = 1``, ``po = 0``)."""
+    from deqkern import X0Transform
+    from deqkern.engine import transform_kink
+
+    f = X0Transform(kind, clip_range=0.7, ratio=0.9, max_value=max_value)
+    g = torch.Generator().manual_seed(12)
+    scale = torch.tensor([0.2, 0.5, 1.5, 3.0, 8.0], dtype=torch.float64).view(-1, 1)
+    x0 = torch.randn(5, 30, generator=g, dtype=torch.float64) * scale
+    coef = torch.zeros(5, 7, dtype=torch.float64)
+    coef[:, 4] = 1.0  # x0 = x
+    kink = transform_kink(f, x0, torch.zeros_like(x0), coef)
+    for _ in range(8):
+        v = torch.randn(5, 30, generator=g, dtype=torch.float64)
+        _, jv = torch.autograd.functional.jvp(f.apply, x0, v)
+        assert bool(((v - jv).norm(dim=1) <= kink * v.norm(dim=1) + 1e-12).all()), kink
+    if max_value >= 1.0:
+        assert float(kink[0]) == 0.0  # |x0| well inside both ranges
