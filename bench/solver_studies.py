@@ -82,9 +82,12 @@ def adjoint_vjp(quick: bool) -> dict[str, Any]:
     steps = 6 if quick else 100
     modes = [("stored", None), ("recompute", None), ("recompute", 25), ("recompute", 10)]
     rows = []
+    # without the Triton interpreter (a test process turns it on for its kernel tests): on a CPU the
+    # children time the reference ops, as a user's run does; a GPU never sets it
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     for vjp, window in modes:
         cmd = [sys.executable, __file__, "_adjoint-once", str(steps), vjp, str(window or 0)]
-        rows.append(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout))
+        rows.append(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout))
     for r in rows:
         print(f"S={r['steps']} vjp={r['vjp']:<9} window={r['window'] or 'S':<4} backward {r['backward_s']:.2f} s  "
               f"rounds {r['adjoint_rounds']:>3}  VJP rows {r['vjp_rows']:>5}  "
@@ -248,9 +251,9 @@ def _secant_check(unet, schedule, x: torch.Tensor, window: int | None, rounds: i
         seen["p"] = p
         return run_round(p, st, *a, **k)
 
-    def spy_measure(self, xw, g, coef, live):
+    def spy_measure(self, xw, g, coef, live, e=None, f=None):
         seen.update(xw=xw.clone(), g=g.clone(), mult=coef[..., 0].clone())
-        moves = measure(self, xw, g, coef, live)
+        moves = measure(self, xw, g, coef, live, e, f)
         seen["own"] = torch.isfinite(self.dev)
         return moves
 

@@ -198,9 +198,9 @@ class StepSecants:
     dev: torch.Tensor  #: [B, W] float64 the latest measured ||(J - L) dx|| / ||dx|| (NaN: none)
     #: [B, W] float64 the measurement before it at the same position (NaN: none); read in the secant form
     dev_prev: torch.Tensor
-    #: [B, 3] float64 what rows not measured yet borrow (:meth:`rule_dev`), over the rows measured in
-    #: the latest round that measured any (NaN: none yet): the least and largest ``<dx, E dx> / ||dx||^2``
-    #: and the largest ``||E dx||^2 / ||dx||^2`` (E: the model's Jacobian)
+    #: [B, 3] float64 what rows not measured yet borrow (:meth:`rule_dev`), over every row measured
+    #: so far in the solve (NaN: none yet): the least and largest ``<dx, E dx> / ||dx||^2`` and the
+    #: largest ``||E dx||^2 / ||dx||^2`` (E: the model's Jacobian)
     lend: torch.Tensor
     #: the secant form: ``L`` is fitted to the previous secant, so the latest ``dev`` (the newest
     #: secant against it) can vanish by coincidence; :meth:`rule_dev` takes the larger of the last two
@@ -227,7 +227,8 @@ class StepSecants:
         )
 
     def measure(
-        self, xw: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, live: torch.Tensor, e: torch.Tensor | None = None
+        self, xw: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, live: torch.Tensor, e: torch.Tensor | None = None,
+        f: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Record this round's inputs and step outputs and the secants they give; returns ``(dx, ds,
         valid)``, the moves since the last round and where they are one row's (for the secant form).
@@ -236,8 +237,9 @@ class StepSecants:
         The model's gain follows from the same secant: without an x0 transform a step is ``cx x +
         co e(x) (+ sigma z)``, so ``E dx = (ds - cx dx) / co``. Fixed shapes, no host sync. ``xw``:
         the window ``[B, W+1, D]`` before the commit; ``coef``: ``[B, W, 7]`` this round's step
-        coefficients with the scan's ``L`` in field 0; ``e``: ``[B, W, D]`` the round's model outputs,
-        read on chains with an x0 transform, where ``E dx`` is their own secant instead."""
+        coefficients with the scan's ``L`` in field 0; ``e``, ``f``: ``[B, W, D]`` the round's model
+        outputs and residuals, read on chains with an x0 transform (``E dx`` is the model's own
+        secant there, and ``f`` says how far a freeze can move the next row)."""
         width = g.shape[1]
         x = xw[:, :width]
         mult = coef[..., 0]
@@ -264,12 +266,18 @@ class StepSecants:
         p = torch.where(ok, (dx64 * e_dx).sum(-1) / den, math.nan)
         q = torch.where(ok, e_dx.square().sum(-1) / den, math.nan)
         if self.e is not None:
-            self._measure_transformed(x, e, e_dx, dx64, c, ok)
+            self._measure_transformed(x, e, f, e_dx, dx64, c, ok)
         stats = torch.stack([
             torch.where(ok, p, math.inf).amin(dim=1), torch.where(ok, p, -math.inf).amax(dim=1),
             torch.where(ok, q, -math.inf).amax(dim=1),
         ], dim=1)
-        self.lend.copy_(torch.where(ok.any(dim=1, keepdim=True), stats, self.lend))
+        # the extremes over every row measured so far in the solve, not only this round's: a row lent
+        # only the latest (saturated) rows' Jacobian froze a warm-started residual 1.3x its latent
+        # that reached x0 2.8x outside the bound (the contract suite's deep profile, _SATURATED_LEND)
+        seen = torch.stack([
+            torch.fmin(self.lend[:, 0], stats[:, 0]), torch.fmax(self.lend[:, 1], stats[:, 1]),
+            torch.fmax(self.lend[:, 2], stats[:, 2])], dim=1)
+        self.lend.copy_(torch.where(ok.any(dim=1, keepdim=True), seen, self.lend))
         self.x.copy_(x)
         self.s.copy_(s)
         self.valid.copy_(live)
@@ -305,15 +313,22 @@ class StepSecants:
             dev = torch.where(torch.isfinite(self.dev_prev), torch.maximum(dev, self.dev_prev), dev)
         return torch.where(torch.isfinite(dev), dev, bound)
 
-    def _measure_transformed(self, x: torch.Tensor, e: torch.Tensor, e_dx: torch.Tensor, dx: torch.Tensor,
-                             c: torch.Tensor, ok: torch.Tensor) -> None:
+    def _measure_transformed(self, x: torch.Tensor, e: torch.Tensor, f: torch.Tensor, e_dx: torch.Tensor,
+                             dx: torch.Tensor, c: torch.Tensor, ok: torch.Tensor) -> None:
         """A transformed chain's ``gain`` and ``dev`` along the row's move ``dx`` (float64, ``e_dx``
         the model's secant ``E dx``): the step's Jacobian at this round's input, ``J = a + b E -
         c0 (I - J_f)(px + po E)`` (:meth:`transformed_bounds`), applied to ``dx``, ``J_f`` at the
-        row's predicted x0 (X0Transform.jacobian_gap), instead of a step secant across the kink."""
+        row's predicted x0 (X0Transform.jacobian_gap), instead of a step secant across the kink.
+        Freezing the row before leaves its residual ``F`` in this row's input, which moves the
+        predicted x0 by ``px F + po E F``: elements within that reach of the kink (``E F`` bounded by
+        the secant's gain times ``||F||``) count on both sides, as do those within the move."""
         L, cx, co, c0, px, po = (c[..., i : i + 1] for i in range(6))
         x0 = (px * x.to(torch.float64) + po * e.to(torch.float64)).flatten(0, 1)
-        gap, rest = self.transform.jacobian_gap(x0, (px * dx + po * e_dx).flatten(0, 1))
+        f_in = torch.cat([torch.zeros_like(f[:, :1]), f[:, :-1]], dim=1).to(torch.float64)  # row 0: the anchor
+        e_gain = (e_dx.square().sum(-1, keepdim=True) / dx.square().sum(-1, keepdim=True).clamp(
+            min=torch.finfo(torch.float64).tiny)).sqrt()
+        reach = px.abs() * f_in.abs() + po.abs() * e_gain * f_in.square().sum(-1, keepdim=True).sqrt()
+        gap, rest = self.transform.jacobian_gap(x0, (px * dx + po * e_dx).flatten(0, 1), reach.flatten(0, 1))
         jdx = (cx + c0 * px) * dx + (co + c0 * po) * e_dx - c0 * gap.view_as(dx)
         den = dx.square().sum(-1).sqrt()
         extra = c0[..., 0].abs() * rest.view(den.shape)
@@ -338,7 +353,7 @@ class StepSecants:
         measured along the row's move where it has one (:meth:`_measure_transformed`, ``J_f`` exact
         at the row), else bounded: the first part as in :meth:`rule_dev` from the window's
         :attr:`lend`, the second by ``|c0| kink (|px| + |po| ||E||)``, ``kink`` ``[B, W]`` a bound on
-        ``||I - J_f||`` at the row (0 where ``f`` is the identity around it). ``gain`` is the same
+        ``||I - J_f||`` (:func:`transform_kink`). ``gain`` is the same
         with ``L = 0``. NaN before any measurement (the rule's latent-gain bound)."""
         c = coef.to(torch.float64)
         L, cx, co, c0, px, po = (c[..., i] for i in range(6))
@@ -481,21 +496,16 @@ def x0_multipliers(
     return coef[..., 0].abs() + extra.to(coef.dtype)
 
 
-def transform_kink(transform: X0Transform, x: torch.Tensor, e: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """``[B, W]`` float64 a bound on ``||I - J_f||`` for the x0 transform ``f`` at each row's predicted
-    x0, ``x0 = px x + po e`` (StepSecants.transformed_bounds): 0 where ``f`` is the identity around
-    it (no element beyond the clip range; for the dynamic threshold, none beyond 1, so ``s = 1``).
-    Elsewhere a clip is a 0/1 diagonal (1); the threshold ``clamp(x0, -s, s) / s`` with ``s`` a
-    quantile of ``|x0|`` clamped to ``[1, max_value]`` (``max_value`` when that is below 1: then it
-    rescales everywhere) adds the rescale by ``s``, at most ``1 + 1/s + ||clamp(x0)|| / s^2 <= 1 +
-    (1 + sqrt(D)) / s`` (the quantile moves with one or two elements), bounded here without ``s``."""
-    c = coef.to(x.dtype)
-    x0 = c[..., 4:5] * x + c[..., 5:6] * e
-    if transform.kind == "clip":
-        return torch.where((x0.abs() > transform.clip_range).any(dim=-1), 1.0, 0.0).to(torch.float64)
-    least = min(1.0, transform.max_value)
-    bent = (x0.abs() > 1.0).any(dim=-1) | (transform.max_value < 1.0)
-    return torch.where(bent, 1.0 + (1.0 + math.sqrt(x.shape[-1])) / least, 0.0).to(torch.float64)
+def transform_kink(transform: X0Transform, x: torch.Tensor) -> torch.Tensor:
+    """``[B, W]`` float64 a bound on ``||I - J_f||`` for the x0 transform ``f`` anywhere, for rows
+    without a measured move (StepSecants.transformed_bounds): a clip is a 0/1 diagonal (1); the
+    threshold ``clamp(x0, -s, s) / s``, ``s`` a quantile of ``|x0|`` clamped to ``[1, max_value]``,
+    adds the rescale by ``s``: at most ``1 + 1/s + ||clamp(x0)|| / s^2 <= 1 + (1 + sqrt(D)) / s``
+    (the quantile moves with one or two elements). Not 0 where ``f`` is the identity at the row: a
+    frozen error can take the row across the kink, where ``J`` differs (tests/test_sampling.py found
+    a clipped element 10x outside tol when the row's own side was trusted)."""
+    worst = 1.0 if transform.kind == "clip" else 1.0 + (1.0 + math.sqrt(x.shape[-1])) / min(1.0, transform.max_value)
+    return torch.full(x.shape[:2], worst, dtype=torch.float64, device=x.device)
 
 
 def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, static: bool) -> None:
@@ -538,12 +548,12 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     n_ok = finite_rows(res, n, j)
     moves = None
     if st.secants is not None:  # this round's secants of the steps, before the x0 rule reads them
-        moves = st.secants.measure(st.xw, res.g, coef, live, e)
+        moves = st.secants.measure(st.xw, res.g, coef, live, e, res.f)
     gain, dev = p.unmeasured, p.unmeasured
     if st.secants is not None and st.secants.e is not None:
         # a clip or threshold bends the step: a secant across its kink can miss J (test_contract found
         # a clipped DDPM chain 2.8x outside the bound), so these chains bound J from the model's secants
-        gain, dev = st.secants.transformed_bounds(coef, transform_kink(p.transform, st.xw[:, :width], e, coef))
+        gain, dev = st.secants.transformed_bounds(coef, transform_kink(p.transform, e))
     elif st.secants is not None and p.transform.kind == "none":
         gain, dev = st.secants.gain, st.secants.rule_dev(coef)
     with annotate("status"):

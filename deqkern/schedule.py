@@ -90,26 +90,37 @@ class X0Transform:
         s = s.unsqueeze(1)
         return (torch.clamp(work, -s, s) / s).to(x0.dtype)
 
-    def jacobian_gap(self, x0: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def jacobian_gap(
+        self, x0: torch.Tensor, v: torch.Tensor, reach: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(gap, rest)``: ``(I - J_f) v = gap + r`` with ``||r|| <= rest``, ``J_f`` the transform's
-        Jacobian at ``x0`` ``[R, D]``, ``v`` ``[R, D]``; ``rest`` ``[R]`` float64. A clip passes the
-        elements inside its range and stops the others: ``gap = v`` on the clipped elements, 0
-        elsewhere, ``rest = 0``. The threshold ``clamp(x0, -s, s) / s`` also rescales by ``s``, which
-        moves with the one or two elements its quantile interpolates (unless ``s`` sits at 1 or
-        ``max_value``): ``gap = v - [|x0| < s] v / s`` and ``rest = ||clamp(x0, -s, s)|| / s^2
-        max|v|``. The x0 rule's bound on transformed steps (deqkern.engine.StepSecants)."""
+        Jacobian at ``x0`` ``[R, D]`` *or at any point within* ``max(|v|, reach)`` *of it
+        elementwise*, ``v`` ``[R, D]`` (the x0 rule's bound must hold where the frozen error takes
+        the row, and a clip's kink there flips ``J_f``; ``reach`` ``[R, D]``, default 0); ``rest``
+        ``[R]`` float64. A clip passes the elements inside its range and stops the others: ``gap =
+        v`` on the clipped elements, 0 elsewhere; an element within that distance of the edge may
+        be either: ``rest = ||v on those||``. The threshold ``clamp(x0, -s, s) / s`` also rescales
+        by ``s``, which moves with the one or two elements its quantile interpolates (unless ``s``
+        sits at 1 or ``max_value``, beyond that distance): ``gap = v - [|x0| < s] v / s``, ``rest =
+        ||v near the edge|| / s + ||clamp(x0, -s, s)|| / s^2 max|v|``. The x0 rule's bound on
+        transformed steps (deqkern.engine.StepSecants)."""
         if self.kind == "none":
             return torch.zeros_like(v), torch.zeros(v.shape[0], dtype=torch.float64, device=v.device)
+        size = v.abs() if reach is None else torch.maximum(v.abs(), reach.to(v.dtype))
         if self.kind == "clip":
-            return torch.where(x0.abs() > self.clip_range, v, 0.0), torch.zeros(
-                v.shape[0], dtype=torch.float64, device=v.device)
+            near = ((x0.abs() - self.clip_range).abs() <= size).to(torch.float64)
+            rest = (v.to(torch.float64) * near).norm(dim=1)
+            return torch.where(x0.abs() > self.clip_range, v, 0.0), rest
         work = x0 if x0.dtype in (torch.float32, torch.float64) else x0.float()
         q = torch.quantile(work.abs(), self.ratio, dim=1)
         s = q.clamp(min=1.0, max=self.max_value).unsqueeze(1)
         gap = v - torch.where(work.abs() < s, v / s, 0.0).to(v.dtype)
-        moving = (q > 1.0) & (q < self.max_value)
-        rest = torch.clamp(work, -s, s).norm(dim=1) / s[:, 0].square() * v.abs().amax(dim=1)
-        return gap, torch.where(moving, rest, 0.0).to(torch.float64)
+        far = size.amax(dim=1)
+        moving = (q > 1.0 - far) & (q < self.max_value + far) & (self.max_value >= 1.0)
+        near = ((work.abs() - s).abs() <= size).to(torch.float64)
+        rest = (v.to(torch.float64) * near).norm(dim=1) / s[:, 0] + torch.where(
+            moving, torch.clamp(work, -s, s).norm(dim=1) / s[:, 0].square() * v.abs().amax(dim=1), 0.0)
+        return gap, rest.to(torch.float64)
 
 
 @dataclass(frozen=True)

@@ -44,11 +44,8 @@ def test_e2e_graphs_script_on_cpu(tmp_path):
 @pytest.mark.parametrize("study", ["adjoint-vjp", "ops-per-round", "stopping-rule", "stopping-x0", "tail-chunks",
                                    "divergence", "euler-coords", "budget", "lend", "entering", "floors",
                                    "starts", "safety", "clipped"])
-def test_solver_studies_run_quick(tmp_path, monkeypatch, study):
+def test_solver_studies_run_quick(tmp_path, study):
     """The studies behind bench/results/README.md, at --quick sizes."""
-    # as a user runs them on CPU: the reference ops (adjoint-vjp's child processes would otherwise
-    # inherit the interpreter that tests/conftest.py turned on, and run the kernels in it)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     studies = _load("solver_studies")
     out = tmp_path / "report.json"
     report = studies.main([study, "--quick", "--out", str(out)])

@@ -117,7 +117,8 @@ def test_measured_budget_keeps_the_bound_where_the_latent_gain_misleads():
 def test_jacobian_gap_against_autograd(kind, max_value):
     """``X0Transform.jacobian_gap``: ``(I - J_f) v`` (autograd's JVP of the transform, float64) is
     ``gap`` plus a remainder within ``rest`` (1e-12 slack): exactly ``gap`` for the clip and where
-    the threshold's ``s`` sits at 1 or ``max_value``; rows inside, across and beyond the range."""
+    the threshold's ``s`` sits at 1 or ``max_value``, for a move that reaches no edge; rows inside,
+    across and beyond the range."""
     from deqkern import X0Transform
 
     f = X0Transform(kind, clip_range=0.7, ratio=0.9, max_value=max_value)
@@ -130,15 +131,18 @@ def test_jacobian_gap_against_autograd(kind, max_value):
     miss = (v - jv - gap).norm(dim=1)
     assert rest.dtype == torch.float64 and rest.shape == (6,)
     assert bool((miss <= rest + 1e-12 * v.norm(dim=1)).all()), (miss, rest)
-    if kind == "clip" or max_value <= 1.0:  # s never moves: (I - J_f) v is gap exactly
-        assert float(rest.abs().max()) == 0.0 and float(miss.max()) <= 1e-12
+    if kind == "clip" or max_value <= 1.0:  # s never moves: for a move too small to reach an edge, exact
+        small = 1e-6 * v
+        _, jv = torch.autograd.functional.jvp(f.apply, x0, small)
+        gap, rest = f.jacobian_gap(x0, small)
+        assert float(rest.abs().max()) == 0.0 and float((small - jv - gap).norm(dim=1).max()) <= 1e-18
     assert float(gap[0].norm()) == 0.0 or kind == "threshold"  # row 0 inside the clip range: f is the identity
 
 
 @pytest.mark.parametrize("kind,max_value", [("clip", 1.0), ("threshold", 1.0), ("threshold", 3.0), ("threshold", 0.5)])
 def test_transform_kink_bounds_the_gap(kind, max_value):
-    """``engine.transform_kink``: ``||(I - J_f) v|| <= kink ||v||`` for random directions (autograd's
-    JVP, float64), and 0 exactly where ``f`` is the identity around the row's x0 (``px = 1``, ``po = 0``)."""
+    """``engine.transform_kink``: ``||(I - J_f) v|| <= kink ||v||`` for random directions at rows
+    inside, across and beyond the range (autograd's JVP, float64)."""
     from deqkern import X0Transform
     from deqkern.engine import transform_kink
 
@@ -146,12 +150,26 @@ def test_transform_kink_bounds_the_gap(kind, max_value):
     g = torch.Generator().manual_seed(12)
     scale = torch.tensor([0.2, 0.5, 1.5, 3.0, 8.0], dtype=torch.float64).view(-1, 1)
     x0 = torch.randn(5, 30, generator=g, dtype=torch.float64) * scale
-    coef = torch.zeros(5, 7, dtype=torch.float64)
-    coef[:, 4] = 1.0  # x0 = x
-    kink = transform_kink(f, x0, torch.zeros_like(x0), coef)
+    kink = transform_kink(f, x0.unsqueeze(0))[0]
+    assert kink.shape == (5,)
     for _ in range(8):
         v = torch.randn(5, 30, generator=g, dtype=torch.float64)
         _, jv = torch.autograd.functional.jvp(f.apply, x0, v)
         assert bool(((v - jv).norm(dim=1) <= kink * v.norm(dim=1) + 1e-12).all()), kink
-    if max_value >= 1.0:
-        assert float(kink[0]) == 0.0  # |x0| well inside both ranges
+
+
+def test_jacobian_gap_covers_the_other_side_of_the_kink():
+    """An element within ``|v_i|`` of the clip edge may be on either side where the frozen error
+    takes it: ``(I - J_f) v`` at a point moved by up to ``|v|`` elementwise stays within ``gap +
+    rest`` of the original point's ``gap`` (both sides of the kink, float64)."""
+    from deqkern import X0Transform
+
+    f = X0Transform("clip", clip_range=1.0)
+    x0 = torch.tensor([[0.99, 1.01, 0.5, -1.005, 2.0]], dtype=torch.float64)
+    v = torch.tensor([[0.02, -0.02, 0.02, 0.01, 0.3]], dtype=torch.float64)
+    gap, rest = f.jacobian_gap(x0, v)
+    for shift in (-1.0, -0.5, 0.5, 1.0):
+        moved = x0 + shift * v
+        _, jv = torch.autograd.functional.jvp(f.apply, moved, v)
+        assert float((v - jv - gap).norm()) <= float(rest[0]) + 1e-12
+    assert float(rest[0]) > 0  # three elements straddle the edge

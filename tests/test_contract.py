@@ -320,8 +320,40 @@ def _assert_converged_within_bound(case: Case) -> None:
     _assert_within_bound(case, res)
 
 
+#: the deep profile's find during the fix above: a clip's kink. A zero model, so each step is
+#: ``c0 clip(px x)`` (slope 0 where clipped, ``c0 px`` about 2 where not): a bound that trusted the
+#: row's own side of the kink froze an inexact row at tol 1e-30, x0 error 1.
+_CLIPPED_KINK = Case(
+    schedule=Schedule.ddim(torch.cumprod(1 - _betas("linear", 1e-4, 0.012), 0), _timesteps("linspace", 8, 0),
+                           transform=X0Transform("clip", clip_range=0.5)),
+    model=Elementwise("tanh", 0.0, 0.0), x=torch.tensor([[1.541]], dtype=torch.float64),
+    noise=None, init=None, model_kwargs={}, solver="anderson", solver_options=None, form="secant", execution="eager",
+    window=5, stop="x0", tol=TINY, max_iters=None, rounds_per_graph=1,
+)
+
+
+def _saturated_lend() -> Case:
+    """The deep profile's find (2026-11-30, pre-existing): a warm-started DDPM window whose latest
+    measured rows sit where ``tanh`` saturates; rows entering from ``init`` borrowed their tiny
+    Jacobian and froze a residual 1.3x their latent, x0 2.8x outside the bound."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, generator=g, dtype=torch.float64)
+    noise = torch.randn(12, 2, 1, generator=g, dtype=torch.float64)
+    init = torch.randn(12, 2, 1, generator=g, dtype=torch.float64)
+    schedule = Schedule.ddpm(torch.cumprod(1 - _betas("linear", 1e-4, 0.012), 0),
+                             [819, 423, 177, 176, 36, 25, 5, 4, 3, 2, 1, 0])
+    return Case(schedule=schedule, model=Elementwise("tanh", -1.0), x=x, noise=noise, init=init, model_kwargs={},
+                solver="anderson", solver_options=None, form="drift", execution="eager", window=4, stop="x0",
+                tol=1e-3, max_iters=None, rounds_per_graph=1)
+
+
+_SATURATED_LEND = _saturated_lend()
+
+
 @examples(2.5)
 @given(case=cases(shrinking_x0="exclude"))
+@example(case=_CLIPPED_KINK)
+@example(case=_SATURATED_LEND)
 def test_converged_means_within_bound_of_sequential(case: Case):
     """(a) on every chain but the x0 rule on shrinking chains (the next test)."""
     _assert_converged_within_bound(case)
