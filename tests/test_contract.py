@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import pytest
 import torch
 from conftest import tiny_unet
 from hypothesis import assume, example, given, settings, target
@@ -306,6 +307,46 @@ def _assert_within_bound(case: Case, res: deqkern.SampleResult) -> None:
 
 
 # ---------------------------------------------------------------------------------- properties
+def _large_move_secant() -> Case:
+    """The deep profile's find (2026-11-30, pre-existing, NOT fixed): round 2's secants span the
+    first, large move (22% of the latent), where the model's ``sin`` averages its slope 15x below
+    its local one; the full window froze all rows with that residual and x0 ended 1.04x outside its
+    bound (the search reached 15x on its way). Coefficients as hypothesis printed them."""
+    f64 = dict(dtype=torch.float64)
+    ones = [1.0001] * 9
+    schedule = Schedule(
+        timesteps=torch.tensor([834, 383, 15, 8, 7, 6, 5, 4, 3, 2, 1, 0]),
+        cx=torch.tensor([5.2847, 1.5783, 1.0009] + ones, **f64),
+        co=torch.tensor([-4.4722, -1.1674, -1.8606e-02, -2.7863e-03, -2.8445e-03, -2.9206e-03, -3.0235e-03,
+                         -3.1694e-03, -3.3909e-03, -3.7664e-03, -4.5576e-03, -1.0001e-02], **f64),
+        c0=torch.zeros(12, **f64),
+        px=torch.tensor([8.3537, 1.5807, 1.0015, 1.0007, 1.0006, 1.0005, 1.0004, 1.0003, 1.0002, 1.0002, 1.0001,
+                         1.0001], **f64),
+        po=torch.tensor([-8.2936, -1.2242, -0.0551, -0.0365, -0.0337, -0.0308, -0.0279, -0.0249, -0.0217, -0.0183,
+                         -0.0146, -0.0100], **f64),
+        sigma=torch.zeros(12, **f64), a_coef=torch.tensor([5.2847, 1.5783, 1.0009] + ones, **f64),
+        noise_var=torch.tensor([5.8673e-01, 3.0190e-03, 7.4602e-04, 1.6661e-04, 1.5373e-04, 1.4054e-04, 1.2687e-04,
+                                1.1244e-04, 9.6664e-05, 7.8161e-05, 5.2813e-05, 5.2813e-05], **f64),
+        prediction_type="epsilon")
+    return Case(schedule=schedule, model=Elementwise("sin", 0.5625), x=torch.tensor([[-0.7302]], **f64),
+                noise=None, init=None, model_kwargs={"cond": torch.tensor([[-0.5923]], **f64)}, solver="picard",
+                solver_options={"damping": 1.0}, form="drift", execution="eager", window=None, stop="x0", tol=0.01,
+                max_iters=None, rounds_per_graph=1)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="known, not fixed: a secant across a large first move can be 15x below the model's local "
+                          "slope (issue 14's note, 2026-11-30)")
+def test_known_gap_secant_across_a_large_move():
+    case = _large_move_secant()
+    res = case.solve()
+    x0_seq = case.sequential(torch.float64)
+    assert res.all_converged
+    err = float((res.x0[0] - x0_seq[0]).norm())
+    assert err <= x0_bound(case.tol, x0_seq[0], x0_seq[0], case.x[0], case.steps), err
+
+
+
 def _assert_converged_within_bound(case: Case) -> None:
     """(a) A sample flagged converged has x0 within :func:`x0_bound` of the sequential sampler's;
     the solve ends within S rounds whatever the rule (the window advances a row per round), and
