@@ -71,8 +71,8 @@ class Problem:
     form: Form
     #: how rows entering a sliding window start (ops.commit_window): a copy of the last computed
     #: row, the last step continued linearly, or the chain stepped with the last model output held
-    #: (one-step affine chains only: ``ahead``, docs/math.md §2); chosen by
-    #: bench/solver_studies.py entering
+    #: (affine chains, a multistep one holding its converted output: ``ahead``, docs/math.md §2);
+    #: chosen by bench/solver_studies.py entering
     entering: Entering = "copy"
     #: [S, 7] the steps with the last model output held (Schedule.packed_held), read when ``entering`` is "held"
     held_coef: torch.Tensor | None = None
@@ -266,7 +266,7 @@ class StepSecants:
         p = torch.where(ok, (dx64 * e_dx).sum(-1) / den, math.nan)
         q = torch.where(ok, e_dx.square().sum(-1) / den, math.nan)
         if self.e is not None:
-            self._measure_transformed(x, e, f, e_dx, dx64, c, ok)
+            self._measure_transformed(x, e, f, e_dx, dx64, den, q, c, ok)
         stats = torch.stack([
             torch.where(ok, p, math.inf).amin(dim=1), torch.where(ok, p, -math.inf).amax(dim=1),
             torch.where(ok, q, -math.inf).amax(dim=1),
@@ -301,45 +301,53 @@ class StepSecants:
         :meth:`transformed_bounds` instead. Lending such rows the window's largest measured ``dev`` instead
         missed ``J - L`` up to 760x near x0 (it grows toward x0 with ``co``) and x0's bound 2.6x."""
         c = coef.to(torch.float64)
-        a, b = c[..., 1] - c[..., 0], c[..., 2]
+        dev = self._measured_dev()
+        return torch.where(torch.isfinite(dev), dev, self._lent(c[..., 1] - c[..., 0], c[..., 2]))
+
+    def _measured_dev(self) -> torch.Tensor:
+        """``[B, W]`` the latest measured ``dev``; in the secant form the larger of the last two:
+        ``L`` was fitted to the previous secant, so the newest can match it by chance while ``J`` at
+        the iterate does not (the contract suite's deep run: a 1-D shrinking chain, dev 4e-5 where
+        ``|J - L|`` was about 1e-3, x0 2.9x outside the bound)."""
+        if not self.secant_form:
+            return self.dev
+        return torch.where(torch.isfinite(self.dev_prev), torch.maximum(self.dev, self.dev_prev), self.dev)
+
+    def _lent(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``[B, W]`` the largest ``||(a I + b E) u||`` over the model Jacobians ``E`` measured so far
+        (:attr:`lend`): ``sqrt(a^2 + 2ab <u, E u> + b^2 ||E u||^2)`` at the extremes (float64)."""
         lo, hi, q = (v.unsqueeze(1) for v in self.lend.unbind(dim=1))
         cross = torch.maximum(2 * a * b * lo, 2 * a * b * hi)
-        bound = (a * a + cross + b * b * q).clamp(min=0.0).sqrt()
-        dev = self.dev
-        if self.secant_form:
-            # L was fitted to the previous secant: the newest can match it by chance while J at the
-            # iterate does not (the contract suite's deep run: a 1-D shrinking chain, dev 4e-5 where
-            # |J - L| was about 1e-3, x0 2.9x outside the bound); keep the larger of the last two
-            dev = torch.where(torch.isfinite(self.dev_prev), torch.maximum(dev, self.dev_prev), dev)
-        return torch.where(torch.isfinite(dev), dev, bound)
+        return (a * a + cross + b * b * q).clamp(min=0.0).sqrt()
 
     def _measure_transformed(self, x: torch.Tensor, e: torch.Tensor, f: torch.Tensor, e_dx: torch.Tensor,
-                             dx: torch.Tensor, c: torch.Tensor, ok: torch.Tensor) -> None:
+                             dx: torch.Tensor, den: torch.Tensor, q: torch.Tensor, c: torch.Tensor,
+                             ok: torch.Tensor) -> None:
         """A transformed chain's ``gain`` and ``dev`` along the row's move ``dx`` (float64, ``e_dx``
         the model's secant ``E dx``): the step's Jacobian at this round's input, ``J = a + b E -
         c0 (I - J_f)(px + po E)`` (:meth:`transformed_bounds`), applied to ``dx``, ``J_f`` at the
-        row's predicted x0 (X0Transform.jacobian_gap), instead of a step secant across the kink.
+        row's predicted x0 (X0Transform.jacobian_gap), instead of a step secant across the kink;
+        ``den`` = ``||dx||^2`` and ``q`` = ``||E dx||^2 / ||dx||^2`` from :meth:`measure` (NaN off ``ok``).
         Freezing the row before leaves its residual ``F`` in this row's input, which moves the
         predicted x0 by ``px F + po E F``: elements within that reach of the kink (``E F`` bounded by
         the secant's gain times ``||F||``) count on both sides, as do those within the move."""
         L, cx, co, c0, px, po = (c[..., i : i + 1] for i in range(6))
         x0 = (px * x.to(torch.float64) + po * e.to(torch.float64)).flatten(0, 1)
         f_in = torch.cat([torch.zeros_like(f[:, :1]), f[:, :-1]], dim=1).to(torch.float64)  # row 0: the anchor
-        e_gain = (e_dx.square().sum(-1, keepdim=True) / dx.square().sum(-1, keepdim=True).clamp(
-            min=torch.finfo(torch.float64).tiny)).sqrt()
-        reach = px.abs() * f_in.abs() + po.abs() * e_gain * f_in.square().sum(-1, keepdim=True).sqrt()
+        f_norm = f_in.square().sum(-1, keepdim=True).sqrt()
+        reach = px.abs() * f_in.abs() + po.abs() * q.unsqueeze(-1).sqrt() * f_norm
         gap, rest = self.transform.jacobian_gap(x0, (px * dx + po * e_dx).flatten(0, 1), reach.flatten(0, 1))
         jdx = (cx + c0 * px) * dx + (co + c0 * po) * e_dx - c0 * gap.view_as(dx)
-        den = dx.square().sum(-1).sqrt()
-        extra = c0[..., 0].abs() * rest.view(den.shape)
-        gain = (jdx.square().sum(-1).sqrt() + extra) / den
-        dev = ((jdx - L * dx).square().sum(-1).sqrt() + extra) / den
+        norm = den.sqrt()
+        extra = c0[..., 0].abs() * rest.view(norm.shape)
+        gain = (jdx.square().sum(-1).sqrt() + extra) / norm
+        dev = ((jdx - L * dx).square().sum(-1).sqrt() + extra) / norm
         self.gain.copy_(torch.where(ok, gain, self.gain))
         self.dev_prev.copy_(torch.where(ok, self.dev, self.dev_prev))
         self.dev.copy_(torch.where(ok, dev, self.dev))
         self.e.copy_(e)
 
-    def transformed_bounds(self, coef: torch.Tensor, kink: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def transformed_bounds(self, coef: torch.Tensor, kink: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``(gain, dev)`` ``[B, W]`` float64 for the x0 rule on a chain with an x0 transform ``f``
         (clip, threshold): bounds on ``||J||`` and ``||J - L||`` along the row's move from the
         model's own measured secant, not the step's (which can cross ``f``'s kink; the contract
@@ -352,24 +360,16 @@ class StepSecants:
 
         measured along the row's move where it has one (:meth:`_measure_transformed`, ``J_f`` exact
         at the row), else bounded: the first part as in :meth:`rule_dev` from the window's
-        :attr:`lend`, the second by ``|c0| kink (|px| + |po| ||E||)``, ``kink`` ``[B, W]`` a bound on
+        :attr:`lend`, the second by ``|c0| kink (|px| + |po| ||E||)``, ``kink`` a bound on
         ``||I - J_f||`` (:func:`transform_kink`). ``gain`` is the same
         with ``L = 0``. NaN before any measurement (the rule's latent-gain bound)."""
         c = coef.to(torch.float64)
         L, cx, co, c0, px, po = (c[..., i] for i in range(6))
         a, b = cx + c0 * px, co + c0 * po
-        lo, hi, q = (v.unsqueeze(1) for v in self.lend.unbind(dim=1))
-
-        def lent(shift: torch.Tensor) -> torch.Tensor:
-            cross = torch.maximum(2 * shift * b * lo, 2 * shift * b * hi)
-            return (shift * shift + cross + b * b * q).clamp(min=0.0).sqrt() + c0.abs() * kink * (
-                px.abs() + po.abs() * q.sqrt())
-
-        dev = self.dev
-        if self.secant_form:  # as in rule_dev: L was fitted to the previous secant
-            dev = torch.where(torch.isfinite(self.dev_prev), torch.maximum(dev, self.dev_prev), dev)
-        return (torch.where(torch.isfinite(self.gain), self.gain, lent(a)),
-                torch.where(torch.isfinite(dev), dev, lent(a - L)))
+        corr = c0.abs() * kink * (px.abs() + po.abs() * self.model_gain.unsqueeze(1))
+        dev = self._measured_dev()
+        return (torch.where(torch.isfinite(self.gain), self.gain, self._lent(a, b) + corr),
+                torch.where(torch.isfinite(dev), dev, self._lent(a - L, b) + corr))
 
     def slide(self, slide: RowSlide) -> None:
         """Slide with the window; rows entering have no history and no secants (:meth:`rule_dev`)."""
@@ -496,16 +496,17 @@ def x0_multipliers(
     return coef[..., 0].abs() + extra.to(coef.dtype)
 
 
-def transform_kink(transform: X0Transform, x: torch.Tensor) -> torch.Tensor:
-    """``[B, W]`` float64 a bound on ``||I - J_f||`` for the x0 transform ``f`` anywhere, for rows
+def transform_kink(transform: X0Transform, dim: int) -> float:
+    """A bound on ``||I - J_f||`` for the x0 transform ``f`` anywhere, for rows
     without a measured move (StepSecants.transformed_bounds): a clip is a 0/1 diagonal (1); the
     threshold ``clamp(x0, -s, s) / s``, ``s`` a quantile of ``|x0|`` clamped to ``[1, max_value]``,
     adds the rescale by ``s``: at most ``1 + 1/s + ||clamp(x0)|| / s^2 <= 1 + (1 + sqrt(D)) / s``
     (the quantile moves with one or two elements). Not 0 where ``f`` is the identity at the row: a
     frozen error can take the row across the kink, where ``J`` differs (tests/test_sampling.py found
     a clipped element 10x outside tol when the row's own side was trusted)."""
-    worst = 1.0 if transform.kind == "clip" else 1.0 + (1.0 + math.sqrt(x.shape[-1])) / min(1.0, transform.max_value)
-    return torch.full(x.shape[:2], worst, dtype=torch.float64, device=x.device)
+    if transform.kind == "clip":
+        return 1.0
+    return 1.0 + (1.0 + math.sqrt(dim)) / min(1.0, transform.max_value)
 
 
 def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, static: bool) -> None:
@@ -553,7 +554,7 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     if st.secants is not None and st.secants.e is not None:
         # a clip or threshold bends the step: a secant across its kink can miss J (test_contract found
         # a clipped DDPM chain 2.8x outside the bound), so these chains bound J from the model's secants
-        gain, dev = st.secants.transformed_bounds(coef, transform_kink(p.transform, e))
+        gain, dev = st.secants.transformed_bounds(coef, transform_kink(p.transform, dim))
     elif st.secants is not None and p.transform.kind == "none":
         gain, dev = st.secants.gain, st.secants.rule_dev(coef)
     with annotate("status"):

@@ -632,6 +632,8 @@ class ParallelSampler:
         schedule, s, c = self.schedule, self.schedule.num_steps, self.config
         batch, dim = x_T.shape[0], x_T[0].numel()
         dev, dt = x_T.device, x_T.dtype
+        # at the full window no row ever enters: the held chain would be computed for nothing
+        held = c.extrapolate == "model" and width < s
         p = Problem(
             coef=schedule.packed(dev, dt), timesteps=schedule.timesteps.to(dev),
             noise_var=schedule.noise_var.to(dev, torch.float64),
@@ -639,10 +641,8 @@ class ParallelSampler:
             init=None if init is None else torch.cat([x_T.reshape(1, batch, dim), init.reshape(s, batch, dim)]),
             transform=schedule.transform, shape=x_T.shape, width=width, tol=c.tol, stop=c.stop,
             max_iters=c.max_iters, form=c.form,
-            # at the full window no row ever enters: the held chain would be computed for nothing
-            entering=("held" if width < s else "copy") if c.extrapolate == "model"
-            else "linear" if c.extrapolate else "copy",
-            held_coef=schedule.packed_held(dev, dt) if c.extrapolate == "model" and width < s else None,
+            entering="held" if held else "copy" if c.extrapolate in ("model", False) else "linear",
+            held_coef=schedule.packed_held(dev, dt) if held else None,
             ms_coef=schedule.packed_multistep(dev, dt),
             x0_extra=None if schedule.multistep is None else schedule.multistep.packed_x0(dev),
             coords=None if schedule.coords is None else schedule.coords.to(dev, dt),
