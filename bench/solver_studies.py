@@ -890,6 +890,51 @@ def safety(quick: bool) -> dict[str, Any]:
             "command": "python bench/solver_studies.py safety", "rows": rows}
 
 
+def reach(quick: bool) -> dict[str, Any]:
+    """What ``LINEAR_REACH`` costs: the x0 rule drops a step secant measured along a move longer
+    than this share of the row's latent (falling back to the lend, then the latent's gain), and
+    freezes no row (but a freeze's last) whose residual exceeds it. Library defaults (x0 rule, tol
+    1e-3), batch 8, seed 0, the reach at inf (the rule before 2026-11-30), 0.25, 0.1 (the
+    library's), 0.05, 0.02 and 0.01: rounds and the worst x0 error over tol. Runs the reference
+    ops (the reach is patched in deqkern.ops.reference and deqkern.engine, then restored)."""
+    import deqkern.engine as engine
+    import deqkern.ops.reference as reference
+
+    reaches = (math.inf, 0.1) if quick else (math.inf, 0.25, 0.1, 0.05, 0.02, 0.01)
+    chains = [("ddim", 12, None, False)] if quick else [
+        ("ddim", 100, None, False), ("ddim", 100, 10, False), ("ddim", 100, 25, False), ("ddpm", 100, None, False),
+        ("ddpm", 100, 10, False), ("ddpm", 100, None, True), ("ddim", 1000, 10, False)]
+    unet, sched = _digits()
+    kept = reference.LINEAR_REACH
+    rows = []
+    try:
+        for scheduler, steps, window, clip in chains:
+            from deqkern.bench.chains import build_chain, scheduler_config
+
+            conf = scheduler_config(scheduler, dict(sched.config), clip_sample=clip)
+            g = torch.Generator().manual_seed(0)
+            schedule, x = build_chain(scheduler, conf, dict(sched.config), steps, 0.0,
+                                      torch.randn(8, 1, 8, 8, generator=g))
+            z = torch.randn(steps, 8, 1, 8, 8, generator=g) if schedule.is_stochastic else None
+            row: dict[str, Any] = {"scheduler": scheduler, "steps": steps, "window": window, "clip_sample": clip,
+                                   "reaches": {}}
+            with torch.no_grad():
+                ref = deqkern.sample_sequential(unet, x, schedule, z, execution="eager").x0
+                for r in reaches:
+                    reference.LINEAR_REACH = engine.LINEAR_REACH = r
+                    out = deqkern.sample(unet, x, schedule, noise=z, window=window, execution="eager")
+                    row["reaches"][str(r)] = {"rounds": out.rounds, "converged": out.all_converged,
+                                              "worst_error_over_tol": _x0_err(out.x0, ref) / 1e-3}
+            rows.append(row)
+            print(f"{scheduler} S={steps:<4} W={window or 'S':<3}{' clip' if clip else ''}: " + ", ".join(
+                f"reach {r:g} {v['rounds']} rounds ({v['worst_error_over_tol']:.2f} tol)"
+                for r, v in zip(reaches, row["reaches"].values())))
+    finally:
+        reference.LINEAR_REACH = engine.LINEAR_REACH = kept
+    return {"what": "library defaults but LINEAR_REACH, batch 8, seed 0: rounds and worst x0 error / tol",
+            "command": "python bench/solver_studies.py reach", "rows": rows}
+
+
 def clipped(quick: bool) -> dict[str, Any]:
     """The x0 rule on chains with diffusers' ``clip_sample`` (docs/math.md §4.3, chains with an x0
     transform: the model's own secants and the clip's Jacobian at the row): library defaults,
@@ -918,7 +963,7 @@ STUDIES = {"adjoint-vjp": adjoint_vjp, "ops-per-round": ops_per_round, "stopping
            "stopping-x0": stopping_x0, "tail-chunks": tail_chunks, "half-precision": half_precision,
            "divergence": divergence, "multistep-rounds": multistep_rounds, "euler-coords": euler_coords,
            "budget": budget, "lend": lend, "entering": entering, "floors": floors, "starts": starts,
-           "safety": safety, "clipped": clipped}
+           "safety": safety, "clipped": clipped, "reach": reach}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

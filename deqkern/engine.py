@@ -33,7 +33,7 @@ from deqkern.errors import NonFiniteModelOutput
 from deqkern.graphs import ChunkRunner, snapshot, state_tensors
 from deqkern.model import ModelEvaluator
 from deqkern.ops import (
-    SECANT_SAFETY, ScanResult, carry_converted, commit_window, round_status, scan_residual, step_secants,
+    LINEAR_REACH, SECANT_SAFETY, ScanResult, carry_converted, commit_window, round_status, scan_residual, step_secants,
 )
 from deqkern.ops.window import RowSlide
 from deqkern.schedule import Form, X0Transform
@@ -247,22 +247,29 @@ class StepSecants:
         s = g - mult.unsqueeze(-1).to(g.dtype) * (g_prev - x)
         dx, ds = x - self.x, s - self.s
         gain, dev = step_secants(dx, ds, mult)
+        c = coef.to(torch.float64)
+        dx64 = dx.to(torch.float64)
+        den = dx64.square().sum(-1)
         valid = self.valid & live
-        fresh = valid & torch.isfinite(gain) & torch.isfinite(dev)
-        self.gain.copy_(torch.where(fresh, gain, self.gain))
+        # a secant across a long move is no bound on J - L at the row (LINEAR_REACH): neither the
+        # row's own nor what other rows borrow (lend). Its gain stays on affine chains: the rule takes
+        # the larger of it and the latent's gain, which alone misleads where the latent shrinks (the
+        # deep profile: a DDPM chain near x0 = 0, 1.01x outside); transformed chains lend one instead
+        near = valid & (den <= LINEAR_REACH**2 * x.to(torch.float64).square().sum(-1))
+        measured = valid & torch.isfinite(gain) & torch.isfinite(dev)
+        fresh = measured & near
+        self.forget(valid & ~near)
+        self.gain.copy_(torch.where(measured if self.e is None else fresh, gain, self.gain))
         self.dev_prev.copy_(torch.where(fresh, self.dev, self.dev_prev))
         self.dev.copy_(torch.where(fresh, dev, self.dev))
         # the model's Jacobian along dx, E dx = (ds - cx dx) / co, as the two numbers rule_dev needs
         # to rebuild ||(J - L) dx|| for other coefficients (in float64: the terms nearly cancel)
-        c = coef.to(torch.float64)
-        dx64 = dx.to(torch.float64)
-        den = dx64.square().sum(-1)
         if self.e is None:
             e_dx = (ds.to(torch.float64) - c[..., 1:2] * dx64) / c[..., 2:3]
             ok = fresh & (c[..., 2] != 0) & (den > 0)
         else:
             e_dx = (e - self.e).to(torch.float64)
-            ok = valid & (den > 0)
+            ok = near & (den > 0)
         p = torch.where(ok, (dx64 * e_dx).sum(-1) / den, math.nan)
         q = torch.where(ok, e_dx.square().sum(-1) / den, math.nan)
         if self.e is not None:
@@ -282,6 +289,12 @@ class StepSecants:
         self.s.copy_(s)
         self.valid.copy_(live)
         return dx, ds, valid
+
+    def forget(self, rows: torch.Tensor) -> None:
+        """Drop the secants of ``rows`` ``[B, W]`` (their bound falls back to the lend, then the
+        latent's gain)."""
+        for v in (self.gain, self.dev, self.dev_prev):
+            v.masked_fill_(rows, math.nan)
 
     @property
     def model_gain(self) -> torch.Tensor:

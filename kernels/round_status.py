@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from deqkern.kernels._launch import acc_dtype, check_tensor, num_warps_for, on_device, pick_block, status_block_w
-from deqkern.ops.reference import SECANT_SAFETY
+from deqkern.ops.reference import LINEAR_REACH, SECANT_SAFETY
 
 #: ``STOP`` of each stopping rule of :data:`deqkern.engine.StopRule`.
 STOP_CODES = {"relative": 0, "noise": 1, "x0": 2}
@@ -51,7 +51,7 @@ def _next_step(g_row, mult_row, gain_row, dev_row, stride_g_j, stride_mult_j, st
 def _round_status_kernel(
     f_ptr, g_ptr, bad_ptr, t_ptr, nrows_ptr, k0_ptr, rounds_ptr, var_ptr, delta_ptr, worst_ptr, log_ptr, done_ptr,
     badt_ptr, mult_ptr, spent_ptr, gain_ptr, dev_ptr,
-    W, S, D, max_iters: tl.int32, tol: tl.float64,
+    W, S, D, max_iters: tl.int32, tol: tl.float64, reach_sq: tl.float64,
     stride_f_b, stride_f_j, stride_g_b, stride_g_j, stride_bad_b, stride_bad_j, stride_t_b, stride_t_j,
     stride_nrows_b, stride_k0_b, stride_delta_b, stride_worst_b, stride_log_r, stride_log_b, stride_done_b,
     stride_badt_r, stride_mult_b, stride_mult_j, stride_spent_b, stride_gain_b, stride_gain_j, stride_dev_b,
@@ -75,6 +75,7 @@ def _round_status_kernel(
               = h_j + |L_j|                  elsewhere
         r_j   = max(log(gain[b, j] / h_j), 0) where gain[b, j] is finite and j < n, else 0
         c_j   = sqrt(f_j) (k_{j+1} exp(sum_{j+1 < l < n} r_l) / N_{j+1})     (0 unless j + 1 < n)
+              = inf where f_j > reach_sq g_j     (reach_sq = LINEAR_REACH^2: past the rule's first order)
         pass  : sum_{i <= j} c_i <= max(tol - spent[b], 0) (j + 2) / max(S - k0, 1)
         spent[b] += sum_{i <= delta - 2} c_i                   (nothing if delta < 2)
 
@@ -143,7 +144,10 @@ def _round_status_kernel(
                                             stride_gain_j, stride_dev_j, j, n, tiny, SAFETY)
             after = r_left - tl.cumsum(r1, axis=0)  # sum of r_l over l > j + 1
             r_left -= tl.sum(r1, axis=0)
-            cost = tl.where(nxt, tl.sqrt(f.to(tl.float64)) * (k1 * tl.exp(after) / norm1), 0.0)
+            f64 = f.to(tl.float64)
+            cost = tl.where(f64 <= reach_sq * g.to(tl.float64), tl.sqrt(f64) * (k1 * tl.exp(after) / norm1),
+                            float("inf"))
+            cost = tl.where(nxt, cost, 0.0)
             run = spend + tl.cumsum(cost, axis=0)
             spend += tl.sum(cost, axis=0)
             # (tol - spent) (j + 2) / left, in the reference's order of operations
@@ -217,7 +221,7 @@ def round_status(
     with on_device(f_sq.device):
         _round_status_kernel[(batch,)](
             f_sq, g_sq, nonfinite, t, n_rows, k0, rounds, noise_var, delta, worst, res_log, done_round, bad_t,
-            mult, spent, gain, dev, width, steps, dim, rows - 1, float(tol),
+            mult, spent, gain, dev, width, steps, dim, rows - 1, float(tol), LINEAR_REACH**2,
             *f_sq.stride(), *g_sq.stride(), *nonfinite.stride(), *t.stride(), n_rows.stride(0), k0.stride(0),
             delta.stride(0), worst.stride(0), *res_log.stride(), done_round.stride(0), bad_t.stride(0),
             *mult.stride(), spent.stride(0), *gain.stride(), *dev.stride(),

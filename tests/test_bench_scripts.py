@@ -43,7 +43,7 @@ def test_e2e_graphs_script_on_cpu(tmp_path):
 @pytest.mark.skipif(not (ROOT / "bench" / "solver_studies.py").exists(), reason="run from a source checkout")
 @pytest.mark.parametrize("study", ["adjoint-vjp", "ops-per-round", "stopping-rule", "stopping-x0", "tail-chunks",
                                    "divergence", "euler-coords", "budget", "lend", "entering", "floors",
-                                   "starts", "safety", "clipped"])
+                                   "starts", "safety", "clipped", "reach"])
 def test_solver_studies_run_quick(tmp_path, study):
     """The studies behind bench/results/README.md, at --quick sizes."""
     studies = _load("solver_studies")
@@ -97,6 +97,11 @@ def test_solver_studies_run_quick(tmp_path, study):
         assert report["rows"][0]["factors"]["8.0"]["worst_error_over_tol"] <= 1
     elif study == "clipped":  # clipped chains converge within the bound
         assert all(r["converged"] and r["worst_error_over_tol"] <= 1 for r in report["rows"])
+    elif study == "reach":  # every reach ran and converged; the library's is restored afterwards
+        from deqkern.ops.reference import LINEAR_REACH
+
+        assert LINEAR_REACH == 0.1 and list(report["rows"][0]["reaches"]) == ["inf", "0.1"]
+        assert all(v["converged"] and v["worst_error_over_tol"] <= 1 for v in report["rows"][0]["reaches"].values())
     elif study == "entering":  # every entering rule converges within the bound
         assert all(r[k]["converged"] and r[k]["worst_error_over_tol"] <= 1
                    for r in report["rows"] for k in ("copy", "linear", "model"))

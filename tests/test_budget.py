@@ -13,9 +13,10 @@ import torch
 from test_x0_bound import bound_ratio
 
 import deqkern
+from deqkern import engine
 from deqkern.engine import Problem, SolveState, run_round
 from deqkern.model import ModelEvaluator
-from deqkern.ops.reference import SECANT_SAFETY, step_secants, x0_row_costs
+from deqkern.ops.reference import LINEAR_REACH, SECANT_SAFETY, step_secants, x0_row_costs
 from deqkern.solvers import get_solver
 
 
@@ -58,12 +59,9 @@ def test_x0_row_costs_with_measured_secants_by_hand():
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
 
 
-def test_solve_measures_the_steps_j_minus_l():
-    """A linear model ``e = c x`` makes every step linear, ``J_k = cx_k + co_k c``: after three
-    rounds, each row that kept its position holds ``gain = |J_k|`` and ``dev = |J_k - 1|`` (drift
-    form) for its position (float64, 1e-9 relative), the model's gain is ``|c|``, and the rule's
-    ``||J - L||`` of the other rows is the schedule's bound with it."""
-    steps, c = 12, 0.7
+def _linear_chain(steps: int, rounds: int, c: float) -> tuple[Problem, SolveState]:
+    """A linear model ``e = c x`` on a DDIM chain, ``rounds`` Picard rounds of the full window
+    (drift form, stop x0 at tol 1e-300: nothing freezes past row 0)."""
     sched = _ddim(steps)
     x = torch.randn(2, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     p = Problem(
@@ -74,8 +72,47 @@ def test_solve_measures_the_steps_j_minus_l():
     st = SolveState.start(p, x, return_trajectory=False)
     cfg, factory = get_solver("picard")
     with torch.no_grad():
-        for _ in range(3):
+        for _ in range(rounds):
             run_round(p, st, factory(cfg), ModelEvaluator(lambda v, t: c * v), static=False)
+    return p, st
+
+
+def test_secant_along_a_long_move_is_dropped(monkeypatch):
+    """A row keeps the secant of its last move only if the move is at most ``LINEAR_REACH`` of its
+    latent (docs/math.md §4.3): at each Picard round's measurement, rows that moved by more have no
+    ``J - L`` (NaN) even on a linear model but keep the gain, and rows that moved less have both;
+    both occur."""
+    seen = {"long": 0, "near": 0}
+    measure = engine.StepSecants.measure
+
+    def checked(self, xw, g, coef, live, e=None, f=None):
+        x = xw[:, : g.shape[1]]
+        moved = (x - self.x).norm(dim=-1) / x.norm(dim=-1)
+        had = self.valid & live
+        out = measure(self, xw, g, coef, live, e, f)
+        long, near = had & (moved > LINEAR_REACH), had & (moved <= LINEAR_REACH) & (moved > 0)
+        # J - L dropped; the gain kept (the rule takes the larger of it and the latent's)
+        assert bool(self.dev[long].isnan().all()) and bool(torch.isfinite(self.gain[long]).all())
+        assert bool(torch.isfinite(self.dev[near]).all())
+        seen["long"] += int(long.sum())
+        seen["near"] += int(near.sum())
+        return out
+
+    monkeypatch.setattr(engine.StepSecants, "measure", checked)
+    _linear_chain(12, 8, 0.7)
+    assert seen["long"] > 0 and seen["near"] > 0, seen
+
+
+def test_solve_measures_the_steps_j_minus_l(monkeypatch):
+    """A linear model ``e = c x`` makes every step linear, ``J_k = cx_k + co_k c``: after three
+    rounds, each row that kept its position holds ``gain = |J_k|`` and ``dev = |J_k - 1|`` (drift
+    form) for its position (float64, 1e-9 relative), the model's gain is ``|c|``, and the rule's
+    ``||J - L||`` of the other rows is the schedule's bound with it. A linear step's secant is
+    exact along any move, so the reach is lifted here (Picard's first moves are long)."""
+    monkeypatch.setattr(engine, "LINEAR_REACH", math.inf)
+    steps, c = 12, 0.7
+    sched = _ddim(steps)
+    p, st = _linear_chain(steps, 3, c)
     pos = (st.k0.unsqueeze(1) + torch.arange(steps)).clamp(max=steps - 1)
     jac = (sched.cx + sched.co * c)[pos]
     seen = torch.isfinite(st.secants.dev)

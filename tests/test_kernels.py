@@ -595,6 +595,7 @@ def _status_inputs(batch, width, steps, max_iters, dtype, gen):
     f = torch.exp(torch.empty(batch, width, dtype=torch.float64).uniform_(-20, -4, generator=gen)).to(dtype)
     g = torch.exp(torch.empty(batch, width, dtype=torch.float64).uniform_(-1, 1, generator=gen)).to(dtype)
     f[0, 0], g[-1, -1] = 0.0, 0.0
+    f[-1, 0] = g[-1, 0] * 2 * reference.LINEAR_REACH**2  # past the x0 rule's first order: infinite cost
     if batch > 2:
         f[2, width // 2] = float("nan")
     k0 = torch.randint(0, steps, (batch,), generator=gen)

@@ -7,12 +7,14 @@ and on the float64 Gaussian-mixture denoiser; the bound is ``tol`` itself, per s
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import digits_chain, rel_err
 
 import deqkern
-from deqkern.ops.reference import x0_accepted_rows, x0_row_costs
+from deqkern.ops.reference import LINEAR_REACH, SECANT_SAFETY, x0_accepted_rows, x0_row_costs
 
 
 def test_x0_row_costs_by_hand():
@@ -26,6 +28,23 @@ def test_x0_row_costs_by_hand():
     want = [1e-3 * (1 + 0.5 / 2), 2e-3 * (1 / 2 + 1 / 1e-2), 0.0, 0.0]
     assert torch.allclose(x0_row_costs(f_sq, g_sq, mult, live, none, none)[0],
                           torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def test_x0_row_costs_past_linear_reach_by_hand():
+    """A row whose residual exceeds ``LINEAR_REACH`` of its latent costs inf (the rule is first
+    order; a larger frozen residual can reach a slope no secant saw), however small its secants;
+    at the reach exactly, the usual cost."""
+    f_sq = torch.tensor([[LINEAR_REACH**2 * 1.0001, LINEAR_REACH**2, 1e-6, 0.0]], dtype=torch.float64)
+    g_sq = torch.ones(1, 4, dtype=torch.float64)
+    mult = torch.zeros(1, 4, dtype=torch.float64)
+    live = torch.ones(1, 4, dtype=torch.bool)
+    dev = torch.full((1, 4), 1e-9, dtype=torch.float64)
+    gain = torch.full((1, 4), float("nan"), dtype=torch.float64)
+    got = x0_row_costs(f_sq, g_sq, mult, live, gain, dev)[0].tolist()
+    assert got[0] == math.inf
+    assert got[1] == pytest.approx(LINEAR_REACH * SECANT_SAFETY * 1e-9, rel=1e-12)
+    assert got[2] == pytest.approx(1e-3 * SECANT_SAFETY * 1e-9, rel=1e-12)
+    assert got[3] == 0.0  # the last live row: no next row to reach
 
 
 def test_x0_rule_rows_by_hand():

@@ -58,6 +58,14 @@ def accepted_rows(passed: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 #: Chosen by bench/solver_studies.py budget.
 SECANT_SAFETY = 8.0
 
+#: The x0 rule is first order: it trusts a secant only along a move of at most this share of the
+#: row's latent, and freezes a row (but the last of a freeze) only with a residual within it.
+#: Beyond, the model's slope can change over the stretch (the contract suite's deep profile:
+#: secants 15x below the local slope on moves of 67-100% of the latent, x0 up to 4.4x outside its
+#: bound; a residual 1.3x its latent frozen with a slope measured elsewhere, 2.8x).
+#: Chosen by bench/solver_studies.py reach.
+LINEAR_REACH = 0.1
+
 
 def x0_row_costs(
     f_sq: torch.Tensor, g_sq: torch.Tensor, mult: torch.Tensor, live: torch.Tensor, gain: torch.Tensor,
@@ -67,6 +75,7 @@ def x0_row_costs(
     ``||x0||`` (the ``x0`` rule's budget is ``tol``; math: :func:`x0_accepted_rows`, docs/math.md §4.3)::
 
         c_j = ||F_j|| k_{j+1} exp(sum_{l = j+2}^{n-1} r_l) / ||G_{j+1}||     (0 unless row j + 1 is live)
+            = inf where ||F_j|| > LINEAR_REACH ||G_j||            (outside the rule's first order)
 
     with the latent's gain at step ``l``, ``h_l = ||G_l|| / ||G_{l-1}||``, and the secants of step
     ``l`` measured between two rounds (:func:`step_secants`)
@@ -92,7 +101,9 @@ def x0_row_costs(
     row[:, :-1] = k[:, 1:] * after[:, 1:].exp() / norm[:, 1:]
     has_next = torch.zeros_like(live)
     has_next[:, :-1] = live[:, 1:]
-    return torch.where(has_next, f_sq.to(torch.float64).sqrt() * row, 0.0)
+    f64 = f_sq.to(torch.float64)
+    cost = torch.where(f64 <= LINEAR_REACH**2 * g_sq.to(torch.float64), f64.sqrt() * row, math.inf)
+    return torch.where(has_next, cost, 0.0)
 
 
 def x0_accepted_rows(
