@@ -198,6 +198,10 @@ class StepSecants:
     dev: torch.Tensor  #: [B, W] float64 the latest measured ||(J - L) dx|| / ||dx|| (NaN: none)
     #: [B, W] float64 the measurement before it at the same position (NaN: none); read in the secant form
     dev_prev: torch.Tensor
+    #: [B, W] bool: the row's last move was past LINEAR_REACH; its ``J - L`` falls back to the
+    #: latent's gain, not the lend (a lend from the few rows measured near could cancel against the
+    #: row's own coefficients: the deep profile, a secant-form "sample" chain, 2.2x outside)
+    far: torch.Tensor
     #: [B, 3] float64 what rows not measured yet borrow (:meth:`rule_dev`), over every row measured
     #: so far in the solve (NaN: none yet): the least and largest ``<dx, E dx> / ||dx||^2`` and the
     #: largest ``||E dx||^2 / ||dx||^2`` (E: the model's Jacobian)
@@ -220,7 +224,8 @@ class StepSecants:
             x=torch.zeros(batch, width, dim, device=device, dtype=dtype),
             s=torch.zeros(batch, width, dim, device=device, dtype=dtype),
             valid=torch.zeros(batch, width, device=device, dtype=torch.bool), gain=nan, dev=nan.clone(),
-            dev_prev=nan.clone(), secant_form=secant_form,
+            dev_prev=nan.clone(), far=torch.zeros(batch, width, device=device, dtype=torch.bool),
+            secant_form=secant_form,
             lend=torch.full((batch, 3), math.nan, device=device, dtype=torch.float64),
             transform=transform, e=None if transform is None else torch.zeros(batch, width, dim, device=device,
                                                                                dtype=dtype),
@@ -259,6 +264,7 @@ class StepSecants:
         measured = valid & torch.isfinite(gain) & torch.isfinite(dev)
         fresh = measured & near
         self.forget(valid & ~near)
+        self.far.copy_(torch.where(valid, ~near, self.far))
         self.gain.copy_(torch.where(measured if self.e is None else fresh, gain, self.gain))
         self.dev_prev.copy_(torch.where(fresh, self.dev, self.dev_prev))
         self.dev.copy_(torch.where(fresh, dev, self.dev))
@@ -310,12 +316,18 @@ class StepSecants:
         largest this can be over the measured rows' extremes (:attr:`lend`). The cross term keeps
         the cancellation of ``a`` against ``b E`` (``J`` near ``L``) that the triangle bound ``|a| +
         |b| ||E||`` loses: 20-40x on DDIM S = 1000, window 10 (bench/solver_studies.py lend). Before
-        any measurement: NaN, the rule's latent-gain bound; chains with an x0 transform use
+        any measurement, and on rows whose last move went past LINEAR_REACH (:attr:`far`): NaN, the
+        rule's latent-gain bound; chains with an x0 transform use
         :meth:`transformed_bounds` instead. Lending such rows the window's largest measured ``dev`` instead
         missed ``J - L`` up to 760x near x0 (it grows toward x0 with ``co``) and x0's bound 2.6x."""
         c = coef.to(torch.float64)
         dev = self._measured_dev()
-        return torch.where(torch.isfinite(dev), dev, self._lent(c[..., 1] - c[..., 0], c[..., 2]))
+        return torch.where(torch.isfinite(dev), dev, self._borrowed(self._lent(c[..., 1] - c[..., 0], c[..., 2])))
+
+    def _borrowed(self, lent: torch.Tensor) -> torch.Tensor:
+        """``lent`` where a row may borrow ``J - L``; NaN (the latent's gain) on rows whose last move
+        went past LINEAR_REACH (:attr:`far`)."""
+        return torch.where(self.far, math.nan, lent)
 
     def _measured_dev(self) -> torch.Tensor:
         """``[B, W]`` the latest measured ``dev``; in the secant form the larger of the last two:
@@ -382,7 +394,7 @@ class StepSecants:
         corr = c0.abs() * kink * (px.abs() + po.abs() * self.model_gain.unsqueeze(1))
         dev = self._measured_dev()
         return (torch.where(torch.isfinite(self.gain), self.gain, self._lent(a, b) + corr),
-                torch.where(torch.isfinite(dev), dev, self._lent(a - L, b) + corr))
+                torch.where(torch.isfinite(dev), dev, self._borrowed(self._lent(a - L, b) + corr)))
 
     def slide(self, slide: RowSlide) -> None:
         """Slide with the window; rows entering have no history and no secants (:meth:`rule_dev`)."""
@@ -394,6 +406,7 @@ class StepSecants:
         slide.apply(self.gain, math.nan)
         slide.apply(self.dev, math.nan)
         slide.apply(self.dev_prev, math.nan)
+        slide.apply(self.far, False)
 
 
 def secant_update(mult: torch.Tensor, dx: torch.Tensor, ds: torch.Tensor, valid: torch.Tensor) -> None:

@@ -375,15 +375,29 @@ def _shrunk_latent() -> Case:
                 execution="eager", window=None, stop="x0", tol=data["tol"], max_iters=None, rounds_per_graph=1)
 
 
-def test_long_move_keeps_its_gain():
-    """A secant's gain along a long move stays (the rule takes the larger of it and the latent's
-    gain), though its ``J - L`` is dropped: every sample converged within its bound."""
-    case = _shrunk_latent()
+def _far_row() -> Case:
+    """The deep profile's second find during LINEAR_REACH (2026-11-30): a DDPM S = 8 "sample"
+    chain of a ``sin`` model in the secant form (float32, a warm start), whose rows keep moving
+    past the reach. Lending those rows ``J - L`` from the one row measured near (the lend
+    cancelled against the rows' own fitted ``L``) froze a row at cost 1e-8 and x0 ended 2.2x
+    outside its bound; such rows now take the latent's gain (``StepSecants.far``)."""
+    data = torch.load(Path(__file__).parent / "data" / "x0_rule_far_row_case.pt", weights_only=False)
+    return Case(schedule=data["schedule"], model=Elementwise("sin", -1.0), x=data["x"], noise=data["noise"],
+                init=data["init"], model_kwargs=data["model_kwargs"], solver="anderson",
+                solver_options=data["solver_options"], form="secant", execution="eager", window=None, stop="x0",
+                tol=data["tol"], max_iters=None, rounds_per_graph=1)
+
+
+@pytest.mark.parametrize("make", [_shrunk_latent, _far_row])
+def test_long_move_keeps_its_gain_not_its_lend(make):
+    """A secant along a long move keeps its gain (the rule takes the larger of it and the latent's
+    gain) but gives the row no ``J - L``, its own or lent: every sample converged within its bound."""
+    case = make()
     res = case.solve()
     x0_seq = case.sequential(torch.float64)
     assert res.all_converged
     for b in range(case.x.shape[0]):
-        err = float((res.x0[b] - x0_seq[b]).norm())
+        err = float((res.x0[b].double() - x0_seq[b]).norm())
         assert err <= x0_bound(case.tol, x0_seq[b], x0_seq[b], case.x[b], case.steps), (b, err)
 
 
