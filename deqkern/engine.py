@@ -185,6 +185,15 @@ class SolveState:
 SECANT_RANGE = (0.0, 1.0)
 
 
+#: ulps of the inputs and outputs a secant's ``ds - L dx`` can carry from rounding (s is recovered
+#: from the scan, two rounds apart); added to the secants over ``||dx||``
+SECANT_ROUNDING = 4.0
+#: a secant counts only where that rounding slack is at most this (else the row keeps its last one,
+#: as for no move): chosen on the digits chains, one-off runs of 2026-11-30 (cap 1: DPM-Solver++(2M)
+#: S = 100 W = 25 22 rounds, 0.1: 17 and DDIM S = 1000 W = 10 115, 0.01: 17 and 114)
+SECANT_SLACK_CAP = 0.01
+
+
 @dataclass
 class StepSecants:
     """Per window row ``(b, j)``: the row's input and step output of the last round, whether they
@@ -252,6 +261,15 @@ class StepSecants:
         s = g - mult.unsqueeze(-1).to(g.dtype) * (g_prev - x)
         dx, ds = x - self.x, s - self.s
         gain, dev = step_secants(dx, ds, mult)
+        # what rounding can put in ds - L dx, over ||dx||: a move of a few ulps measured dev = 0 in
+        # float32 and froze a row at tol 1e-30 (the deep profile, _ulp_move). Secants carry it, and
+        # one with more than SECANT_SLACK_CAP is no measurement (carrying any slack cost DPM-Solver++
+        # S = 100 W = 25 26 rounds; dropping every secant below its slack, DDIM S = 1000 W = 10 69)
+        nrm = lambda v: v.to(torch.float64).square().sum(-1).sqrt()  # noqa: E731
+        slack = (SECANT_ROUNDING * torch.finfo(x.dtype).eps * (nrm(s) + nrm(self.s) + 2 * mult.to(torch.float64).abs()
+                 * (nrm(x) + nrm(self.x))) / nrm(dx))
+        gain = torch.where(slack <= SECANT_SLACK_CAP, gain + slack, math.nan)
+        dev = torch.where(slack <= SECANT_SLACK_CAP, dev + slack, math.nan)
         c = coef.to(torch.float64)
         dx64 = dx.to(torch.float64)
         den = dx64.square().sum(-1)

@@ -388,6 +388,32 @@ def _far_row() -> Case:
                 tol=data["tol"], max_iters=None, rounds_per_graph=1)
 
 
+def _ulp_move() -> Case:
+    """The deep profile's find (2026-11-30, pre-existing): a float32 DDPM S = 12 chain of an affine
+    model at tol 1e-30, where only exact rows may freeze. A row moved 7 ulps between rounds, its
+    recovered step output by exactly as much, so its secant measured ``J - L = 0`` and the row
+    before froze at cost 0: x0 ended 3.4e-3 away (244x the rounding allowance). Secants now carry
+    what rounding can put in them (``engine.SECANT_ROUNDING``), and one with more than
+    ``engine.SECANT_SLACK_CAP`` of it is no measurement."""
+    data = torch.load(Path(__file__).parent / "data" / "x0_rule_ulp_move_case.pt", weights_only=False)
+    return Case(schedule=data["schedule"], model=Elementwise("affine", 1.5, 0.5), x=data["x"], noise=data["noise"],
+                init=data["init"], model_kwargs=data["model_kwargs"], solver="anderson",
+                solver_options=data["solver_options"], form="drift", execution="eager", window=None, stop="x0",
+                tol=data["tol"], max_iters=None, rounds_per_graph=1)
+
+
+def test_secant_of_a_move_of_a_few_ulps_is_no_measurement():
+    """At tol 1e-30 no inexact row freezes, even where a move within rounding made a secant read 0:
+    every sample's x0 within rounding of the sequential sampler's."""
+    case = _ulp_move()
+    res = case.solve()
+    x0_seq, x0_seq64 = case.sequential(case.x.dtype), case.sequential(torch.float64)
+    assert res.all_converged
+    for b in range(case.x.shape[0]):
+        err = float((res.x0[b].double() - x0_seq[b].double()).norm())
+        assert err <= x0_bound(0.0, x0_seq[b], x0_seq64[b], case.x[b], case.steps), (b, err)
+
+
 @pytest.mark.parametrize("make", [_shrunk_latent, _far_row])
 def test_long_move_keeps_its_gain_not_its_lend(make):
     """A secant along a long move keeps its gain (the rule takes the larger of it and the latent's
