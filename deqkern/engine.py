@@ -265,20 +265,21 @@ class StepSecants:
         # float32 and froze a row at tol 1e-30 (the deep profile, _ulp_move). Secants carry it, and
         # one with more than SECANT_SLACK_CAP is no measurement (carrying any slack cost DPM-Solver++
         # S = 100 W = 25 26 rounds; dropping every secant below its slack, DDIM S = 1000 W = 10 69)
-        nrm = lambda v: v.to(torch.float64).square().sum(-1).sqrt()  # noqa: E731
-        slack = (SECANT_ROUNDING * torch.finfo(x.dtype).eps * (nrm(s) + nrm(self.s) + 2 * mult.to(torch.float64).abs()
-                 * (nrm(x) + nrm(self.x))) / nrm(dx))
-        gain = torch.where(slack <= SECANT_SLACK_CAP, gain + slack, math.nan)
-        dev = torch.where(slack <= SECANT_SLACK_CAP, dev + slack, math.nan)
         c = coef.to(torch.float64)
         dx64 = dx.to(torch.float64)
         den = dx64.square().sum(-1)
+        x_sq = x.to(torch.float64).square().sum(-1)
+        nrm = lambda v: v.to(torch.float64).square().sum(-1).sqrt()  # noqa: E731
+        slack = (SECANT_ROUNDING * torch.finfo(x.dtype).eps * (nrm(s) + nrm(self.s) + 2 * mult.to(torch.float64).abs()
+                 * (x_sq.sqrt() + nrm(self.x))) / den.sqrt())
+        gain = torch.where(slack <= SECANT_SLACK_CAP, gain + slack, math.nan)
+        dev = torch.where(slack <= SECANT_SLACK_CAP, dev + slack, math.nan)
         valid = self.valid & live
         # a secant across a long move is no bound on J - L at the row (LINEAR_REACH): neither the
         # row's own nor what other rows borrow (lend). Its gain stays on affine chains: the rule takes
         # the larger of it and the latent's gain, which alone misleads where the latent shrinks (the
         # deep profile: a DDPM chain near x0 = 0, 1.01x outside); transformed chains lend one instead
-        near = valid & (den <= LINEAR_REACH**2 * x.to(torch.float64).square().sum(-1))
+        near = valid & (den <= LINEAR_REACH**2 * x_sq)
         measured = valid & torch.isfinite(gain) & torch.isfinite(dev)
         fresh = measured & near
         self.forget(valid & ~near)
