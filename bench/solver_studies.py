@@ -296,7 +296,8 @@ def budget(quick: bool) -> dict[str, Any]:
     from deqkern.bench.peers import run_paradigms
 
     chains = [("ddim", 6, None)] if quick else [
-        ("ddim", 100, None), ("ddim", 100, 10), ("ddim", 100, 25), ("ddpm", 100, None), ("ddim", 1000, 10)]
+        ("ddim", 100, None), ("ddim", 100, 10), ("ddim", 100, 25), ("ddpm", 100, None), ("ddim", 1000, 10),
+        ("ddim", 1000, None)]
     rows = []
     for scheduler, steps, window in chains:
         unet, sched = _digits(scheduler)
@@ -848,89 +849,67 @@ def starts(quick: bool) -> dict[str, Any]:
                     "per start", "command": "python bench/solver_studies.py starts", "rows": rows}
 
 
-def safety(quick: bool) -> dict[str, Any]:
-    """What ``SECANT_SAFETY`` costs: the library's defaults (x0 rule, tol 1e-3), batch 8, seed 0,
-    with the factor at 8 (the library's), 4, 2 and 1: rounds and the worst x0 error over tol. Where
-    the rounds do not move with the factor, the certificate costs no rounds and the solver's own
-    convergence sets them. Runs the reference ops (the factor is patched in deqkern.ops.reference
-    and deqkern.engine for the study, then restored; the Triton kernel takes it as a constexpr)."""
+def _constant_sweep(name: str, values: tuple[float, ...], chains: list[tuple[str, int, int | None, bool]],
+                    ) -> list[dict[str, Any]]:
+    """Library defaults (x0 rule, tol 1e-3), batch 8, seed 0, but the x0 rule's constant ``name``
+    at each of ``values`` (patched in deqkern.ops.reference and deqkern.engine, then restored; the
+    reference ops run, the Triton kernel takes its constants at compile time): per chain
+    ``(scheduler, steps, window, clip_sample)``, the rounds and the worst x0 error over tol."""
     import deqkern.engine as engine
     import deqkern.ops.reference as reference
+    from deqkern.bench.chains import build_chain, scheduler_config
 
-    factors = (8.0, 4.0, 2.0, 1.0)
-    chains = [("ddim", 12, None)] if quick else [("ddim", 100, None), ("ddim", 100, 10), ("ddpm", 100, None),
-                                                ("ddpm", 100, 10)]
     unet, sched = _digits()
-    kept = reference.SECANT_SAFETY
-    rows = []
-    try:
-        for scheduler, steps, window in chains:
-            from deqkern.bench.chains import build_chain, scheduler_config
-
-            conf = scheduler_config(scheduler, dict(sched.config), clip_sample=False)
-            g = torch.Generator().manual_seed(0)
-            schedule, x = build_chain(scheduler, conf, dict(sched.config), steps, 0.0,
-                                      torch.randn(8, 1, 8, 8, generator=g))
-            z = torch.randn(steps, 8, 1, 8, 8, generator=g) if schedule.is_stochastic else None
-            row: dict[str, Any] = {"scheduler": scheduler, "steps": steps, "window": window, "factors": {}}
-            with torch.no_grad():
-                ref = deqkern.sample_sequential(unet, x, schedule, z, execution="eager").x0
-                for f in factors:
-                    reference.SECANT_SAFETY = engine.SECANT_SAFETY = f
-                    r = deqkern.sample(unet, x, schedule, noise=z, window=window, execution="eager")
-                    row["factors"][str(f)] = {"rounds": r.rounds, "converged": r.all_converged,
-                                              "worst_error_over_tol": _x0_err(r.x0, ref) / 1e-3}
-            rows.append(row)
-            print(f"{scheduler} S={steps:<4} W={window or 'S':<3}: " + ", ".join(
-                f"factor {f:g} {v['rounds']} rounds ({v['worst_error_over_tol']:.2f} tol)"
-                for f, v in zip(factors, row["factors"].values())))
-    finally:
-        reference.SECANT_SAFETY = engine.SECANT_SAFETY = kept
-    return {"what": "library defaults but SECANT_SAFETY, batch 8, seed 0: rounds and worst x0 error / tol",
-            "command": "python bench/solver_studies.py safety", "rows": rows}
-
-
-def reach(quick: bool) -> dict[str, Any]:
-    """What ``LINEAR_REACH`` costs: the x0 rule drops a step secant measured along a move longer
-    than this share of the row's latent (falling back to the lend, then the latent's gain), and
-    freezes no row (but a freeze's last) whose residual exceeds it. Library defaults (x0 rule, tol
-    1e-3), batch 8, seed 0, the reach at inf (the rule before 2026-11-30), 0.25, 0.1 (the
-    library's), 0.05, 0.02 and 0.01: rounds and the worst x0 error over tol. Runs the reference
-    ops (the reach is patched in deqkern.ops.reference and deqkern.engine, then restored)."""
-    import deqkern.engine as engine
-    import deqkern.ops.reference as reference
-
-    reaches = (math.inf, 0.1) if quick else (math.inf, 0.25, 0.1, 0.05, 0.02, 0.01)
-    chains = [("ddim", 12, None, False)] if quick else [
-        ("ddim", 100, None, False), ("ddim", 100, 10, False), ("ddim", 100, 25, False), ("ddpm", 100, None, False),
-        ("ddpm", 100, 10, False), ("ddpm", 100, None, True), ("ddim", 1000, 10, False)]
-    unet, sched = _digits()
-    kept = reference.LINEAR_REACH
+    kept = getattr(reference, name)
     rows = []
     try:
         for scheduler, steps, window, clip in chains:
-            from deqkern.bench.chains import build_chain, scheduler_config
-
             conf = scheduler_config(scheduler, dict(sched.config), clip_sample=clip)
             g = torch.Generator().manual_seed(0)
             schedule, x = build_chain(scheduler, conf, dict(sched.config), steps, 0.0,
                                       torch.randn(8, 1, 8, 8, generator=g))
             z = torch.randn(steps, 8, 1, 8, 8, generator=g) if schedule.is_stochastic else None
             row: dict[str, Any] = {"scheduler": scheduler, "steps": steps, "window": window, "clip_sample": clip,
-                                   "reaches": {}}
+                                   "values": {}}
             with torch.no_grad():
                 ref = deqkern.sample_sequential(unet, x, schedule, z, execution="eager").x0
-                for r in reaches:
-                    reference.LINEAR_REACH = engine.LINEAR_REACH = r
+                for v in values:
+                    setattr(reference, name, v)
+                    setattr(engine, name, v)
                     out = deqkern.sample(unet, x, schedule, noise=z, window=window, execution="eager")
-                    row["reaches"][str(r)] = {"rounds": out.rounds, "converged": out.all_converged,
-                                              "worst_error_over_tol": _x0_err(out.x0, ref) / 1e-3}
+                    row["values"][str(v)] = {"rounds": out.rounds, "converged": out.all_converged,
+                                             "worst_error_over_tol": _x0_err(out.x0, ref) / 1e-3}
             rows.append(row)
             print(f"{scheduler} S={steps:<4} W={window or 'S':<3}{' clip' if clip else ''}: " + ", ".join(
-                f"reach {r:g} {v['rounds']} rounds ({v['worst_error_over_tol']:.2f} tol)"
-                for r, v in zip(reaches, row["reaches"].values())))
+                f"{name} {v:g} {r['rounds']} rounds ({r['worst_error_over_tol']:.2f} tol)"
+                for v, r in zip(values, row["values"].values())))
     finally:
-        reference.LINEAR_REACH = engine.LINEAR_REACH = kept
+        setattr(reference, name, kept)
+        setattr(engine, name, kept)
+    return rows
+
+
+def safety(quick: bool) -> dict[str, Any]:
+    """What ``SECANT_SAFETY`` costs: the factor at 8 (the library's), 4, 2 and 1. Where the rounds
+    do not move with the factor, the certificate costs no rounds and the solver's own convergence
+    sets them."""
+    chains = [("ddim", 12, None, False)] if quick else [
+        ("ddim", 100, None, False), ("ddim", 100, 10, False), ("ddpm", 100, None, False), ("ddpm", 100, 10, False)]
+    rows = _constant_sweep("SECANT_SAFETY", (8.0, 4.0, 2.0, 1.0), chains)
+    return {"what": "library defaults but SECANT_SAFETY, batch 8, seed 0: rounds and worst x0 error / tol",
+            "command": "python bench/solver_studies.py safety", "rows": rows}
+
+
+def reach(quick: bool) -> dict[str, Any]:
+    """What ``LINEAR_REACH`` costs: the x0 rule drops a step secant measured along a move longer
+    than this share of the row's latent (falling back to the latent's gain), and freezes no row
+    (but a freeze's last) whose residual exceeds it. The reach at inf (the rule before
+    2026-11-30), 0.25, 0.1 (the library's), 0.05, 0.02 and 0.01."""
+    reaches = (math.inf, 0.1) if quick else (math.inf, 0.25, 0.1, 0.05, 0.02, 0.01)
+    chains = [("ddim", 12, None, False)] if quick else [
+        ("ddim", 100, None, False), ("ddim", 100, 10, False), ("ddim", 100, 25, False), ("ddpm", 100, None, False),
+        ("ddpm", 100, 10, False), ("ddpm", 100, None, True), ("ddim", 1000, 10, False)]
+    rows = _constant_sweep("LINEAR_REACH", reaches, chains)
     return {"what": "library defaults but LINEAR_REACH, batch 8, seed 0: rounds and worst x0 error / tol",
             "command": "python bench/solver_studies.py reach", "rows": rows}
 

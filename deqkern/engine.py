@@ -189,8 +189,8 @@ SECANT_RANGE = (0.0, 1.0)
 #: from the scan, two rounds apart); added to the secants over ``||dx||``
 SECANT_ROUNDING = 4.0
 #: a secant counts only where that rounding slack is at most this (else the row keeps its last one,
-#: as for no move): chosen on the digits chains, one-off runs of 2026-11-30 (cap 1: DPM-Solver++(2M)
-#: S = 100 W = 25 22 rounds, 0.1: 17 and DDIM S = 1000 W = 10 115, 0.01: 17 and 114)
+#: as for no move): chosen from 1, 0.1 and 0.01 on two digits chains, one-off runs of 2026-11-30
+#: (docs/math.md §4.3 has their rounds; not a study)
 SECANT_SLACK_CAP = 0.01
 
 
@@ -211,8 +211,8 @@ class StepSecants:
     #: latent's gain, not the lend (a lend from the few rows measured near could cancel against the
     #: row's own coefficients: the deep profile, a secant-form "sample" chain, 2.2x outside)
     far: torch.Tensor
-    #: [B, 3] float64 what rows not measured yet borrow (:meth:`rule_dev`), over every row measured
-    #: so far in the solve (NaN: none yet): the least and largest ``<dx, E dx> / ||dx||^2`` and the
+    #: [B, 3] float64 what rows not measured yet borrow (:meth:`rule_dev`), over the rows measured
+    #: in the latest round that measured any (NaN: none yet): the least and largest ``<dx, E dx> / ||dx||^2`` and the
     #: largest ``||E dx||^2 / ||dx||^2`` (E: the model's Jacobian)
     lend: torch.Tensor
     #: the secant form: ``L`` is fitted to the previous secant, so the latest ``dev`` (the newest
@@ -303,13 +303,11 @@ class StepSecants:
             torch.where(ok, p, math.inf).amin(dim=1), torch.where(ok, p, -math.inf).amax(dim=1),
             torch.where(ok, q, -math.inf).amax(dim=1),
         ], dim=1)
-        # the extremes over every row measured so far in the solve, not only this round's: a row lent
-        # only the latest (saturated) rows' Jacobian froze a warm-started residual 1.3x its latent
-        # that reached x0 2.8x outside the bound (the contract suite's deep profile, _SATURATED_LEND)
-        seen = torch.stack([
-            torch.fmin(self.lend[:, 0], stats[:, 0]), torch.fmax(self.lend[:, 1], stats[:, 1]),
-            torch.fmax(self.lend[:, 2], stats[:, 2])], dim=1)
-        self.lend.copy_(torch.where(ok.any(dim=1, keepdim=True), seen, self.lend))
+        # the latest round's rows: the window's, the entering rows' nearest neighbours in the chain.
+        # The extremes over the whole solve cost rounds (docs/math.md §4.3), and the case they were
+        # added for (_SATURATED_LEND: a warm start froze a residual 1.3x its latent with a saturated
+        # row's slope) is refused by LINEAR_REACH's residual cap
+        self.lend.copy_(torch.where(ok.any(dim=1, keepdim=True), stats, self.lend))
         self.x.copy_(x)
         self.s.copy_(s)
         self.valid.copy_(live)

@@ -92,16 +92,16 @@ def test_solver_studies_run_quick(tmp_path, study):
     elif study == "safety":  # every factor ran; the library's is restored afterwards
         from deqkern.ops.reference import SECANT_SAFETY
 
-        assert SECANT_SAFETY == 8.0 and list(report["rows"][0]["factors"]) == ["8.0", "4.0", "2.0", "1.0"]
-        assert all(v["rounds"] >= 1 for v in report["rows"][0]["factors"].values())
-        assert report["rows"][0]["factors"]["8.0"]["worst_error_over_tol"] <= 1
+        assert SECANT_SAFETY == 8.0 and list(report["rows"][0]["values"]) == ["8.0", "4.0", "2.0", "1.0"]
+        assert all(v["rounds"] >= 1 for v in report["rows"][0]["values"].values())
+        assert report["rows"][0]["values"]["8.0"]["worst_error_over_tol"] <= 1
     elif study == "clipped":  # clipped chains converge within the bound
         assert all(r["converged"] and r["worst_error_over_tol"] <= 1 for r in report["rows"])
     elif study == "reach":  # every reach ran and converged; the library's is restored afterwards
         from deqkern.ops.reference import LINEAR_REACH
 
-        assert LINEAR_REACH == 0.1 and list(report["rows"][0]["reaches"]) == ["inf", "0.1"]
-        assert all(v["converged"] and v["worst_error_over_tol"] <= 1 for v in report["rows"][0]["reaches"].values())
+        assert LINEAR_REACH == 0.1 and list(report["rows"][0]["values"]) == ["inf", "0.1"]
+        assert all(v["converged"] and v["worst_error_over_tol"] <= 1 for v in report["rows"][0]["values"].values())
     elif study == "entering":  # every entering rule converges within the bound
         assert all(r[k]["converged"] and r[k]["worst_error_over_tol"] <= 1
                    for r in report["rows"] for k in ("copy", "linear", "model"))

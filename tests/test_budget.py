@@ -103,6 +103,31 @@ def test_secant_along_a_long_move_is_dropped(monkeypatch):
     assert seen["long"] > 0 and seen["near"] > 0, seen
 
 
+def test_lend_is_the_latest_rounds_measurements():
+    """Rows not measured yet borrow the model's Jacobian from the rows measured in the latest round
+    that measured any (docs/math.md §4.3), not from every row the solve ever measured: a step
+    ``e`` (``cx = 0``, ``co = 1``, ``L = 0``) whose 1-D model slopes are 3 and 2 in one round and
+    0.5 in the next lends ``<u, Eu>`` in [0.5, 0.5] and ``||Eu||^2`` 0.25 (float64, 1e-9), then
+    keeps that through a round that measures nothing."""
+    sec = engine.StepSecants.start(1, 2, 1, "cpu", torch.float64)
+    coef = torch.zeros(1, 2, 7, dtype=torch.float64)
+    coef[..., 2] = 1.0
+    live = torch.ones(1, 2, dtype=torch.bool)
+
+    def measure(x0: float, x1: float, g0: float, g1: float) -> None:
+        xw = torch.tensor([[[x0], [x1], [0.0]]], dtype=torch.float64)
+        sec.measure(xw, torch.tensor([[[g0], [g1]]], dtype=torch.float64), coef, live)
+
+    measure(1.0, 2.0, 0.0, 0.0)
+    assert bool(sec.lend.isnan().all())  # nothing measured yet
+    measure(1.01, 2.02, 0.03, 0.04)  # slopes 3 and 2
+    assert torch.allclose(sec.lend, torch.tensor([[2.0, 3.0, 9.0]], dtype=torch.float64), rtol=1e-9)
+    measure(1.02, 2.02, 0.035, 0.04)  # row 0: slope 0.5; row 1 did not move
+    assert torch.allclose(sec.lend, torch.tensor([[0.5, 0.5, 0.25]], dtype=torch.float64), rtol=1e-9)
+    measure(1.02, 2.02, 0.035, 0.04)  # nothing moved: the lend stays
+    assert torch.allclose(sec.lend, torch.tensor([[0.5, 0.5, 0.25]], dtype=torch.float64), rtol=1e-9)
+
+
 def test_solve_measures_the_steps_j_minus_l(monkeypatch):
     """A linear model ``e = c x`` makes every step linear, ``J_k = cx_k + co_k c``: after three
     rounds, each row that kept its position holds ``gain = |J_k|`` and ``dev = |J_k - 1|`` (drift

@@ -456,7 +456,8 @@ _CLIPPED_KINK = Case(
 def _saturated_lend() -> Case:
     """The deep profile's find (2026-11-30, pre-existing): a warm-started DDPM window whose latest
     measured rows sit where ``tanh`` saturates; rows entering from ``init`` borrowed their tiny
-    Jacobian and froze a residual 1.3x their latent, x0 2.8x outside the bound."""
+    Jacobian and froze a residual 1.3x their latent, x0 2.8x outside the bound. LINEAR_REACH's
+    residual cap refuses that freeze (the lend is the latest round's, as when it was found)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 1, generator=g, dtype=torch.float64)
     noise = torch.randn(12, 2, 1, generator=g, dtype=torch.float64)
