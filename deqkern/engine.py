@@ -207,6 +207,11 @@ class StepSecants:
     dev: torch.Tensor  #: [B, W] float64 the latest measured ||(J - L) dx|| / ||dx|| (NaN: none)
     #: [B, W] float64 the measurement before it at the same position (NaN: none); read in the secant form
     dev_prev: torch.Tensor
+    #: [B, W] float64 the latest secant along a move within the reach whose rounding slack was over
+    #: SECANT_SLACK_CAP, slack included (NaN: none): no measurement to replace one, but better than
+    #: the latent's gain on a row with nothing else (a warm start close to the chain moves its rows
+    #: too little for a measurement: docs/math.md §4.3)
+    dev_loose: torch.Tensor
     #: [B, W] bool: the row's last move was past LINEAR_REACH; its ``J - L`` falls back to the
     #: latent's gain, not the lend (a lend from the few rows measured near could cancel against the
     #: row's own coefficients: the deep profile, a secant-form "sample" chain, 2.2x outside)
@@ -233,7 +238,7 @@ class StepSecants:
             x=torch.zeros(batch, width, dim, device=device, dtype=dtype),
             s=torch.zeros(batch, width, dim, device=device, dtype=dtype),
             valid=torch.zeros(batch, width, device=device, dtype=torch.bool), gain=nan, dev=nan.clone(),
-            dev_prev=nan.clone(), far=torch.zeros(batch, width, device=device, dtype=torch.bool),
+            dev_prev=nan.clone(), dev_loose=nan.clone(), far=torch.zeros(batch, width, device=device, dtype=torch.bool),
             secant_form=secant_form,
             lend=torch.full((batch, 3), math.nan, device=device, dtype=torch.float64),
             transform=transform, e=None if transform is None else torch.zeros(batch, width, dim, device=device,
@@ -272,6 +277,7 @@ class StepSecants:
         nrm = lambda v: v.to(torch.float64).square().sum(-1).sqrt()  # noqa: E731
         slack = (SECANT_ROUNDING * torch.finfo(x.dtype).eps * (nrm(s) + nrm(self.s) + 2 * mult.to(torch.float64).abs()
                  * (x_sq.sqrt() + nrm(self.x))) / den.sqrt())
+        loose = dev + slack
         gain = torch.where(slack <= SECANT_SLACK_CAP, gain + slack, math.nan)
         dev = torch.where(slack <= SECANT_SLACK_CAP, dev + slack, math.nan)
         valid = self.valid & live
@@ -287,6 +293,7 @@ class StepSecants:
         self.gain.copy_(torch.where(measured if self.e is None else fresh, gain, self.gain))
         self.dev_prev.copy_(torch.where(fresh, self.dev, self.dev_prev))
         self.dev.copy_(torch.where(fresh, dev, self.dev))
+        self.dev_loose.copy_(torch.where(valid & near & torch.isfinite(loose), loose, self.dev_loose))
         # the model's Jacobian along dx, E dx = (ds - cx dx) / co, as the two numbers rule_dev needs
         # to rebuild ||(J - L) dx|| for other coefficients (in float64: the terms nearly cancel)
         if self.e is None:
@@ -316,7 +323,7 @@ class StepSecants:
     def forget(self, rows: torch.Tensor) -> None:
         """Drop the secants of ``rows`` ``[B, W]`` (their bound falls back to the lend, then the
         latent's gain)."""
-        for v in (self.gain, self.dev, self.dev_prev):
+        for v in (self.gain, self.dev, self.dev_prev, self.dev_loose):
             v.masked_fill_(rows, math.nan)
 
     @property
@@ -332,14 +339,16 @@ class StepSecants:
         measured) ``||(J - L) dx||^2 = a^2 + 2ab <dx, E dx> + b^2 ||E dx||^2``; the rule takes the
         largest this can be over the measured rows' extremes (:attr:`lend`). The cross term keeps
         the cancellation of ``a`` against ``b E`` (``J`` near ``L``) that the triangle bound ``|a| +
-        |b| ||E||`` loses: 20-40x on DDIM S = 1000, window 10 (bench/solver_studies.py lend). Before
-        any measurement, and on rows whose last move went past LINEAR_REACH (:attr:`far`): NaN, the
-        rule's latent-gain bound; chains with an x0 transform use
+        |b| ||E||`` loses: 20-40x on DDIM S = 1000, window 10 (bench/solver_studies.py lend). With
+        nothing to borrow, a row's loose secant (:attr:`dev_loose`); before any measurement, and on
+        rows whose last move went past LINEAR_REACH (:attr:`far`): NaN, the rule's latent-gain
+        bound; chains with an x0 transform use
         :meth:`transformed_bounds` instead. Lending such rows the window's largest measured ``dev`` instead
         missed ``J - L`` up to 760x near x0 (it grows toward x0 with ``co``) and x0's bound 2.6x."""
         c = coef.to(torch.float64)
         dev = self._measured_dev()
-        return torch.where(torch.isfinite(dev), dev, self._borrowed(self._lent(c[..., 1] - c[..., 0], c[..., 2])))
+        lent = self._borrowed(self._lent(c[..., 1] - c[..., 0], c[..., 2]))
+        return torch.where(torch.isfinite(dev), dev, torch.where(torch.isfinite(lent), lent, self.dev_loose))
 
     def _borrowed(self, lent: torch.Tensor) -> torch.Tensor:
         """``lent`` where a row may borrow ``J - L``; NaN (the latent's gain) on rows whose last move
@@ -423,6 +432,7 @@ class StepSecants:
         slide.apply(self.gain, math.nan)
         slide.apply(self.dev, math.nan)
         slide.apply(self.dev_prev, math.nan)
+        slide.apply(self.dev_loose, math.nan)
         slide.apply(self.far, False)
 
 

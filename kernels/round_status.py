@@ -42,8 +42,9 @@ def _next_step(g_row, mult_row, gain_row, dev_row, stride_g_j, stride_mult_j, st
     norm1 = tl.sqrt(tl.maximum(g1, tiny).to(tl.float64))
     h = norm1 / norm0
     # measured where finite: not NaN and not inf (x - x is NaN for both)
-    k = tl.where((dev - dev) == 0, SAFETY * dev, h + tl.abs(m1))
-    r = tl.where(((gain - gain) == 0) & nxt, tl.maximum(tl.log(gain / h), 0.0), 0.0)
+    has_gain = (gain - gain) == 0
+    k = tl.where((dev - dev) == 0, SAFETY * dev, tl.where(has_gain, tl.maximum(gain, h), h) + tl.abs(m1))
+    r = tl.where(has_gain & nxt, tl.maximum(tl.log(gain / h), 0.0), 0.0)
     return nxt, norm1, k, r
 
 
@@ -72,7 +73,7 @@ def _round_status_kernel(
 
         N_j   = sqrt(max(g_j, tiny)),  h_j = N_j / N_{j-1}
         k_j   = SAFETY dev[b, j]             where dev[b, j] is finite (measured)
-              = h_j + |L_j|                  elsewhere
+              = max(h_j, gain[b, j]) + |L_j| elsewhere (h_j where gain[b, j] is not finite)
         r_j   = max(log(gain[b, j] / h_j), 0) where gain[b, j] is finite and j < n, else 0
         c_j   = sqrt(f_j) (k_{j+1} exp(sum_{j+1 < l < n} r_l) / N_{j+1})     (0 unless j + 1 < n)
               = inf where f_j > reach_sq g_j     (reach_sq = LINEAR_REACH^2: past the rule's first order)

@@ -103,21 +103,28 @@ def test_secant_along_a_long_move_is_dropped(monkeypatch):
     assert seen["long"] > 0 and seen["near"] > 0, seen
 
 
-def test_lend_is_the_latest_rounds_measurements():
-    """Rows not measured yet borrow the model's Jacobian from the rows measured in the latest round
-    that measured any (docs/math.md §4.3), not from every row the solve ever measured: a step
-    ``e`` (``cx = 0``, ``co = 1``, ``L = 0``) whose 1-D model slopes are 3 and 2 in one round and
-    0.5 in the next lends ``<u, Eu>`` in [0.5, 0.5] and ``||Eu||^2`` 0.25 (float64, 1e-9), then
-    keeps that through a round that measures nothing."""
-    sec = engine.StepSecants.start(1, 2, 1, "cpu", torch.float64)
-    coef = torch.zeros(1, 2, 7, dtype=torch.float64)
+def _two_scalar_rows(dtype: torch.dtype):
+    """StepSecants of one sample, two 1-D rows of the step ``e`` (``cx = 0``, ``co = 1``, ``L = 0``),
+    and ``measure(x0, x1, g0, g1)``: one round with those inputs and step outputs."""
+    sec = engine.StepSecants.start(1, 2, 1, "cpu", dtype)
+    coef = torch.zeros(1, 2, 7, dtype=dtype)
     coef[..., 2] = 1.0
     live = torch.ones(1, 2, dtype=torch.bool)
 
     def measure(x0: float, x1: float, g0: float, g1: float) -> None:
-        xw = torch.tensor([[[x0], [x1], [0.0]]], dtype=torch.float64)
-        sec.measure(xw, torch.tensor([[[g0], [g1]]], dtype=torch.float64), coef, live)
+        xw = torch.tensor([[[x0], [x1], [0.0]]], dtype=dtype)
+        sec.measure(xw, torch.tensor([[[g0], [g1]]], dtype=dtype), coef, live)
 
+    return sec, coef, measure
+
+
+def test_lend_is_the_latest_rounds_measurements():
+    """Rows not measured yet borrow the model's Jacobian from the rows measured in the latest round
+    that measured any (docs/math.md §4.3), not from every row the solve ever measured: a 1-D model
+    whose slopes are 3 and 2 in one round and
+    0.5 in the next lends ``<u, Eu>`` in [0.5, 0.5] and ``||Eu||^2`` 0.25 (float64, 1e-9), then
+    keeps that through a round that measures nothing."""
+    sec, _, measure = _two_scalar_rows(torch.float64)
     measure(1.0, 2.0, 0.0, 0.0)
     assert bool(sec.lend.isnan().all())  # nothing measured yet
     measure(1.01, 2.02, 0.03, 0.04)  # slopes 3 and 2
@@ -126,6 +133,28 @@ def test_lend_is_the_latest_rounds_measurements():
     assert torch.allclose(sec.lend, torch.tensor([[0.5, 0.5, 0.25]], dtype=torch.float64), rtol=1e-9)
     measure(1.02, 2.02, 0.035, 0.04)  # nothing moved: the lend stays
     assert torch.allclose(sec.lend, torch.tensor([[0.5, 0.5, 0.25]], dtype=torch.float64), rtol=1e-9)
+
+
+def test_loose_secant_is_the_last_resort_before_the_latent_gain():
+    """A float32 secant whose rounding slack is over SECANT_SLACK_CAP is no measurement (``dev``
+    stays NaN), but a row with nothing else, neither its own ``dev`` nor a lend, takes it with its
+    slack (``dev_loose``) rather than the latent's gain; once another row is measured, the lend
+    comes first. Rows at 1 and 2."""
+    from deqkern.engine import SECANT_SLACK_CAP
+
+    sec, coef, measure = _two_scalar_rows(torch.float32)
+    measure(1.0, 2.0, 0.5, 0.5)
+    x0 = torch.tensor(1.0, dtype=torch.float32) + 1e-5  # a move of ~80 ulps: slack ~0.05
+    dx, ds = float(x0) - 1.0, 3 * (float(x0) - 1.0)
+    measure(float(x0), 2.0, 0.5 + ds, 0.5)  # row 0 moves 1e-5 with slope 3; row 1 does not move
+    slack = 4 * torch.finfo(torch.float32).eps * (0.5 + 0.5 + ds) / dx
+    assert slack > SECANT_SLACK_CAP and bool(sec.dev.isnan().all()) and bool(sec.lend.isnan().all())
+    rule = sec.rule_dev(coef)
+    assert abs(float(rule[0, 0]) - (3 + slack)) < 0.02 * 3  # the loose secant, slack included
+    assert math.isnan(float(rule[0, 1]))  # nothing at all: the latent's gain
+    measure(float(x0) + 1e-5, 2.1, 0.5 + 2 * ds, 0.6)  # row 1 measured (slope 1), row 0 loose again
+    assert bool(torch.isfinite(sec.dev[0, 1])) and math.isnan(float(sec.dev[0, 0]))
+    assert float(sec.rule_dev(coef)[0, 0]) == pytest.approx(1.0, rel=1e-3)  # the lend: |co E| = 1
 
 
 def test_solve_measures_the_steps_j_minus_l(monkeypatch):

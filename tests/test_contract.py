@@ -525,10 +525,45 @@ _CLIPPED_SHRINKING = Case(
 )
 
 
+#: the deep profile's find (2026-11-30, pre-existing): a warm-started "sample" chain (float32,
+#: Picard, every move past LINEAR_REACH, so no row has a J - L) whose last step's Jacobian (1.14)
+#: outgrows the latent's shrink (0.94): the latent-gain bound froze the last two rows and x0 ended
+#: 1.08 tol away; the step's measured gain now bounds ||J|| too. Values as hypothesis printed them.
+_UNMEASURED_GAIN_COEF = [0.7705, 0.9693, 0.7878, 0.6642, 0.7819, 0.8166, 0.1470, 0.7782, 0.8439, 0.7945, 0.6870, 0.0]
+_UNMEASURED_GAIN = Case(
+    schedule=Schedule(
+        timesteps=torch.tensor([372, 257, 247, 185, 116, 88, 70, 5, 3, 2, 1, 0]),
+        cx=torch.tensor(_UNMEASURED_GAIN_COEF, dtype=torch.float64),
+        co=torch.tensor([0.3102, 0.0375, 0.2459, 0.3609, 0.2261, 0.1876, 0.8553, 0.2219, 0.1561, 0.2055, 0.3131, 1.0],
+                        dtype=torch.float64),
+        c0=torch.zeros(12, dtype=torch.float64), px=torch.zeros(12, dtype=torch.float64),
+        po=torch.ones(12, dtype=torch.float64), sigma=torch.zeros(12, dtype=torch.float64),
+        a_coef=torch.tensor(_UNMEASURED_GAIN_COEF, dtype=torch.float64),
+        noise_var=torch.tensor([2.1280e-01, 2.8797e-02, 9.5102e-02, 5.4213e-02, 2.2211e-02, 1.2457e-02, 7.6221e-04,
+                                1.8602e-04, 9.6664e-05, 7.8161e-05, 5.2813e-05, 5.2813e-05], dtype=torch.float64),
+        prediction_type="sample"),
+    model=Elementwise("tanh", -1.140625),
+    x=torch.tensor([[[-0.2623, -0.1124, -2.0047], [-1.8287, 1.3327, 0.9383]]]),
+    noise=None,
+    init=torch.tensor([
+        [0.3250, 0.4663, 0.3549, -0.1381, 2.2750, -0.2029], [1.0913, -0.9332, 0.4414, -0.4785, 0.5172, -0.9974],
+        [-1.4846, -1.2394, -0.4471, -0.2968, -0.2076, 0.9872], [0.0587, -0.1508, -1.2113, -0.1188, 0.3058, 0.3280],
+        [0.1925, -0.8098, -1.2337, 0.8940, -0.4508, 0.1460], [0.3941, -0.7686, -0.0311, 0.0053, 1.0701, 0.0278],
+        [-0.4352, -0.4358, 1.2865, 1.1392, 1.3458, -2.1660], [0.6153, -0.2182, -0.1768, 0.8432, -1.0539, -0.5310],
+        [-0.0174, -0.1499, 0.1207, -1.2956, -1.7014, 0.6714], [-0.0430, 0.6491, -1.2172, -1.0860, -0.9044, -1.6906],
+        [-0.5721, 0.3115, 0.0396, 0.9587, 0.5543, 0.7377], [0.3025, -1.2350, 0.8512, 1.3741, -0.2609, -0.6653],
+    ]).view(12, 1, 2, 3),
+    model_kwargs={"cond": torch.tensor([[[-1.8698, 0.5315, -0.0926], [1.1155, -0.1023, -0.0213]]])},
+    solver="picard", solver_options={"damping": 1.0}, form="drift", execution="eager", window=None, stop="x0",
+    tol=0.01, max_iters=None, rounds_per_graph=1,
+)
+
+
 @examples(1)
 @given(case=cases(shrinking_x0="only"))
 @example(case=_ITEM3)
 @example(case=_CLIPPED_SHRINKING)
+@example(case=_UNMEASURED_GAIN)
 def test_converged_means_within_bound_x0_rule_shrinking_chains(case: Case):
     """(a) for ``stop="x0"`` at a real tolerance on "sample"/"v_prediction" chains."""
     _assert_converged_within_bound(case)

@@ -80,8 +80,9 @@ def x0_row_costs(
     with the latent's gain at step ``l``, ``h_l = ||G_l|| / ||G_{l-1}||``, and the secants of step
     ``l`` measured between two rounds (:func:`step_secants`)
 
-        k_l = SECANT_SAFETY dev_l                 where dev_l is finite, else h_l + |L_l| (the bound
-                                                  from the latent's gain)
+        k_l = SECANT_SAFETY dev_l                 where dev_l is finite, else max(h_l, gain_l) + |L_l|
+                                                  (||J|| from the larger of the latent's and the
+                                                  step's measured gain, h_l alone where no gain)
         r_l = max(log(gain_l / h_l), 0)           where gain_l is finite, else 0 (the latent's gain)
 
     ``mult``: ``[B, W]`` the scan's multipliers ``L`` (``coef[..., 0]``, per row); ``gain``, ``dev``:
@@ -93,7 +94,11 @@ def x0_row_costs(
     norm = g_sq.to(torch.float64).clamp(min=tiny).sqrt()
     h = torch.ones_like(norm)
     h[:, 1:] = norm[:, 1:] / norm[:, :-1]
-    k = torch.where(torch.isfinite(dev), SECANT_SAFETY * dev, h + mult.to(torch.float64).abs())
+    # without J - L, ||J|| from the larger of the latent's gain and the step's measured one (kept
+    # from long moves): the latent's alone let a "sample" chain whose step's Jacobian outgrows the
+    # shrinking latent end 1.08x outside (the deep profile, _UNMEASURED_GAIN)
+    jg = torch.where(torch.isfinite(gain), torch.maximum(gain, h), h)
+    k = torch.where(torch.isfinite(dev), SECANT_SAFETY * dev, jg + mult.to(torch.float64).abs())
     r = torch.where(torch.isfinite(gain) & live, (gain / h).log().clamp(min=0.0), 0.0)
     r[:, 0] = 0.0
     after = r.sum(dim=1, keepdim=True) - r.cumsum(dim=1)  # after[:, l] = sum of r over l' > l
