@@ -216,8 +216,8 @@ class StepSecants:
     #: latent's gain, not the lend (a lend from the few rows measured near could cancel against the
     #: row's own coefficients: the deep profile, a secant-form "sample" chain, 2.2x outside)
     far: torch.Tensor
-    #: [B, 3] float64 what rows not measured yet borrow (:meth:`rule_dev`), over the rows measured
-    #: in the latest round that measured any (NaN: none yet): the least and largest ``<dx, E dx> / ||dx||^2`` and the
+    #: [B, 3] float64 what rows not measured yet borrow (:meth:`rule_dev`), over every row measured
+    #: so far in the solve (NaN: none yet): the least and largest ``<dx, E dx> / ||dx||^2`` and the
     #: largest ``||E dx||^2 / ||dx||^2`` (E: the model's Jacobian)
     lend: torch.Tensor
     #: the secant form: ``L`` is fitted to the previous secant, so the latest ``dev`` (the newest
@@ -310,11 +310,14 @@ class StepSecants:
             torch.where(ok, p, math.inf).amin(dim=1), torch.where(ok, p, -math.inf).amax(dim=1),
             torch.where(ok, q, -math.inf).amax(dim=1),
         ], dim=1)
-        # the latest round's rows: the window's, the entering rows' nearest neighbours in the chain.
-        # The extremes over the whole solve cost rounds (docs/math.md §4.3), and the case they were
-        # added for (_SATURATED_LEND: a warm start froze a residual 1.3x its latent with a saturated
-        # row's slope) is refused by LINEAR_REACH's residual cap
-        self.lend.copy_(torch.where(ok.any(dim=1, keepdim=True), stats, self.lend))
+        # the extremes over every row measured so far in the solve, not only this round's: a lend
+        # from the latest (saturated) rows froze a warm-started residual 1.3x its latent (x0 2.8x
+        # outside, _SATURATED_LEND), and from the one or two rows of a window of 2 a DDPM chain's
+        # x0 1.9x outside (tests/test_contract.py _thin_lend, the contract suite's deep profile)
+        seen = torch.stack([
+            torch.fmin(self.lend[:, 0], stats[:, 0]), torch.fmax(self.lend[:, 1], stats[:, 1]),
+            torch.fmax(self.lend[:, 2], stats[:, 2])], dim=1)
+        self.lend.copy_(torch.where(ok.any(dim=1, keepdim=True), seen, self.lend))
         self.x.copy_(x)
         self.s.copy_(s)
         self.valid.copy_(live)

@@ -118,21 +118,20 @@ def _two_scalar_rows(dtype: torch.dtype):
     return sec, coef, measure
 
 
-def test_lend_is_the_latest_rounds_measurements():
-    """Rows not measured yet borrow the model's Jacobian from the rows measured in the latest round
-    that measured any (docs/math.md §4.3), not from every row the solve ever measured: a 1-D model
-    whose slopes are 3 and 2 in one round and
-    0.5 in the next lends ``<u, Eu>`` in [0.5, 0.5] and ``||Eu||^2`` 0.25 (float64, 1e-9), then
-    keeps that through a round that measures nothing."""
+def test_lend_keeps_the_extremes_over_the_solve():
+    """Rows not measured yet borrow the model's Jacobian from every row the solve has measured
+    (docs/math.md §4.3), not only the latest round's: a 1-D model whose slopes are 3 and 2 in one
+    round and 0.5 in the next lends ``<u, Eu>`` in [0.5, 3] and ``||Eu||^2`` 9 (float64, 1e-9),
+    and keeps that through a round that measures nothing."""
     sec, _, measure = _two_scalar_rows(torch.float64)
     measure(1.0, 2.0, 0.0, 0.0)
     assert bool(sec.lend.isnan().all())  # nothing measured yet
     measure(1.01, 2.02, 0.03, 0.04)  # slopes 3 and 2
     assert torch.allclose(sec.lend, torch.tensor([[2.0, 3.0, 9.0]], dtype=torch.float64), rtol=1e-9)
     measure(1.02, 2.02, 0.035, 0.04)  # row 0: slope 0.5; row 1 did not move
-    assert torch.allclose(sec.lend, torch.tensor([[0.5, 0.5, 0.25]], dtype=torch.float64), rtol=1e-9)
+    assert torch.allclose(sec.lend, torch.tensor([[0.5, 3.0, 9.0]], dtype=torch.float64), rtol=1e-9)
     measure(1.02, 2.02, 0.035, 0.04)  # nothing moved: the lend stays
-    assert torch.allclose(sec.lend, torch.tensor([[0.5, 0.5, 0.25]], dtype=torch.float64), rtol=1e-9)
+    assert torch.allclose(sec.lend, torch.tensor([[0.5, 3.0, 9.0]], dtype=torch.float64), rtol=1e-9)
 
 
 def test_loose_secant_is_the_last_resort_before_the_latent_gain():
