@@ -384,7 +384,10 @@ class StepSecants:
         ``den`` = ``||dx||^2`` and ``q`` = ``||E dx||^2 / ||dx||^2`` from :meth:`measure` (NaN off ``ok``).
         Freezing the row before leaves its residual ``F`` in this row's input, which moves the
         predicted x0 by ``px F + po E F``: elements within that reach of the kink (``E F`` bounded by
-        the secant's gain times ``||F||``) count on both sides, as do those within the move."""
+        the secant's gain times ``||F||``) count on both sides, as do those within the move. ``dev``
+        is at least ``F``'s own mix of the two sides (docs/math.md §4.3): ``J - L`` inside the range
+        and outside it, each along ``dx`` as if it held everywhere, weighed by ``F``'s share of norm
+        on each side (``f``: this round's residuals; row ``j``'s ``F`` is ``f[j - 1]``)."""
         L, cx, co, c0, px, po = (c[..., i : i + 1] for i in range(6))
         x0 = (px * x.to(torch.float64) + po * e.to(torch.float64)).flatten(0, 1)
         f_in = torch.cat([torch.zeros_like(f[:, :1]), f[:, :-1]], dim=1).to(torch.float64)  # row 0: the anchor
@@ -396,6 +399,21 @@ class StepSecants:
         extra = c0[..., 0].abs() * rest.view(norm.shape)
         gain = (jdx.square().sum(-1).sqrt() + extra) / norm
         dev = ((jdx - L * dx).square().sum(-1).sqrt() + extra) / norm
+        # J - L along dx weighs the elements inside and outside f's range as dx does; F, which the
+        # freeze leaves, can lie elsewhere (the deep profile: a move through clipped elements read
+        # J - L = 0.04 where F's unclipped elements see 0.99, x0 4.6x outside the bound, _clip_secant).
+        # Each side's J - L is a kink-free operator, measured along dx as if it held on every element
+        # and weighed by F's share on that side (elements within F's reach of the edge on both)
+        slope, near, _, _ = self.transform.slopes(x0, reach.flatten(0, 1))
+        slope, near = slope.view_as(dx), near.view_as(dx)
+        j_in = slope.amax(-1, keepdim=True)  # the slope inside the range: 1 (clip) or 1 / s (threshold)
+        side_in = ((cx - L + c0 * px * j_in) * dx + (co + c0 * po * j_in) * e_dx).square().sum(-1) / den
+        side_out = ((cx - L) * dx + co * e_dx).square().sum(-1) / den
+        f_sq = f_in.square()
+        share_in = (f_sq * torch.maximum((slope > 0).to(f_sq.dtype), near)).sum(-1)
+        share_out = (f_sq * torch.maximum((slope == 0).to(f_sq.dtype), near)).sum(-1)
+        split = (side_in * share_in + side_out * share_out).sqrt() / f_norm[..., 0] + extra / norm
+        dev = torch.where(f_norm[..., 0] > 0, torch.fmax(dev, split), dev)
         self.gain.copy_(torch.where(ok, gain, self.gain))
         self.dev_prev.copy_(torch.where(ok, self.dev, self.dev_prev))
         self.dev.copy_(torch.where(ok, dev, self.dev))

@@ -107,20 +107,42 @@ class X0Transform:
         if self.kind == "none":
             return torch.zeros_like(v), torch.zeros(v.shape[0], dtype=torch.float64, device=v.device)
         size = v.abs() if reach is None else torch.maximum(v.abs(), reach.to(v.dtype))
+        slope, near, scale, moving = self.slopes(x0, size)
+        gap = v - (slope * v.to(torch.float64)).to(v.dtype)
+        rest = (v.to(torch.float64) * near).norm(dim=1) / scale
+        if self.kind == "threshold":
+            work = x0 if x0.dtype in (torch.float32, torch.float64) else x0.float()
+            s = scale.unsqueeze(1).to(work.dtype)
+            rest = rest + torch.where(moving, torch.clamp(work, -s, s).norm(dim=1).to(torch.float64)
+                                      / scale.square() * v.abs().amax(dim=1).to(torch.float64), 0.0)
+        return gap, rest
+
+    def slopes(
+        self, x0: torch.Tensor, size: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(slope, near, scale, moving)``: the diagonal of the transform's Jacobian at ``x0`` ``[R,
+        D]`` elementwise, ``slope`` ``[R, D]`` float64 (a clip: 1 inside its range, 0 outside; the
+        threshold: ``1 / s`` inside ``(-s, s)``, 0 outside), ``near`` ``[R, D]`` float64 1 on the
+        elements within ``size`` ``[R, D]`` of the edge (either slope may hold there), ``scale``
+        ``[R]`` float64 (1, or ``s``) and ``moving`` ``[R]`` bool (the threshold's ``s`` may move
+        within ``size``: its quantile is not pinned at 1 or ``max_value``). A kind ``"none"``
+        transform has slope 1 everywhere and nothing near."""
+        rows = x0.shape[0]
+        one = torch.ones(rows, dtype=torch.float64, device=x0.device)
+        if self.kind == "none":
+            return (torch.ones_like(x0, dtype=torch.float64), torch.zeros_like(x0, dtype=torch.float64), one,
+                    torch.zeros(rows, dtype=torch.bool, device=x0.device))
         if self.kind == "clip":
             near = ((x0.abs() - self.clip_range).abs() <= size).to(torch.float64)
-            rest = (v.to(torch.float64) * near).norm(dim=1)
-            return torch.where(x0.abs() > self.clip_range, v, 0.0), rest
+            return (x0.abs() <= self.clip_range).to(torch.float64), near, one, one < 0
         work = x0 if x0.dtype in (torch.float32, torch.float64) else x0.float()
         q = torch.quantile(work.abs(), self.ratio, dim=1)
         s = q.clamp(min=1.0, max=self.max_value).unsqueeze(1)
-        gap = v - torch.where(work.abs() < s, v / s, 0.0).to(v.dtype)
         far = size.amax(dim=1)
         moving = (q > 1.0 - far) & (q < self.max_value + far) & (self.max_value >= 1.0)
         near = ((work.abs() - s).abs() <= size).to(torch.float64)
-        rest = (v.to(torch.float64) * near).norm(dim=1) / s[:, 0] + torch.where(
-            moving, torch.clamp(work, -s, s).norm(dim=1) / s[:, 0].square() * v.abs().amax(dim=1), 0.0)
-        return gap, rest.to(torch.float64)
+        scale = s[:, 0].to(torch.float64)
+        return (work.abs() < s).to(torch.float64) / scale.unsqueeze(1), near, scale, moving
 
 
 @dataclass(frozen=True)

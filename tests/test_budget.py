@@ -229,6 +229,31 @@ def test_jacobian_gap_against_autograd(kind, max_value):
     assert float(gap[0].norm()) == 0.0 or kind == "threshold"  # row 0 inside the clip range: f is the identity
 
 
+@pytest.mark.parametrize("kind,max_value", [("none", 1.0), ("clip", 1.0), ("threshold", 1.0), ("threshold", 0.5)])
+def test_transform_slopes_are_its_jacobian_diagonal(kind, max_value):
+    """``X0Transform.slopes``: ``slope * v`` is the transform's JVP ``J_f v`` (autograd, float64)
+    wherever ``s`` cannot move (here ``max_value <= 1`` pins it), on elements away from the edge;
+    ``near`` marks exactly the elements within ``size`` of it."""
+    from deqkern import X0Transform
+
+    f = X0Transform(kind, clip_range=0.7, ratio=0.9, max_value=max_value)
+    g = torch.Generator().manual_seed(13)
+    x0 = torch.randn(5, 40, generator=g, dtype=torch.float64) * torch.tensor([0.2, 0.5, 1.5, 3.0, 8.0],
+                                                                             dtype=torch.float64).view(-1, 1)
+    v = torch.randn(5, 40, generator=g, dtype=torch.float64)
+    size = torch.full_like(x0, 0.05)
+    slope, near, scale, moving = f.slopes(x0, size)
+    _, jv = torch.autograd.functional.jvp(f.apply, x0, v)
+    away = near == 0
+    assert slope.dtype == torch.float64 and slope.shape == x0.shape and scale.shape == (5,)
+    assert not bool(moving.any())
+    assert torch.allclose((slope * v)[away], jv[away], rtol=1e-12, atol=1e-15)
+    edge = {"none": None, "clip": torch.full((5, 1), 0.7, dtype=torch.float64), "threshold": scale.view(-1, 1)}[kind]
+    if edge is not None:
+        assert torch.equal(near, ((x0.abs() - edge).abs() <= size).to(torch.float64))
+        assert bool((slope == 0).any()) and bool((slope > 0).any())  # rows inside and beyond the range
+
+
 @pytest.mark.parametrize("kind,max_value", [("clip", 1.0), ("threshold", 1.0), ("threshold", 3.0), ("threshold", 0.5)])
 def test_transform_kink_bounds_the_gap(kind, max_value):
     """``engine.transform_kink``: ``||(I - J_f) v|| <= kink ||v||`` for random directions at rows
