@@ -6,10 +6,11 @@ with arbitrary log-sigma spacing: each step's ``h = log(sigma_k / sigma_{k+1})``
 over two decades, so neighbouring steps differ up to 100x (the multistep terms' ``1/r0 = h / h0``
 reach 100), a final sigma 0 or anywhere below the last. DPM-Solver multistep (every algorithm, orders
 1 and 2, both solver types, both final-step options, every prediction type) and Euler / Euler
-ancestral (solved in their VP coordinates); elementwise models whose gain ranges from shrinking
+ancestral (solved in their VP coordinates), and flow-matching Euler chains (deterministic and
+re-noising, sigmas 1 to 0 with a timestep shift); elementwise models whose gain ranges from shrinking
 x0 a thousandfold to growing it; float64 and float32; Picard and Anderson; full and small windows.
 
-All 800 chains hold. When the x0 rule first measured step secants, 31 of the 400 DPM chains
+All 1200 chains hold. When the x0 rule first measured step secants, 31 of the 400 DPM chains
 converged outside the bound, up to 1236x, all with second-order steps (a secant sees a step through
 its own row only; the engine now adds the second-order terms of engine.x0_multipliers to it): the
 minimal such case is tests/data/x0_rule_harsh_dpm_case.pt (:func:`test_minimal_dpm_break`).
@@ -50,8 +51,25 @@ def _model(g: torch.Generator):
     return lambda x, t: torch.sin(x + t.to(x.dtype).view(-1, *[1] * (x.ndim - 1)) / 1000)
 
 
+def flow_chain(g: torch.Generator) -> deqkern.Schedule:
+    """A flow-matching Euler chain (SD3, Flux: ``FlowMatchEulerDiscreteScheduler``), deterministic or
+    re-noising: sigmas from 1 (or below) to 0, diffusers' linear spacing or any descending one,
+    with a timestep shift of 0.3, 1 or 3 (``shift s / (1 + (shift - 1) s)``)."""
+    u = lambda: float(torch.rand((), generator=g, dtype=torch.float64))  # noqa: E731
+    steps = int(torch.randint(2, 13, (), generator=g))
+    if u() < 0.5:
+        s = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
+    else:
+        s = torch.rand(steps, generator=g, dtype=torch.float64).sort(descending=True).values
+        s[0] = 1.0 if u() < 0.5 else s[0]
+    shift = (0.3, 1.0, 3.0)[int(torch.randint(3, (), generator=g))]
+    s = (shift * s / (1 + (shift - 1) * s)).unique().sort(descending=True).values
+    sig = torch.cat([s, torch.zeros(1, dtype=torch.float64)])
+    return deqkern.Schedule.flow_match(sig, 1000 * s, stochastic=u() < 1 / 3)
+
+
 def harsh_case(seed: int, family: str) -> dict:
-    """One random chain of ``family`` ("dpm" or "euler"), model, dtype, solver, window and tol."""
+    """One random chain of ``family`` ("dpm", "euler" or "flow"), model, dtype, solver, window and tol."""
     g = torch.Generator().manual_seed(seed)
     pick = lambda seq: seq[int(torch.randint(len(seq), (), generator=g))]  # noqa: E731
     steps = int(torch.randint(2, 13, (), generator=g))
@@ -66,9 +84,12 @@ def harsh_case(seed: int, family: str) -> dict:
             sig, ts, algorithm_type=alg, solver_order=pick([1, 2, 2]), solver_type=pick(["midpoint", "heun"]),
             first_order_final=pick([True, False]), prediction_type=pred)
         x_scale = float(sig[0])
-    else:
+    elif family == "euler":
         sched = deqkern.Schedule.euler(sig, ts, prediction_type=pred, ancestral=pick([False, True]))
         x_scale = float((sig[0] ** 2 + 1).sqrt())
+    else:
+        sched, x_scale = flow_chain(g), 1.0
+        steps = sched.num_steps
     model = _model(g)
     dtype = pick([torch.float64, torch.float32])
     tol = pick([1e-2, 1e-3, 1e-4] if dtype == torch.float64 else [1e-2, 1e-3])
@@ -102,6 +123,13 @@ def test_euler_chains_within_bound(block):
     """400 harsh Euler / Euler-ancestral chains (100 per block), in their VP coordinates: every sample
     converged (default ``max_iters`` S) and within the bound."""
     _check(range(PER_BLOCK * block, PER_BLOCK * (block + 1)), "euler")
+
+
+@pytest.mark.parametrize("block", range(4))
+def test_flow_chains_within_bound(block):
+    """400 flow-matching chains (100 per block; SD3 and Flux sample with them): every sample converged
+    and within the bound (5000 such chains held when this family was added)."""
+    _check(range(PER_BLOCK * block, PER_BLOCK * (block + 1)), "flow")
 
 
 @pytest.mark.parametrize("block", range(4))
