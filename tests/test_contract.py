@@ -26,6 +26,7 @@ from typing import Any, Callable
 import pytest
 import torch
 from conftest import tiny_unet
+from test_x0_bound_harsh import sigma_chain
 from hypothesis import assume, example, given, settings, target
 from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
@@ -119,8 +120,18 @@ def transforms(draw) -> X0Transform:
 
 @st.composite
 def schedules(draw, min_steps: int, max_steps: int, predictions: tuple[str, ...]) -> Schedule:
-    """A DDIM/DDPM chain through ``Schedule.ddim``/``ddpm`` or ``Schedule.from_diffusers``."""
+    """A DDIM/DDPM chain through ``Schedule.ddim``/``ddpm`` or ``Schedule.from_diffusers``, or one
+    in sigma space: Euler (and ancestral), DPM-Solver (multistep, every algorithm) or flow-matching
+    Euler, with the harsh fuzz's sigmas (``test_x0_bound_harsh.sigma_chain``)."""
     steps = draw(st.integers(min_steps, max_steps))
+    family = draw(st.sampled_from(["ddim_ddpm", "ddim_ddpm", "ddim_ddpm", "euler", "dpm", "flow"]))
+    if family != "ddim_ddpm":
+        flow_preds = "v_prediction" in predictions  # a flow model predicts a velocity
+        assume(family != "flow" or flow_preds)
+        g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+        schedule, _ = sigma_chain(g, family, steps, predictions)
+        assume(schedule.num_steps >= min_steps)
+        return schedule
     beta = draw(st.sampled_from(["linear", "scaled_linear", "squaredcos_cap_v2"]))
     start = draw(st.one_of(st.sampled_from([1e-4, 8.5e-4]), st.floats(1e-4, 2e-3)))
     end = draw(st.one_of(st.sampled_from([0.012, 0.02]), st.floats(5e-3, 3e-2)))

@@ -51,12 +51,11 @@ def _model(g: torch.Generator):
     return lambda x, t: torch.sin(x + t.to(x.dtype).view(-1, *[1] * (x.ndim - 1)) / 1000)
 
 
-def flow_chain(g: torch.Generator) -> deqkern.Schedule:
+def flow_chain(g: torch.Generator, steps: int) -> deqkern.Schedule:
     """A flow-matching Euler chain (SD3, Flux: ``FlowMatchEulerDiscreteScheduler``), deterministic or
-    re-noising: sigmas from 1 (or below) to 0, diffusers' linear spacing or any descending one,
-    with a timestep shift of 0.3, 1 or 3 (``shift s / (1 + (shift - 1) s)``)."""
+    re-noising, of up to ``steps`` steps: sigmas from 1 (or below) to 0, diffusers' linear spacing or
+    any descending one, with a timestep shift of 0.3, 1 or 3 (``shift s / (1 + (shift - 1) s)``)."""
     u = lambda: float(torch.rand((), generator=g, dtype=torch.float64))  # noqa: E731
-    steps = int(torch.randint(2, 13, (), generator=g))
     if u() < 0.5:
         s = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
     else:
@@ -68,14 +67,17 @@ def flow_chain(g: torch.Generator) -> deqkern.Schedule:
     return deqkern.Schedule.flow_match(sig, 1000 * s, stochastic=u() < 1 / 3)
 
 
-def harsh_case(seed: int, family: str) -> dict:
-    """One random chain of ``family`` ("dpm", "euler" or "flow"), model, dtype, solver, window and tol."""
-    g = torch.Generator().manual_seed(seed)
+def sigma_chain(g: torch.Generator, family: str, steps: int, predictions: tuple[str, ...]
+                ) -> tuple[deqkern.Schedule, float]:
+    """``(schedule, x_scale)``: a random chain of ``family`` ("dpm", "euler" or "flow") of ``steps``
+    steps (a flow chain may lose one to a repeated sigma), with a prediction type of ``predictions``
+    (flow: its own velocity), and the scale of its x_T."""
     pick = lambda seq: seq[int(torch.randint(len(seq), (), generator=g))]  # noqa: E731
-    steps = int(torch.randint(2, 13, (), generator=g))
+    if family == "flow":
+        return flow_chain(g, steps), 1.0
     sig = harsh_sigmas(g, steps)
     ts = torch.randperm(1000, generator=g)[:steps].sort(descending=True).values
-    pred = pick(["epsilon", "sample", "v_prediction"])
+    pred = pick(list(predictions))
     if family == "dpm":
         alg = pick(["dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver"])
         if sig[-1] == 0 and not alg.endswith("++"):  # diffusers refuses a final sigma 0 there
@@ -83,13 +85,18 @@ def harsh_case(seed: int, family: str) -> dict:
         sched = deqkern.Schedule.dpm_solver(
             sig, ts, algorithm_type=alg, solver_order=pick([1, 2, 2]), solver_type=pick(["midpoint", "heun"]),
             first_order_final=pick([True, False]), prediction_type=pred)
-        x_scale = float(sig[0])
-    elif family == "euler":
-        sched = deqkern.Schedule.euler(sig, ts, prediction_type=pred, ancestral=pick([False, True]))
-        x_scale = float((sig[0] ** 2 + 1).sqrt())
-    else:
-        sched, x_scale = flow_chain(g), 1.0
-        steps = sched.num_steps
+        return sched, float(sig[0])
+    sched = deqkern.Schedule.euler(sig, ts, prediction_type=pred, ancestral=pick([False, True]))
+    return sched, float((sig[0] ** 2 + 1).sqrt())
+
+
+def harsh_case(seed: int, family: str) -> dict:
+    """One random chain of ``family`` ("dpm", "euler" or "flow"), model, dtype, solver, window and tol."""
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda seq: seq[int(torch.randint(len(seq), (), generator=g))]  # noqa: E731
+    steps = int(torch.randint(2, 13, (), generator=g))
+    sched, x_scale = sigma_chain(g, family, steps, ("epsilon", "sample", "v_prediction"))
+    steps = sched.num_steps
     model = _model(g)
     dtype = pick([torch.float64, torch.float32])
     tol = pick([1e-2, 1e-3, 1e-4] if dtype == torch.float64 else [1e-2, 1e-3])
