@@ -393,7 +393,9 @@ class StepSecants:
         f_in = torch.cat([torch.zeros_like(f[:, :1]), f[:, :-1]], dim=1).to(torch.float64)  # row 0: the anchor
         f_norm = f_in.square().sum(-1, keepdim=True).sqrt()
         reach = px.abs() * f_in.abs() + po.abs() * q.unsqueeze(-1).sqrt() * f_norm
-        gap, rest = self.transform.jacobian_gap(x0, (px * dx + po * e_dx).flatten(0, 1), reach.flatten(0, 1))
+        move = (px * dx + po * e_dx).flatten(0, 1)  # the move of the predicted x0
+        sides = self.transform.slopes(x0, torch.maximum(move.abs(), reach.flatten(0, 1)))
+        gap, rest = self.transform.jacobian_gap(x0, move, slopes=sides)
         jdx = (cx + c0 * px) * dx + (co + c0 * po) * e_dx - c0 * gap.view_as(dx)
         norm = den.sqrt()
         extra = c0[..., 0].abs() * rest.view(norm.shape)
@@ -403,9 +405,9 @@ class StepSecants:
         # freeze leaves, can lie elsewhere (the deep profile: a move through clipped elements read
         # J - L = 0.04 where F's unclipped elements see 0.99, x0 4.6x outside the bound, _clip_secant).
         # Each side's J - L is a kink-free operator, measured along dx as if it held on every element
-        # and weighed by F's share on that side (elements within F's reach of the edge on both)
-        slope, near, _, _ = self.transform.slopes(x0, reach.flatten(0, 1))
-        slope, near = slope.view_as(dx), near.view_as(dx)
+        # and weighed by F's share on that side (elements within the move or F's reach of the edge
+        # on both)
+        slope, near = sides[0].view_as(dx), sides[1].view_as(dx)
         j_in = slope.amax(-1, keepdim=True)  # the slope inside the range: 1 (clip) or 1 / s (threshold)
         side_in = ((cx - L + c0 * px * j_in) * dx + (co + c0 * po * j_in) * e_dx).square().sum(-1) / den
         side_out = ((cx - L) * dx + co * e_dx).square().sum(-1) / den

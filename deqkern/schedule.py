@@ -91,7 +91,8 @@ class X0Transform:
         return (torch.clamp(work, -s, s) / s).to(x0.dtype)
 
     def jacobian_gap(
-        self, x0: torch.Tensor, v: torch.Tensor, reach: torch.Tensor | None = None
+        self, x0: torch.Tensor, v: torch.Tensor, reach: torch.Tensor | None = None,
+        slopes: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(gap, rest)``: ``(I - J_f) v = gap + r`` with ``||r|| <= rest``, ``J_f`` the transform's
         Jacobian at ``x0`` ``[R, D]`` *or at any point within* ``max(|v|, reach)`` *of it
@@ -103,11 +104,13 @@ class X0Transform:
         by ``s``, which moves with the one or two elements its quantile interpolates (unless ``s``
         sits at 1 or ``max_value``, beyond that distance): ``gap = v - [|x0| < s] v / s``, ``rest =
         ||v near the edge|| / s + ||clamp(x0, -s, s)|| / s^2 max|v|``. The x0 rule's bound on
-        transformed steps (deqkern.engine.StepSecants)."""
+        transformed steps (deqkern.engine.StepSecants). ``slopes``: :meth:`slopes` at ``x0`` for
+        that distance, if the caller has them (the threshold's quantile is a sort)."""
         if self.kind == "none":
             return torch.zeros_like(v), torch.zeros(v.shape[0], dtype=torch.float64, device=v.device)
-        size = v.abs() if reach is None else torch.maximum(v.abs(), reach.to(v.dtype))
-        slope, near, scale, moving = self.slopes(x0, size)
+        if slopes is None:
+            slopes = self.slopes(x0, v.abs() if reach is None else torch.maximum(v.abs(), reach.to(v.dtype)))
+        slope, near, scale, moving = slopes
         gap = v - (slope * v.to(torch.float64)).to(v.dtype)
         rest = (v.to(torch.float64) * near).norm(dim=1) / scale
         if self.kind == "threshold":
