@@ -192,6 +192,9 @@ SECANT_ROUNDING = 4.0
 #: as for no move): chosen from 1, 0.1 and 0.01 on two digits chains, one-off runs of 2026-11-30
 #: (docs/math.md §4.3 has their rounds; not a study)
 SECANT_SLACK_CAP = 0.01
+#: the ``dev`` of a row the x0 rule has nothing to bound with (StepSecants.before_any_measurement):
+#: finite, so a row with an exactly zero residual still costs 0, and no other residual fits the budget
+NO_BOUND = 1e200
 
 
 @dataclass
@@ -322,6 +325,23 @@ class StepSecants:
         self.s.copy_(s)
         self.valid.copy_(live)
         return dx, ds, valid
+
+    def before_any_measurement(
+        self, gain: torch.Tensor, dev: torch.Tensor, first: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gain, dev)`` ``[B, W]`` for samples that have measured nothing yet (:attr:`lend` NaN),
+        on rows with nothing of their own. With no step's gain known, the x0 rule takes an error to
+        keep its size where the latent shrinks (``gain`` 1: ``r = max(log(1 / h), 0)``), not to
+        shrink with it; and in the solve's first round (``first``, a bool tensor) such rows get
+        :data:`NO_BOUND`: a freeze there rests on the initial guess alone. The latents' gains let a
+        DPM-Solver chain whose latent shrinks 40x in one step, while the error shrank 3x, freeze a
+        second row in its first round, x0 4.7x outside its bound (the harsh fuzz, thresholded
+        DPM-Solver; ``tests/test_x0_bound_harsh.py: test_first_round_freezes_one_row``). Later rounds
+        keep the unmeasured bound, so an exact warm start, whose rows do not move and so are never
+        measured, still freezes its window each round."""
+        nothing = ~torch.isfinite(self.lend[:, 2:3])
+        gain = torch.where(nothing & ~torch.isfinite(gain), 1.0, gain)
+        return gain, torch.where(nothing & first & ~torch.isfinite(dev), NO_BOUND, dev)
 
     def forget(self, rows: torch.Tensor) -> None:
         """Drop the secants of ``rows`` ``[B, W]`` (their bound falls back to the lend, then the
@@ -633,6 +653,8 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
         gain, dev = st.secants.transformed_bounds(coef, transform_kink(p.transform, dim))
     elif st.secants is not None and p.transform.kind == "none":
         gain, dev = st.secants.gain, st.secants.rule_dev(coef)
+    if st.secants is not None:
+        gain, dev = st.secants.before_any_measurement(gain, dev, st.rounds == 0)
     with annotate("status"):
         # the stopping test, the rows to freeze, the logs and SolveState.worst/done_round/bad_t/spent
         mult = x0_multipliers(p, coef, pos, res, st.xw[:, 0])

@@ -121,15 +121,17 @@ def transforms(draw) -> X0Transform:
 @st.composite
 def schedules(draw, min_steps: int, max_steps: int, predictions: tuple[str, ...]) -> Schedule:
     """A DDIM/DDPM chain through ``Schedule.ddim``/``ddpm`` or ``Schedule.from_diffusers``, or one
-    in sigma space: Euler (and ancestral), DPM-Solver (multistep, every algorithm) or flow-matching
-    Euler, with the harsh fuzz's sigmas (``test_x0_bound_harsh.sigma_chain``)."""
+    in sigma space: Euler (and ancestral), DPM-Solver (multistep, every algorithm; dynamic
+    thresholding or none) or flow-matching Euler, with the harsh fuzz's sigmas
+    (``test_x0_bound_harsh.sigma_chain``)."""
     steps = draw(st.integers(min_steps, max_steps))
     family = draw(st.sampled_from(["ddim_ddpm", "ddim_ddpm", "ddim_ddpm", "euler", "dpm", "flow"]))
     if family != "ddim_ddpm":
         flow_preds = "v_prediction" in predictions  # a flow model predicts a velocity
         assume(family != "flow" or flow_preds)
         g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-        schedule, _ = sigma_chain(g, family, steps, predictions)
+        tf = draw(transforms()) if family == "dpm" else None  # diffusers thresholds DPM-Solver only
+        schedule, _ = sigma_chain(g, family, steps, predictions, None if tf is None or tf.kind == "clip" else tf)
         assume(schedule.num_steps >= min_steps)
         return schedule
     beta = draw(st.sampled_from(["linear", "scaled_linear", "squaredcos_cap_v2"]))

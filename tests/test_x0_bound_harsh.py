@@ -10,13 +10,14 @@ ancestral (solved in their VP coordinates), and flow-matching Euler chains (dete
 re-noising, sigmas 1 to 0 with a timestep shift); elementwise models whose gain ranges from shrinking
 x0 a thousandfold to growing it; float64 and float32; Picard and Anderson; full and small windows.
 
-All 1200 chains hold. When the x0 rule first measured step secants, 31 of the 400 DPM chains
+All 1400 chains hold. When the x0 rule first measured step secants, 31 of the 400 DPM chains
 converged outside the bound, up to 1236x, all with second-order steps (a secant sees a step through
 its own row only; the engine now adds the second-order terms of engine.x0_multipliers to it): the
 minimal such case is tests/data/x0_rule_harsh_dpm_case.pt (:func:`test_minimal_dpm_break`).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -67,11 +68,12 @@ def flow_chain(g: torch.Generator, steps: int) -> deqkern.Schedule:
     return deqkern.Schedule.flow_match(sig, 1000 * s, stochastic=u() < 1 / 3)
 
 
-def sigma_chain(g: torch.Generator, family: str, steps: int, predictions: tuple[str, ...]
-                ) -> tuple[deqkern.Schedule, float]:
+def sigma_chain(g: torch.Generator, family: str, steps: int, predictions: tuple[str, ...],
+                transform: deqkern.X0Transform | None = None) -> tuple[deqkern.Schedule, float]:
     """``(schedule, x_scale)``: a random chain of ``family`` ("dpm", "euler" or "flow") of ``steps``
     steps (a flow chain may lose one to a repeated sigma), with a prediction type of ``predictions``
-    (flow: its own velocity), and the scale of its x_T."""
+    (flow: its own velocity), and the scale of its x_T. ``transform``: DPM-Solver's dynamic
+    thresholding (diffusers has it there only)."""
     pick = lambda seq: seq[int(torch.randint(len(seq), (), generator=g))]  # noqa: E731
     if family == "flow":
         return flow_chain(g, steps), 1.0
@@ -84,18 +86,23 @@ def sigma_chain(g: torch.Generator, family: str, steps: int, predictions: tuple[
             sig[-1] = sig[-2] * 0.5
         sched = deqkern.Schedule.dpm_solver(
             sig, ts, algorithm_type=alg, solver_order=pick([1, 2, 2]), solver_type=pick(["midpoint", "heun"]),
-            first_order_final=pick([True, False]), prediction_type=pred)
+            first_order_final=pick([True, False]), prediction_type=pred, transform=transform)
         return sched, float(sig[0])
     sched = deqkern.Schedule.euler(sig, ts, prediction_type=pred, ancestral=pick([False, True]))
     return sched, float((sig[0] ** 2 + 1).sqrt())
 
 
 def harsh_case(seed: int, family: str) -> dict:
-    """One random chain of ``family`` ("dpm", "euler" or "flow"), model, dtype, solver, window and tol."""
+    """One random chain of ``family`` ("dpm", "dpm_threshold", "euler" or "flow"), model, dtype, solver,
+    window and tol."""
     g = torch.Generator().manual_seed(seed)
     pick = lambda seq: seq[int(torch.randint(len(seq), (), generator=g))]  # noqa: E731
     steps = int(torch.randint(2, 13, (), generator=g))
-    sched, x_scale = sigma_chain(g, family, steps, ("epsilon", "sample", "v_prediction"))
+    transform = None
+    if family == "dpm_threshold":  # DPM-Solver with diffusers' dynamic thresholding
+        family = "dpm"
+        transform = deqkern.X0Transform("threshold", ratio=pick([0.5, 0.9, 0.995]), max_value=pick([1.0, 1.5, 3.0]))
+    sched, x_scale = sigma_chain(g, family, steps, ("epsilon", "sample", "v_prediction"), transform)
     steps = sched.num_steps
     model = _model(g)
     dtype = pick([torch.float64, torch.float32])
@@ -139,6 +146,14 @@ def test_flow_chains_within_bound(block):
     _check(range(PER_BLOCK * block, PER_BLOCK * (block + 1)), "flow")
 
 
+@pytest.mark.parametrize("block", range(2))
+def test_thresholded_dpm_chains_within_bound(block):
+    """200 harsh DPM-Solver chains with dynamic thresholding (100 per block): every sample converged
+    and within the bound (1 in 1500 broke it, 4.7x, before a sample that has measured nothing froze
+    one row a round: test_first_round_freezes_one_row; 4000 held after)."""
+    _check(range(PER_BLOCK * block, PER_BLOCK * (block + 1)), "dpm_threshold")
+
+
 @pytest.mark.parametrize("block", range(4))
 def test_dpm_chains_within_bound(block):
     """400 harsh DPM-Solver chains (100 per block): every sample converged and within the bound
@@ -163,3 +178,83 @@ def test_minimal_dpm_break():
         res = deqkern.sample(model, x, sched, solver, tol=tol)
         assert res.all_converged, solver
         assert float(bound_ratio(res.x0, ref, x, tol).max()) <= 1.0, solver
+
+
+def test_first_round_freezes_one_row():
+    """A sample that has measured nothing freezes one row a round (StepSecants.before_any_measurement).
+    The case (this fuzz with thresholded DPM-Solver chains, 1 in 1500): DPM-Solver (the noise
+    algorithm), order 2, Heun, v_prediction, dynamic thresholding, S = 5, a model ``sin(x + t/1000)``,
+    x_T of norm 192, float64, tol 1e-2. The first guess (x_T copied) was within 0.004% of row 1, so
+    with the latents' gains alone the first round froze row 1's residual; the latent shrinks 40x at
+    step 2 while that error does not, and x0 ended 4.7x outside its bound, with every solver and form
+    and with window 2 (6.5x)."""
+    case = torch.load(Path(__file__).parent / "data" / "x0_rule_first_round_case.pt", weights_only=False)
+    sched, x, tol = case["schedule"], case["x"], case["tol"]
+    model = lambda v, t: torch.sin(v + t.to(v.dtype).view(-1, *[1] * (v.ndim - 1)) / 1000)  # noqa: E731
+    ref = deqkern.sample_sequential(model, x, sched).x0
+    for solver in ("picard", "anderson"):
+        for window in (None, 2):
+            res = deqkern.sample(model, x, sched, solver, tol=tol, window=window)
+            assert res.all_converged, (solver, window)
+            assert float(bound_ratio(res.x0, ref, x, tol).max()) <= 1.0, (solver, window)
+
+
+def diffusers_dpm_case(seed: int) -> dict | None:
+    """A random config of diffusers' own ``DPMSolverMultistepScheduler`` (betas, Karras sigmas,
+    spacing, algorithm, solver type, final sigmas, prediction type; 5-50 steps), an elementwise
+    model, dtype, solver, tol and window (full or up to half the chain); None for the known gap's
+    class (the noise algorithm with sample prediction: test_known_gap_dpm_noise_algorithm_in_a_window)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda seq: seq[int(torch.randint(len(seq), (), generator=g))]  # noqa: E731
+    steps = int(torch.randint(5, 51, (), generator=g))
+    alg = pick(["dpmsolver++", "dpmsolver++", "dpmsolver", "sde-dpmsolver++"])
+    cfg = dict(num_train_timesteps=1000, beta_schedule=pick(["linear", "scaled_linear", "squaredcos_cap_v2"]),
+               prediction_type=pick(["epsilon", "v_prediction", "sample"]), algorithm_type=alg, solver_order=2,
+               solver_type=pick(["midpoint", "heun"]), use_karras_sigmas=pick([False, True]),
+               timestep_spacing=pick(["linspace", "leading", "trailing"]), lower_order_final=pick([True, False]),
+               final_sigmas_type=pick(["zero", "sigma_min"]) if alg.endswith("++") else "sigma_min")
+    sched = deqkern.Schedule.from_diffusers(DPMSolverMultistepScheduler(**cfg), steps)
+    model = _model(g)
+    dtype = pick([torch.float64, torch.float32])
+    tol = pick([1e-2, 1e-3, 1e-4] if dtype == torch.float64 else [1e-2, 1e-3])
+    x = torch.randn(2, 6, generator=g, dtype=dtype)
+    noise = torch.randn(steps, 2, 6, generator=g, dtype=dtype) if sched.is_stochastic else None
+    window = pick([None, 1 + int(torch.randint(max(steps // 2, 1), (), generator=g))])
+    if alg == "dpmsolver" and cfg["prediction_type"] == "sample":
+        return None
+    return dict(model=model, x=x, sched=sched, noise=noise, tol=tol, window=window, solver=pick(["picard", "anderson"]))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # diffusers deprecates the noise algorithm
+def test_diffusers_dpm_configs_within_bound():
+    """200 random configs of diffusers' DPMSolverMultistepScheduler (3500 held when this test was
+    added, but for the known gap's class, which this test leaves out)."""
+    for seed in range(200):
+        case = diffusers_dpm_case(seed)
+        if case is None:
+            continue
+        ratio, converged = run_case(case)
+        assert bool(converged.all()), f"seed {seed}: not converged within S rounds"
+        assert float(ratio.max()) <= 1.0, f"seed {seed}: x0 {float(ratio.max()):.3g} x the bound away"
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: a window's freezes reach x0 through steps it has not seen")
+def test_known_gap_dpm_noise_algorithm_in_a_window():
+    """A realistic DPM-Solver chain (diffusers' DPMSolverMultistepScheduler: the noise algorithm
+    "dpmsolver", order 2, midpoint, sample prediction, cosine betas, Karras sigmas, S = 10) of a model
+    ``tanh(0.0191 x)``, float64, tol 1e-3, window 5: x0 ends 78x outside its bound (234x before the
+    first-round rule; the full window is now within it). A window's freezes reach x0 through steps
+    past the window, which the rule takes at the latents' gains; here x0 is 0.6% of x_T and the
+    second-order steps amplify the error (``x0_multipliers`` 17-670 there). 5 of 3500 random
+    DPM-Solver configs failed, all the noise algorithm (deprecated in diffusers) with sample
+    prediction, 3 of them windowed and 2 with the full window (3.7x, 1.8x); dpmsolver++ held."""
+    case = torch.load(Path(__file__).parent / "data" / "x0_rule_dpm_window_case.pt", weights_only=False)
+    sched, x, tol = case["schedule"], case["x"], case["tol"]
+    a = math.atanh(0.019132882858697013)
+    model = lambda v, t: torch.tanh(a * v)  # noqa: E731
+    ref = deqkern.sample_sequential(model, x, sched).x0
+    res = deqkern.sample(model, x, sched, "picard", tol=tol, window=5)
+    assert res.all_converged
+    assert float(bound_ratio(res.x0, ref, x, tol).max()) <= 1.0
