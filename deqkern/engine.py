@@ -411,7 +411,8 @@ class StepSecants:
         L, cx, co, c0, px, po = (c[..., i : i + 1] for i in range(6))
         x0 = (px * x.to(torch.float64) + po * e.to(torch.float64)).flatten(0, 1)
         f_in = torch.cat([torch.zeros_like(f[:, :1]), f[:, :-1]], dim=1).to(torch.float64)  # row 0: the anchor
-        f_norm = f_in.square().sum(-1, keepdim=True).sqrt()
+        f_sq = f_in.square()
+        f_norm = f_sq.sum(-1, keepdim=True).sqrt()
         reach = px.abs() * f_in.abs() + po.abs() * q.unsqueeze(-1).sqrt() * f_norm
         move = (px * dx + po * e_dx).flatten(0, 1)  # the move of the predicted x0
         sides = self.transform.slopes(x0, torch.maximum(move.abs(), reach.flatten(0, 1)))
@@ -431,7 +432,6 @@ class StepSecants:
         j_in = slope.amax(-1, keepdim=True)  # the slope inside the range: 1 (clip) or 1 / s (threshold)
         side_in = ((cx - L + c0 * px * j_in) * dx + (co + c0 * po * j_in) * e_dx).square().sum(-1) / den
         side_out = ((cx - L) * dx + co * e_dx).square().sum(-1) / den
-        f_sq = f_in.square()
         share_in = (f_sq * torch.maximum((slope > 0).to(f_sq.dtype), near)).sum(-1)
         share_out = (f_sq * torch.maximum((slope == 0).to(f_sq.dtype), near)).sum(-1)
         split = (side_in * share_in + side_out * share_out).sqrt() / f_norm[..., 0] + extra / norm

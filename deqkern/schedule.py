@@ -56,6 +56,11 @@ _QUANTILE = Bounded(float, 0.0, 1.0)
 _ALPHA = Bounded(float, 0.0, 1.0, lo_open=True)
 
 
+def _quantile_dtype(x0: torch.Tensor) -> torch.Tensor:
+    """``x0`` in a dtype ``torch.quantile`` takes (float32/float64), as diffusers upcasts it."""
+    return x0 if x0.dtype in (torch.float32, torch.float64) else x0.float()
+
+
 @dataclass(frozen=True)
 class X0Transform:
     """What the scheduler does to the predicted x0 before the update.
@@ -85,7 +90,7 @@ class X0Transform:
             return x0.clamp(-self.clip_range, self.clip_range)
         # Dynamic thresholding works per latent (diffusers flattens all but the batch dim);
         # quantile needs fp32/fp64, exactly as diffusers upcasts.
-        work = x0 if x0.dtype in (torch.float32, torch.float64) else x0.float()
+        work = _quantile_dtype(x0)
         s = torch.quantile(work.abs(), self.ratio, dim=1).clamp(min=1.0, max=self.max_value)
         s = s.unsqueeze(1)
         return (torch.clamp(work, -s, s) / s).to(x0.dtype)
@@ -114,7 +119,7 @@ class X0Transform:
         gap = v - (slope * v.to(torch.float64)).to(v.dtype)
         rest = (v.to(torch.float64) * near).norm(dim=1) / scale
         if self.kind == "threshold":
-            work = x0 if x0.dtype in (torch.float32, torch.float64) else x0.float()
+            work = _quantile_dtype(x0)
             s = scale.unsqueeze(1).to(work.dtype)
             rest = rest + torch.where(moving, torch.clamp(work, -s, s).norm(dim=1).to(torch.float64)
                                       / scale.square() * v.abs().amax(dim=1).to(torch.float64), 0.0)
@@ -130,15 +135,14 @@ class X0Transform:
         ``[R]`` float64 (1, or ``s``) and ``moving`` ``[R]`` bool (the threshold's ``s`` may move
         within ``size``: its quantile is not pinned at 1 or ``max_value``). A kind ``"none"``
         transform has slope 1 everywhere and nothing near."""
-        rows = x0.shape[0]
-        one = torch.ones(rows, dtype=torch.float64, device=x0.device)
+        one = torch.ones(x0.shape[0], dtype=torch.float64, device=x0.device)
         if self.kind == "none":
             return (torch.ones_like(x0, dtype=torch.float64), torch.zeros_like(x0, dtype=torch.float64), one,
-                    torch.zeros(rows, dtype=torch.bool, device=x0.device))
+                    torch.zeros_like(one, dtype=torch.bool))
         if self.kind == "clip":
             near = ((x0.abs() - self.clip_range).abs() <= size).to(torch.float64)
-            return (x0.abs() <= self.clip_range).to(torch.float64), near, one, one < 0
-        work = x0 if x0.dtype in (torch.float32, torch.float64) else x0.float()
+            return (x0.abs() <= self.clip_range).to(torch.float64), near, one, torch.zeros_like(one, dtype=torch.bool)
+        work = _quantile_dtype(x0)
         q = torch.quantile(work.abs(), self.ratio, dim=1)
         s = q.clamp(min=1.0, max=self.max_value).unsqueeze(1)
         far = size.amax(dim=1)

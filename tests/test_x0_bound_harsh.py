@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -40,6 +41,11 @@ def harsh_sigmas(g: torch.Generator, steps: int) -> torch.Tensor:
     return torch.cat([sig, torch.tensor([final], dtype=torch.float64)])
 
 
+def time_sine(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``sin(x + t / 1000)``: a model whose slope changes along the latent and with the timestep."""
+    return torch.sin(x + t.to(x.dtype).view(-1, *[1] * (x.ndim - 1)) / 1000)
+
+
 def _model(g: torch.Generator):
     """An elementwise model of gain ``a`` from 1e-3 to ~3, either sign, or a timestep-dependent sine."""
     u = float(torch.rand((), generator=g, dtype=torch.float64))
@@ -49,7 +55,7 @@ def _model(g: torch.Generator):
         return lambda x, t: torch.tanh(a * x)
     if kind == 1:
         return lambda x, t: a * x
-    return lambda x, t: torch.sin(x + t.to(x.dtype).view(-1, *[1] * (x.ndim - 1)) / 1000)
+    return time_sine
 
 
 def flow_chain(g: torch.Generator, steps: int) -> deqkern.Schedule:
@@ -103,13 +109,20 @@ def harsh_case(seed: int, family: str) -> dict:
         family = "dpm"
         transform = deqkern.X0Transform("threshold", ratio=pick([0.5, 0.9, 0.995]), max_value=pick([1.0, 1.5, 3.0]))
     sched, x_scale = sigma_chain(g, family, steps, ("epsilon", "sample", "v_prediction"), transform)
+    return _draw_run(g, sched, x_scale, sched.num_steps - 1)
+
+
+def _draw_run(g: torch.Generator, sched: deqkern.Schedule, x_scale: float, windows: int) -> dict:
+    """What runs on ``sched``: a model (:func:`_model`), dtype, tol, x_T of scale ``x_scale``, the
+    step noise, the full window or one of 1 .. ``windows``, and the solver."""
+    pick = lambda seq: seq[int(torch.randint(len(seq), (), generator=g))]  # noqa: E731
     steps = sched.num_steps
     model = _model(g)
     dtype = pick([torch.float64, torch.float32])
     tol = pick([1e-2, 1e-3, 1e-4] if dtype == torch.float64 else [1e-2, 1e-3])
     x = torch.randn(2, 6, generator=g, dtype=dtype) * x_scale
     noise = torch.randn(steps, 2, 6, generator=g, dtype=dtype) if sched.is_stochastic else None
-    window = pick([None, 1 + int(torch.randint(max(steps - 1, 1), (), generator=g))])
+    window = pick([None, 1 + int(torch.randint(max(windows, 1), (), generator=g))])
     return dict(model=model, x=x, sched=sched, noise=noise, tol=tol, window=window, solver=pick(["picard", "anderson"]))
 
 
@@ -125,9 +138,14 @@ def run_case(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
 PER_BLOCK = 100
 
 
-def _check(seeds, family: str) -> None:
+def _check(seeds, family: str, make: Callable[[int], dict | None] | None = None) -> None:
+    """Every case of ``seeds`` (``harsh_case(seed, family)``, or ``make(seed)``, None: skipped)
+    converged and within the bound."""
     for seed in seeds:
-        ratio, converged = run_case(harsh_case(seed, family))
+        case = harsh_case(seed, family) if make is None else make(seed)
+        if case is None:
+            continue
+        ratio, converged = run_case(case)
         assert bool(converged.all()), f"{family} seed {seed}: not converged within S rounds"
         assert float(ratio.max()) <= 1.0, f"{family} seed {seed}: x0 {float(ratio.max()):.3g} x the bound away"
 
@@ -190,11 +208,10 @@ def test_first_round_freezes_one_row():
     and with window 2 (6.5x)."""
     case = torch.load(Path(__file__).parent / "data" / "x0_rule_first_round_case.pt", weights_only=False)
     sched, x, tol = case["schedule"], case["x"], case["tol"]
-    model = lambda v, t: torch.sin(v + t.to(v.dtype).view(-1, *[1] * (v.ndim - 1)) / 1000)  # noqa: E731
-    ref = deqkern.sample_sequential(model, x, sched).x0
+    ref = deqkern.sample_sequential(time_sine, x, sched).x0
     for solver in ("picard", "anderson"):
         for window in (None, 2):
-            res = deqkern.sample(model, x, sched, solver, tol=tol, window=window)
+            res = deqkern.sample(time_sine, x, sched, solver, tol=tol, window=window)
             assert res.all_converged, (solver, window)
             assert float(bound_ratio(res.x0, ref, x, tol).max()) <= 1.0, (solver, window)
 
@@ -216,28 +233,15 @@ def diffusers_dpm_case(seed: int) -> dict | None:
                timestep_spacing=pick(["linspace", "leading", "trailing"]), lower_order_final=pick([True, False]),
                final_sigmas_type=pick(["zero", "sigma_min"]) if alg.endswith("++") else "sigma_min")
     sched = deqkern.Schedule.from_diffusers(DPMSolverMultistepScheduler(**cfg), steps)
-    model = _model(g)
-    dtype = pick([torch.float64, torch.float32])
-    tol = pick([1e-2, 1e-3, 1e-4] if dtype == torch.float64 else [1e-2, 1e-3])
-    x = torch.randn(2, 6, generator=g, dtype=dtype)
-    noise = torch.randn(steps, 2, 6, generator=g, dtype=dtype) if sched.is_stochastic else None
-    window = pick([None, 1 + int(torch.randint(max(steps // 2, 1), (), generator=g))])
-    if alg == "dpmsolver" and cfg["prediction_type"] == "sample":
-        return None
-    return dict(model=model, x=x, sched=sched, noise=noise, tol=tol, window=window, solver=pick(["picard", "anderson"]))
+    case = _draw_run(g, sched, 1.0, steps // 2)
+    return None if alg == "dpmsolver" and cfg["prediction_type"] == "sample" else case
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # diffusers deprecates the noise algorithm
 def test_diffusers_dpm_configs_within_bound():
     """200 random configs of diffusers' DPMSolverMultistepScheduler (3500 held when this test was
     added, but for the known gap's class, which this test leaves out)."""
-    for seed in range(200):
-        case = diffusers_dpm_case(seed)
-        if case is None:
-            continue
-        ratio, converged = run_case(case)
-        assert bool(converged.all()), f"seed {seed}: not converged within S rounds"
-        assert float(ratio.max()) <= 1.0, f"seed {seed}: x0 {float(ratio.max()):.3g} x the bound away"
+    _check(range(200), "diffusers DPM-Solver", diffusers_dpm_case)
 
 
 @pytest.mark.xfail(strict=True, reason="known gap: a window's freezes reach x0 through steps it has not seen")
