@@ -600,8 +600,9 @@ def euler_coords(quick: bool) -> dict[str, Any]:
             "rows": rows}
 
 
-def _triangle_rule_dev(self, coef: torch.Tensor) -> torch.Tensor:
-    """The lend before the study below: unmeasured rows took ``|cx - L| + |co| max ||E dx|| / ||dx||``."""
+def _triangle_rule_dev(self, coef: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The lend before the study below: unmeasured rows took ``|cx - L| + |co| max ||E dx|| / ||dx||``
+    (``h``, the latents' gains, unread)."""
     c = coef.to(torch.float64)
     bound = (c[..., 1] - c[..., 0]).abs() + c[..., 2].abs() * self.model_gain.unsqueeze(1)
     return torch.where(torch.isfinite(self.dev), self.dev, bound)

@@ -33,7 +33,8 @@ from deqkern.errors import NonFiniteModelOutput
 from deqkern.graphs import ChunkRunner, snapshot, state_tensors
 from deqkern.model import ModelEvaluator
 from deqkern.ops import (
-    LINEAR_REACH, SECANT_SAFETY, ScanResult, carry_converted, commit_window, round_status, scan_residual, step_secants,
+    LINEAR_REACH, SECANT_SAFETY, ScanResult, carry_converted, commit_window, latent_gains, round_status, scan_residual,
+    step_secants,
 )
 from deqkern.ops.window import RowSlide
 from deqkern.schedule import Form, X0Transform
@@ -216,7 +217,7 @@ class StepSecants:
     #: too little for a measurement: docs/math.md §4.3)
     dev_loose: torch.Tensor
     #: [B, W] bool: the row's last move was past LINEAR_REACH; its ``J - L`` falls back to the
-    #: latent's gain, not the lend (a lend from the few rows measured near could cancel against the
+    #: latent-gain bound with a margin (:meth:`_borrowed`), not the lend (a lend from the few rows measured near could cancel against the
     #: row's own coefficients: the deep profile, a secant-form "sample" chain, 2.2x outside)
     far: torch.Tensor
     #: [B, 3] float64 what rows not measured yet borrow (:meth:`rule_dev`), over every row measured
@@ -354,8 +355,9 @@ class StepSecants:
         """``[B]`` float64 the model's largest measured gain ``||E dx|| / ||dx||`` (NaN: none yet)."""
         return self.lend[:, 2].sqrt()
 
-    def rule_dev(self, coef: torch.Tensor) -> torch.Tensor:
-        """``[B, W]`` float64 the ``||J - L||`` the x0 rule uses: the measured secant ``dev``, and
+    def rule_dev(self, coef: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """``[B, W]`` float64 the ``||J - L||`` the x0 rule uses (``h``: ``[B, W]`` the latents'
+        gains, ops.reference.latent_gains): the measured secant ``dev``, and
         on rows not measured yet (rows entering the window) the step's own coefficients applied to
         the model's Jacobian measured on the others. A step without an x0 transform has ``J - L =
         a I + b E`` (``a = cx - L``, ``b = co``), so along a measured row's move ``dx`` (unit, ``E dx``
@@ -363,20 +365,26 @@ class StepSecants:
         largest this can be over the measured rows' extremes (:attr:`lend`). The cross term keeps
         the cancellation of ``a`` against ``b E`` (``J`` near ``L``) that the triangle bound ``|a| +
         |b| ||E||`` loses: 20-40x on DDIM S = 1000, window 10 (bench/solver_studies.py lend). With
-        nothing to borrow, a row's loose secant (:attr:`dev_loose`); before any measurement, and on
-        rows whose last move went past LINEAR_REACH (:attr:`far`): NaN, the rule's latent-gain
-        bound; chains with an x0 transform use
-        :meth:`transformed_bounds` instead. Lending such rows the window's largest measured ``dev`` instead
-        missed ``J - L`` up to 760x near x0 (it grows toward x0 with ``co``) and x0's bound 2.6x."""
+        nothing to borrow, a row's loose secant (:attr:`dev_loose`); before any measurement: NaN, the
+        rule's latent-gain bound; on rows whose last move went past LINEAR_REACH (:attr:`far`): that
+        bound with a safety margin (:meth:`_borrowed`); chains with an x0 transform use
+        :meth:`transformed_bounds` instead. Lending rows with nothing measured the window's largest
+        measured ``dev`` instead missed ``J - L`` up to 760x near x0 (it grows toward x0 with ``co``)
+        and x0's bound 2.6x."""
         c = coef.to(torch.float64)
         dev = self._measured_dev()
-        lent = self._borrowed(self._lent(c[..., 1] - c[..., 0], c[..., 2]))
+        lent = self._borrowed(self._lent(c[..., 1] - c[..., 0], c[..., 2]), self.gain, c[..., 0], h)
         return torch.where(torch.isfinite(dev), dev, torch.where(torch.isfinite(lent), lent, self.dev_loose))
 
-    def _borrowed(self, lent: torch.Tensor) -> torch.Tensor:
-        """``lent`` where a row may borrow ``J - L``; NaN (the latent's gain) on rows whose last move
-        went past LINEAR_REACH (:attr:`far`)."""
-        return torch.where(self.far, math.nan, lent)
+    def _borrowed(self, lent: torch.Tensor, gain: torch.Tensor, mult: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """``lent`` where a row may borrow ``J - L``; on rows whose last move went past LINEAR_REACH
+        (:attr:`far`), the rule's latent-gain bound ``max(h, gain) + |L|``, which the rule then
+        takes as a measured ``J - L``, times SECANT_SAFETY. Without that factor it had no margin
+        where ``L`` is small: a scan-form "sample" chain's last step (``L = 0``) read ``||J|| = 0.52``
+        where it was 0.88 at the row, x0 1.58x outside its bound (``_sin_scan``,
+        tests/test_contract.py). ``gain``, ``mult``, ``h``: ``[B, W]`` the rows' gains as the rule
+        reads them (NaN: none), their ``L`` and their latent gains (ops.reference.latent_gains)."""
+        return torch.where(self.far, torch.fmax(gain, h) + mult.abs(), lent)
 
     def _measured_dev(self) -> torch.Tensor:
         """``[B, W]`` the latest measured ``dev``; in the secant form the larger of the last two:
@@ -441,7 +449,7 @@ class StepSecants:
         self.dev.copy_(torch.where(ok, dev, self.dev))
         self.e.copy_(e)
 
-    def transformed_bounds(self, coef: torch.Tensor, kink: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def transformed_bounds(self, coef: torch.Tensor, kink: float, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(gain, dev)`` ``[B, W]`` float64 for the x0 rule on a chain with an x0 transform ``f``
         (clip, threshold): bounds on ``||J||`` and ``||J - L||`` along the row's move from the
         model's own measured secant, not the step's (which can cross ``f``'s kink; the contract
@@ -456,14 +464,15 @@ class StepSecants:
         at the row), else bounded: the first part as in :meth:`rule_dev` from the window's
         :attr:`lend`, the second by ``|c0| kink (|px| + |po| ||E||)``, ``kink`` a bound on
         ``||I - J_f||`` (:func:`transform_kink`). ``gain`` is the same
-        with ``L = 0``. NaN before any measurement (the rule's latent-gain bound)."""
+        with ``L = 0``. NaN before any measurement (the rule's latent-gain bound); ``h``: ``[B, W]``
+        the latents' gains, read on rows whose last move was long (:meth:`_borrowed`)."""
         c = coef.to(torch.float64)
         L, cx, co, c0, px, po = (c[..., i] for i in range(6))
         a, b = cx + c0 * px, co + c0 * po
         corr = c0.abs() * kink * (px.abs() + po.abs() * self.model_gain.unsqueeze(1))
         dev = self._measured_dev()
-        return (torch.where(torch.isfinite(self.gain), self.gain, self._lent(a, b) + corr),
-                torch.where(torch.isfinite(dev), dev, self._borrowed(self._lent(a - L, b) + corr)))
+        gain = torch.where(torch.isfinite(self.gain), self.gain, self._lent(a, b) + corr)
+        return gain, torch.where(torch.isfinite(dev), dev, self._borrowed(self._lent(a - L, b) + corr, gain, L, h))
 
     def slide(self, slide: RowSlide) -> None:
         """Slide with the window; rows entering have no history and no secants (:meth:`rule_dev`)."""
@@ -650,9 +659,9 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     if st.secants is not None and st.secants.e is not None:
         # a clip or threshold bends the step: a secant across its kink can miss J (test_contract found
         # a clipped DDPM chain 2.8x outside the bound), so these chains bound J from the model's secants
-        gain, dev = st.secants.transformed_bounds(coef, transform_kink(p.transform, dim))
+        gain, dev = st.secants.transformed_bounds(coef, transform_kink(p.transform, dim), latent_gains(res.g_sq)[1])
     elif st.secants is not None and p.transform.kind == "none":
-        gain, dev = st.secants.gain, st.secants.rule_dev(coef)
+        gain, dev = st.secants.gain, st.secants.rule_dev(coef, latent_gains(res.g_sq)[1])
     if st.secants is not None:
         gain, dev = st.secants.before_any_measurement(gain, dev, st.rounds == 0)
     with annotate("status"):

@@ -148,12 +148,28 @@ def test_loose_secant_is_the_last_resort_before_the_latent_gain():
     measure(float(x0), 2.0, 0.5 + ds, 0.5)  # row 0 moves 1e-5 with slope 3; row 1 does not move
     slack = 4 * torch.finfo(torch.float32).eps * (0.5 + 0.5 + ds) / dx
     assert slack > SECANT_SLACK_CAP and bool(sec.dev.isnan().all()) and bool(sec.lend.isnan().all())
-    rule = sec.rule_dev(coef)
+    h = torch.ones(1, 2, dtype=torch.float64)  # the latents' gains: unread, no row moved far
+    rule = sec.rule_dev(coef, h)
     assert abs(float(rule[0, 0]) - (3 + slack)) < 0.02 * 3  # the loose secant, slack included
     assert math.isnan(float(rule[0, 1]))  # nothing at all: the latent's gain
     measure(float(x0) + 1e-5, 2.1, 0.5 + 2 * ds, 0.6)  # row 1 measured (slope 1), row 0 loose again
     assert bool(torch.isfinite(sec.dev[0, 1])) and math.isnan(float(sec.dev[0, 0]))
-    assert float(sec.rule_dev(coef)[0, 0]) == pytest.approx(1.0, rel=1e-3)  # the lend: |co E| = 1
+    assert float(sec.rule_dev(coef, h)[0, 0]) == pytest.approx(1.0, rel=1e-3)  # the lend: |co E| = 1
+
+
+def test_far_row_takes_the_latent_gain_bound_as_a_measured_secant():
+    """A row whose last move went past LINEAR_REACH keeps no ``J - L`` of its own and borrows no
+    lend: the rule gives it ``max(h, gain) + |L|`` (here ``L = 0``), which the cost then scales by
+    SECANT_SAFETY like a measured secant (float64, 1e-9). Row 1 moves from 2 to 3 (a third of its
+    latent) with slope 0.4."""
+    sec, coef, measure = _two_scalar_rows(torch.float64)
+    measure(1.0, 2.0, 0.5, 0.5)
+    measure(1.0, 3.0, 0.5, 0.9)
+    assert bool(sec.far[0, 1]) and not bool(sec.far[0, 0])
+    assert math.isnan(float(sec.dev[0, 1])) and float(sec.gain[0, 1]) == pytest.approx(0.4, rel=1e-9)
+    for h_row, want in ((2.0, 2.0), (0.1, 0.4)):  # the larger of the latent's gain and the secant's
+        rule = sec.rule_dev(coef, torch.tensor([[1.0, h_row]], dtype=torch.float64))
+        assert float(rule[0, 1]) == pytest.approx(want, rel=1e-9)
 
 
 def test_solve_measures_the_steps_j_minus_l(monkeypatch):
@@ -177,7 +193,7 @@ def test_solve_measures_the_steps_j_minus_l(monkeypatch):
     # |co| |c| is larger wherever the two terms cancel)
     torch.testing.assert_close(st.secants.model_gain, torch.full((2,), c, dtype=torch.float64), rtol=1e-9, atol=0)
     coef = p.coef[pos]
-    rule = st.secants.rule_dev(coef)
+    rule = st.secants.rule_dev(coef, torch.ones_like(st.secants.dev))  # the latents' gains: unread, no far rows
     assert bool((~seen).any())
     torch.testing.assert_close(rule[~seen], (jac[~seen] - 1).abs(), rtol=1e-9, atol=1e-15)
     triangle = (coef[..., 1] - 1).abs() + coef[..., 2].abs() * c

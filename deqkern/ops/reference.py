@@ -67,6 +67,17 @@ SECANT_SAFETY = 8.0
 LINEAR_REACH = 0.1
 
 
+def latent_gains(g_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(||G_j||, h_j)`` ``[B, W]`` float64 from a round's squared row norms: the latents and their
+    gains ``h_j = ||G_j|| / ||G_{j-1}||`` (``h_0 = 1``: the x0 rule never reads it), the x0 rule's
+    estimate of a step's ``||J||`` where it has measured nothing better."""
+    tiny = torch.finfo(g_sq.dtype).tiny
+    norm = g_sq.to(torch.float64).clamp(min=tiny).sqrt()
+    h = torch.ones_like(norm)
+    h[:, 1:] = norm[:, 1:] / norm[:, :-1]
+    return norm, h
+
+
 def x0_row_costs(
     f_sq: torch.Tensor, g_sq: torch.Tensor, mult: torch.Tensor, live: torch.Tensor, gain: torch.Tensor,
     dev: torch.Tensor,
@@ -90,10 +101,7 @@ def x0_row_costs(
     (NaN: not measured; the engine passes as ``dev`` of rows not measured yet the schedule's bound
     with the model's measured gain, :meth:`deqkern.engine.StepSecants.rule_dev`).
     """
-    tiny = torch.finfo(g_sq.dtype).tiny
-    norm = g_sq.to(torch.float64).clamp(min=tiny).sqrt()
-    h = torch.ones_like(norm)
-    h[:, 1:] = norm[:, 1:] / norm[:, :-1]
+    norm, h = latent_gains(g_sq)
     # without J - L, ||J|| from the larger of the latent's gain and the step's measured one (kept
     # from long moves): the latent's alone let a "sample" chain whose step's Jacobian outgrows the
     # shrinking latent end 1.08x outside (the deep profile, _UNMEASURED_GAIN)
