@@ -251,9 +251,9 @@ def _secant_check(unet, schedule, x: torch.Tensor, window: int | None, rounds: i
         seen["p"] = p
         return run_round(p, st, *a, **k)
 
-    def spy_measure(self, xw, g, coef, live, e=None, f=None):
+    def spy_measure(self, xw, g, coef, live, e=None, f=None, scale=None):
         seen.update(xw=xw.clone(), g=g.clone(), mult=coef[..., 0].clone())
-        moves = measure(self, xw, g, coef, live, e, f)
+        moves = measure(self, xw, g, coef, live, e, f, scale)
         seen["own"] = torch.isfinite(self.dev)
         return moves
 
@@ -600,9 +600,10 @@ def euler_coords(quick: bool) -> dict[str, Any]:
             "rows": rows}
 
 
-def _triangle_rule_dev(self, coef: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def _triangle_rule_dev(self, coef: torch.Tensor, h: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """The lend before the study below: unmeasured rows took ``|cx - L| + |co| max ||E dx|| / ||dx||``
-    (``h``, the latents' gains, unread)."""
+    (``h``, the latents' gains, and ``scale``, the model-input scales, unread: the study's DDIM chains
+    have neither far rows nor an input scale)."""
     c = coef.to(torch.float64)
     bound = (c[..., 1] - c[..., 0]).abs() + c[..., 2].abs() * self.model_gain.unsqueeze(1)
     return torch.where(torch.isfinite(self.dev), self.dev, bound)

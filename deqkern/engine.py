@@ -86,6 +86,10 @@ class Problem:
     #: is x_T's VP latent in row k's coordinates, ``x_T coords[k] / coords[0]``, and rows entering
     #: the window are copied or extrapolated in VP coordinates (ops.commit_window)
     coords: torch.Tensor | None = None
+    #: [S] float64 the model's input scale per step (StepInputs.scale: Euler's ``1 / sqrt(sigma^2 +
+    #: 1)``), None: 1. The x0 rule lends the model's Jacobian in the model's own input units, so a
+    #: slope measured at one step carries to another whose latents are 150x larger (StepSecants.lend)
+    input_scale: torch.Tensor | None = None
     #: ``arange(W)`` and ``arange(B)`` on the device, made once: every round indexes with them, and
     #: inside a captured graph each arange would be a kernel node of every round
     row_index: torch.Tensor = field(init=False, repr=False)
@@ -222,7 +226,8 @@ class StepSecants:
     far: torch.Tensor
     #: [B, 3] float64 what rows not measured yet borrow (:meth:`rule_dev`), over every row measured
     #: so far in the solve (NaN: none yet): the least and largest ``<dx, E dx> / ||dx||^2`` and the
-    #: largest ``||E dx||^2 / ||dx||^2`` (E: the model's Jacobian)
+    #: largest ``||E dx||^2 / ||dx||^2`` (E: the model's Jacobian in its own input's units, the
+    #: latent's Jacobian over the step's input scale: Problem.input_scale)
     lend: torch.Tensor
     #: the secant form: ``L`` is fitted to the previous secant, so the latest ``dev`` (the newest
     #: secant against it) can vanish by coincidence; :meth:`rule_dev` takes the larger of the last two
@@ -251,7 +256,7 @@ class StepSecants:
 
     def measure(
         self, xw: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, live: torch.Tensor, e: torch.Tensor | None = None,
-        f: torch.Tensor | None = None,
+        f: torch.Tensor | None = None, scale: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Record this round's inputs and step outputs and the secants they give; returns ``(dx, ds,
         valid)``, the moves since the last round and where they are one row's (for the secant form).
@@ -262,7 +267,8 @@ class StepSecants:
         the window ``[B, W+1, D]`` before the commit; ``coef``: ``[B, W, 7]`` this round's step
         coefficients with the scan's ``L`` in field 0; ``e``, ``f``: ``[B, W, D]`` the round's model
         outputs and residuals, read on chains with an x0 transform (``E dx`` is the model's own
-        secant there, and ``f`` says how far a freeze can move the next row)."""
+        secant there, and ``f`` says how far a freeze can move the next row); ``scale``: ``[B, W]``
+        float64 the rows' model-input scales (Problem.input_scale; None: 1), which the lend divides out."""
         width = g.shape[1]
         x = xw[:, :width]
         mult = coef[..., 0]
@@ -310,6 +316,8 @@ class StepSecants:
         q = torch.where(ok, e_dx.square().sum(-1) / den, math.nan)
         if self.e is not None:
             self._measure_transformed(x, e, f, e_dx, dx64, den, q, c, ok)
+        if scale is not None:  # the lend in the model's input units: E = scale E_model
+            p, q = p / scale, q / scale.square()
         stats = torch.stack([
             torch.where(ok, p, math.inf).amin(dim=1), torch.where(ok, p, -math.inf).amax(dim=1),
             torch.where(ok, q, -math.inf).amax(dim=1),
@@ -352,12 +360,13 @@ class StepSecants:
 
     @property
     def model_gain(self) -> torch.Tensor:
-        """``[B]`` float64 the model's largest measured gain ``||E dx|| / ||dx||`` (NaN: none yet)."""
+        """``[B]`` float64 the model's largest measured gain ``||E dx|| / ||dx||`` in its own input's
+        units (NaN: none yet; :attr:`lend`)."""
         return self.lend[:, 2].sqrt()
 
-    def rule_dev(self, coef: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    def rule_dev(self, coef: torch.Tensor, h: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, W]`` float64 the ``||J - L||`` the x0 rule uses (``h``: ``[B, W]`` the latents'
-        gains, ops.reference.latent_gains): the measured secant ``dev``, and
+        gains, ops.reference.latent_gains; ``scale``: the rows' model-input scales, None: 1): the measured secant ``dev``, and
         on rows not measured yet (rows entering the window) the step's own coefficients applied to
         the model's Jacobian measured on the others. A step without an x0 transform has ``J - L =
         a I + b E`` (``a = cx - L``, ``b = co``), so along a measured row's move ``dx`` (unit, ``E dx``
@@ -373,7 +382,7 @@ class StepSecants:
         and x0's bound 2.6x."""
         c = coef.to(torch.float64)
         dev = self._measured_dev()
-        lent = self._borrowed(self._lent(c[..., 1] - c[..., 0], c[..., 2]), self.gain, c[..., 0], h)
+        lent = self._borrowed(self._lent(c[..., 1] - c[..., 0], _in_latent(c[..., 2], scale)), self.gain, c[..., 0], h)
         return torch.where(torch.isfinite(dev), dev, torch.where(torch.isfinite(lent), lent, self.dev_loose))
 
     def _borrowed(self, lent: torch.Tensor, gain: torch.Tensor, mult: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -449,7 +458,8 @@ class StepSecants:
         self.dev.copy_(torch.where(ok, dev, self.dev))
         self.e.copy_(e)
 
-    def transformed_bounds(self, coef: torch.Tensor, kink: float, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def transformed_bounds(self, coef: torch.Tensor, kink: float, h: torch.Tensor,
+                           scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(gain, dev)`` ``[B, W]`` float64 for the x0 rule on a chain with an x0 transform ``f``
         (clip, threshold): bounds on ``||J||`` and ``||J - L||`` along the row's move from the
         model's own measured secant, not the step's (which can cross ``f``'s kink; the contract
@@ -465,11 +475,12 @@ class StepSecants:
         :attr:`lend`, the second by ``|c0| kink (|px| + |po| ||E||)``, ``kink`` a bound on
         ``||I - J_f||`` (:func:`transform_kink`). ``gain`` is the same
         with ``L = 0``. NaN before any measurement (the rule's latent-gain bound); ``h``: ``[B, W]``
-        the latents' gains, read on rows whose last move was long (:meth:`_borrowed`)."""
+        the latents' gains, read on rows whose last move was long (:meth:`_borrowed`); ``scale``: the
+        rows' model-input scales (None: 1)."""
         c = coef.to(torch.float64)
         L, cx, co, c0, px, po = (c[..., i] for i in range(6))
-        a, b = cx + c0 * px, co + c0 * po
-        corr = c0.abs() * kink * (px.abs() + po.abs() * self.model_gain.unsqueeze(1))
+        a, b = cx + c0 * px, _in_latent(co + c0 * po, scale)
+        corr = c0.abs() * kink * (px.abs() + _in_latent(po, scale).abs() * self.model_gain.unsqueeze(1))
         dev = self._measured_dev()
         gain = torch.where(torch.isfinite(self.gain), self.gain, self._lent(a, b) + corr)
         return gain, torch.where(torch.isfinite(dev), dev, self._borrowed(self._lent(a - L, b) + corr, gain, L, h))
@@ -486,6 +497,12 @@ class StepSecants:
         slide.apply(self.dev_prev, math.nan)
         slide.apply(self.dev_loose, math.nan)
         slide.apply(self.far, False)
+
+
+def _in_latent(b: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """A step's coefficient ``b`` on the latent's model Jacobian as one on the model's own,
+    ``b E = (b scale) E_model`` (StepSecants.lend); ``scale`` None: 1."""
+    return b if scale is None else b * scale
 
 
 def secant_update(mult: torch.Tensor, dx: torch.Tensor, ds: torch.Tensor, valid: torch.Tensor) -> None:
@@ -632,6 +649,7 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     if st.secant is not None:
         coef = torch.cat([st.secant.unsqueeze(-1), coef[..., 1:]], dim=-1)
     t = p.timesteps[pos]
+    scale = None if p.input_scale is None else p.input_scale[pos]
     ms = None if p.ms_coef is None else p.ms_coef[pos]
     with annotate("model"):
         if static:
@@ -654,14 +672,15 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     n_ok = finite_rows(res, n, j)
     moves = None
     if st.secants is not None:  # this round's secants of the steps, before the x0 rule reads them
-        moves = st.secants.measure(st.xw, res.g, coef, live, e, res.f)
+        moves = st.secants.measure(st.xw, res.g, coef, live, e, res.f, scale)
     gain, dev = p.unmeasured, p.unmeasured
     if st.secants is not None and st.secants.e is not None:
         # a clip or threshold bends the step: a secant across its kink can miss J (test_contract found
         # a clipped DDPM chain 2.8x outside the bound), so these chains bound J from the model's secants
-        gain, dev = st.secants.transformed_bounds(coef, transform_kink(p.transform, dim), latent_gains(res.g_sq)[1])
+        gain, dev = st.secants.transformed_bounds(coef, transform_kink(p.transform, dim), latent_gains(res.g_sq)[1],
+                                                  scale)
     elif st.secants is not None and p.transform.kind == "none":
-        gain, dev = st.secants.gain, st.secants.rule_dev(coef, latent_gains(res.g_sq)[1])
+        gain, dev = st.secants.gain, st.secants.rule_dev(coef, latent_gains(res.g_sq)[1], scale)
     if st.secants is not None:
         gain, dev = st.secants.before_any_measurement(gain, dev, st.rounds == 0)
     with annotate("status"):

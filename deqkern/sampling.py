@@ -646,6 +646,8 @@ class ParallelSampler:
             ms_coef=schedule.packed_multistep(dev, dt),
             x0_extra=None if schedule.multistep is None else schedule.multistep.packed_x0(dev),
             coords=None if schedule.coords is None else schedule.coords.to(dev, dt),
+            input_scale=(None if schedule.step_inputs is None or schedule.step_inputs.scale is None
+                         else schedule.step_inputs.scale.to(dev, torch.float64)),
         )
         return Workspace(
             p, x_T, ev, c.solver, c.solver_options, execution=execution, rounds_per_graph=c.rounds_per_graph,

@@ -85,11 +85,11 @@ def test_secant_along_a_long_move_is_dropped(monkeypatch):
     seen = {"long": 0, "near": 0}
     measure = engine.StepSecants.measure
 
-    def checked(self, xw, g, coef, live, e=None, f=None):
+    def checked(self, xw, g, coef, live, e=None, f=None, scale=None):
         x = xw[:, : g.shape[1]]
         moved = (x - self.x).norm(dim=-1) / x.norm(dim=-1)
         had = self.valid & live
-        out = measure(self, xw, g, coef, live, e, f)
+        out = measure(self, xw, g, coef, live, e, f, scale)
         long, near = had & (moved > LINEAR_REACH), had & (moved <= LINEAR_REACH) & (moved > 0)
         # J - L dropped; the gain kept (the rule takes the larger of it and the latent's)
         assert bool(self.dev[long].isnan().all()) and bool(torch.isfinite(self.gain[long]).all())
@@ -132,6 +132,24 @@ def test_lend_keeps_the_extremes_over_the_solve():
     assert torch.allclose(sec.lend, torch.tensor([[0.5, 3.0, 9.0]], dtype=torch.float64), rtol=1e-9)
     measure(1.02, 2.02, 0.035, 0.04)  # nothing moved: the lend stays
     assert torch.allclose(sec.lend, torch.tensor([[0.5, 3.0, 9.0]], dtype=torch.float64), rtol=1e-9)
+
+
+def test_lend_is_kept_in_the_model_input_units():
+    """Where the model sees its latent scaled (Euler: ``x / sqrt(sigma^2 + 1)``), the latent's Jacobian
+    is ``scale E_model``: the lend keeps ``E_model`` and a row at another scale borrows it at its own.
+    Row 0 (scale 0.5) and row 1 (scale 0.25) both measure the latent slope 1, so model slopes 2 and
+    4; the lend is ``<u, Eu>`` in [2, 4] and ``||Eu||^2`` 16, and a row of scale 0.1 borrows
+    ``|co| 0.1 4`` (float64, 1e-9)."""
+    sec, coef, _ = _two_scalar_rows(torch.float64)
+    live = torch.ones(1, 2, dtype=torch.bool)
+    scale = torch.tensor([[0.5, 0.25]], dtype=torch.float64)
+    for x0, x1 in ((1.0, 2.0), (1.01, 2.02)):  # the step e has latent slope 1 on both rows
+        xw = torch.tensor([[[x0], [x1], [0.0]]], dtype=torch.float64)
+        sec.measure(xw, torch.tensor([[[x0], [x1]]], dtype=torch.float64), coef, live, scale=scale)
+    assert torch.allclose(sec.lend, torch.tensor([[2.0, 4.0, 16.0]], dtype=torch.float64), rtol=1e-9)
+    sec.forget(torch.tensor([[False, True]]))  # row 1 borrows
+    rule = sec.rule_dev(coef, torch.ones(1, 2, dtype=torch.float64), torch.tensor([[0.5, 0.1]], dtype=torch.float64))
+    assert float(rule[0, 1]) == pytest.approx(0.4, rel=1e-9)
 
 
 def test_loose_secant_is_the_last_resort_before_the_latent_gain():

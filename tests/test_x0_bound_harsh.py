@@ -216,6 +216,29 @@ def test_first_round_freezes_one_row():
             assert float(bound_ratio(res.x0, ref, x, tol).max()) <= 1.0, (solver, window)
 
 
+def test_lend_carries_across_the_latent_scale():
+    """diffusers' EulerDiscreteScheduler (linear betas, v_prediction, Karras sigmas, trailing
+    spacing, S = 12: the latents shrink from 157x their VP scale to 1x), a linear model ``-2.03 x``,
+    window 2, tol 1e-2: every sample converged and within its bound, Picard and Anderson, float32
+    and float64. Rows entering the window borrow the model's Jacobian measured on earlier rows; in
+    the latent's units it is 50x smaller there (the model sees ``x / sqrt(sigma^2 + 1)``), and before
+    the lend kept it in the model's input units x0 ended 1.11x outside (float32, the fuzz of
+    diffusers' Euler configs)."""
+    from diffusers import EulerDiscreteScheduler
+
+    sched = deqkern.Schedule.from_diffusers(EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", prediction_type="v_prediction", use_karras_sigmas=True,
+        timestep_spacing="trailing", final_sigmas_type="sigma_min"), 12)
+    model = lambda v, t: -2.028 * v  # noqa: E731
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(2, 6, generator=torch.Generator().manual_seed(3), dtype=dtype) * 157.4
+        ref = deqkern.sample_sequential(model, x, sched).x0
+        for solver in ("picard", "anderson"):
+            res = deqkern.sample(model, x, sched, solver, tol=1e-2, window=2)
+            assert res.all_converged, (dtype, solver)
+            assert float(bound_ratio(res.x0, ref, x, 1e-2).max()) <= 1.0, (dtype, solver)
+
+
 def diffusers_dpm_case(seed: int) -> dict | None:
     """A random config of diffusers' own ``DPMSolverMultistepScheduler`` (betas, Karras sigmas,
     spacing, algorithm, solver type, final sigmas, prediction type; 5-50 steps), an elementwise
