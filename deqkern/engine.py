@@ -364,6 +364,18 @@ class StepSecants:
         units (NaN: none yet; :attr:`lend`)."""
         return self.lend[:, 2].sqrt()
 
+    def rule_gain(self, coef: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, W]`` float64 the ``||J||`` the x0 rule uses on an affine chain: the measured gain
+        (NaN: none), and on rows whose last move went past LINEAR_REACH (:attr:`far`) at least the
+        gain lent from the model's Jacobian measured near (:attr:`lend`, ``J = cx I + co E``). A
+        long move's secant averages the slope over the move: a sample-prediction Euler chain of a
+        ``sin`` model read 0.028 for a last-but-one step whose gain along the error was about 0.7,
+        and its latent shrinks 40x there, so x0 ended 1.6x outside its bound (the fuzz of diffusers'
+        Euler configs; test_far_row_gain_takes_the_lend). ``scale``: the rows' model-input scales."""
+        c = coef.to(torch.float64)
+        lent = self._lent(c[..., 1], _in_latent(c[..., 2], scale))
+        return torch.where(self.far, torch.fmax(self.gain, lent), self.gain)
+
     def rule_dev(self, coef: torch.Tensor, h: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, W]`` float64 the ``||J - L||`` the x0 rule uses (``h``: ``[B, W]`` the latents'
         gains, ops.reference.latent_gains; ``scale``: the rows' model-input scales, None: 1): the measured secant ``dev``, and
@@ -674,13 +686,24 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     if st.secants is not None:  # this round's secants of the steps, before the x0 rule reads them
         moves = st.secants.measure(st.xw, res.g, coef, live, e, res.f, scale)
     gain, dev = p.unmeasured, p.unmeasured
+    latent_sq = res.g_sq
+    if p.stop == "x0":
+        # the latent the x0 rule telescopes to (its last live row): the smaller of G and the step's
+        # own output s (measure recovered it). G = s + L F carries the residual from upstream, which
+        # on a row far from converged can dwarf the latent: a drift-form last step mapping 1e13 to
+        # 1.7 read 5.5e11 for x0's norm, and an error the step magnified ended x0 81x outside its
+        # bound (tests/test_x0_bound_harsh.py: test_latent_estimate_leaves_out_the_upstream_residual).
+        # Only there: on every row it cost clipped DDIM S = 100 five rounds (16 -> 21)
+        last = j == (n - 1).unsqueeze(1)
+        s_sq = st.secants.s.to(res.g_sq.dtype).square().sum(-1)
+        latent_sq = torch.where(last, torch.minimum(res.g_sq, s_sq), res.g_sq)
     if st.secants is not None and st.secants.e is not None:
         # a clip or threshold bends the step: a secant across its kink can miss J (test_contract found
         # a clipped DDPM chain 2.8x outside the bound), so these chains bound J from the model's secants
-        gain, dev = st.secants.transformed_bounds(coef, transform_kink(p.transform, dim), latent_gains(res.g_sq)[1],
+        gain, dev = st.secants.transformed_bounds(coef, transform_kink(p.transform, dim), latent_gains(latent_sq)[1],
                                                   scale)
     elif st.secants is not None and p.transform.kind == "none":
-        gain, dev = st.secants.gain, st.secants.rule_dev(coef, latent_gains(res.g_sq)[1], scale)
+        gain, dev = st.secants.rule_gain(coef, scale), st.secants.rule_dev(coef, latent_gains(latent_sq)[1], scale)
     if st.secants is not None:
         gain, dev = st.secants.before_any_measurement(gain, dev, st.rounds == 0)
     with annotate("status"):
@@ -689,7 +712,7 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
         if p.x0_extra is not None and st.secants is not None:
             # a secant measures the step through its own row only: keep what a second-order step adds
             dev = dev + (mult.to(torch.float64).abs() - coef[..., 0].to(torch.float64).abs()) / SECANT_SAFETY
-        delta = round_status(res.f_sq, res.g_sq, res.nonfinite, t, n_ok, st.k0, st.rounds, p.noise_var, st.worst,
+        delta = round_status(res.f_sq, latent_sq, res.nonfinite, t, n_ok, st.k0, st.rounds, p.noise_var, st.worst,
                              st.res_log, st.done_round, st.bad_t, mult, st.spent, gain, dev, stop=p.stop,
                              tol=p.tol, dim=dim)
     picard = getattr(solver, "picard", False)

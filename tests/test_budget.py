@@ -190,6 +190,22 @@ def test_far_row_takes_the_latent_gain_bound_as_a_measured_secant():
         assert float(rule[0, 1]) == pytest.approx(want, rel=1e-9)
 
 
+def test_far_row_gain_is_at_least_the_lent_gain():
+    """A row whose last move went past LINEAR_REACH keeps its long secant's gain, but the rule
+    reads at least the gain lent from the rows measured near (``J = cx + co E`` with the model's
+    measured Jacobian; here ``cx = 0``, ``co = 1``): row 0 moves 0.01 with slope 3, row 1 moves a
+    third of its latent with slope 0.4, so row 1's gain reads 3 (float64, 1e-9); a near row keeps
+    its own."""
+    sec, coef, measure = _two_scalar_rows(torch.float64)
+    measure(1.0, 2.0, 0.5, 0.5)
+    measure(1.01, 3.0, 0.53, 0.9)
+    assert bool(sec.far[0, 1]) and not bool(sec.far[0, 0])
+    gain = sec.rule_gain(coef)
+    assert float(sec.gain[0, 1]) == pytest.approx(0.4, rel=1e-9)
+    assert float(gain[0, 1]) == pytest.approx(3.0, rel=1e-9)
+    assert float(gain[0, 0]) == pytest.approx(3.0, rel=1e-9)
+
+
 def test_solve_measures_the_steps_j_minus_l(monkeypatch):
     """A linear model ``e = c x`` makes every step linear, ``J_k = cx_k + co_k c``: after three
     rounds, each row that kept its position holds ``gain = |J_k|`` and ``dev = |J_k - 1|`` (drift

@@ -195,7 +195,8 @@ def round_status(
     """A round's stopping test and bookkeeping; returns ``delta`` ``[B]``, the rows each sample
     freezes (math: :func:`deqkern.kernels.round_status._round_status_kernel`).
 
-    ``f_sq``, ``g_sq``: ``[B, W]`` ``||G(x) - x||^2``, ``||G(x)||^2`` per window row;
+    ``f_sq``, ``g_sq``: ``[B, W]`` ``||G(x) - x||^2``, ``||G(x)||^2`` per window row (under the x0
+    rule the engine passes for ``g_sq`` the rows' latent estimates, :func:`deqkern.engine.run_round`);
     ``nonfinite``: ``[B, W]`` non-finite model outputs per row (:class:`ScanResult`); ``t``:
     ``[B, W]`` int64 the rows' timesteps; ``n_rows``: ``[B]`` live rows (0: inactive); ``k0``:
     ``[B]`` frozen prefix; ``rounds``: ``()`` rounds so far; ``noise_var``: ``[S]`` (the noise
