@@ -520,7 +520,7 @@ def _in_latent(b: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
 def secant_update(mult: torch.Tensor, dx: torch.Tensor, ds: torch.Tensor, valid: torch.Tensor) -> None:
     """The secant form: each row's next multiplier, a scalar secant estimate of its step's Jacobian.
 
-    The scan of a round, ``g_j = L_j g_{j-1} + (s_j - L_j x_j)`` (``g_{-1}`` = the anchor), has
+    The scan of a round, ``g_j = L_j (g_{j-1} - x_j) + s_j`` (``g_{-1}`` = the anchor), has
     the chain as its fixed point for ANY multipliers; they only decide the speed, and Newton's
     method is ``L_j = d step_j / d x_j``. The drift form takes ``L = 1``, the scan form the step's
     affine part. This form fits a scalar per (sample, row) to the step as the solve moves:

@@ -42,7 +42,7 @@ def _scan_residual_kernel(
     time and independent across elements)::
 
         s_j    = cx x_j + co e_j [+ c0 clamp(px x_j + po e_j, -clip, clip)] [+ c1 u_{j-1}] [+ sigma z_j]
-        g_j    = L_j g_{j-1} + (s_j - L_j x_j),     g_{-1} = x_0 (the anchor, row 0 of xw)
+        g_j    = L_j (g_{j-1} - x_j) + s_j,         g_{-1} = x_0 (the anchor, row 0 of xw)
         f_j    = g_j - x_{j+1}
 
     and, for a multistep chain (``MULTISTEP``, docs/math.md §1.1), the converted output carried
@@ -125,7 +125,8 @@ def _scan_residual_kernel(
         if HAS_Z:
             sigma = tl.load(c_row + 6 * stride_coef_c).to(ACC)
             s = s + sigma * tl.load(z_row + offs * stride_z_d, mask=lmask, other=0.0).to(ACC)
-        g = L * g + (s - L * x)
+        # the difference first: s keeps its precision where the latents dwarf it (ops.window.residual_scan)
+        g = L * (g - x) + s
         # Dead rows keep the iterate: g = x_{j+1} exactly, so f is exactly 0 (as the reference).
         g_out = tl.where(live, g, x_next)
         f = g_out - x_next

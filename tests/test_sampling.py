@@ -163,9 +163,11 @@ def test_max_iters_reports_not_converged(gmm64, ddim):
 
 
 def test_independent_convergence_per_sample(gmm64, ddim):
-    """An easy sample (warm-started at its answer) freezes early, in its second round (the x0
-    rule freezes one row in a solve's first round before anything is measured:
-    StepSecants.before_any_measurement); a hard one keeps going."""
+    """An easy sample (warm-started at its answer) freezes early: in its first round where its
+    residuals are exactly 0 (the scan takes differences first, ops.window.residual_scan, and this
+    model rounds alike in both samplers), else in its second (the x0 rule freezes one row in a
+    solve's first round before anything is measured: StepSecants.before_any_measurement); a hard
+    one keeps going."""
     sched = _sched(ddim)
     x, _ = _inputs(2, 0.0, seed=7)
     with torch.no_grad():
@@ -173,7 +175,7 @@ def test_independent_convergence_per_sample(gmm64, ddim):
         init = ref.trajectory[1:].clone()
         init[:, 1] = x[1]  # sample 1 gets no warm start
         res = deqkern.sample(gmm64, x, sched, "picard", tol=1e-8, init=init)
-    assert res.rounds_per_sample[0] == 2 < res.rounds_per_sample[1]
+    assert res.rounds_per_sample[0] <= 2 < res.rounds_per_sample[1]
     assert res.all_converged and rel_err(res.x0, ref.x0) < 1e-8
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deqkern.ops.window import converted_rows, linear_scan, one_hot, row_mask, step_rows
+from deqkern.ops.window import converted_rows, one_hot, residual_scan, row_mask, step_rows
 from deqkern.schedule import X0Transform
 
 
@@ -251,14 +251,14 @@ def scan_residual(
     output of row ``j-1``, and ``u_{-1} = u_prev``) and ``L_j = coef[..., 0]``::
 
         g_{-1} = x_{k0}   (anchor, row 0 of xw)
-        g_j    = L_j g_{j-1} + (s_j - L_j x_j)          j = 0 .. W-1
+        g_j    = L_j (g_{j-1} - x_j) + s_j              j = 0 .. W-1
         f_j    = g_j - xw_{j+1}
 
     Rows ``j >= n_rows[b]`` are dead (``g = xw_{j+1}``, ``f = 0``, their ``e`` ignored: it may
     be anything, non-finite included). ``L = A`` is the seed's scan form (the iterate enters only
     through ``e``); ``L = 1`` the drift form (ParaDiGMS). ``hist_f``: ``[m, B, W, D]`` residual history; ``gram[b, j, k] =
-    <f[b, j], hist_f[k, b, j]>``. ``drift``: whether every ``L`` is 1 (then the scan is a cumulative
-    sum); ``None`` inspects ``coef``, which syncs with the host — callers that know the form (the
+    <f[b, j], hist_f[k, b, j]>``. ``drift``: whether every ``L`` is 1 (then the scan skips the
+    product; :func:`deqkern.ops.window.residual_scan`); ``None`` inspects ``coef``, which syncs with the host — callers that know the form (the
     engine, inside CUDA-graph capture) pass it.
     """
     width = e.shape[1]
@@ -269,7 +269,7 @@ def scan_residual(
         before = torch.cat([u_prev.unsqueeze(1), u[:, :-1]], dim=1)
     s = step_rows(x_in, e, z, coef, transform, ms, before)
     L = coef[..., 0].to(xw.dtype)
-    g = linear_scan(xw[:, 0], L, s - L.unsqueeze(-1) * x_in, unit=drift)
+    g = residual_scan(xw[:, 0], L, x_in, s, unit=drift)
     live = row_mask(n_rows, width).unsqueeze(-1)
     g = torch.where(live, g, xw[:, 1:])
     f = g - xw[:, 1:]

@@ -93,6 +93,33 @@ def linear_scan(anchor: torch.Tensor, mult: torch.Tensor, inc: torch.Tensor, uni
     return g
 
 
+def residual_scan(anchor: torch.Tensor, mult: torch.Tensor, x: torch.Tensor, s: torch.Tensor,
+                  unit: bool | None = None) -> torch.Tensor:
+    """The scan of a round, ``g_j = L_j (g_{j-1} - x_j) + s_j`` for ``j = 0 .. W-1``, ``g_{-1} =
+    anchor``, in that order: the difference first, which is small on a row near convergence, so the
+    step's output ``s_j`` keeps its own precision where the latents dwarf it. Summing ``s_j - L_j
+    x_j`` first rounds ``s_j`` away: in float32 a step that shrinks its latent 1e8-fold lost its
+    output whole, even in a window of one row (tests/test_x0_bound_harsh.py:
+    test_float32_step_output_survives_large_latents).
+
+    ``anchor``: ``[B, D]``; ``mult``: ``[B, W]``; ``x``, ``s``: ``[B, W, D]``. ``unit``: every
+    ``mult`` is 1 (the drift form); ``None`` inspects ``mult``, which syncs with the host. With unit
+    multipliers ``g_j - s_j = g_{j-1} - x_j`` sums the differences ``s_{j-1} - x_j`` (``s_{-1}`` =
+    the anchor), each small near convergence: one cumulative sum instead of a loop over the rows.
+    """
+    if unit is None:
+        unit = bool((mult == 1).all())
+    if unit:
+        before = torch.cat([anchor.unsqueeze(1), s[:, :-1]], dim=1)
+        return torch.cumsum(before - x, dim=1) + s
+    g = torch.empty_like(s)
+    prev = anchor
+    for j in range(s.shape[1]):
+        prev = mult[:, j].unsqueeze(-1) * (prev - x[:, j]) + s[:, j]
+        g[:, j] = prev
+    return g
+
+
 def one_hot(index: torch.Tensor, m: int, dtype: torch.dtype) -> torch.Tensor:
     """``[..., m]`` rows with a 1 at ``index`` (plain Picard weights). Not ``F.one_hot``: off
     CUDA it checks the index range with a host sync, and this runs inside captured rounds."""
