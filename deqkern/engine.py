@@ -221,8 +221,9 @@ class StepSecants:
     #: too little for a measurement: docs/math.md §4.3)
     dev_loose: torch.Tensor
     #: [B, W] bool: the row's last move was past LINEAR_REACH; its ``J - L`` falls back to the
-    #: latent-gain bound with a margin (:meth:`_borrowed`), not the lend (a lend from the few rows measured near could cancel against the
-    #: row's own coefficients: the deep profile, a secant-form "sample" chain, 2.2x outside)
+    #: latent-gain bound with a margin (:meth:`_borrowed`), not the lend (a lend from the few rows
+    #: measured near could cancel against the row's own coefficients: the deep profile, a
+    #: secant-form "sample" chain, 2.2x outside)
     far: torch.Tensor
     #: [B, 3] float64 what rows not measured yet borrow (:meth:`rule_dev`), over every row measured
     #: so far in the solve (NaN: none yet): the least and largest ``<dx, E dx> / ||dx||^2`` and the
@@ -378,9 +379,9 @@ class StepSecants:
 
     def rule_dev(self, coef: torch.Tensor, h: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, W]`` float64 the ``||J - L||`` the x0 rule uses (``h``: ``[B, W]`` the latents'
-        gains, ops.reference.latent_gains; ``scale``: the rows' model-input scales, None: 1): the measured secant ``dev``, and
-        on rows not measured yet (rows entering the window) the step's own coefficients applied to
-        the model's Jacobian measured on the others. A step without an x0 transform has ``J - L =
+        gains, ops.reference.latent_gains; ``scale``: the rows' model-input scales, None: 1): the
+        measured secant ``dev``, and on rows not measured yet (rows entering the window) the step's
+        own coefficients applied to the model's Jacobian measured on the others. A step without an x0 transform has ``J - L =
         a I + b E`` (``a = cx - L``, ``b = co``), so along a measured row's move ``dx`` (unit, ``E dx``
         measured) ``||(J - L) dx||^2 = a^2 + 2ab <dx, E dx> + b^2 ||E dx||^2``; the rule takes the
         largest this can be over the measured rows' extremes (:attr:`lend`). The cross term keeps

@@ -40,7 +40,8 @@ class SampleResult:
     model_evals: int
     wall_time: float
     #: per round, per sample: ||F|| / ||G(X)|| over the sample's live rows (nan once frozen); under
-    #: ``stop="x0"`` each row's ||G|| is the smaller of it and its step's own output's (engine.run_round)
+    #: ``stop="x0"`` the last live row's ||G|| is the smaller of it and its step's own output's
+    #: (engine.run_round)
     residuals: list[list[float]] = field(default_factory=list)
     #: round at which each sample's last row froze (``rounds`` if it never did)
     rounds_per_sample: list[int] = field(default_factory=list)

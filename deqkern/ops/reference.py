@@ -257,9 +257,9 @@ def scan_residual(
     Rows ``j >= n_rows[b]`` are dead (``g = xw_{j+1}``, ``f = 0``, their ``e`` ignored: it may
     be anything, non-finite included). ``L = A`` is the seed's scan form (the iterate enters only
     through ``e``); ``L = 1`` the drift form (ParaDiGMS). ``hist_f``: ``[m, B, W, D]`` residual history; ``gram[b, j, k] =
-    <f[b, j], hist_f[k, b, j]>``. ``drift``: whether every ``L`` is 1 (then the scan skips the
-    product; :func:`deqkern.ops.window.residual_scan`); ``None`` inspects ``coef``, which syncs with the host — callers that know the form (the
-    engine, inside CUDA-graph capture) pass it.
+    <f[b, j], hist_f[k, b, j]>``. ``drift``: whether every ``L`` is 1 (then the scan is one
+    cumulative sum: :func:`deqkern.ops.window.residual_scan`); ``None`` inspects ``coef``, which
+    syncs with the host — callers that know the form (the engine, inside CUDA-graph capture) pass it.
     """
     width = e.shape[1]
     x_in = xw[:, :width]
