@@ -27,6 +27,9 @@ from test_x0_bound import bound_ratio
 
 import deqkern
 
+#: the saved cases of this fuzz
+DATA = Path(__file__).parent / "data"
+
 
 def harsh_sigmas(g: torch.Generator, steps: int) -> torch.Tensor:
     """``[S+1]`` float64 sigmas: ``sigma_0`` in [0.3, 150], step sizes ``h_k`` log-uniform over
@@ -179,23 +182,37 @@ def test_dpm_chains_within_bound(block):
     _check(range(PER_BLOCK * block, PER_BLOCK * (block + 1)), "dpm")
 
 
+def _solves_within_bound(model, x: torch.Tensor, sched: deqkern.Schedule, tol: float,
+                         solvers: tuple[str, ...] = ("picard", "anderson"), **options) -> torch.Tensor:
+    """Each of ``solvers`` on ``x`` (with ``options`` of :func:`deqkern.sample`): every sample
+    converged, x0 within the bound of the sequential sampler's; returns the sequential x0."""
+    ref = deqkern.sample_sequential(model, x, sched).x0
+    for solver in solvers:
+        res = deqkern.sample(model, x, sched, solver, tol=tol, **options)
+        assert res.all_converged, (solver, options)
+        assert float(bound_ratio(res.x0, ref, x, tol).max()) <= 1.0, (solver, options)
+    return ref
+
+
+def _diffusers_data_case(name: str, scheduler_cls) -> tuple[dict, deqkern.Schedule]:
+    """A saved fuzz case (``tests/data/name``: a diffusers ``config``, ``steps`` and the run's
+    inputs) and its chain from ``scheduler_cls``."""
+    case = torch.load(DATA / name, weights_only=False)
+    return case, deqkern.Schedule.from_diffusers(scheduler_cls(**case["config"]), case["steps"])
+
+
 def test_minimal_dpm_break():
     """The smallest break found on the rule that dropped the second-order terms where it had a
     secant (now within the bound): DPM-Solver++ 2M (midpoint, v_prediction), S = 4, sigmas 3.13, 0.329,
     0.282, 0.058, 0 (h = 2.25, 0.154, 1.58: the third step, second order, has ``1/r0 = h / h0`` = 10.3),
     a linear model ``-0.00174 x``, float64, one sample of D = 4, full window. Picard and Anderson both
     stopped after 2 rounds with ``converged=True``, measured 9.55x the bound at ``tol`` 1e-3."""
-    case = torch.load(Path(__file__).parent / "data" / "x0_rule_harsh_dpm_case.pt", weights_only=False)
+    case = torch.load(DATA / "x0_rule_harsh_dpm_case.pt", weights_only=False)
     sched = deqkern.Schedule.dpm_solver(
         case["sigmas"], case["timesteps"], algorithm_type=case["algorithm_type"], solver_order=case["solver_order"],
         solver_type=case["solver_type"], prediction_type=case["prediction_type"])
-    gain, x, tol = case["gain"], case["x"], case["tol"]
-    model = lambda v, t: gain * v  # noqa: E731
-    ref = deqkern.sample_sequential(model, x, sched).x0
-    for solver in ("picard", "anderson"):
-        res = deqkern.sample(model, x, sched, solver, tol=tol)
-        assert res.all_converged, solver
-        assert float(bound_ratio(res.x0, ref, x, tol).max()) <= 1.0, solver
+    gain = case["gain"]
+    _solves_within_bound(lambda v, t: gain * v, case["x"], sched, case["tol"])
 
 
 def test_first_round_freezes_one_row():
@@ -206,14 +223,9 @@ def test_first_round_freezes_one_row():
     with the latents' gains alone the first round froze row 1's residual; the latent shrinks 40x at
     step 2 while that error does not, and x0 ended 4.7x outside its bound, with every solver and form
     and with window 2 (6.5x)."""
-    case = torch.load(Path(__file__).parent / "data" / "x0_rule_first_round_case.pt", weights_only=False)
-    sched, x, tol = case["schedule"], case["x"], case["tol"]
-    ref = deqkern.sample_sequential(time_sine, x, sched).x0
-    for solver in ("picard", "anderson"):
-        for window in (None, 2):
-            res = deqkern.sample(time_sine, x, sched, solver, tol=tol, window=window)
-            assert res.all_converged, (solver, window)
-            assert float(bound_ratio(res.x0, ref, x, tol).max()) <= 1.0, (solver, window)
+    case = torch.load(DATA / "x0_rule_first_round_case.pt", weights_only=False)
+    for window in (None, 2):
+        _solves_within_bound(time_sine, case["x"], case["schedule"], case["tol"], window=window)
 
 
 def test_lend_carries_across_the_latent_scale():
@@ -229,14 +241,9 @@ def test_lend_carries_across_the_latent_scale():
     sched = deqkern.Schedule.from_diffusers(EulerDiscreteScheduler(
         num_train_timesteps=1000, beta_schedule="linear", prediction_type="v_prediction", use_karras_sigmas=True,
         timestep_spacing="trailing", final_sigmas_type="sigma_min"), 12)
-    model = lambda v, t: -2.028 * v  # noqa: E731
     for dtype in (torch.float32, torch.float64):
         x = torch.randn(2, 6, generator=torch.Generator().manual_seed(3), dtype=dtype) * 157.4
-        ref = deqkern.sample_sequential(model, x, sched).x0
-        for solver in ("picard", "anderson"):
-            res = deqkern.sample(model, x, sched, solver, tol=1e-2, window=2)
-            assert res.all_converged, (dtype, solver)
-            assert float(bound_ratio(res.x0, ref, x, 1e-2).max()) <= 1.0, (dtype, solver)
+        _solves_within_bound(lambda v, t: -2.028 * v, x, sched, 1e-2, window=2)
 
 
 def test_latent_estimate_leaves_out_the_upstream_residual():
@@ -250,15 +257,9 @@ def test_latent_estimate_leaves_out_the_upstream_residual():
     every sample converged within the bound, with Anderson and Picard."""
     from diffusers import DDIMScheduler
 
-    case = torch.load(Path(__file__).parent / "data" / "x0_rule_collapsing_x0_case.pt", weights_only=False)
-    sched = deqkern.Schedule.from_diffusers(DDIMScheduler(**case["config"]), case["steps"])
-    gain, x, tol = case["gain"], case["x"], case["tol"]
-    model = lambda v, t: gain * v  # noqa: E731
-    ref = deqkern.sample_sequential(model, x, sched).x0
-    for solver in ("anderson", "picard"):
-        res = deqkern.sample(model, x, sched, solver, tol=tol)
-        assert res.all_converged, solver
-        assert float(bound_ratio(res.x0, ref, x, tol).max()) <= 1.0, solver
+    case, sched = _diffusers_data_case("x0_rule_collapsing_x0_case.pt", DDIMScheduler)
+    gain = case["gain"]
+    _solves_within_bound(lambda v, t: gain * v, case["x"], sched, case["tol"])
 
 
 def test_far_row_gain_takes_the_lend():
@@ -270,14 +271,8 @@ def test_far_row_gain_takes_the_lend():
     (StepSecants.rule_gain): every sample converged within the bound, Anderson and Picard."""
     from diffusers import EulerDiscreteScheduler
 
-    case = torch.load(Path(__file__).parent / "data" / "x0_rule_far_gain_case.pt", weights_only=False)
-    sched = deqkern.Schedule.from_diffusers(EulerDiscreteScheduler(**case["config"]), case["steps"])
-    x, tol = case["x"], case["tol"]
-    ref = deqkern.sample_sequential(time_sine, x, sched).x0
-    for solver in ("anderson", "picard"):
-        res = deqkern.sample(time_sine, x, sched, solver, tol=tol)
-        assert res.all_converged, solver
-        assert float(bound_ratio(res.x0, ref, x, tol).max()) <= 1.0, solver
+    case, sched = _diffusers_data_case("x0_rule_far_gain_case.pt", EulerDiscreteScheduler)
+    _solves_within_bound(time_sine, case["x"], sched, case["tol"])
 
 
 def diffusers_dpm_case(seed: int) -> dict | None:
@@ -369,14 +364,9 @@ def test_known_gap_flow_secant_direction():
     but cost 1-5 rounds on the digits chains (one variant: DDIM S = 1000 full window 19 -> 167)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    case = torch.load(Path(__file__).parent / "data" / "x0_rule_flow_direction_case.pt", weights_only=False)
-    sched = deqkern.Schedule.from_diffusers(FlowMatchEulerDiscreteScheduler(**case["config"]), case["steps"])
-    k, x, tol = case["slope"], case["x"], case["tol"]
-    model = lambda v, t: torch.tanh(k * v)  # noqa: E731
-    ref = deqkern.sample_sequential(model, x, sched).x0
-    res = deqkern.sample(model, x, sched, "picard", tol=tol)
-    assert res.all_converged
-    assert float(bound_ratio(res.x0, ref, x, tol).max()) <= 1.0
+    case, sched = _diffusers_data_case("x0_rule_flow_direction_case.pt", FlowMatchEulerDiscreteScheduler)
+    k = case["slope"]
+    _solves_within_bound(lambda v, t: torch.tanh(k * v), case["x"], sched, case["tol"], solvers=("picard",))
 
 
 def test_float32_step_output_survives_large_latents():
@@ -390,15 +380,10 @@ def test_float32_step_output_survives_large_latents():
     x0 to float32 rounding (1e-6 relative)."""
     from diffusers import DDIMScheduler
 
-    case = torch.load(Path(__file__).parent / "data" / "x0_rule_float32_large_latents_case.pt", weights_only=False)
-    sched = deqkern.Schedule.from_diffusers(DDIMScheduler(**case["config"]), case["steps"])
+    case, sched = _diffusers_data_case("x0_rule_float32_large_latents_case.pt", DDIMScheduler)
     gain, x, tol = case["gain"], case["x"], case["tol"]
     model = lambda v, t: gain * v  # noqa: E731
-    ref = deqkern.sample_sequential(model, x, sched).x0
-    for solver in ("picard", "anderson"):
-        res = deqkern.sample(model, x, sched, solver, tol=tol, window=case["window"])
-        assert res.all_converged, solver
-        assert float(bound_ratio(res.x0, ref, x, tol).max()) <= 1.0, solver
+    ref = _solves_within_bound(model, x, sched, tol, window=case["window"])
     one = deqkern.sample(model, x, sched, tol=tol, window=1).x0
     assert float(((one - ref).norm(dim=1) / ref.norm(dim=1)).max()) <= 1e-6
 
@@ -413,11 +398,7 @@ def test_known_gap_dpm_noise_algorithm_in_a_window():
     second-order steps amplify the error (``x0_multipliers`` 17-670 there). 5 of 3500 random
     DPM-Solver configs failed, all the noise algorithm (deprecated in diffusers) with sample
     prediction, 3 of them windowed and 2 with the full window (3.7x, 1.8x); dpmsolver++ held."""
-    case = torch.load(Path(__file__).parent / "data" / "x0_rule_dpm_window_case.pt", weights_only=False)
-    sched, x, tol = case["schedule"], case["x"], case["tol"]
+    case = torch.load(DATA / "x0_rule_dpm_window_case.pt", weights_only=False)
     a = math.atanh(0.019132882858697013)
-    model = lambda v, t: torch.tanh(a * v)  # noqa: E731
-    ref = deqkern.sample_sequential(model, x, sched).x0
-    res = deqkern.sample(model, x, sched, "picard", tol=tol, window=5)
-    assert res.all_converged
-    assert float(bound_ratio(res.x0, ref, x, tol).max()) <= 1.0
+    _solves_within_bound(lambda v, t: torch.tanh(a * v), case["x"], case["schedule"], case["tol"],
+                         solvers=("picard",), window=5)
