@@ -81,6 +81,8 @@ class Problem:
     ms_coef: torch.Tensor | None = None
     #: [S, 3] float64 a multistep chain's terms of the x0 rule (Multistep.packed_x0), None otherwise
     x0_extra: torch.Tensor | None = None
+    #: [S, 5] float64 a multistep chain's steps for a scalar model (Schedule.multistep_linear), None otherwise
+    ms_linear: torch.Tensor | None = None
     #: [S+1] the latents' scale against VP coordinates (Schedule.coords), None: VP already. The
     #: drift form's L is then not 1 (the scan is no plain cumulative sum), the first guess of row k
     #: is x_T's VP latent in row k's coordinates, ``x_T coords[k] / coords[0]``, and rows entering
@@ -170,7 +172,7 @@ class SolveState:
         secant = torch.ones(b, p.width, device=dev, dtype=p.coef.dtype) if p.secant else None
         secants = (StepSecants.start(b, p.width, d, dev, x_T.dtype, secant_form=p.secant,
                                      transform=p.transform if p.stop == "x0" and p.transform.kind != "none"
-                                     else None)
+                                     else None, multistep=p.ms_linear is not None and p.stop == "x0")
                    if p.secant or p.stop == "x0" else None)
         prev_u = None if p.ms_coef is None else torch.zeros(b, d, device=dev, dtype=x_T.dtype)
         return cls(
@@ -230,19 +232,25 @@ class StepSecants:
     #: largest ``||E dx||^2 / ||dx||^2`` (E: the model's Jacobian in its own input's units, the
     #: latent's Jacobian over the step's input scale: Problem.input_scale)
     lend: torch.Tensor
+    #: [B, W] float64 the row's latest ``<dx, E dx> / ||dx||^2`` (model-input units; NaN: none), the
+    #: model's slope where the row is, which the past-window gain of a multistep chain reads
+    #: (:func:`multistep_dev`)
+    slope: torch.Tensor
     #: the secant form: ``L`` is fitted to the previous secant, so the latest ``dev`` (the newest
     #: secant against it) can vanish by coincidence; :meth:`rule_dev` takes the larger of the last two
     secant_form: bool = False
-    #: chains with an x0 transform (clip, threshold) under the x0 rule: the transform, and [B, W, D]
-    #: last round's model outputs, whose secants measure the model's Jacobian ``E`` directly (a step
-    #: secant can cross the transform's kink; :meth:`measure`, :meth:`transformed_bounds`); None on
-    #: affine chains
+    #: chains with an x0 transform (clip, threshold) under the x0 rule: the transform (a step
+    #: secant can cross its kink; :meth:`measure`, :meth:`transformed_bounds`); None on affine chains
     transform: X0Transform | None = None
+    #: [B, W, D] last round's model outputs, whose secants measure the model's Jacobian ``E``
+    #: directly, on chains with an x0 transform and multistep chains (whose step also reads the
+    #: previous row's converted output, so ``(ds - cx dx) / co`` carries that row's move: a
+    #: DPM-Solver chain of ``tanh(0.019 x)`` lent slopes of -8.9 and 389); None otherwise
     e: torch.Tensor | None = None
 
     @classmethod
     def start(cls, batch: int, width: int, dim: int, device, dtype, secant_form: bool = False,
-              transform: X0Transform | None = None) -> "StepSecants":
+              transform: X0Transform | None = None, multistep: bool = False) -> "StepSecants":
         nan = torch.full((batch, width), math.nan, device=device, dtype=torch.float64)
         return cls(
             x=torch.zeros(batch, width, dim, device=device, dtype=dtype),
@@ -250,9 +258,10 @@ class StepSecants:
             valid=torch.zeros(batch, width, device=device, dtype=torch.bool), gain=nan, dev=nan.clone(),
             dev_prev=nan.clone(), dev_loose=nan.clone(), far=torch.zeros(batch, width, device=device, dtype=torch.bool),
             secant_form=secant_form,
-            lend=torch.full((batch, 3), math.nan, device=device, dtype=torch.float64),
-            transform=transform, e=None if transform is None else torch.zeros(batch, width, dim, device=device,
-                                                                               dtype=dtype),
+            lend=torch.full((batch, 3), math.nan, device=device, dtype=torch.float64), slope=nan.clone(),
+            transform=transform,
+            e=None if transform is None and not multistep else torch.zeros(batch, width, dim, device=device,
+                                                                            dtype=dtype),
         )
 
     def measure(
@@ -301,7 +310,7 @@ class StepSecants:
         fresh = measured & near
         self.forget(valid & ~near)
         self.far.copy_(torch.where(valid, ~near, self.far))
-        self.gain.copy_(torch.where(measured if self.e is None else fresh, gain, self.gain))
+        self.gain.copy_(torch.where(measured if self.transform is None else fresh, gain, self.gain))
         self.dev_prev.copy_(torch.where(fresh, self.dev, self.dev_prev))
         self.dev.copy_(torch.where(fresh, dev, self.dev))
         self.dev_loose.copy_(torch.where(valid & near & torch.isfinite(loose), loose, self.dev_loose))
@@ -312,13 +321,16 @@ class StepSecants:
             ok = fresh & (c[..., 2] != 0) & (den > 0)
         else:
             e_dx = (e - self.e).to(torch.float64)
-            ok = near & (den > 0)
+            ok = (near if self.transform is not None else fresh) & (den > 0)
         p = torch.where(ok, (dx64 * e_dx).sum(-1) / den, math.nan)
         q = torch.where(ok, e_dx.square().sum(-1) / den, math.nan)
-        if self.e is not None:
+        if self.transform is not None:
             self._measure_transformed(x, e, f, e_dx, dx64, den, q, c, ok)
+        elif self.e is not None:
+            self.e.copy_(e)
         if scale is not None:  # the lend in the model's input units: E = scale E_model
             p, q = p / scale, q / scale.square()
+        self.slope.copy_(torch.where(ok, p, self.slope))
         stats = torch.stack([
             torch.where(ok, p, math.inf).amin(dim=1), torch.where(ok, p, -math.inf).amax(dim=1),
             torch.where(ok, q, -math.inf).amax(dim=1),
@@ -510,6 +522,7 @@ class StepSecants:
         slide.apply(self.dev_prev, math.nan)
         slide.apply(self.dev_loose, math.nan)
         slide.apply(self.far, False)
+        slide.apply(self.slope, math.nan)
 
 
 def _in_latent(b: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
@@ -631,6 +644,41 @@ def x0_multipliers(
     return coef[..., 0].abs() + extra.to(coef.dtype)
 
 
+def multistep_excess(chain: torch.Tensor, lam: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """``[..., S+1]`` float64: how much more an error in latent ``x[m]`` moves x0, relative to
+    x0, than the latent at ``m`` moves it, for a model of scalar slope ``lam`` at each step
+    (``[..., S]``, in the model's input units; ``scale``: ``[S]`` the input scales, None: 1) on a multistep chain
+    (``chain``: Schedule.multistep_linear). The chain's state is ``(x[m], u_{m-1})`` and step ``m``
+    maps it by ``M_m = [[J_m, c1_m], [U_m, 0]]``; an error of ``x[m]`` alone enters as ``(1, 0)``
+    while the latent carries its converted output along, so with ``Q_m = M_{S-1} ... M_m`` and the
+    latents ``x_m = (M_{m-1} ... M_0)_{00}`` from ``(1, 0)``::
+
+        R_m = |(Q_m)_{00}| |x_m| / |x_S|        (1 for a one-step chain, where c1 = 0)
+
+    The second-order recurrence has a root near ``-c1``: DPM-Solver's noise algorithm with sample
+    prediction has ``|c1|`` up to 3.6, an error grows 20-30x where its latent shrinks 160x, and R
+    reaches 5000 (docs/math.md §4.3). Both products by doubling: ``log2 S`` batched 2x2 products,
+    fixed shapes. ``0/0`` (a step to sigma 0 wipes the state) reads 1; a latent that vanishes
+    alone, ``inf``."""
+    steps = chain.shape[0]
+    slope = lam * (1.0 if scale is None else scale.to(torch.float64))
+    j_, u_ = chain[:, 0] + chain[:, 1] * slope, chain[:, 3] + chain[:, 4] * slope
+    c1 = chain[:, 2].expand_as(j_)
+    m = torch.stack([torch.stack([j_, c1], -1), torch.stack([u_, torch.zeros_like(u_)], -1)], -2)
+    eye = torch.eye(2, dtype=torch.float64, device=chain.device).expand(*m.shape[:-3], 1, 2, 2)
+    suffix = torch.cat([m, eye], dim=-3)  # product over [k, k + 1), then doubled: over [k, S)
+    prefix = torch.cat([eye, m], dim=-3)  # product over [k - 1, k), then doubled: over [0, k)
+    d = 1
+    while d < steps + 1:
+        pad = eye.expand(*m.shape[:-3], d, 2, 2)
+        suffix = torch.cat([suffix[..., d:, :, :], pad], dim=-3) @ suffix
+        prefix = prefix @ torch.cat([pad, prefix[..., :-d, :, :]], dim=-3)
+        d *= 2
+    x = prefix[..., 0, 0].abs()
+    r = suffix[..., 0, 0].abs() * x / x[..., -1:]
+    return torch.where(torch.isnan(r), 1.0, r)
+
+
 def transform_kink(transform: X0Transform, dim: int) -> float:
     """A bound on ``||I - J_f||`` for the x0 transform ``f`` anywhere, for rows
     without a measured move (StepSecants.transformed_bounds): a clip is a 0/1 diagonal (1); the
@@ -698,7 +746,7 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
         last = j == (n - 1).unsqueeze(1)
         s_sq = st.secants.s.to(res.g_sq.dtype).square().sum(-1)
         latent_sq = torch.where(last, torch.minimum(res.g_sq, s_sq), res.g_sq)
-    if st.secants is not None and st.secants.e is not None:
+    if st.secants is not None and st.secants.transform is not None:
         # a clip or threshold bends the step: a secant across its kink can miss J (test_contract found
         # a clipped DDPM chain 2.8x outside the bound), so these chains bound J from the model's secants
         gain, dev = st.secants.transformed_bounds(coef, transform_kink(p.transform, dim), latent_gains(latent_sq)[1],
@@ -713,6 +761,7 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
         if p.x0_extra is not None and st.secants is not None:
             # a secant measures the step through its own row only: keep what a second-order step adds
             dev = dev + (mult.to(torch.float64).abs() - coef[..., 0].to(torch.float64).abs()) / SECANT_SAFETY
+            dev = multistep_dev(p, st, n, mult, gain, dev, latent_sq)
         delta = round_status(res.f_sq, latent_sq, res.nonfinite, t, n_ok, st.k0, st.rounds, p.noise_var, st.worst,
                              st.res_log, st.done_round, st.bad_t, mult, st.spent, gain, dev, stop=p.stop,
                              tol=p.tol, dim=dim)
@@ -751,6 +800,49 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
             slide.apply(st.secant, 1.0)
     st.k0.add_(delta)
     st.rounds.add_(active.any())
+
+
+#: The model slopes (its own input's units) the past-window gain assumes before one is measured.
+#: The model slopes (its own input's units) the multistep gain assumes before one is measured.
+UNMEASURED_SLOPES = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
+
+
+def multistep_dev(p: Problem, st: SolveState, n: torch.Tensor, mult: torch.Tensor, gain: torch.Tensor,
+                  dev: torch.Tensor, latent_sq: torch.Tensor) -> torch.Tensor:
+    """``dev`` ``[B, W]`` times what a multistep chain's second-order recurrence adds to each
+    frozen row's error on its way to x0 (:func:`multistep_excess`; a row without ``dev`` takes the
+    rule's latent-gain bound, ops.reference.x0_row_costs, as its own first). The x0 rule otherwise
+    lets an error follow its latent past the window and its own path through it: DPM-Solver's noise
+    algorithm with sample prediction, window 5, ended 78x outside its bound
+    (tests/test_x0_bound_harsh.py: test_dpm_noise_algorithm_in_a_window).
+
+    The scalar model takes each live row's position at the slope its row measured
+    (:attr:`StepSecants.slope`) and every other position (frozen, past the window, not measured)
+    at the lent least, middle and largest slope (:attr:`StepSecants.lend`), the largest of the
+    three; before any measurement at :data:`UNMEASURED_SLOPES`. Row ``j``'s error lands in ``x[k0
+    + j + 2]``, and it also passes the window's end ``x[k0 + n]``: the larger of the two."""
+    lo, hi = st.secants.lend[:, 0], st.secants.lend[:, 1]
+    lent = torch.stack([lo, (lo + hi) / 2, hi], dim=1)
+    # with no slope measured (or only loose secants: float32 moves near rounding), a range: a
+    # float32 window of 3 froze with none and x0 ended 42x outside
+    lent = torch.where(torch.isfinite(lent), lent, UNMEASURED_SLOPES.to(lent.device))
+    # one slope everywhere, the largest a UNet shows near x0 (22 on the digits model), made
+    # DPM-Solver++ S = 100's full window 41 rounds instead of 15: rows keep their own
+    steps, width = p.steps, dev.shape[1]
+    lam = lent.unsqueeze(2).repeat(1, 1, steps + 1)  # column S: where dead rows write
+    live = p.row_index < n.unsqueeze(1)
+    pos = torch.where(live, st.k0.unsqueeze(1) + p.row_index, steps).unsqueeze(1).expand(-1, 3, -1)
+    own = st.secants.slope.unsqueeze(1).expand_as(pos)
+    lam.scatter_(2, pos, torch.where(torch.isfinite(own), own, lam.gather(2, pos)))
+    r = multistep_excess(p.ms_linear, lam[..., :steps], p.input_scale)
+    lands = (st.k0.unsqueeze(1) + p.row_index + 2).clamp(max=steps)
+    at = torch.cat([lands, (st.k0 + n).clamp(max=steps).unsqueeze(1)], dim=1).unsqueeze(1).expand(-1, 3, -1)
+    r = r.gather(2, at).amax(dim=1)
+    excess = torch.maximum(r[:, :width], r[:, width:])
+    h = latent_gains(latent_sq)[1]
+    jg = torch.where(torch.isfinite(gain), torch.maximum(gain, h), h)
+    dev_or_bound = torch.where(torch.isfinite(dev), dev, (jg + mult.to(torch.float64).abs()) / SECANT_SAFETY)
+    return torch.where(excess > 1, dev_or_bound * excess, dev)
 
 
 def held_converted(xw: torch.Tensor, e: torch.Tensor, ms: torch.Tensor, n: torch.Tensor) -> torch.Tensor:

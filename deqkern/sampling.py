@@ -647,6 +647,7 @@ class ParallelSampler:
             held_coef=schedule.packed_held(dev, dt) if held else None,
             ms_coef=schedule.packed_multistep(dev, dt),
             x0_extra=None if schedule.multistep is None else schedule.multistep.packed_x0(dev),
+            ms_linear=schedule.multistep_linear(dev),
             coords=None if schedule.coords is None else schedule.coords.to(dev, dt),
             input_scale=(None if schedule.step_inputs is None or schedule.step_inputs.scale is None
                          else schedule.step_inputs.scale.to(dev, torch.float64)),

@@ -309,6 +309,19 @@ class Schedule:
         """``[S, 4]`` multistep coefficients (:data:`MULTISTEP_FIELDS`), None for a one-step chain."""
         return None if self.multistep is None else self.multistep.packed(device, dtype)
 
+    def multistep_linear(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """``[S, 5]`` float64 a multistep chain's steps for a model of scalar slope ``lam`` in the
+        latent's units (``out = lam x``; an x0 transform taken as the identity), packed ``(J0, Jl,
+        c1, U0, Ul)``: ``x[k+1] = (J0 + Jl lam) x[k] + c1 u_{k-1}``, ``u_k = (U0 + Ul lam) x[k]``
+        (docs/math.md §1.1); None for a one-step chain. The x0 rule's past-window gain reads it
+        (:func:`deqkern.engine.multistep_excess`)."""
+        m = self.multistep
+        if m is None:
+            return None
+        cols = [self.cx + self.c0 * self.px, self.co + self.c0 * self.po, m.c1, m.ux + m.uf * self.px,
+                m.uo + m.uf * self.po]
+        return torch.stack(cols, dim=1).to(device=device, dtype=torch.float64)
+
     def with_form(self, form: Form) -> "Schedule":
         """The same chain, solved in the other fixed-point form."""
         return replace(self, form=form)

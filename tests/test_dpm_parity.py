@@ -16,6 +16,8 @@ Tolerances, relative L2 error at x0:
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import rel_err, tiny_unet
@@ -480,3 +482,50 @@ def test_multistep_rounds_study_runs_quick(tmp_path):
     report = studies.main(["multistep-rounds", "--quick", "--out", str(tmp_path / "r.json")])
     assert {r["scheduler"] for r in report["rows"]} == {"ddim", "dpm++2m"}
     assert all(r["converged"] and r["worst_error_over_tol"] <= 1.0 for r in report["rows"])
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # diffusers deprecates the noise algorithm
+@pytest.mark.parametrize("alg,prediction", [("dpmsolver", "sample"), ("dpmsolver++", "epsilon"),
+                                            ("sde-dpmsolver", "v_prediction")])
+@pytest.mark.parametrize("slope", [0.019, -0.7])
+def test_multistep_excess_is_the_chains_gain(alg, prediction, slope):
+    """engine.multistep_excess (doubled 2x2 products) against the chain stepped one step at a time
+    in float64 for a model ``slope * x`` (diffusers' scheduler, S = 10; the loop is checked to be
+    deqkern's sequential sampler first, 1e-12 relative): perturb the latent before step m only
+    (the previous step's converted output kept), ``R_m = |dx0 / delta| |x_m| / |x0|``, relative
+    error 1e-9 (the chain is linear; the SDE variant with zero noise). The noise algorithm with sample
+    prediction reaches 5000 (tests/test_x0_bound_harsh.py: test_dpm_noise_algorithm_in_a_window)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from deqkern.engine import multistep_excess
+
+    cfg = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=prediction,
+               algorithm_type=alg, solver_order=2, use_karras_sigmas=True, final_sigmas_type="sigma_min")
+    steps = 10
+    sched = deqkern.Schedule.from_diffusers(DPMSolverMultistepScheduler(**cfg), steps)
+    want = multistep_excess(sched.multistep_linear(), torch.full((steps,), slope, dtype=torch.float64), None)
+    c, ms = sched, sched.multistep
+
+    def loop(m: int | None, delta: float) -> tuple[float, float]:
+        x, u_prev, x_m = 1.0, 0.0, math.nan
+        for k in range(steps):
+            if k == m:
+                x_m, x = x, x + delta
+            out = slope * x
+            x0_hat = float(c.px[k]) * x + float(c.po[k]) * out
+            u = float(ms.ux[k]) * x + float(ms.uo[k]) * out + float(ms.uf[k]) * x0_hat
+            x = float(c.cx[k]) * x + float(c.co[k]) * out + float(c.c0[k]) * x0_hat + float(ms.c1[k]) * u_prev
+            u_prev = u
+        return x, x_m
+
+    x0, _ = loop(None, 0.0)
+    one = torch.ones(1, 1, dtype=torch.float64)
+    noise = torch.zeros(steps, 1, 1, dtype=torch.float64) if sched.is_stochastic else None
+    seq = deqkern.sample_sequential(lambda v, t: slope * v, one, sched, noise)
+    assert abs(x0 - float(seq.x0)) <= 1e-12 * abs(x0)
+    for m in range(1, steps):
+        moved, x_m = loop(m, 1.0)  # the chain is linear: a unit perturbation keeps the difference exact
+        got = abs(moved - x0) * abs(x_m) / abs(x0)
+        assert abs(got - float(want[m])) <= 1e-9 * max(got, 1.0), (m, got, float(want[m]))
+    if (alg, prediction, slope) == ("dpmsolver", "sample", 0.019):
+        assert float(want.max()) > 1000
