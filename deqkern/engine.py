@@ -644,6 +644,13 @@ def x0_multipliers(
     return coef[..., 0].abs() + extra.to(coef.dtype)
 
 
+def _mul2(p: tuple[torch.Tensor, ...], q: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The product ``p q`` of 2x2 matrices given by their entries ``(a, b, c, d)``, elementwise."""
+    a, b, c, d = p
+    e, f, g, h = q
+    return a * e + b * g, a * f + b * h, c * e + d * g, c * f + d * h
+
+
 def multistep_excess(chain: torch.Tensor, lam: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """``[..., S+1]`` float64: how much more an error in latent ``x[m]`` moves x0, relative to
     x0, than the latent at ``m`` moves it, for a model of scalar slope ``lam`` at each step
@@ -663,19 +670,21 @@ def multistep_excess(chain: torch.Tensor, lam: torch.Tensor, scale: torch.Tensor
     steps = chain.shape[0]
     slope = lam * (1.0 if scale is None else scale.to(torch.float64))
     j_, u_ = chain[:, 0] + chain[:, 1] * slope, chain[:, 3] + chain[:, 4] * slope
-    c1 = chain[:, 2].expand_as(j_)
-    m = torch.stack([torch.stack([j_, c1], -1), torch.stack([u_, torch.zeros_like(u_)], -1)], -2)
-    eye = torch.eye(2, dtype=torch.float64, device=chain.device).expand(*m.shape[:-3], 1, 2, 2)
-    suffix = torch.cat([m, eye], dim=-3)  # product over [k, k + 1), then doubled: over [k, S)
-    prefix = torch.cat([eye, m], dim=-3)  # product over [k - 1, k), then doubled: over [0, k)
+    one, zero = torch.ones_like(j_[..., :1]), torch.zeros_like(j_[..., :1])
+    # 2x2 matrices as their entries (a, b; c, d), [..., S+1] each: elementwise products took 6.4 ms
+    # against a batched matmul's 16 (S = 1000, batch 8, one CPU thread)
+    m = (j_, chain[:, 2].expand_as(j_), u_, torch.zeros_like(u_))
+    eye = (one, zero, zero, one)
+    suffix = tuple(torch.cat([v, e], dim=-1) for v, e in zip(m, eye))  # over [k, k + 1), doubled: [k, S)
+    prefix = tuple(torch.cat([e, v], dim=-1) for v, e in zip(m, eye))  # over [k - 1, k), doubled: [0, k)
     d = 1
     while d < steps + 1:
-        pad = eye.expand(*m.shape[:-3], d, 2, 2)
-        suffix = torch.cat([suffix[..., d:, :, :], pad], dim=-3) @ suffix
-        prefix = prefix @ torch.cat([pad, prefix[..., :-d, :, :]], dim=-3)
+        later = tuple(torch.cat([v[..., d:], e.expand(*v.shape[:-1], d)], dim=-1) for v, e in zip(suffix, eye))
+        earlier = tuple(torch.cat([e.expand(*v.shape[:-1], d), v[..., :-d]], dim=-1) for v, e in zip(prefix, eye))
+        suffix, prefix = _mul2(later, suffix), _mul2(prefix, earlier)
         d *= 2
-    x = prefix[..., 0, 0].abs()
-    r = suffix[..., 0, 0].abs() * x / x[..., -1:]
+    x = prefix[0].abs()
+    r = suffix[0].abs() * x / x[..., -1:]
     return torch.where(torch.isnan(r), 1.0, r)
 
 

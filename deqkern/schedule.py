@@ -843,8 +843,10 @@ def _sigma_chain(sigmas: torch.Tensor, model_timesteps: torch.Tensor) -> tuple[t
     bad[1:-1] |= sig[1:-1] == sig[:-2]  # a repeated step sigma (the final one may repeat: a no-op step)
     if bool(bad.any()):
         k = int(torch.nonzero(bad)[0, 0])
-        raise ValueError(f"sigmas: step {k} has sigma {sig[k].item()!r} (sigmas {sig.tolist()}); expected finite "
-                         "values, positive and strictly descending over the steps, the final one in [0, the last]")
+        near = sig[max(k - 2, 0): k + 3].tolist()  # the neighbourhood, not a list of S + 1 values
+        raise ValueError(f"sigmas: step {k} has sigma {sig[k].item()!r} (steps {max(k - 2, 0)}.. of {s + 1}: {near}); "
+                         "expected finite values, positive and strictly descending over the steps, the final one in "
+                         "[0, the last]")
     return sig, ts
 
 

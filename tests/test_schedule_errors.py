@@ -69,3 +69,14 @@ def test_bools_floats_and_zero_are_not_step_counts(ddim, steps):
     """``True`` used to be taken as one step."""
     with pytest.raises(ValueError, match=r"^num_inference_steps: expected an integer >= 1"):
         Schedule.from_diffusers(ddim, steps)
+
+
+def test_bad_sigma_names_its_step_and_neighbours_only():
+    """A repeated sigma in a 1000-step chain: the error names the step and its neighbourhood, not
+    every sigma (a DPM-Solver config of 1000 steps once printed 1001 values)."""
+    sig = torch.cat([torch.linspace(10.0, 0.1, 1000, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    sig[501] = sig[500]
+    ts = torch.arange(999, -1, -1)
+    with pytest.raises(ValueError, match=r"sigmas: step 501 has sigma .* \(steps 499\.\. of 1001: \[") as err:
+        Schedule.dpm_solver(sig, ts)
+    assert len(str(err.value)) < 400
