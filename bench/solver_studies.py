@@ -8,6 +8,7 @@
     python bench/solver_studies.py tail-chunks     # fixed-shape rounds: model batches run past convergence, syncs
     python bench/solver_studies.py divergence      # the divergence guard's growth window: false alarms, rounds
     python bench/solver_studies.py multistep-rounds  # DPM-Solver++(2M) against DDIM: rounds to x0 within tol
+    python bench/solver_studies.py multistep-excess  # the second-order recurrence's excess: per config, cost
     python bench/solver_studies.py euler-coords    # Euler chains in VP against VE coordinates, against DDIM/DDPM
     python bench/solver_studies.py budget          # the x0 rule's measured secants: rounds vs ParaDiGMS, safety
     python bench/solver_studies.py lend            # what rows without a secant borrow: triangle vs measured lend
@@ -940,11 +941,87 @@ def clipped(quick: bool) -> dict[str, Any]:
             "command": "python bench/solver_studies.py clipped", "rows": rows}
 
 
+def multistep_excess(quick: bool) -> dict[str, Any]:
+    """What the x0 rule charges a multistep chain's second-order recurrence (docs/math.md §4.3,
+    ``engine.multistep_excess``). (1) The largest excess ``R_m`` over positions, per algorithm and
+    prediction type of diffusers' DPMSolverMultistepScheduler (order 2, Karras sigmas, scaled-linear
+    and cosine betas, S = 10 / 25 / 100), at the slopes a sample assumes before it measures one
+    (``UNMEASURED_SLOPES``, -1, 0, 1). (2) Its cost: DPM-Solver++(2M) on the digits model, library
+    defaults (tol 1e-3, batch 8, seed 0), with the excess and without it (``multistep_dev`` the
+    identity; the multistep lend from the model outputs kept). (3) What it buys: the saved
+    noise-algorithm case of tests/test_x0_bound_harsh.py (window 5, Picard), bound ratio with and
+    without."""
+    import warnings
+
+    from diffusers import DPMSolverMultistepScheduler
+
+    from deqkern import engine
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # the noise algorithm is deprecated
+    excess_rows = []
+    for betas in (["scaled_linear"] if quick else ["scaled_linear", "squaredcos_cap_v2"]):
+        for steps in ([10] if quick else [10, 25, 100]):
+            for alg in ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver"):
+                for prediction in ("epsilon", "v_prediction", "sample"):
+                    cfg = dict(num_train_timesteps=1000, beta_schedule=betas, prediction_type=prediction,
+                               algorithm_type=alg, solver_order=2, use_karras_sigmas=True,
+                               final_sigmas_type="sigma_min")
+                    sched = deqkern.Schedule.from_diffusers(DPMSolverMultistepScheduler(**cfg), steps)
+                    lam = engine.UNMEASURED_SLOPES.view(-1, 1).expand(-1, steps)
+                    r = engine.multistep_excess(sched.multistep_linear(), lam, None)
+                    excess_rows.append({"betas": betas, "steps": steps, "algorithm": alg, "prediction": prediction,
+                                        "max_excess": {f"{float(v):g}": float(r[i].max())
+                                                       for i, v in enumerate(engine.UNMEASURED_SLOPES)}})
+                    print(f"{betas:<18} S={steps:<4} {alg:<16} {prediction:<13} max R at -1/0/1: "
+                          + " / ".join(f"{float(r[i].max()):.3g}" for i in range(3)))
+    unet, ddim = _digits("ddim")
+    cost_rows = []
+    sizes = [(6, None)] if quick else [(25, None), (25, 10), (100, None), (100, 10), (100, 25)]
+    charge = engine.multistep_dev
+    for steps, window in sizes:
+        x = torch.randn(2 if quick else 8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+        schedule = deqkern.Schedule.from_diffusers(DPMSolverMultistepScheduler.from_config(ddim.config), steps)
+        with torch.no_grad():
+            ref = deqkern.sample_sequential(unet, x, schedule, execution="eager").x0
+        row = {"steps": steps, "window": window}
+        for label, fn in (("with", charge), ("without", lambda *a: a[5])):
+            engine.multistep_dev = fn
+            try:
+                with torch.no_grad():
+                    r = deqkern.sample(unet, x, schedule, tol=1e-3, window=window, execution="eager")
+            finally:
+                engine.multistep_dev = charge
+            row[label] = {"rounds": r.rounds, "worst_error_over_tol": _x0_err(r.x0, ref) / 1e-3}
+        cost_rows.append(row)
+        print(f"dpm++2m S={steps:<4} W={window or 'S':<3} rounds with {row['with']['rounds']}, "
+              f"without {row['without']['rounds']}")
+    case = torch.load(Path(__file__).resolve().parents[1] / "tests/data/x0_rule_dpm_window_case.pt", weights_only=False)
+    a = math.atanh(0.019132882858697013)
+    model = lambda v, t: torch.tanh(a * v)  # noqa: E731
+    ref = deqkern.sample_sequential(model, case["x"], case["schedule"]).x0
+    scale = torch.maximum(ref.norm(dim=1), 1e-3 * case["x"].norm(dim=1))
+    gap = {}
+    for label, fn in (("with", charge), ("without", lambda *a: a[5])):
+        engine.multistep_dev = fn
+        try:
+            r = deqkern.sample(model, case["x"], case["schedule"], "picard", tol=case["tol"], window=5)
+        finally:
+            engine.multistep_dev = charge
+        gap[label] = {"rounds": r.rounds, "converged": r.all_converged,
+                      "bound_ratio": float(((r.x0 - ref).norm(dim=1) / (case["tol"] * scale)).max())}
+    print(f"noise algorithm, sample prediction, S = 10, window 5: bound ratio with {gap['with']['bound_ratio']:.3g}, "
+          f"without {gap['without']['bound_ratio']:.3g}")
+    return {"what": "max excess R over positions per DPM-Solver config at the unmeasured slopes; DPM-Solver++(2M) "
+                    "digits rounds with and without the excess; the saved noise-algorithm case's bound ratio",
+            "command": "python bench/solver_studies.py multistep-excess", "excess": excess_rows, "rows": cost_rows,
+            "noise_algorithm_case": gap}
+
+
 STUDIES = {"adjoint-vjp": adjoint_vjp, "ops-per-round": ops_per_round, "stopping-rule": stopping_rule,
            "stopping-x0": stopping_x0, "tail-chunks": tail_chunks, "half-precision": half_precision,
            "divergence": divergence, "multistep-rounds": multistep_rounds, "euler-coords": euler_coords,
            "budget": budget, "lend": lend, "entering": entering, "floors": floors, "starts": starts,
-           "safety": safety, "clipped": clipped, "reach": reach}
+           "safety": safety, "clipped": clipped, "reach": reach, "multistep-excess": multistep_excess}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

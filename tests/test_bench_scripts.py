@@ -44,7 +44,7 @@ def test_e2e_graphs_script_on_cpu(tmp_path):
 @pytest.mark.skipif(not (ROOT / "bench" / "solver_studies.py").exists(), reason="run from a source checkout")
 @pytest.mark.parametrize("study", ["adjoint-vjp", "ops-per-round", "stopping-rule", "stopping-x0", "tail-chunks",
                                    "divergence", "euler-coords", "budget", "lend", "entering", "floors",
-                                   "starts", "safety", "clipped", "reach"])
+                                   "starts", "safety", "clipped", "reach", "multistep-excess"])
 def test_solver_studies_run_quick(tmp_path, study):
     """The studies behind bench/results/README.md, at --quick sizes."""
     studies = _load("solver_studies")
@@ -82,6 +82,13 @@ def test_solver_studies_run_quick(tmp_path, study):
         assert all(r[k]["converged"] and r[k]["worst_error_over_tol"] <= 1
                    for r in report["rows"] for k in ("triangle", "measured"))
         assert all(c["rows"] >= 1 for c in report["lend_check"])
+    elif study == "multistep-excess":  # one-step-like configs near 1, the noise/sample class far above;
+        # both runs of each chain within the bound; the saved case inside with the excess only
+        by = {(r["algorithm"], r["prediction"]): r["max_excess"] for r in report["excess"]}
+        assert max(by[("dpmsolver++", "epsilon")].values()) < 2 < max(by[("dpmsolver", "sample")].values())
+        assert all(r[k]["worst_error_over_tol"] <= 1 for r in report["rows"] for k in ("with", "without"))
+        case = report["noise_algorithm_case"]
+        assert case["with"]["bound_ratio"] <= 1 < case["without"]["bound_ratio"]
     elif study == "floors":  # Newton's errors per round for both chains, guesses per distance
         assert {r["scheduler"] for r in report["rows"]} == {"ddim", "ddpm"}
         assert all(len(r["newton_worst_x0_error"]) == 4 for r in report["rows"])
