@@ -767,7 +767,7 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     with annotate("status"):
         # the stopping test, the rows to freeze, the logs and SolveState.worst/done_round/bad_t/spent
         mult = x0_multipliers(p, coef, pos, res, st.xw[:, 0])
-        if p.x0_extra is not None and st.secants is not None:
+        if p.x0_extra is not None and st.secants is not None and p.stop == "x0":
             # a secant measures the step through its own row only: keep what a second-order step adds
             dev = dev + (mult.to(torch.float64).abs() - coef[..., 0].to(torch.float64).abs()) / SECANT_SAFETY
             dev = multistep_dev(p, st, n, mult, gain, dev, latent_sq)
