@@ -233,8 +233,7 @@ class StepSecants:
     #: latent's Jacobian over the step's input scale: Problem.input_scale)
     lend: torch.Tensor
     #: [B, W] float64 the row's latest ``<dx, E dx> / ||dx||^2`` (model-input units; NaN: none), the
-    #: model's slope where the row is, which the past-window gain of a multistep chain reads
-    #: (:func:`multistep_dev`)
+    #: model's slope where the row is, which a multistep chain's excess reads (:func:`multistep_dev`)
     slope: torch.Tensor
     #: the secant form: ``L`` is fitted to the previous secant, so the latest ``dev`` (the newest
     #: secant against it) can vanish by coincidence; :meth:`rule_dev` takes the larger of the last two
@@ -664,7 +663,7 @@ def multistep_excess(chain: torch.Tensor, lam: torch.Tensor, scale: torch.Tensor
 
     The second-order recurrence has a root near ``-c1``: DPM-Solver's noise algorithm with sample
     prediction has ``|c1|`` up to 3.6, an error grows 20-30x where its latent shrinks 160x, and R
-    reaches 5000 (docs/math.md §4.3). Both products by doubling: ``log2 S`` batched 2x2 products,
+    reaches 5000 (docs/math.md §4.3). Both products by doubling: ``log2 S`` rounds of 2x2 products,
     fixed shapes. ``0/0`` (a step to sigma 0 wipes the state) reads 1; a latent that vanishes
     alone, ``inf``."""
     steps = chain.shape[0]
@@ -811,8 +810,7 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     st.rounds.add_(active.any())
 
 
-#: The model slopes (its own input's units) the past-window gain assumes before one is measured.
-#: The model slopes (its own input's units) the multistep gain assumes before one is measured.
+#: The model slopes (its own input's units) the multistep excess assumes before one is measured.
 UNMEASURED_SLOPES = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
 
 

@@ -313,7 +313,7 @@ class Schedule:
         """``[S, 5]`` float64 a multistep chain's steps for a model of scalar slope ``lam`` in the
         latent's units (``out = lam x``; an x0 transform taken as the identity), packed ``(J0, Jl,
         c1, U0, Ul)``: ``x[k+1] = (J0 + Jl lam) x[k] + c1 u_{k-1}``, ``u_k = (U0 + Ul lam) x[k]``
-        (docs/math.md §1.1); None for a one-step chain. The x0 rule's past-window gain reads it
+        (docs/math.md §1.1); None for a one-step chain. The x0 rule's multistep excess reads it
         (:func:`deqkern.engine.multistep_excess`)."""
         m = self.multistep
         if m is None:
