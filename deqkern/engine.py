@@ -33,8 +33,8 @@ from deqkern.errors import NonFiniteModelOutput
 from deqkern.graphs import ChunkRunner, snapshot, state_tensors
 from deqkern.model import ModelEvaluator
 from deqkern.ops import (
-    LINEAR_REACH, SECANT_SAFETY, ScanResult, carry_converted, commit_window, latent_gains, round_status, scan_residual,
-    step_secants,
+    LINEAR_REACH, SECANT_SAFETY, ScanResult, carry_converted, commit_window, latent_gain_bound, latent_gains,
+    round_status, scan_residual, step_secants,
 )
 from deqkern.ops.window import RowSlide
 from deqkern.schedule import Form, X0Transform
@@ -754,13 +754,13 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
         last = j == (n - 1).unsqueeze(1)
         s_sq = st.secants.s.to(res.g_sq.dtype).square().sum(-1)
         latent_sq = torch.where(last, torch.minimum(res.g_sq, s_sq), res.g_sq)
+    h = latent_gains(latent_sq)[1]  # the latents' gains, read by every bound below
     if st.secants is not None and st.secants.transform is not None:
         # a clip or threshold bends the step: a secant across its kink can miss J (test_contract found
         # a clipped DDPM chain 2.8x outside the bound), so these chains bound J from the model's secants
-        gain, dev = st.secants.transformed_bounds(coef, transform_kink(p.transform, dim), latent_gains(latent_sq)[1],
-                                                  scale)
+        gain, dev = st.secants.transformed_bounds(coef, transform_kink(p.transform, dim), h, scale)
     elif st.secants is not None and p.transform.kind == "none":
-        gain, dev = st.secants.rule_gain(coef, scale), st.secants.rule_dev(coef, latent_gains(latent_sq)[1], scale)
+        gain, dev = st.secants.rule_gain(coef, scale), st.secants.rule_dev(coef, h, scale)
     if st.secants is not None:
         gain, dev = st.secants.before_any_measurement(gain, dev, st.rounds == 0)
     with annotate("status"):
@@ -769,7 +769,7 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
         if p.x0_extra is not None and st.secants is not None and p.stop == "x0":
             # a secant measures the step through its own row only: keep what a second-order step adds
             dev = dev + (mult.to(torch.float64).abs() - coef[..., 0].to(torch.float64).abs()) / SECANT_SAFETY
-            dev = multistep_dev(p, st, n, mult, gain, dev, latent_sq)
+            dev = multistep_dev(p, st, n, mult, gain, dev, h)
         delta = round_status(res.f_sq, latent_sq, res.nonfinite, t, n_ok, st.k0, st.rounds, p.noise_var, st.worst,
                              st.res_log, st.done_round, st.bad_t, mult, st.spent, gain, dev, stop=p.stop,
                              tol=p.tol, dim=dim)
@@ -815,10 +815,11 @@ UNMEASURED_SLOPES = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
 
 
 def multistep_dev(p: Problem, st: SolveState, n: torch.Tensor, mult: torch.Tensor, gain: torch.Tensor,
-                  dev: torch.Tensor, latent_sq: torch.Tensor) -> torch.Tensor:
+                  dev: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """``dev`` ``[B, W]`` times what a multistep chain's second-order recurrence adds to each
     frozen row's error on its way to x0 (:func:`multistep_excess`; a row without ``dev`` takes the
-    rule's latent-gain bound, ops.reference.x0_row_costs, as its own first). The x0 rule otherwise
+    rule's latent-gain bound, ops.reference.latent_gain_bound with ``h`` the latents' gains, as its
+    own first). The x0 rule otherwise
     lets an error follow its latent past the window and its own path through it: DPM-Solver's noise
     algorithm with sample prediction, window 5, ended 78x outside its bound
     (tests/test_x0_bound_harsh.py: test_dpm_noise_algorithm_in_a_window).
@@ -846,9 +847,7 @@ def multistep_dev(p: Problem, st: SolveState, n: torch.Tensor, mult: torch.Tenso
     at = torch.cat([lands, (st.k0 + n).clamp(max=steps).unsqueeze(1)], dim=1).unsqueeze(1).expand(-1, 3, -1)
     r = r.gather(2, at).amax(dim=1)
     excess = torch.maximum(r[:, :width], r[:, width:])
-    h = latent_gains(latent_sq)[1]
-    jg = torch.where(torch.isfinite(gain), torch.maximum(gain, h), h)
-    dev_or_bound = torch.where(torch.isfinite(dev), dev, (jg + mult.to(torch.float64).abs()) / SECANT_SAFETY)
+    dev_or_bound = torch.where(torch.isfinite(dev), dev, latent_gain_bound(gain, h, mult) / SECANT_SAFETY)
     return torch.where(excess > 1, dev_or_bound * excess, dev)
 
 

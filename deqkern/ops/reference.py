@@ -78,6 +78,15 @@ def latent_gains(g_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return norm, h
 
 
+def latent_gain_bound(gain: torch.Tensor, h: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
+    """``[B, W]`` float64 the x0 rule's bound on an unmeasured ``||J - L||``: ``max(h, gain) + |L|``,
+    ``||J||`` from the larger of the latent's gain ``h`` and the step's measured one (``h`` alone
+    where ``gain`` is NaN: not measured). The latent's alone let a "sample" chain whose step's
+    Jacobian outgrows the shrinking latent end 1.08x outside (the deep profile, _UNMEASURED_GAIN)."""
+    jg = torch.where(torch.isfinite(gain), torch.maximum(gain, h), h)
+    return jg + mult.to(torch.float64).abs()
+
+
 def x0_row_costs(
     f_sq: torch.Tensor, g_sq: torch.Tensor, mult: torch.Tensor, live: torch.Tensor, gain: torch.Tensor,
     dev: torch.Tensor,
@@ -102,11 +111,7 @@ def x0_row_costs(
     with the model's measured gain, :meth:`deqkern.engine.StepSecants.rule_dev`).
     """
     norm, h = latent_gains(g_sq)
-    # without J - L, ||J|| from the larger of the latent's gain and the step's measured one (kept
-    # from long moves): the latent's alone let a "sample" chain whose step's Jacobian outgrows the
-    # shrinking latent end 1.08x outside (the deep profile, _UNMEASURED_GAIN)
-    jg = torch.where(torch.isfinite(gain), torch.maximum(gain, h), h)
-    k = torch.where(torch.isfinite(dev), SECANT_SAFETY * dev, jg + mult.to(torch.float64).abs())
+    k = torch.where(torch.isfinite(dev), SECANT_SAFETY * dev, latent_gain_bound(gain, h, mult))
     r = torch.where(torch.isfinite(gain) & live, (gain / h).log().clamp(min=0.0), 0.0)
     r[:, 0] = 0.0
     after = r.sum(dim=1, keepdim=True) - r.cumsum(dim=1)  # after[:, l] = sum of r over l' > l
