@@ -409,6 +409,36 @@ class StepSecants:
         lent = self._borrowed(self._lent(c[..., 1] - c[..., 0], _in_latent(c[..., 2], scale)), self.gain, c[..., 0], h)
         return torch.where(torch.isfinite(dev), dev, torch.where(torch.isfinite(lent), lent, self.dev_loose))
 
+    def first_direction(self, dev: torch.Tensor, gain: torch.Tensor, dx: torch.Tensor, f: torch.Tensor,
+                        mult: torch.Tensor, h: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """``dev`` ``[B, W]`` (:meth:`rule_dev`) tilted toward the unmeasured bound, on the samples
+        ``first`` (``[B]`` bool), by how far the error its rows will carry lies off the move their
+        secants were measured along.
+
+        A secant bounds ``J - L`` along its move ``dx``; the error a frozen row leaves in row ``j``'s
+        input is the row before's residual ``F_{j-1}``. Where ``J - L`` differs between elements the
+        two can see very different slopes, so a measured row takes ``cos dev + sin max(dev, bound)``,
+        ``cos = |<F_{j-1}, dx>| / (||F_{j-1}|| ||dx||)`` and ``bound`` the latent-gain bound
+        (ops.reference.latent_gain_bound) over SECANT_SAFETY, which the rule puts back. The engine
+        applies it in a sample's first measuring round (its lend empty before :meth:`measure`), whose
+        move is the first one off the initial guess: on a flow chain of ``tanh(-3.13 x)`` it ran
+        through saturated elements and read 0.0016 where the residual's elements saw 70x that, x0
+        2.0x outside its bound (tests/test_x0_bound_harsh.py: test_flow_secant_direction). Later
+        moves are the solver's corrections, which follow the residuals; charging every round cost
+        1-5 rounds on the digits chains, and on every round of the secant form (whose ``L`` is fitted
+        along the last move) DDIM S = 1000's full window 17 -> 179 (docs/math.md §4.3, known gaps).
+        ``gain``, ``mult``: the rows' gains (NaN: none) and ``L``; ``dx``, ``f``: ``[B, W, D]`` this
+        round's moves (:meth:`measure`) and residuals; ``h``: the latents' gains."""
+        dx64 = dx.to(torch.float64)
+        f_in = torch.cat([torch.zeros_like(f[:, :1]), f[:, :-1]], dim=1).to(torch.float64)  # row 0: the anchor
+        dx_sq = dx64.square().sum(-1)
+        den = (dx_sq * f_in.square().sum(-1)).sqrt()
+        cos = torch.where(den > 0, (dx64 * f_in).sum(-1).abs() / den, 1.0).clamp(max=1.0)
+        sin = (1.0 - cos * cos).clamp(min=0.0).sqrt()
+        bound = latent_gain_bound(gain, h, mult) / SECANT_SAFETY
+        tilted = cos * dev + sin * torch.fmax(dev, bound)
+        return torch.where(first.unsqueeze(1) & (dx_sq > 0) & torch.isfinite(dev), tilted, dev)
+
     def _borrowed(self, lent: torch.Tensor, gain: torch.Tensor, mult: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """``lent`` where a row may borrow ``J - L``; on rows whose last move went past LINEAR_REACH
         (:attr:`far`), the rule's latent-gain bound ``max(h, gain) + |L|``, which the rule then
@@ -741,6 +771,7 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     n_ok = finite_rows(res, n, j)
     moves = None
     if st.secants is not None:  # this round's secants of the steps, before the x0 rule reads them
+        first = ~torch.isfinite(st.secants.lend[:, 2])  # samples measuring for the first time
         moves = st.secants.measure(st.xw, res.g, coef, live, e, res.f, scale)
     gain, dev = p.unmeasured, p.unmeasured
     latent_sq = res.g_sq
@@ -761,6 +792,8 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
         gain, dev = st.secants.transformed_bounds(coef, transform_kink(p.transform, dim), h, scale)
     elif st.secants is not None and p.transform.kind == "none":
         gain, dev = st.secants.rule_gain(coef, scale), st.secants.rule_dev(coef, h, scale)
+        if p.stop == "x0":
+            dev = st.secants.first_direction(dev, gain, moves[0], res.f, coef[..., 0], h, first)
     if st.secants is not None:
         gain, dev = st.secants.before_any_measurement(gain, dev, st.rounds == 0)
     with annotate("status"):
