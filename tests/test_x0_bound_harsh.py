@@ -362,7 +362,8 @@ def test_diffusers_scheduler_configs_within_bound(family):
     an unconverged last row (test_latent_estimate_leaves_out_the_upstream_residual), a long move's
     gain (test_far_row_gain_takes_the_lend) and float32 rounding in the scan
     (test_float32_step_output_survives_large_latents), and a fifth since, a secant's direction
-    (test_flow_secant_direction); two Euler cases still end outside, 1.2-1.6x (docs/math.md §4.3)."""
+    (test_flow_secant_direction). Euler cases outside it remain, 1.2-1.65x
+    (test_known_gap_euler_chain_gain, docs/math.md §4.3)."""
     _check(range(60), f"diffusers {family}", lambda seed: diffusers_config_case(seed, family))
 
 
@@ -379,6 +380,19 @@ def test_flow_secant_direction():
     k = case["slope"]
     _solves_within_bound(lambda v, t: torch.tanh(k * v), case["x"], sched, case["tol"], solvers=("picard",))
 
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.xfail(strict=True, reason="known gap: an unmeasured step's gain along the error outgrows the latent's")
+def test_known_gap_euler_chain_gain():
+    """diffusers' EulerDiscreteScheduler (v prediction, S = 38) of the fuzz's elementwise model,
+    float64, tol 1e-3, window 19, Picard (``diffusers_config_case(909041, "euler")``): the second
+    sample's x0 ends 1.65x outside its bound (1.6x with Anderson and windows 19-30, 1.1x with the
+    full window, within with window 10). The frozen rows' ``J - L`` along their residuals is 4-4.6x
+    their secants, inside SECANT_SAFETY (8); what the rule misses is the chain after them, where rows
+    with no measured gain follow the latent's gain (the measured ones read 1.1 a step). Not
+    diagnosed further (docs/math.md §4.3)."""
+    ratio, converged = run_case(diffusers_config_case(909041, "euler"))
+    assert bool(converged.all()) and float(ratio.max()) <= 1.0, ratio.tolist()
 
 def test_float32_step_output_survives_large_latents():
     """diffusers' DDIMScheduler (sample prediction, clip_sample, S = 33) of a linear model ``-1.79 x``,
