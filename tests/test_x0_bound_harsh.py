@@ -388,9 +388,12 @@ def test_known_gap_euler_chain_gain():
     float64, tol 1e-3, window 19, Picard (``diffusers_config_case(909041, "euler")``): the second
     sample's x0 ends 1.65x outside its bound (1.6x with Anderson and windows 19-30, 1.1x with the
     full window, within with window 10). The frozen rows' ``J - L`` along their residuals is 4-4.6x
-    their secants, inside SECANT_SAFETY (8); what the rule misses is the chain after them, where rows
-    with no measured gain follow the latent's gain (the measured ones read 1.1 a step). Not
-    diagnosed further (docs/math.md §4.3)."""
+    their secants, inside SECANT_SAFETY (8); what the rule misses is the chain after them. Each
+    step's gain along the error carried on is 1.02-1.2x the gain its secant measured along its move
+    (and the latent's): the chain keeps multiplying the error by steps whose gain differs between
+    elements, so it turns toward their largest, a power iteration. Over 13-28 steps that compounds
+    to 14-35x the latent's growth (full window, round 3: rows costed 5-11x below what they moved x0).
+    The rule's chain gain has no safety factor (docs/math.md §4.3)."""
     ratio, converged = run_case(diffusers_config_case(909041, "euler"))
     assert bool(converged.all()) and float(ratio.max()) <= 1.0, ratio.tolist()
 
