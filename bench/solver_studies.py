@@ -252,9 +252,9 @@ def _secant_check(unet, schedule, x: torch.Tensor, window: int | None, rounds: i
         seen["p"] = p
         return run_round(p, st, *a, **k)
 
-    def spy_measure(self, xw, g, coef, live, e=None, f=None, scale=None):
+    def spy_measure(self, xw, g, coef, live, *rest):
         seen.update(xw=xw.clone(), g=g.clone(), mult=coef[..., 0].clone())
-        moves = measure(self, xw, g, coef, live, e, f, scale)
+        moves = measure(self, xw, g, coef, live, *rest)
         seen["own"] = torch.isfinite(self.dev)
         return moves
 

@@ -172,7 +172,7 @@ class SolveState:
         secant = torch.ones(b, p.width, device=dev, dtype=p.coef.dtype) if p.secant else None
         secants = (StepSecants.start(b, p.width, d, dev, x_T.dtype, secant_form=p.secant,
                                      transform=p.transform if p.stop == "x0" and p.transform.kind != "none"
-                                     else None, multistep=p.ms_linear is not None and p.stop == "x0")
+                                     else None, multistep=p.ms_coef is not None)
                    if p.secant or p.stop == "x0" else None)
         prev_u = None if p.ms_coef is None else torch.zeros(b, d, device=dev, dtype=x_T.dtype)
         return cls(
@@ -242,10 +242,12 @@ class StepSecants:
     #: secant can cross its kink; :meth:`measure`, :meth:`transformed_bounds`); None on affine chains
     transform: X0Transform | None = None
     #: [B, W, D] last round's model outputs, whose secants measure the model's Jacobian ``E``
-    #: directly, on chains with an x0 transform and multistep chains (whose step also reads the
-    #: previous row's converted output, so ``(ds - cx dx) / co`` carries that row's move: a
-    #: DPM-Solver chain of ``tanh(0.019 x)`` lent slopes of -8.9 and 389); None otherwise
+    #: directly (:meth:`measure`); zeros until the first round
     e: torch.Tensor | None = None
+    #: multistep chains: a step also reads the previous row's converted output, so its secant
+    #: ``ds`` (from the scan) carries that row's move too (a DPM-Solver chain of ``tanh(0.019 x)``
+    #: read model slopes of -8.9 and 389 from ``(ds - cx dx) / co``)
+    multistep: bool = False
 
     @classmethod
     def start(cls, batch: int, width: int, dim: int, device, dtype, secant_form: bool = False,
@@ -258,44 +260,66 @@ class StepSecants:
             dev_prev=nan.clone(), dev_loose=nan.clone(), far=torch.zeros(batch, width, device=device, dtype=torch.bool),
             secant_form=secant_form,
             lend=torch.full((batch, 3), math.nan, device=device, dtype=torch.float64), slope=nan.clone(),
-            transform=transform,
-            e=None if transform is None and not multistep else torch.zeros(batch, width, dim, device=device,
-                                                                            dtype=dtype),
+            transform=transform, e=torch.zeros(batch, width, dim, device=device, dtype=dtype), multistep=multistep,
         )
 
     def measure(
-        self, xw: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, live: torch.Tensor, e: torch.Tensor | None = None,
-        f: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+        self, xw: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, live: torch.Tensor, e: torch.Tensor,
+        f: torch.Tensor | None = None, scale: torch.Tensor | None = None, model_eps: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Record this round's inputs and step outputs and the secants they give; returns ``(dx, ds,
-        valid)``, the moves since the last round and where they are one row's (for the secant form).
+        """Record this round's inputs, step outputs and model outputs and the secants they give;
+        returns ``(dx, ds, valid)``, the moves since the last round and where they are one row's
+        (for the secant form).
 
         ``s_j = g_j - L_j (g_{j-1} - x_j)`` is recovered from the scan (``g_{-1}`` = the anchor).
-        The model's gain follows from the same secant: without an x0 transform a step is ``cx x +
-        co e(x) (+ sigma z)``, so ``E dx = (ds - cx dx) / co``. Fixed shapes, no host sync. ``xw``:
-        the window ``[B, W+1, D]`` before the commit; ``coef``: ``[B, W, 7]`` this round's step
-        coefficients with the scan's ``L`` in field 0; ``e``, ``f``: ``[B, W, D]`` the round's model
-        outputs and residuals, read on chains with an x0 transform (``E dx`` is the model's own
-        secant there, and ``f`` says how far a freeze can move the next row); ``scale``: ``[B, W]``
-        float64 the rows' model-input scales (Problem.input_scale; None: 1), which the lend divides out."""
+        The model's Jacobian along the move is the model outputs' own secant, ``E dx = de``. On an
+        affine one-step chain (``s = cx x + co e + sigma z``, the noise the position's own) the step's
+        secants are built from it in float64, ``ds = cx dx + co de``, which leaves only the model's
+        own rounding, ``|co|`` times ulps of ``e``. The scan's ``ds`` carries the float32 rounding of
+        ``g`` and ``s`` on the scale of the latent, a slack of ``24 eps ||x|| / ||dx||``: 0.01 on a
+        move of 3e-4 of the latent, where DDIM S = 1000 measures ``J - L`` of 0.001, and no
+        measurement at all below (bench/results/README.md, "Stopping: secants from the model
+        outputs"). Chains with an x0
+        transform (:meth:`_measure_transformed`) and multistep chains (:attr:`multistep`) keep the
+        scan's ``ds``. Fixed shapes, no host sync. ``xw``: the window ``[B, W+1, D]`` before the
+        commit; ``coef``: ``[B, W, 7]`` this round's step coefficients with the scan's ``L`` in field
+        0; ``e``, ``f``: ``[B, W, D]`` the round's model outputs and residuals (``f`` read on chains
+        with an x0 transform: how far a freeze can move the next row); ``scale``: ``[B, W]`` float64
+        the rows' model-input scales (Problem.input_scale; None: 1), which the lend divides out;
+        ``model_eps``: the rounding unit of the model's outputs where coarser than ``x``'s (a
+        half-precision model, ``model_dtype``; None: ``x``'s)."""
         width = g.shape[1]
         x = xw[:, :width]
         mult = coef[..., 0]
         g_prev = torch.cat([xw[:, :1], g[:, :-1]], dim=1)
         s = g - mult.unsqueeze(-1).to(g.dtype) * (g_prev - x)
         dx, ds = x - self.x, s - self.s
-        gain, dev = step_secants(dx, ds, mult)
-        # what rounding can put in ds - L dx, over ||dx||: a move of a few ulps measured dev = 0 in
-        # float32 and froze a row at tol 1e-30 (the deep profile, _ulp_move). Secants carry it, and
-        # one with more than SECANT_SLACK_CAP is no measurement (carrying any slack cost DPM-Solver++
-        # S = 100 W = 25 26 rounds; dropping every secant below its slack, DDIM S = 1000 W = 10 69)
         c = coef.to(torch.float64)
         dx64 = dx.to(torch.float64)
         den = dx64.square().sum(-1)
         x_sq = x.to(torch.float64).square().sum(-1)
+        e_dx = (e - self.e).to(torch.float64)  # exact: both are the model's outputs in x's dtype
         nrm = lambda v: v.to(torch.float64).square().sum(-1).sqrt()  # noqa: E731
-        slack = (SECANT_ROUNDING * torch.finfo(x.dtype).eps * (nrm(s) + nrm(self.s) + 2 * mult.to(torch.float64).abs()
-                 * (x_sq.sqrt() + nrm(self.x))) / den.sqrt())
+        eps = torch.finfo(x.dtype).eps
+        # what rounding can put in ds - L dx, over ||dx||: a move of a few ulps measured dev = 0 in
+        # float32 and froze a row at tol 1e-30 (the deep profile, _ulp_move). Secants carry it, and
+        # one with more than SECANT_SLACK_CAP is no measurement (carrying any slack cost DPM-Solver++
+        # S = 100 W = 25 26 rounds; dropping every secant below its slack, DDIM S = 1000 W = 10 69)
+        exact = self.transform is None and not self.multistep
+        # the rounding of the model's outputs over ||dx||, the slack of E dx itself (the digits UNet's
+        # float32 outputs differ by 2 ulps between batches)
+        e_slack = SECANT_ROUNDING * max(eps, model_eps or 0.0) * (nrm(e) + nrm(self.e)) / den.sqrt()
+        if exact:
+            # from the model outputs: only their own rounding (the model's, ulps of e) is left
+            ds64 = c[..., 1:2] * dx64 + c[..., 2:3] * e_dx
+            gain, dev = step_secants(dx64, ds64, c[..., 0])
+            slack = c[..., 2].abs() * e_slack
+        else:
+            gain, dev = step_secants(dx, ds, mult)
+            slack = (SECANT_ROUNDING * eps * (nrm(s) + nrm(self.s) + 2 * mult.to(torch.float64).abs()
+                     * (x_sq.sqrt() + nrm(self.x))) / den.sqrt())
+            if model_eps is not None and model_eps > eps:  # a half-precision model's outputs, in s
+                slack = slack + c[..., 2].abs() * e_slack
         loose = dev + slack
         gain = torch.where(slack <= SECANT_SLACK_CAP, gain + slack, math.nan)
         dev = torch.where(slack <= SECANT_SLACK_CAP, dev + slack, math.nan)
@@ -313,19 +337,18 @@ class StepSecants:
         self.dev_prev.copy_(torch.where(fresh, self.dev, self.dev_prev))
         self.dev.copy_(torch.where(fresh, dev, self.dev))
         self.dev_loose.copy_(torch.where(valid & near & torch.isfinite(loose), loose, self.dev_loose))
-        # the model's Jacobian along dx, E dx = (ds - cx dx) / co, as the two numbers rule_dev needs
-        # to rebuild ||(J - L) dx|| for other coefficients (in float64: the terms nearly cancel)
-        if self.e is None:
-            e_dx = (ds.to(torch.float64) - c[..., 1:2] * dx64) / c[..., 2:3]
-            ok = fresh & (c[..., 2] != 0) & (den > 0)
-        else:
-            e_dx = (e - self.e).to(torch.float64)
-            ok = (near if self.transform is not None else fresh) & (den > 0)
+        # the model's Jacobian along dx as the two numbers rule_dev needs to rebuild ||(J - L) dx||
+        # for other coefficients
+        ok = (near if self.transform is not None else fresh) & (den > 0)
+        if exact:
+            # the lend lends E to rows of any co: only secants whose E the rounding leaves alone (a
+            # row of small co measured dev within the cap along a move of an ulp, E 2x off)
+            ok = ok & (e_slack <= SECANT_SLACK_CAP)
         p = torch.where(ok, (dx64 * e_dx).sum(-1) / den, math.nan)
         q = torch.where(ok, e_dx.square().sum(-1) / den, math.nan)
         if self.transform is not None:
             self._measure_transformed(x, e, f, e_dx, dx64, den, q, c, ok)
-        elif self.e is not None:
+        else:
             self.e.copy_(e)
         if scale is not None:  # the lend in the model's input units: E = scale E_model
             p, q = p / scale, q / scale.square()
@@ -543,8 +566,7 @@ class StepSecants:
         """Slide with the window; rows entering have no history and no secants (:meth:`rule_dev`)."""
         slide.apply(self.x, 0.0)
         slide.apply(self.s, 0.0)
-        if self.e is not None:
-            slide.apply(self.e, 0.0)
+        slide.apply(self.e, 0.0)
         slide.apply(self.valid, False)
         slide.apply(self.gain, math.nan)
         slide.apply(self.dev, math.nan)
@@ -772,7 +794,9 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     moves = None
     if st.secants is not None:  # this round's secants of the steps, before the x0 rule reads them
         first = ~torch.isfinite(st.secants.lend[:, 2])  # samples measuring for the first time
-        moves = st.secants.measure(st.xw, res.g, coef, live, e, res.f, scale)
+        model_dtype = getattr(ev, "model_dtype", None)
+        model_eps = None if model_dtype is None else torch.finfo(model_dtype).eps
+        moves = st.secants.measure(st.xw, res.g, coef, live, e, res.f, scale, model_eps)
     gain, dev = p.unmeasured, p.unmeasured
     latent_sq = res.g_sq
     if p.stop == "x0":

@@ -85,11 +85,11 @@ def test_secant_along_a_long_move_is_dropped(monkeypatch):
     seen = {"long": 0, "near": 0}
     measure = engine.StepSecants.measure
 
-    def checked(self, xw, g, coef, live, e=None, f=None, scale=None):
+    def checked(self, xw, g, coef, live, e, f=None, scale=None, model_eps=None):
         x = xw[:, : g.shape[1]]
         moved = (x - self.x).norm(dim=-1) / x.norm(dim=-1)
         had = self.valid & live
-        out = measure(self, xw, g, coef, live, e, f, scale)
+        out = measure(self, xw, g, coef, live, e, f, scale, model_eps)
         long, near = had & (moved > LINEAR_REACH), had & (moved <= LINEAR_REACH) & (moved > 0)
         # J - L dropped; the gain kept (the rule takes the larger of it and the latent's)
         assert bool(self.dev[long].isnan().all()) and bool(torch.isfinite(self.gain[long]).all())
@@ -113,7 +113,8 @@ def _two_scalar_rows(dtype: torch.dtype):
 
     def measure(x0: float, x1: float, g0: float, g1: float) -> None:
         xw = torch.tensor([[[x0], [x1], [0.0]]], dtype=dtype)
-        sec.measure(xw, torch.tensor([[[g0], [g1]]], dtype=dtype), coef, live)
+        out = torch.tensor([[[g0], [g1]]], dtype=dtype)
+        sec.measure(xw, out, coef, live, out)  # the step is its model output
 
     return sec, coef, measure
 
@@ -145,7 +146,8 @@ def test_lend_is_kept_in_the_model_input_units():
     scale = torch.tensor([[0.5, 0.25]], dtype=torch.float64)
     for x0, x1 in ((1.0, 2.0), (1.01, 2.02)):  # the step e has latent slope 1 on both rows
         xw = torch.tensor([[[x0], [x1], [0.0]]], dtype=torch.float64)
-        sec.measure(xw, torch.tensor([[[x0], [x1]]], dtype=torch.float64), coef, live, scale=scale)
+        out = torch.tensor([[[x0], [x1]]], dtype=torch.float64)
+        sec.measure(xw, out, coef, live, out, scale=scale)
     assert torch.allclose(sec.lend, torch.tensor([[2.0, 4.0, 16.0]], dtype=torch.float64), rtol=1e-9)
     sec.forget(torch.tensor([[False, True]]))  # row 1 borrows
     rule = sec.rule_dev(coef, torch.ones(1, 2, dtype=torch.float64), torch.tensor([[0.5, 0.1]], dtype=torch.float64))
