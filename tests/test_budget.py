@@ -154,6 +154,34 @@ def test_lend_is_kept_in_the_model_input_units():
     assert float(rule[0, 1]) == pytest.approx(0.4, rel=1e-9)
 
 
+def test_affine_secant_comes_from_the_model_outputs():
+    """float32, one row of a linear model ``e = 3 x`` (``cx = 0.9``, ``co = 0.05``, ``L = 1``), D = 64:
+    a move of 1e-4 of the latent measures ``J - L = cx - L + 3 co = 0.05`` from the model outputs
+    (``ds = cx dx + co de`` in float64), with a slack of ``|co|`` times 4 ulps of ``||e|| + ||e'||``
+    over ``||dx||`` (about 1e-3): a measurement, at least the true value and within twice the slack
+    of it. Recovered from the scan's float32 step outputs instead, the slack would be about 0.03,
+    over SECANT_SLACK_CAP: no measurement (docs/math.md §4.3)."""
+    from deqkern.engine import SECANT_SLACK_CAP
+
+    gen = torch.Generator().manual_seed(0)
+    sec = engine.StepSecants.start(1, 1, 64, "cpu", torch.float32)
+    coef = torch.zeros(1, 1, 7, dtype=torch.float32)
+    coef[..., 0], coef[..., 1], coef[..., 2] = 1.0, 0.9, 0.05
+    live = torch.ones(1, 1, dtype=torch.bool)
+    x = torch.randn(1, 64, generator=gen)
+    move = torch.randn(1, 64, generator=gen)
+    for row in (x, x + 1e-4 * x.norm() * move / move.norm()):  # row 0's input is the window's anchor
+        e = 3.0 * row
+        g = 0.9 * row + 0.05 * e  # the scan's G of row 0: its step output
+        sec.measure(torch.stack([row, torch.zeros_like(row)], dim=1), g.unsqueeze(1), coef, live, e.unsqueeze(1))
+    eps = torch.finfo(torch.float32).eps
+    dx = 1e-4 * float(x.norm())
+    slack = 4 * eps * 0.05 * 2 * float(3.0 * x.norm()) / dx
+    assert slack < SECANT_SLACK_CAP < 24 * eps * float(x.norm()) / dx
+    dev = float(sec.dev[0, 0])
+    assert 0.05 <= dev <= 0.05 + 2 * slack, (dev, slack)
+
+
 def test_loose_secant_is_the_last_resort_before_the_latent_gain():
     """A float32 secant whose rounding slack is over SECANT_SLACK_CAP is no measurement (``dev``
     stays NaN), but a row with nothing else, neither its own ``dev`` nor a lend, takes it with its
