@@ -204,6 +204,12 @@ SECANT_SLACK_CAP = 0.01
 NO_BOUND = 1e200
 
 
+def incoming_residual(f: torch.Tensor) -> torch.Tensor:
+    """``[B, W, D]`` float64: the residual each window row's input carries when the row before it is
+    frozen, ``f[:, j - 1]``, and zero on row 0 (its input is the anchor). ``f``: the round's residuals."""
+    return torch.cat([torch.zeros_like(f[:, :1]), f[:, :-1]], dim=1).to(torch.float64)
+
+
 @dataclass
 class StepSecants:
     """Per window row ``(b, j)``: the row's input and step output of the last round, whether they
@@ -278,9 +284,7 @@ class StepSecants:
         own rounding, ``|co|`` times ulps of ``e``. The scan's ``ds`` carries the float32 rounding of
         ``g`` and ``s`` on the scale of the latent, a slack of ``24 eps ||x|| / ||dx||``: 0.01 on a
         move of 3e-4 of the latent, where DDIM S = 1000 measures ``J - L`` of 0.001, and no
-        measurement at all below (bench/results/README.md, "Stopping: secants from the model
-        outputs"). Chains with an x0
-        transform (:meth:`_measure_transformed`) and multistep chains (:attr:`multistep`) keep the
+        measurement at all below (docs/math.md §4.3). Chains with an x0 transform (:meth:`_measure_transformed`) and multistep chains (:attr:`multistep`) keep the
         scan's ``ds``. Fixed shapes, no host sync. ``xw``: the window ``[B, W+1, D]`` before the
         commit; ``coef``: ``[B, W, 7]`` this round's step coefficients with the scan's ``L`` in field
         0; ``e``, ``f``: ``[B, W, D]`` the round's model outputs and residuals (``f`` read on chains
@@ -306,9 +310,12 @@ class StepSecants:
         # one with more than SECANT_SLACK_CAP is no measurement (carrying any slack cost DPM-Solver++
         # S = 100 W = 25 26 rounds; dropping every secant below its slack, DDIM S = 1000 W = 10 69)
         exact = self.transform is None and not self.multistep
-        # the rounding of the model's outputs over ||dx||, the slack of E dx itself (the digits UNet's
-        # float32 outputs differ by 2 ulps between batches)
-        e_slack = SECANT_ROUNDING * max(eps, model_eps or 0.0) * (nrm(e) + nrm(self.e)) / den.sqrt()
+        coarse = model_eps is not None and model_eps > eps  # a half-precision model's outputs
+        e_slack = None
+        if exact or coarse:
+            # the rounding of the model's outputs over ||dx||, the slack of E dx itself (the digits
+            # UNet's float32 outputs differ by 2 ulps between batches)
+            e_slack = SECANT_ROUNDING * max(eps, model_eps or 0.0) * (nrm(e) + nrm(self.e)) / den.sqrt()
         if exact:
             # from the model outputs: only their own rounding (the model's, ulps of e) is left
             ds64 = c[..., 1:2] * dx64 + c[..., 2:3] * e_dx
@@ -318,7 +325,7 @@ class StepSecants:
             gain, dev = step_secants(dx, ds, mult)
             slack = (SECANT_ROUNDING * eps * (nrm(s) + nrm(self.s) + 2 * mult.to(torch.float64).abs()
                      * (x_sq.sqrt() + nrm(self.x))) / den.sqrt())
-            if model_eps is not None and model_eps > eps:  # a half-precision model's outputs, in s
+            if coarse:  # the model's own rounding, in s
                 slack = slack + c[..., 2].abs() * e_slack
         loose = dev + slack
         gain = torch.where(slack <= SECANT_SLACK_CAP, gain + slack, math.nan)
@@ -453,7 +460,7 @@ class StepSecants:
         ``gain``, ``mult``: the rows' gains (NaN: none) and ``L``; ``dx``, ``f``: ``[B, W, D]`` this
         round's moves (:meth:`measure`) and residuals; ``h``: the latents' gains."""
         dx64 = dx.to(torch.float64)
-        f_in = torch.cat([torch.zeros_like(f[:, :1]), f[:, :-1]], dim=1).to(torch.float64)  # row 0: the anchor
+        f_in = incoming_residual(f)
         dx_sq = dx64.square().sum(-1)
         den = (dx_sq * f_in.square().sum(-1)).sqrt()
         cos = torch.where(den > 0, (dx64 * f_in).sum(-1).abs() / den, 1.0).clamp(max=1.0)
@@ -504,7 +511,7 @@ class StepSecants:
         on each side (``f``: this round's residuals; row ``j``'s ``F`` is ``f[j - 1]``)."""
         L, cx, co, c0, px, po = (c[..., i : i + 1] for i in range(6))
         x0 = (px * x.to(torch.float64) + po * e.to(torch.float64)).flatten(0, 1)
-        f_in = torch.cat([torch.zeros_like(f[:, :1]), f[:, :-1]], dim=1).to(torch.float64)  # row 0: the anchor
+        f_in = incoming_residual(f)
         f_sq = f_in.square()
         f_norm = f_sq.sum(-1, keepdim=True).sqrt()
         reach = px.abs() * f_in.abs() + po.abs() * q.unsqueeze(-1).sqrt() * f_norm
