@@ -610,19 +610,29 @@ def _triangle_rule_dev(self, coef: torch.Tensor, h: torch.Tensor, scale: torch.T
     return torch.where(torch.isfinite(self.dev), self.dev, bound)
 
 
+def _box_lent(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The lend before 2026-12-01 (tenth session): ``a^2 + 2ab <u, Eu> + b^2 ||Eu||^2`` with the cross
+    term at an extreme slope and the largest gain, which can pair one row's slope with another's gain."""
+    lo, hi, q, _ = (v.unsqueeze(1) for v in self.lend.unbind(dim=1))
+    return (a * a + torch.maximum(2 * a * b * lo, 2 * a * b * hi) + b * b * q).clamp(min=0.0).sqrt()
+
+
 def lend(quick: bool) -> dict[str, Any]:
     """Rows entering a window have no secant of their own: what the x0 rule lends them
-    (``StepSecants.rule_dev``). Before: the triangle bound ``|cx - L| + |co| ||E||`` with the model's
-    largest measured gain; now ``||(cx - L) dx + co E dx||`` from the model's measured ``E dx``, which
-    keeps the cancellation between the two terms. Issue 14's chains with the library's defaults
-    (batch 8, seed 0): rounds and the worst x0 error over tol under each; and the check of the new
-    lend, the true ``||(J - L) F|| / ||F||`` of frozen rows that borrowed over what they borrowed."""
+    (``StepSecants.rule_dev``). First: the triangle bound ``|cx - L| + |co| ||E||`` with the model's
+    largest measured gain; then ``||(cx - L) u + co E u||`` from the model's measured ``E u``, which
+    keeps the cancellation between the two terms, with each part at its extreme over the measured
+    rows (``box``, :func:`_box_lent`); now the same split along ``u`` and off it, so a row's slope
+    is not charged with another row's gain (``StepSecants._lent``). Issue 14's chains with the
+    library's defaults (batch 8, seed 0): rounds and the worst x0 error over tol under each; and the
+    check of the box and current lends, the true ``||(J - L) F|| / ||F||`` of frozen rows that
+    borrowed over what they borrowed."""
     import deqkern.engine as engine
 
     chains = [("ddim", 12, 4)] if quick else [
         ("ddim", 100, 10), ("ddim", 100, 25), ("ddim", 100, 5), ("ddim", 1000, 10), ("ddim", 1000, 25)]
     rows = []
-    new_rule = engine.StepSecants.rule_dev
+    new_rule, new_lent = engine.StepSecants.rule_dev, engine.StepSecants._lent
     for scheduler, steps, window in chains:
         unet, sched = _digits(scheduler)
         schedule = deqkern.Schedule.from_diffusers(sched, steps)
@@ -630,31 +640,38 @@ def lend(quick: bool) -> dict[str, Any]:
         row: dict[str, Any] = {"scheduler": scheduler, "steps": steps, "window": window}
         with torch.no_grad():
             ref = deqkern.sample_sequential(unet, x, schedule, execution="eager").x0
-            for name, rule in (("triangle", _triangle_rule_dev), ("measured", new_rule)):
-                engine.StepSecants.rule_dev = rule
+            for name in ("triangle", "box", "measured"):
+                engine.StepSecants.rule_dev = _triangle_rule_dev if name == "triangle" else new_rule
+                engine.StepSecants._lent = _box_lent if name == "box" else new_lent
                 try:
                     r = deqkern.sample(unet, x, schedule, window=window, execution="eager")
                 finally:
-                    engine.StepSecants.rule_dev = new_rule
+                    engine.StepSecants.rule_dev, engine.StepSecants._lent = new_rule, new_lent
                 row[name] = {"rounds": r.rounds, "converged": r.all_converged,
                              "worst_error_over_tol": _x0_err(r.x0, ref) / 1e-3}
         rows.append(row)
-        print(f"{scheduler} S={steps:<4} W={window:<3}: rounds triangle {row['triangle']['rounds']:>3} "
-              f"(x0 error {row['triangle']['worst_error_over_tol']:.2f} tol), measured {row['measured']['rounds']:>3} "
-              f"(x0 error {row['measured']['worst_error_over_tol']:.2f} tol)")
+        print(f"{scheduler} S={steps:<4} W={window:<3}: rounds " + ", ".join(
+            f"{k} {row[k]['rounds']:>3} (x0 error {row[k]['worst_error_over_tol']:.2f} tol)"
+            for k in ("triangle", "box", "measured")))
     unet, sched = _digits()
     checks = []
     for steps, window, first, rounds in ([(12, 4, 0, 12)] if quick else [(100, 10, 0, 40), (1000, 10, 85, 200)]):
         x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-        ratios = _secant_check(unet, deqkern.Schedule.from_diffusers(sched, steps), x, window, rounds, lent=True,
-                               first=first)
-        checks.append(_ratio_summary(f"ddim S={steps} W={window}, batch 2, rounds {first}-{rounds - 1}", ratios))
-        print(f"lend check {checks[-1]['chain']}: true ||(J - L)F||/||F|| over the lent dev: median "
-              f"{checks[-1]['median']}, max {checks[-1]['max']} ({len(ratios)} frozen rows)")
+        for name in ("box", "measured"):
+            engine.StepSecants._lent = _box_lent if name == "box" else new_lent
+            try:
+                ratios = _secant_check(unet, deqkern.Schedule.from_diffusers(sched, steps), x, window, rounds,
+                                       lent=True, first=first)
+            finally:
+                engine.StepSecants._lent = new_lent
+            checks.append({"lend": name, **_ratio_summary(
+                f"ddim S={steps} W={window}, batch 2, rounds {first}-{rounds - 1}", ratios)})
+            print(f"lend check ({name}) {checks[-1]['chain']}: true ||(J - L)F||/||F|| over the lent dev: median "
+                  f"{checks[-1]['median']}, max {checks[-1]['max']} ({len(ratios)} frozen rows)")
     return {"what": "library defaults (x0 rule, tol 1e-3), batch 8, seed 0: rounds and worst x0 error / tol with "
-                    "the triangle lend (before) and the measured one (now); check: true / lent ||J - L|| at frozen "
-                    "rows (SECANT_SAFETY multiplies the lent value)", "command": "python bench/solver_studies.py lend",
-            "rows": rows, "lend_check": checks}
+                    "the triangle lend (first), the box lend (until 2026-12-01) and the measured split lend (now); "
+                    "check: true / lent ||J - L|| at frozen rows (SECANT_SAFETY multiplies the lent value)",
+            "command": "python bench/solver_studies.py lend", "rows": rows, "lend_check": checks}
 
 
 def entering(quick: bool) -> dict[str, Any]:

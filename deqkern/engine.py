@@ -233,10 +233,11 @@ class StepSecants:
     #: measured near could cancel against the row's own coefficients: the deep profile, a
     #: secant-form "sample" chain, 2.2x outside)
     far: torch.Tensor
-    #: [B, 3] float64 what rows not measured yet borrow (:meth:`rule_dev`), over every row measured
-    #: so far in the solve (NaN: none yet): the least and largest ``<dx, E dx> / ||dx||^2`` and the
-    #: largest ``||E dx||^2 / ||dx||^2`` (E: the model's Jacobian in its own input's units, the
-    #: latent's Jacobian over the step's input scale: Problem.input_scale)
+    #: [B, 4] float64 what rows not measured yet borrow (:meth:`rule_dev`), over every row measured
+    #: so far in the solve (NaN: none yet): with ``u = dx / ||dx||``, the least and largest ``<u, E u>``,
+    #: the largest ``||E u||^2`` and the largest ``||E u||^2 - <u, E u>^2``, the part of ``E u`` off
+    #: ``u`` (E: the model's Jacobian in its own input's units, the latent's Jacobian over the
+    #: step's input scale: Problem.input_scale)
     lend: torch.Tensor
     #: [B, W] float64 the row's latest ``<dx, E dx> / ||dx||^2`` (model-input units; NaN: none), the
     #: model's slope where the row is, which a multistep chain's excess reads (:func:`multistep_dev`)
@@ -265,7 +266,7 @@ class StepSecants:
             valid=torch.zeros(batch, width, device=device, dtype=torch.bool), gain=nan, dev=nan.clone(),
             dev_prev=nan.clone(), dev_loose=nan.clone(), far=torch.zeros(batch, width, device=device, dtype=torch.bool),
             secant_form=secant_form,
-            lend=torch.full((batch, 3), math.nan, device=device, dtype=torch.float64), slope=nan.clone(),
+            lend=torch.full((batch, 4), math.nan, device=device, dtype=torch.float64), slope=nan.clone(),
             transform=transform, e=torch.zeros(batch, width, dim, device=device, dtype=dtype), multistep=multistep,
         )
 
@@ -360,9 +361,10 @@ class StepSecants:
         if scale is not None:  # the lend in the model's input units: E = scale E_model
             p, q = p / scale, q / scale.square()
         self.slope.copy_(torch.where(ok, p, self.slope))
+        off = q - p * p  # ||E u||^2 = <u, E u>^2 + ||E u - <u, E u> u||^2 (u = dx / ||dx||)
         stats = torch.stack([
             torch.where(ok, p, math.inf).amin(dim=1), torch.where(ok, p, -math.inf).amax(dim=1),
-            torch.where(ok, q, -math.inf).amax(dim=1),
+            torch.where(ok, q, -math.inf).amax(dim=1), torch.where(ok, off, -math.inf).amax(dim=1),
         ], dim=1)
         # the extremes over every row measured so far in the solve, not only this round's: a lend
         # from the latest (saturated) rows froze a warm-started residual 1.3x its latent (x0 2.8x
@@ -370,7 +372,7 @@ class StepSecants:
         # x0 1.9x outside (tests/test_contract.py _thin_lend, the contract suite's deep profile)
         seen = torch.stack([
             torch.fmin(self.lend[:, 0], stats[:, 0]), torch.fmax(self.lend[:, 1], stats[:, 1]),
-            torch.fmax(self.lend[:, 2], stats[:, 2])], dim=1)
+            torch.fmax(self.lend[:, 2], stats[:, 2]), torch.fmax(self.lend[:, 3], stats[:, 3])], dim=1)
         self.lend.copy_(torch.where(ok.any(dim=1, keepdim=True), seen, self.lend))
         self.x.copy_(x)
         self.s.copy_(s)
@@ -424,8 +426,8 @@ class StepSecants:
         measured secant ``dev``, and on rows not measured yet (rows entering the window) the step's
         own coefficients applied to the model's Jacobian measured on the others. A step without an x0 transform has ``J - L =
         a I + b E`` (``a = cx - L``, ``b = co``), so along a measured row's move ``dx`` (unit, ``E dx``
-        measured) ``||(J - L) dx||^2 = a^2 + 2ab <dx, E dx> + b^2 ||E dx||^2``; the rule takes the
-        largest this can be over the measured rows' extremes (:attr:`lend`). The cross term keeps
+        measured) ``||(J - L) dx||^2 = (a + b <dx, E dx>)^2 + b^2 (||E dx||^2 - <dx, E dx>^2)``; the
+        rule takes the largest each part has over the measured rows (:attr:`lend`, :meth:`_lent`). The first part keeps
         the cancellation of ``a`` against ``b E`` (``J`` near ``L``) that the triangle bound ``|a| +
         |b| ||E||`` loses: 20-40x on DDIM S = 1000, window 10 (bench/solver_studies.py lend). With
         nothing to borrow, a row's loose secant (:attr:`dev_loose`); before any measurement: NaN, the
@@ -489,11 +491,19 @@ class StepSecants:
         return torch.where(torch.isfinite(self.dev_prev), torch.maximum(self.dev, self.dev_prev), self.dev)
 
     def _lent(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``[B, W]`` the largest ``||(a I + b E) u||`` over the model Jacobians ``E`` measured so far
-        (:attr:`lend`): ``sqrt(a^2 + 2ab <u, E u> + b^2 ||E u||^2)`` at the extremes (float64)."""
-        lo, hi, q = (v.unsqueeze(1) for v in self.lend.unbind(dim=1))
-        cross = torch.maximum(2 * a * b * lo, 2 * a * b * hi)
-        return (a * a + cross + b * b * q).clamp(min=0.0).sqrt()
+        """``[B, W]`` float64 a bound on ``||(a I + b E) u||`` over the unit moves ``u`` measured so
+        far (:attr:`lend`), the smaller of two. Split ``E u`` along ``u`` and off it: ``||(a I + b E)
+        u||^2 = (a + b <u, E u>)^2 + b^2 (||E u||^2 - <u, E u>^2)``; the first part is convex in ``<u,
+        E u>``, so its largest over the measured rows is at one of their extremes, and the second
+        takes their largest. Or expand it, ``a^2 + 2ab <u, E u> + b^2 ||E u||^2``, with the cross term
+        at an extreme and the largest ``||E u||^2``. The second alone charged one row's slope with
+        another's gain where ``a`` and ``b E`` cancel (``J`` near ``L``): DDIM S = 1000, window 10
+        took 113 rounds instead of 106 (bench/solver_studies.py lend). The first alone pairs one row's
+        slope with another's part off ``u``; each bounds every measured row's own value."""
+        lo, hi, q, off = (v.unsqueeze(1) for v in self.lend.unbind(dim=1))
+        split = torch.maximum((a + b * lo).square(), (a + b * hi).square()) + b * b * off.clamp(min=0.0)
+        expanded = a * a + torch.maximum(2 * a * b * lo, 2 * a * b * hi) + b * b * q
+        return torch.minimum(split, expanded).clamp(min=0.0).sqrt()
 
     def _measure_transformed(self, x: torch.Tensor, e: torch.Tensor, f: torch.Tensor, e_dx: torch.Tensor,
                              dx: torch.Tensor, den: torch.Tensor, q: torch.Tensor, c: torch.Tensor,

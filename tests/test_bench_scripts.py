@@ -78,9 +78,10 @@ def test_solver_studies_run_quick(tmp_path, study):
     elif study == "budget":  # the library's defaults keep their bound; the secant check ran on frozen rows
         assert all(r["worst_error_over_tol"] <= 1 and r["rounds"] >= 1 for r in report["rows"])
         assert report["secant_check"]["rows"] >= 1
-    elif study == "lend":  # both lends keep the bound; the check ran on rows that borrowed
+    elif study == "lend":  # the three lends keep the bound; the check ran on rows that borrowed, both lends
         assert all(r[k]["converged"] and r[k]["worst_error_over_tol"] <= 1
-                   for r in report["rows"] for k in ("triangle", "measured"))
+                   for r in report["rows"] for k in ("triangle", "box", "measured"))
+        assert {c["lend"] for c in report["lend_check"]} == {"box", "measured"}
         assert all(c["rows"] >= 1 for c in report["lend_check"])
     elif study == "multistep-excess":  # one-step-like configs near 1, the noise/sample class far above;
         # both runs of each chain within the bound; the saved case inside with the excess only

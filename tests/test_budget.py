@@ -122,24 +122,61 @@ def _two_scalar_rows(dtype: torch.dtype):
 def test_lend_keeps_the_extremes_over_the_solve():
     """Rows not measured yet borrow the model's Jacobian from every row the solve has measured
     (docs/math.md §4.3), not only the latest round's: a 1-D model whose slopes are 3 and 2 in one
-    round and 0.5 in the next lends ``<u, Eu>`` in [0.5, 3] and ``||Eu||^2`` 9 (float64, 1e-9),
-    and keeps that through a round that measures nothing."""
+    round and 0.5 in the next lends ``<u, Eu>`` in [0.5, 3], ``||Eu||^2`` 9 and nothing off ``u``
+    (1-D; float64, 1e-9), and keeps that through a round that measures nothing."""
     sec, _, measure = _two_scalar_rows(torch.float64)
     measure(1.0, 2.0, 0.0, 0.0)
     assert bool(sec.lend.isnan().all())  # nothing measured yet
     measure(1.01, 2.02, 0.03, 0.04)  # slopes 3 and 2
-    assert torch.allclose(sec.lend, torch.tensor([[2.0, 3.0, 9.0]], dtype=torch.float64), rtol=1e-9)
+    assert torch.allclose(sec.lend, torch.tensor([[2.0, 3.0, 9.0, 0.0]], dtype=torch.float64), rtol=1e-9, atol=1e-9)
     measure(1.02, 2.02, 0.035, 0.04)  # row 0: slope 0.5; row 1 did not move
-    assert torch.allclose(sec.lend, torch.tensor([[0.5, 3.0, 9.0]], dtype=torch.float64), rtol=1e-9)
+    assert torch.allclose(sec.lend, torch.tensor([[0.5, 3.0, 9.0, 0.0]], dtype=torch.float64), rtol=1e-9, atol=1e-9)
     measure(1.02, 2.02, 0.035, 0.04)  # nothing moved: the lend stays
-    assert torch.allclose(sec.lend, torch.tensor([[0.5, 3.0, 9.0]], dtype=torch.float64), rtol=1e-9)
+    assert torch.allclose(sec.lend, torch.tensor([[0.5, 3.0, 9.0, 0.0]], dtype=torch.float64), rtol=1e-9, atol=1e-9)
+
+
+def test_lend_pairs_each_rows_slope_with_its_own_gain():
+    """The lend bounds ``||(a I + b E) u||`` over the measured moves by ``(a + b <u, Eu>)^2`` at the
+    extreme slopes plus ``b^2`` times the largest part of ``Eu`` off ``u`` (docs/math.md §4.3).
+    Fresh random 2-D linear models, one per row of a window of 6 (float64): for random ``(a, b)``
+    the lend is at least every measured row's own ``||(a I + b E_j) u_j||`` and at most the largest
+    of them plus ``|b| sqrt(off_max^2 - off_min^2)`` (the off-``u`` parts' spread); where ``a`` cancels ``b E`` (``a = -1``,
+    ``b = 1``, slopes 0.9 and 1.1 along ``u``, nothing off it) it is 0.1, where pairing the extreme
+    slope with the largest ``||Eu||^2`` read 0.64 (relative 1e-9)."""
+    g = torch.Generator().manual_seed(20261201)
+    width = 6
+    sec = engine.StepSecants.start(1, width, 2, "cpu", torch.float64)
+    coef = torch.zeros(1, width, 7, dtype=torch.float64)
+    coef[..., 2] = 1.0  # the step is its model output
+    live = torch.ones(1, width, dtype=torch.bool)
+    mats = torch.randn(width, 2, 2, generator=g, dtype=torch.float64)
+    x1 = torch.randn(width, 2, generator=g, dtype=torch.float64)
+    u = torch.randn(width, 2, generator=g, dtype=torch.float64)
+    u = u / u.norm(dim=1, keepdim=True)
+    for x in (x1, x1 + 1e-3 * u):
+        xw = torch.cat([x, torch.zeros(1, 2, dtype=torch.float64)]).unsqueeze(0)
+        e = torch.einsum("jkl,jl->jk", mats, x).unsqueeze(0)
+        sec.measure(xw, e, coef, live, e)
+    eu = torch.einsum("jkl,jl->jk", mats, u)
+    off = (eu.square().sum(1) - (eu * u).sum(1).square()).sqrt()
+    for _ in range(20):
+        a, b = (float(v) for v in 3 * torch.randn(2, generator=g, dtype=torch.float64))
+        own = (a * u + b * eu).norm(dim=1)
+        lent = float(sec._lent(torch.tensor([[a]], dtype=torch.float64), torch.tensor([[b]], dtype=torch.float64)))
+        assert lent >= float(own.max()) * (1 - 1e-9)
+        assert lent <= float(own.max()) + abs(b) * float((off.max().square() - off.min().square()).sqrt()) + 1e-9
+    sec, coef, measure = _two_scalar_rows(torch.float64)
+    measure(1.0, 2.0, 0.0, 0.0)
+    measure(1.01, 2.02, 0.009, 0.022)  # slopes 0.9 and 1.1
+    lent = sec._lent(torch.tensor([[-1.0]], dtype=torch.float64), torch.tensor([[1.0]], dtype=torch.float64))
+    assert float(lent) == pytest.approx(0.1, rel=1e-9)
 
 
 def test_lend_is_kept_in_the_model_input_units():
     """Where the model sees its latent scaled (Euler: ``x / sqrt(sigma^2 + 1)``), the latent's Jacobian
     is ``scale E_model``: the lend keeps ``E_model`` and a row at another scale borrows it at its own.
     Row 0 (scale 0.5) and row 1 (scale 0.25) both measure the latent slope 1, so model slopes 2 and
-    4; the lend is ``<u, Eu>`` in [2, 4] and ``||Eu||^2`` 16, and a row of scale 0.1 borrows
+    4; the lend is ``<u, Eu>`` in [2, 4], ``||Eu||^2`` 16 and nothing off ``u``, and a row of scale 0.1 borrows
     ``|co| 0.1 4`` (float64, 1e-9)."""
     sec, coef, _ = _two_scalar_rows(torch.float64)
     live = torch.ones(1, 2, dtype=torch.bool)
@@ -148,7 +185,7 @@ def test_lend_is_kept_in_the_model_input_units():
         xw = torch.tensor([[[x0], [x1], [0.0]]], dtype=torch.float64)
         out = torch.tensor([[[x0], [x1]]], dtype=torch.float64)
         sec.measure(xw, out, coef, live, out, scale=scale)
-    assert torch.allclose(sec.lend, torch.tensor([[2.0, 4.0, 16.0]], dtype=torch.float64), rtol=1e-9)
+    assert torch.allclose(sec.lend, torch.tensor([[2.0, 4.0, 16.0, 0.0]], dtype=torch.float64), rtol=1e-9, atol=1e-9)
     sec.forget(torch.tensor([[False, True]]))  # row 1 borrows
     rule = sec.rule_dev(coef, torch.ones(1, 2, dtype=torch.float64), torch.tensor([[0.5, 0.1]], dtype=torch.float64))
     assert float(rule[0, 1]) == pytest.approx(0.4, rel=1e-9)
