@@ -49,6 +49,18 @@ def _next_step(g_row, mult_row, gain_row, dev_row, stride_g_j, stride_mult_j, st
 
 
 @triton.jit
+def _row_weights(g_row, mult_row, gain_row, dev_row, stride_g_j, stride_mult_j, stride_gain_j, stride_dev_j, j, n,
+                 tiny, r_left, SAFETY: tl.constexpr):
+    """For rows ``j`` of a block, ``(w_j, sum of the block's r)``: the x0 rule's weight ``w_j = k_{j+1}
+    exp(sum_{l > j+1} r_l) / N_{j+1}`` (0 where ``j + 1`` is not live), ``r_left`` the sum of ``r``
+    over the rows from this block's first on (math: the kernel's docstring)."""
+    nxt, norm1, k1, r1 = _next_step(g_row, mult_row, gain_row, dev_row, stride_g_j, stride_mult_j, stride_gain_j,
+                                    stride_dev_j, j, n, tiny, SAFETY)
+    after = r_left - tl.cumsum(r1, axis=0)  # sum of r_l over l > j + 1
+    return tl.where(nxt, k1 * tl.exp(after) / norm1, 0.0), tl.sum(r1, axis=0)
+
+
+@triton.jit
 def _round_status_kernel(
     f_ptr, g_ptr, bad_ptr, t_ptr, nrows_ptr, k0_ptr, rounds_ptr, var_ptr, delta_ptr, worst_ptr, log_ptr, done_ptr,
     badt_ptr, mult_ptr, spent_ptr, gain_ptr, dev_ptr,
@@ -75,9 +87,14 @@ def _round_status_kernel(
         k_j   = SAFETY dev[b, j]             where dev[b, j] is finite (measured)
               = max(h_j, gain[b, j]) + |L_j| elsewhere (h_j where gain[b, j] is not finite)
         r_j   = max(log(gain[b, j] / h_j), 0) where gain[b, j] is finite and j < n, else 0
-        c_j   = sqrt(f_j) (k_{j+1} exp(sum_{j+1 < l < n} r_l) / N_{j+1})     (0 unless j + 1 < n)
+        w_j   = k_{j+1} exp(sum_{j+1 < l < n} r_l) / N_{j+1}                 (0 unless j + 1 < n)
+        c_j   = sqrt(f_j) w_j
               = inf where f_j > reach_sq g_j     (reach_sq = LINEAR_REACH^2: past the rule's first order)
-        pass  : sum_{i <= j} c_i <= max(tol - spent[b], 0) (j + 2) / max(S - k0, 1)
+        pass  : sum_{i <= j} c_i <= max(tol - spent[b], 0) share_j
+        share_j = sum_{i <= j} w_i / sum_{i < n} w_i   where n = S - k0 (the window holds every row
+                                                      left) and the sum is positive and finite;
+                                                      1 where also j + 2 >= n
+                = (j + 2) / max(S - k0, 1)             elsewhere
         spent[b] += sum_{i <= delta - 2} c_i                   (nothing if delta < 2)
 
     Writes ``delta[b]``; ``worst[b] = max_j err_j / tol`` over live rows in fp64 (NaN counts as
@@ -94,7 +111,7 @@ def _round_status_kernel(
     fp64; log ``[max_iters + 1, B]`` fp64; badt ``[max_iters + 1]`` int64; mult ``[B, W]``
     (any float dtype; read by x0); spent ``[B]`` fp64 (read and written by x0); gain, dev ``[B, W]``
     fp64 (the steps' secants, read by x0). Grid ``(B,)``; the window in blocks of ``BLOCK_W``,
-    twice for x0 (the sum of ``r`` first). Memory: reads 4 B W values (x0: 9), writes 4 B —
+    three times for x0 (the sum of ``r``, then of ``w``, first). Memory: reads 4 B W values (x0: 9), writes 4 B —
     launch-bound by design: it replaces small ops, not bandwidth.
     """
     b = tl.program_id(0).to(tl.int64)
@@ -119,12 +136,23 @@ def _round_status_kernel(
     gain_row = gain_ptr + b * stride_gain_b
     dev_row = dev_ptr + b * stride_dev_b
     r_left = tl.zeros([], tl.float64)  # sum of r_l over the rows l not yet passed (x0)
+    w_total = tl.zeros([], tl.float64)  # sum of the rows' weights (x0)
+    w_run = tl.zeros([], tl.float64)  # the running sum of the weights (x0)
     if STOP == 2:
         spent = tl.load(spent_ptr + b * stride_spent_b)
         for w0 in range(0, W, BLOCK_W):
             _, _, _, r = _next_step(g_row, mult_row, gain_row, dev_row, stride_g_j, stride_mult_j, stride_gain_j,
                                     stride_dev_j, w0 + tl.arange(0, BLOCK_W), n, tiny, SAFETY)
             r_left += tl.sum(r, axis=0)
+        r_all = r_left
+        for w0 in range(0, W, BLOCK_W):
+            w_blk, r_blk = _row_weights(g_row, mult_row, gain_row, dev_row, stride_g_j, stride_mult_j, stride_gain_j,
+                                        stride_dev_j, w0 + tl.arange(0, BLOCK_W), n, tiny, r_all, SAFETY)
+            r_all -= r_blk
+            w_total += tl.sum(w_blk, axis=0)
+    # share the budget by weight where the window holds every row left (and the weights sum to a
+    # positive finite number), else by rows
+    by_weight = (n == S - k0) & (w_total > 0) & (w_total < float("inf"))
     f_sum = tl.zeros([], ACC)
     g_sum = tl.zeros([], ACC)
     worst = tl.zeros([], tl.float64)
@@ -141,18 +169,20 @@ def _round_status_kernel(
         else:
             err = _sqrt_ratio(f, tl.maximum(g, tiny), ACC == tl.float64)
         if STOP == 2:
-            nxt, norm1, k1, r1 = _next_step(g_row, mult_row, gain_row, dev_row, stride_g_j, stride_mult_j,
-                                            stride_gain_j, stride_dev_j, j, n, tiny, SAFETY)
-            after = r_left - tl.cumsum(r1, axis=0)  # sum of r_l over l > j + 1
-            r_left -= tl.sum(r1, axis=0)
+            w_blk, r_blk = _row_weights(g_row, mult_row, gain_row, dev_row, stride_g_j, stride_mult_j, stride_gain_j,
+                                        stride_dev_j, j, n, tiny, r_left, SAFETY)
+            r_left -= r_blk
             f64 = f.to(tl.float64)
-            cost = tl.where(f64 <= reach_sq * g.to(tl.float64), tl.sqrt(f64) * (k1 * tl.exp(after) / norm1),
-                            float("inf"))
-            cost = tl.where(nxt, cost, 0.0)
+            cost = tl.where(f64 <= reach_sq * g.to(tl.float64), tl.sqrt(f64) * w_blk, float("inf"))
+            cost = tl.where((j + 1) < n, cost, 0.0)
             run = spend + tl.cumsum(cost, axis=0)
             spend += tl.sum(cost, axis=0)
-            # (tol - spent) (j + 2) / left, in the reference's order of operations
-            allow = tl.maximum(tol - spent, 0.0) * (j + 2).to(tl.float64) / tl.maximum(S - k0, 1).to(tl.float64)
+            share = tl.where(j + 2 >= n, 1.0, (w_run + tl.cumsum(w_blk, axis=0)) / tl.where(by_weight, w_total, 1.0))
+            w_run += tl.sum(w_blk, axis=0)
+            # (tol - spent) share or (tol - spent) (j + 2) / left, in the reference's order of operations
+            rem = tl.maximum(tol - spent, 0.0)
+            allow = tl.where(by_weight, rem * share,
+                             rem * (j + 2).to(tl.float64) / tl.maximum(S - k0, 1).to(tl.float64))
             passed = live & (run <= allow)
         else:
             passed = live & (err <= t_row)

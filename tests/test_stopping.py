@@ -48,21 +48,43 @@ def test_x0_row_costs_past_linear_reach_by_hand():
 
 
 def test_x0_rule_rows_by_hand():
-    """Leading rows whose running cost fits ``(tol - spent) (j + 2) / left``, plus one; the freeze
-    pays the running cost of its rows but the last. Sample 3 is inactive (no live rows)."""
+    """A sliding window: leading rows whose running cost fits ``(tol - spent) (j + 2) / left``, plus
+    one; the freeze pays the running cost of its rows but the last. A window holding every row left
+    (``n = left``): the running cost fits ``(tol - spent)`` times the rows' share of the window's
+    weight, all of it where the freeze reaches x0. Sample 4 is inactive (no live rows)."""
     tol = 1e-3
     cost = torch.tensor([
         [1e-4, 1e-4, 5e-4, 0.0],  # left 10: allowances 2e-4, 3e-4, 4e-4: rows 0, 1 pass -> 3, pays 2e-4
-        [1e-4, 2e-4, 1e-4, 0.0],  # reaches x0 (left 4), half spent: 2.5e-4, 3.75e-4, 5e-4: all -> 4, pays 4e-4
+        [1e-4, 2e-4, 1e-4, 0.0],  # reaches x0 (left 4), half spent: shares 1/4, 3/4, 1 of 5e-4: all -> 4, pays 4e-4
         [1e-4, 2e-4, 3e-4, 0.0],  # spent past tol: only zero-cost rows pass: none -> 1, pays 0
+        [3e-4, 1e-4, 1e-4, 0.0],  # left 4, nothing spent: share 1/4 (2.5e-4; by rows 5e-4): none -> 1, pays 0
         [7.0, 7.0, 7.0, 7.0],     # inactive -> 0
     ], dtype=torch.float64)
-    n = torch.tensor([4, 4, 4, 0])
-    left = torch.tensor([10, 4, 4, 0])
-    spent = torch.tensor([0.0, 5e-4, 2e-3, 0.0], dtype=torch.float64)
+    weight = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 2.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0], [1.0, 2.0, 1.0, 0.0],
+                           [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    n = torch.tensor([4, 4, 4, 4, 0])
+    left = torch.tensor([10, 4, 4, 4, 0])
+    spent = torch.tensor([0.0, 5e-4, 2e-3, 0.0, 0.0], dtype=torch.float64)
     live = torch.arange(4).unsqueeze(0) < n.unsqueeze(1)
-    assert x0_accepted_rows(cost, live, n, left, tol, spent).tolist() == [3, 4, 1, 0]
-    assert torch.allclose(spent, torch.tensor([2e-4, 9e-4, 2e-3, 0.0], dtype=torch.float64), rtol=1e-12, atol=0)
+    assert x0_accepted_rows(cost, weight, live, n, left, tol, spent).tolist() == [3, 4, 1, 1, 0]
+    assert torch.allclose(spent, torch.tensor([2e-4, 9e-4, 2e-3, 0.0, 0.0], dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def test_x0_rule_shares_a_whole_window_by_weight():
+    """In a window holding every row left, a row's weight (its cost per unit residual) decides its
+    share of the budget, not its count: three rows of weight 1 at residual 5e-5 before one of
+    weight 97 at 1e-6 (costs 5e-5 each and 9.7e-5). By weight, row 0's share is 1e-5 of tol 1e-3,
+    so it waits and the freeze is the first row alone (the plus one); by count (the same rows in a
+    sliding window, 20 rows left) each passes, 1e-4 to 2.5e-4 against running costs 5e-5 to
+    2.47e-4, and the freeze takes all five. Nothing spent before either."""
+    tol = 1e-3
+    cost = torch.tensor([[5e-5, 5e-5, 5e-5, 9.7e-5, 0.0]], dtype=torch.float64)
+    weight = torch.tensor([[1.0, 1.0, 1.0, 97.0, 0.0]], dtype=torch.float64)
+    live = torch.ones(1, 5, dtype=torch.bool)
+    n = torch.tensor([5])
+    whole = x0_accepted_rows(cost, weight, live, n, torch.tensor([5]), tol, torch.zeros(1, dtype=torch.float64))
+    sliding = x0_accepted_rows(cost, weight, live, n, torch.tensor([20]), tol, torch.zeros(1, dtype=torch.float64))
+    assert whole.tolist() == [1] and sliding.tolist() == [5]
 
 
 @pytest.mark.parametrize("solver,opts", [("picard", None), ("anderson", {"mixing": "triangular"})],

@@ -87,15 +87,20 @@ def latent_gain_bound(gain: torch.Tensor, h: torch.Tensor, mult: torch.Tensor) -
     return jg + mult.to(torch.float64).abs()
 
 
-def x0_row_costs(
-    f_sq: torch.Tensor, g_sq: torch.Tensor, mult: torch.Tensor, live: torch.Tensor, gain: torch.Tensor,
-    dev: torch.Tensor,
-) -> torch.Tensor:
-    """``[B, W]`` float64: what each row's residual costs x0 if the row is frozen, in units of
-    ``||x0||`` (the ``x0`` rule's budget is ``tol``; math: :func:`x0_accepted_rows`, docs/math.md §4.3)::
+def _next_live(live: torch.Tensor) -> torch.Tensor:
+    """``[B, W]`` bool: row ``j + 1`` is live (row ``j``'s residual reaches a next step)."""
+    has_next = torch.zeros_like(live)
+    has_next[:, :-1] = live[:, 1:]
+    return has_next
 
-        c_j = ||F_j|| k_{j+1} exp(sum_{l = j+2}^{n-1} r_l) / ||G_{j+1}||     (0 unless row j + 1 is live)
-            = inf where ||F_j|| > LINEAR_REACH ||G_j||            (outside the rule's first order)
+
+def x0_row_weights(
+    g_sq: torch.Tensor, mult: torch.Tensor, live: torch.Tensor, gain: torch.Tensor, dev: torch.Tensor
+) -> torch.Tensor:
+    """``[B, W]`` float64: what a unit of each row's residual costs x0 if the row is frozen, in
+    units of ``||x0||`` (0 unless row ``j + 1`` is live)::
+
+        w_j = k_{j+1} exp(sum_{l = j+2}^{n-1} r_l) / ||G_{j+1}||
 
     with the latent's gain at step ``l``, ``h_l = ||G_l|| / ||G_{l-1}||``, and the secants of step
     ``l`` measured between two rounds (:func:`step_secants`)
@@ -108,7 +113,8 @@ def x0_row_costs(
     ``mult``: ``[B, W]`` the scan's multipliers ``L`` (``coef[..., 0]``, per row); ``gain``, ``dev``:
     ``[B, W]`` float64 the measured ``||J_l dx|| / ||dx||`` and ``||(J_l - L_l) dx|| / ||dx||``
     (NaN: not measured; the engine passes as ``dev`` of rows not measured yet the schedule's bound
-    with the model's measured gain, :meth:`deqkern.engine.StepSecants.rule_dev`).
+    with the model's measured gain, :meth:`deqkern.engine.StepSecants.rule_dev`). Math:
+    :func:`x0_accepted_rows`, docs/math.md §4.3.
     """
     norm, h = latent_gains(g_sq)
     k = torch.where(torch.isfinite(dev), SECANT_SAFETY * dev, latent_gain_bound(gain, h, mult))
@@ -117,15 +123,34 @@ def x0_row_costs(
     after = r.sum(dim=1, keepdim=True) - r.cumsum(dim=1)  # after[:, l] = sum of r over l' > l
     row = torch.zeros_like(norm)
     row[:, :-1] = k[:, 1:] * after[:, 1:].exp() / norm[:, 1:]
-    has_next = torch.zeros_like(live)
-    has_next[:, :-1] = live[:, 1:]
+    return torch.where(_next_live(live), row, 0.0)
+
+
+def x0_row_costs(
+    f_sq: torch.Tensor, g_sq: torch.Tensor, mult: torch.Tensor, live: torch.Tensor, gain: torch.Tensor,
+    dev: torch.Tensor,
+) -> torch.Tensor:
+    """``[B, W]`` float64: what each row's residual costs x0 if the row is frozen, in units of
+    ``||x0||`` (the ``x0`` rule's budget is ``tol``; math: :func:`x0_accepted_rows`, docs/math.md §4.3)::
+
+        c_j = ||F_j|| w_j      (w_j: :func:`x0_row_weights`; 0 unless row j + 1 is live)
+            = inf where ||F_j|| > LINEAR_REACH ||G_j||            (outside the rule's first order)
+
+    Arguments as :func:`x0_row_weights`, with ``f_sq`` ``[B, W]`` the rows' squared residuals.
+    """
+    return _costs(f_sq, g_sq, live, x0_row_weights(g_sq, mult, live, gain, dev))
+
+
+def _costs(f_sq: torch.Tensor, g_sq: torch.Tensor, live: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """:func:`x0_row_costs` from the rows' weights."""
     f64 = f_sq.to(torch.float64)
-    cost = torch.where(f64 <= LINEAR_REACH**2 * g_sq.to(torch.float64), f64.sqrt() * row, math.inf)
-    return torch.where(has_next, cost, 0.0)
+    cost = torch.where(f64 <= LINEAR_REACH**2 * g_sq.to(torch.float64), f64.sqrt() * weight, math.inf)
+    return torch.where(_next_live(live), cost, 0.0)
 
 
 def x0_accepted_rows(
-    cost: torch.Tensor, live: torch.Tensor, n: torch.Tensor, left: torch.Tensor, tol: float, spent: torch.Tensor
+    cost: torch.Tensor, weight: torch.Tensor, live: torch.Tensor, n: torch.Tensor, left: torch.Tensor, tol: float,
+    spent: torch.Tensor,
 ) -> torch.Tensor:
     """``[B]`` rows each sample freezes under the ``x0`` stopping rule, whose budget follows how a
     frozen row's error reaches x0; adds what the freeze spends to ``spent`` ``[B]`` (in place).
@@ -146,22 +171,36 @@ def x0_accepted_rows(
     ``sum c_j <= tol``
     over every row a sample ever freezes:
 
-    * ``spent`` holds the sum so far; a freeze of ``d`` rows may spend ``(tol - spent) d /
-      left`` (``left`` = rows not yet frozen), so early rows leave later ones their share and
-      whatever they do not use; once the window reaches x0 (``d = left``) all of what is left;
-    * the rows frozen: the leading rows ``j`` with ``sum_{i <= j} c_i <= (tol - spent) (j + 2)
-      / left``, plus one, at most ``n``.
+    * ``spent`` holds the sum so far; a freeze may spend a share of what is left, ``tol - spent``;
+    * a sliding window (``n < left``, ``left`` = rows not yet frozen) shares it by rows: a freeze
+      of ``d`` rows may spend ``(tol - spent) d / left``, so early rows leave later ones their
+      share and whatever they do not use; the rows frozen are the leading rows ``j`` with
+      ``sum_{i <= j} c_i <= (tol - spent) (j + 2) / left``, plus one, at most ``n``;
+    * a window that holds every row left (``n = left``: the full window, a sliding window's last)
+      shares it by the rows' weights ``w_i = c_i / ||F_i||`` (``weight``, :func:`x0_row_weights`):
+      row ``j`` passes if ``sum_{i <= j} c_i <= (tol - spent) sum_{i <= j} w_i / sum_{i < n} w_i``
+      (all of it where ``j + 2 >= n``; by rows where the weights do not sum to a positive finite
+      number). A round shrinks the window's residuals together, so a share by weight lets every
+      row freeze at about the same residual; a share by rows let DDIM S = 1000's full window
+      freeze 605 rows in its third round for 60% of the budget, and the last rows, where a
+      residual costs x0 most, then froze a few a round (19 rounds, now 17; docs/math.md §4.3);
+    * once the window reaches x0 (``d = left``) the freeze may spend all of what is left.
 
     Hence ``||x0 - x0_seq|| <= tol ||x0_seq||`` to first order wherever the secants (times
     ``SECANT_SAFETY``) and the latents' gains bound the steps' gains on the frozen errors; the
     bound as documented (``tol`` of :class:`deqkern.ParallelSampler`) adds a floor, ``tol max(||x0_seq||, 1e-3 ||x_T||)``, for x0 near 0, and is checked on random
     chains by ``tests/test_x0_bound.py``. The rule itself needs no floor: an x0 near 0 makes the
-    last rows' costs large, down to one row per round, the sequential chain. ``cost``: ``[B, W]``
-    from :func:`x0_row_costs`.
+    last rows' costs large, down to one row per round, the sequential chain. ``cost``, ``weight``:
+    ``[B, W]`` from :func:`x0_row_costs` and :func:`x0_row_weights`.
     """
     rem = (tol - spent).clamp(min=0).unsqueeze(1)
-    frozen_if_pass = torch.arange(cost.shape[1], device=cost.device) + 2
-    allowance = rem * frozen_if_pass / left.clamp(min=1).unsqueeze(1)
+    j = torch.arange(cost.shape[1], device=cost.device)
+    by_rows = rem * (j + 2) / left.clamp(min=1).unsqueeze(1)
+    w = torch.where(live, weight, 0.0)
+    total = w.sum(dim=1, keepdim=True)
+    share = torch.where(j + 2 >= n.unsqueeze(1), 1.0, w.cumsum(dim=1) / total)
+    whole = ((n == left) & torch.isfinite(total[:, 0]) & (total[:, 0] > 0)).unsqueeze(1)
+    allowance = torch.where(whole, rem * share, by_rows)
     spend = cost.cumsum(dim=1)
     delta = accepted_rows(live & (spend <= allowance), n)
     # the freeze spends the residuals of its rows but the last: spend[delta - 2], none if delta < 2
@@ -223,8 +262,9 @@ def round_status(
     else:
         err = relative_row_error(f_sq, g_sq)
     if stop == "x0":
-        cost = x0_row_costs(f_sq, g_sq, mult, live, gain, dev)
-        delta = x0_accepted_rows(cost, live, n_rows, steps - k0, tol, spent)
+        weight = x0_row_weights(g_sq, mult, live, gain, dev)
+        cost = _costs(f_sq, g_sq, live, weight)
+        delta = x0_accepted_rows(cost, weight, live, n_rows, steps - k0, tol, spent)
     else:
         delta = accepted_rows(live & (err <= tol), n_rows)
     ratio = (err.to(torch.float64) / tol).nan_to_num(nan=math.inf)
