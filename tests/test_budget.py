@@ -242,6 +242,38 @@ def test_loose_secant_is_the_last_resort_before_the_latent_gain():
     assert float(sec.rule_dev(coef, h)[0, 0]) == pytest.approx(1.0, rel=1e-3)  # the lend: |co E| = 1
 
 
+def test_loose_secant_keeps_the_tightest_bound():
+    """A row at the rounding floor moves a few ulps a round, and a secant's slack grows as ``1 /
+    ||dx||``: the row keeps the tightest loose bound it has measured near its position, not the
+    latest (float32, a float16 model's rounding: ``model_eps``). Row 0 (latent 1, model slope 3)
+    moves 1e-3, then 1e-6: the rule still reads the first loose secant, slope plus its slack
+    (within 2%); a move past LINEAR_REACH starts it afresh."""
+    from deqkern.engine import SECANT_SLACK_CAP
+
+    sec = engine.StepSecants.start(1, 2, 1, "cpu", torch.float32)
+    coef = torch.zeros(1, 2, 7, dtype=torch.float32)
+    coef[..., 2] = 1.0
+    live = torch.ones(1, 2, dtype=torch.bool)
+    eps16 = torch.finfo(torch.float16).eps
+
+    def measure(x0: float) -> None:
+        xw = torch.tensor([[[x0], [2.0], [0.0]]], dtype=torch.float32)
+        out = torch.tensor([[[3 * x0], [0.5]]], dtype=torch.float32)
+        sec.measure(xw, out, coef, live, out, model_eps=eps16)
+
+    measure(1.0)
+    measure(1.001)
+    slack = 4 * eps16 * (3.0 + 3.003) / 1e-3
+    assert slack > SECANT_SLACK_CAP and math.isnan(float(sec.dev[0, 0]))
+    h = torch.ones(1, 2, dtype=torch.float64)
+    first = float(sec.rule_dev(coef, h)[0, 0])
+    assert first == pytest.approx(3 + slack, rel=0.02)
+    measure(1.001001)  # a move of 1e-6: slack about 24
+    assert float(sec.rule_dev(coef, h)[0, 0]) == first
+    measure(1.5)  # past LINEAR_REACH: forgotten
+    assert math.isnan(float(sec.dev_loose[0, 0]))
+
+
 def test_far_row_takes_the_latent_gain_bound_as_a_measured_secant():
     """A row whose last move went past LINEAR_REACH keeps no ``J - L`` of its own and borrows no
     lend: the rule gives it ``max(h, gain) + |L|`` (here ``L = 0``), which the cost then scales by
