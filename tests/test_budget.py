@@ -245,32 +245,35 @@ def test_loose_secant_is_the_last_resort_before_the_latent_gain():
 def test_loose_secant_keeps_the_tightest_bound():
     """A row at the rounding floor moves a few ulps a round, and a secant's slack grows as ``1 /
     ||dx||``: the row keeps the tightest loose bound it has measured near its position, not the
-    latest (float32, a float16 model's rounding: ``model_eps``). Row 0 (latent 1, model slope 3)
-    moves 1e-3, then 1e-6: the rule still reads the first loose secant, slope plus its slack
-    (within 2%); a move past LINEAR_REACH starts it afresh."""
+    latest (float32). Row 0 (latent 1, model slope 3) moves 1e-4 (slack about 0.03, over
+    SECANT_SLACK_CAP), then about 5e-7 (slack about 6): the rule still reads the first loose secant,
+    slope plus its slack (within 2%); a move past LINEAR_REACH starts it afresh."""
     from deqkern.engine import SECANT_SLACK_CAP
 
     sec = engine.StepSecants.start(1, 2, 1, "cpu", torch.float32)
     coef = torch.zeros(1, 2, 7, dtype=torch.float32)
     coef[..., 2] = 1.0
     live = torch.ones(1, 2, dtype=torch.bool)
-    eps16 = torch.finfo(torch.float16).eps
+    eps = torch.finfo(torch.float32).eps
 
-    def measure(x0: float) -> None:
-        xw = torch.tensor([[[x0], [2.0], [0.0]]], dtype=torch.float32)
-        out = torch.tensor([[[3 * x0], [0.5]]], dtype=torch.float32)
-        sec.measure(xw, out, coef, live, out, model_eps=eps16)
+    def measure(x0: torch.Tensor) -> None:
+        xw = torch.stack([x0, torch.tensor(2.0), torch.tensor(0.0)]).view(1, 3, 1)
+        out = torch.stack([3 * x0, torch.tensor(0.5)]).view(1, 2, 1)
+        sec.measure(xw, out, coef, live, out)
 
-    measure(1.0)
-    measure(1.001)
-    slack = 4 * eps16 * (3.0 + 3.003) / 1e-3
+    x_a = torch.tensor(1.0)
+    x_b = x_a + 1e-4
+    measure(x_a)
+    measure(x_b)
+    dx = float(x_b - x_a)
+    slack = 4 * eps * float(3 * x_a + 3 * x_b) / dx
     assert slack > SECANT_SLACK_CAP and math.isnan(float(sec.dev[0, 0]))
     h = torch.ones(1, 2, dtype=torch.float64)
     first = float(sec.rule_dev(coef, h)[0, 0])
     assert first == pytest.approx(3 + slack, rel=0.02)
-    measure(1.001001)  # a move of 1e-6: slack about 24
-    assert float(sec.rule_dev(coef, h)[0, 0]) == first
-    measure(1.5)  # past LINEAR_REACH: forgotten
+    measure(x_b + 5e-7)  # a few ulps: a slack about 6
+    assert float(sec.dev_loose[0, 0]) == first == float(sec.rule_dev(coef, h)[0, 0])
+    measure(torch.tensor(1.5))  # past LINEAR_REACH: forgotten
     assert math.isnan(float(sec.dev_loose[0, 0]))
 
 

@@ -167,3 +167,21 @@ def test_half_precision_study_runs_quick(tmp_path):
         assert f"{floor:.0e}"[0] in "125" and 1e-6 < floor < 1
     assert {r["dtype"] for r in report["rows"]} == {"torch.float32", *map(str, HALF)}
     assert all(r["rounds"] <= r["steps"] and r["converged"] for r in report["rows"])
+
+
+def test_digits_fp16_window_rounds_follow_float32():
+    """The trained digits UNet in float16, DDIM S = 100, window 10, tol 1e-2 (ten times the float16
+    floor), batch 4: every sample converged within ``tol`` of the float16 sequential x0, in at most
+    30 rounds (21 on 2026-12-01; a float32 model takes 23 at tol 1e-3). With the model's rounding
+    charged as slack on its outputs' secants, no secant past the first rounds was a measurement and
+    the solve took 81 rounds, nearly one row a round (docs/math.md §4.3, half-precision models)."""
+    unet, sched = digits_chain(100)
+    unet = unet.to(torch.float16)
+    tol = 10 * HALF_TOL_FLOOR[torch.float16]
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(110))
+    with torch.no_grad():
+        ref = deqkern.sample_sequential(unet, x, sched, model_dtype=torch.float16).x0
+        res = deqkern.sample(unet, x, sched, tol=tol, window=10, model_dtype=torch.float16, execution="eager")
+    assert res.all_converged and res.rounds <= 30, res.rounds_per_sample
+    for b in range(x.shape[0]):
+        assert rel_err(res.x0[b], ref[b]) <= tol, b
