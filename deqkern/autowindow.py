@@ -67,9 +67,9 @@ class RoundsModel:
         return float(min(top, max(math.ceil(steps / window), self.a * steps / window + self.c)))
 
 
-#: fitted by fit_rounds to bench/results/stopping_x0_cpu.json (2026-12-01; anderson-tri, stop x0, tol 1e-3:
-#: DDIM S=100 full and window 10, DDPM S=100, DDIM S=1000 window 10), the library default's rounds
-PRIOR = RoundsModel(a=1.0, c=15.43)
+#: fitted by fit_rounds to bench/results/stopping_x0_cpu.json (2026-12-01, tenth session; anderson-tri, stop
+#: x0, tol 1e-3: DDIM S=100 full and window 10, DDPM S=100, DDIM S=1000 window 10), the library default's rounds
+PRIOR = RoundsModel(a=1.0, c=13.71)
 
 
 def fit_rounds(

@@ -35,8 +35,9 @@ def test_e2e_graphs_script_on_cpu(tmp_path):
             assert r["rounds"] <= 6 and r["wall_s"] > 0 and r["first_call_s"] > 0 and r["solver_s_per_round"] > 0
             # a regression guard on the round's op count (reference ops on CPU: up to 564 with the divergence
             # guard and the x0 budget's measured secants, 655 with their reach and rounding slack, 726 with
-            # the far rows' lent gain and the last row's latent estimate), not a target
-            assert 50 < r["aten_ops_per_round"] < 780, r["aten_ops_per_round"]
+            # the far rows' lent gain and the last row's latent estimate, 816 with the split lend and a
+            # whole window's budget shared by weight), not a target
+            assert 50 < r["aten_ops_per_round"] < 860, r["aten_ops_per_round"]
             assert 0 < r["kernel_ops_per_round"] < r["aten_ops_per_round"]
             assert r["rounds"] <= r["rounds_executed"]
 
