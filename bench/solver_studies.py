@@ -617,8 +617,7 @@ def _triangle_rule_dev(self, coef: torch.Tensor, h: torch.Tensor, scale: torch.T
 def _box_lent(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The lend before 2026-12-01 (tenth session): ``a^2 + 2ab <u, Eu> + b^2 ||Eu||^2`` with the cross
     term at an extreme slope and the largest gain, which can pair one row's slope with another's gain."""
-    lo, hi, q, _ = (v.unsqueeze(1) for v in self.lend.unbind(dim=1))
-    return (a * a + torch.maximum(2 * a * b * lo, 2 * a * b * hi) + b * b * q).clamp(min=0.0).sqrt()
+    return self._lent_squares(a, b)[1].clamp(min=0.0).sqrt()
 
 
 def lend(quick: bool) -> dict[str, Any]:

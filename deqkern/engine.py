@@ -288,8 +288,8 @@ class StepSecants:
         move of 3e-4 of the latent, where DDIM S = 1000 measures ``J - L`` of 0.001, and no
         measurement at all below (docs/math.md §4.3). Chains with an x0 transform
         (:meth:`_measure_transformed`), multistep chains (:attr:`multistep`) and half-precision
-        models (``model_eps``) keep the scan's ``ds``. Fixed shapes, no host sync. ``xw``: the window ``[B, W+1, D]`` before the
-        commit; ``coef``: ``[B, W, 7]`` this round's step coefficients with the scan's ``L`` in field
+        models (``model_eps``) keep the scan's ``ds``. Fixed shapes, no host sync. ``xw``: the
+        window ``[B, W+1, D]`` before the commit; ``coef``: ``[B, W, 7]`` this round's step coefficients with the scan's ``L`` in field
         0; ``e``, ``f``: ``[B, W, D]`` the round's model outputs and residuals (``f`` read on chains
         with an x0 transform: how far a freeze can move the next row); ``scale``: ``[B, W]`` float64
         the rows' model-input scales (Problem.input_scale; None: 1), which the lend divides out;
@@ -312,11 +312,8 @@ class StepSecants:
         # float32 and froze a row at tol 1e-30 (the deep profile, _ulp_move). Secants carry it, and
         # one with more than SECANT_SLACK_CAP is no measurement (carrying any slack cost DPM-Solver++
         # S = 100 W = 25 26 rounds; dropping every secant below its slack, DDIM S = 1000 W = 10 69)
-        # a half-precision model (``model_eps`` coarser than x's): its outputs' rounding, 4 ulps of
-        # 1e-3 in float16, charged as slack left every secant past the first rounds no measurement
-        # and the rule on the latent's gain (float16 digits model, DDIM S = 100, window 10, tol 1e-2:
-        # 81 rounds). Its secants come from the scan, which counts that rounding in the slope it
-        # measures instead: 21 rounds, x0 within 0.11 tol (docs/math.md §4.3)
+        # a half-precision model's secants come from the scan, its rounding counted in the slope: as
+        # slack on its outputs (1e-3 in float16) it left no secant a measurement (docs/math.md §4.3)
         coarse = model_eps is not None and model_eps > eps
         exact = self.transform is None and not self.multistep and not coarse
         e_slack = None
@@ -436,7 +433,7 @@ class StepSecants:
         own coefficients applied to the model's Jacobian measured on the others. A step without an x0 transform has ``J - L =
         a I + b E`` (``a = cx - L``, ``b = co``), so along a measured row's move ``dx`` (unit, ``E dx``
         measured) ``||(J - L) dx||^2 = (a + b <dx, E dx>)^2 + b^2 (||E dx||^2 - <dx, E dx>^2)``; the
-        rule takes the largest each part has over the measured rows (:attr:`lend`, :meth:`_lent`). The first part keeps
+        rule bounds it over the measured rows (:attr:`lend`, :meth:`_lent`). The first part keeps
         the cancellation of ``a`` against ``b E`` (``J`` near ``L``) that the triangle bound ``|a| +
         |b| ||E||`` loses: 20-40x on DDIM S = 1000, window 10 (bench/solver_studies.py lend). With
         nothing to borrow, a row's loose secant (:attr:`dev_loose`); before any measurement: NaN, the
@@ -509,10 +506,14 @@ class StepSecants:
         another's gain where ``a`` and ``b E`` cancel (``J`` near ``L``): DDIM S = 1000, window 10
         took 113 rounds instead of 106 (bench/solver_studies.py lend). The first alone pairs one row's
         slope with another's part off ``u``; each bounds every measured row's own value."""
+        split, expanded = self._lent_squares(a, b)
+        return torch.minimum(split, expanded).clamp(min=0.0).sqrt()
+
+    def _lent_squares(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(split, expanded)`` ``[B, W]`` float64: the squares of :meth:`_lent`'s two bounds."""
         lo, hi, q, off = (v.unsqueeze(1) for v in self.lend.unbind(dim=1))
         split = torch.maximum((a + b * lo).square(), (a + b * hi).square()) + b * b * off.clamp(min=0.0)
-        expanded = a * a + torch.maximum(2 * a * b * lo, 2 * a * b * hi) + b * b * q
-        return torch.minimum(split, expanded).clamp(min=0.0).sqrt()
+        return split, a * a + torch.maximum(2 * a * b * lo, 2 * a * b * hi) + b * b * q
 
     def _measure_transformed(self, x: torch.Tensor, e: torch.Tensor, f: torch.Tensor, e_dx: torch.Tensor,
                              dx: torch.Tensor, den: torch.Tensor, q: torch.Tensor, c: torch.Tensor,
