@@ -14,6 +14,10 @@ from deqkern.engine import Execution, StopRule
 from deqkern.schedule import Form, Schedule
 from deqkern.solvers import get_solver, solver_names
 
+#: The ``tol`` of a solve that names none, with a float32 or float64 model (a half-precision
+#: model's is its floor where higher: :func:`deqkern.sampling.default_tol`).
+DEFAULT_TOL = 1e-3
+
 STOP_RULES: tuple[str, ...] = ("relative", "noise", "x0")
 FORMS: tuple[str, ...] = ("drift", "scan", "secant")
 EXECUTIONS: tuple[str, ...] = ("auto", "eager", "static", "graph", "audit")
@@ -37,7 +41,8 @@ class SolveConfig:
         solver_options: the solver's config dataclass or a mapping of its fields, stored as that
             dataclass (``AndersonConfig``, ``PicardConfig``, ...); None: the solver's defaults
             (kept None, so that ``replace(config, solver="picard")`` takes Picard's).
-        tol: stopping tolerance, > 0, in the units of ``stop``.
+        tol: stopping tolerance, > 0, in the units of ``stop``; None: 1e-3, or the model dtype's
+            tolerance floor where that is higher (:func:`deqkern.sampling.default_tol`).
         stop: ``"x0"``: x0's estimated relative error against the sequential chain
             ``<= tol`` (docs/math.md §4); ``"relative"``: every row's
             ``||G(x) - x|| <= tol ||G(x)||``; ``"noise"`` (ParaDiGMS):
@@ -64,7 +69,7 @@ class SolveConfig:
 
     solver: str = "anderson"
     solver_options: Any = None
-    tol: float = 1e-3
+    tol: float | None = None
     stop: StopRule = "x0"
     form: Form | None = None
     window: int | Literal["auto"] | None = None
@@ -81,7 +86,8 @@ class SolveConfig:
         options = _solver_options(self.solver, self.solver_options)
         if self.solver_options is not None:
             set_(self, "solver_options", options)
-        set_(self, "tol", POSITIVE_FLOAT.check("tol", self.tol))
+        if self.tol is not None:
+            set_(self, "tol", POSITIVE_FLOAT.check("tol", self.tol))
         check_choice("stop", self.stop, STOP_RULES)
         if self.form is not None:
             check_choice("form", self.form, FORMS)

@@ -34,7 +34,7 @@ from deqkern.graphs import ChunkRunner, snapshot, state_tensors
 from deqkern.model import ModelEvaluator
 from deqkern.ops import (
     LINEAR_REACH, SECANT_SAFETY, ScanResult, carry_converted, commit_window, latent_gain_bound, latent_gains,
-    round_status, scan_residual, step_secants,
+    round_status, rounding_floor, scan_residual, step_secants,
 )
 from deqkern.ops.window import RowSlide
 from deqkern.schedule import Form, X0Transform
@@ -819,10 +819,10 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     # the stopping rule judges the rows before the first non-finite one (row 0 always)
     n_ok = finite_rows(res, n, j)
     moves = None
+    model_dtype = getattr(ev, "model_dtype", None)
+    model_eps = None if model_dtype is None else torch.finfo(model_dtype).eps
     if st.secants is not None:  # this round's secants of the steps, before the x0 rule reads them
         first = ~torch.isfinite(st.secants.lend[:, 2])  # samples measuring for the first time
-        model_dtype = getattr(ev, "model_dtype", None)
-        model_eps = None if model_dtype is None else torch.finfo(model_dtype).eps
         moves = st.secants.measure(st.xw, res.g, coef, live, e, res.f, scale, model_eps)
     gain, dev = p.unmeasured, p.unmeasured
     latent_sq = res.g_sq
@@ -847,6 +847,13 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
             dev = st.secants.first_direction(dev, gain, moves[0], res.f, coef[..., 0], h, first)
     if st.secants is not None:
         gain, dev = st.secants.before_any_measurement(gain, dev, st.rounds == 0)
+    floor = None
+    if p.stop == "x0" and model_eps is not None and model_eps > torch.finfo(st.xw.dtype).eps:
+        # a half-precision model's residuals stop at its rounding, which two sequential runs differ
+        # by too: charging it left float16 at tol 1e-3 and bfloat16 at 5e-2 nearly sequential
+        # (bench/solver_studies.py half-precision)
+        e_norm = torch.linalg.vector_norm(e, dim=-1, dtype=torch.float64)
+        floor = rounding_floor(e_norm, coef, live & (res.nonfinite == 0), model_eps)
     with annotate("status"):
         # the stopping test, the rows to freeze, the logs and SolveState.worst/done_round/bad_t/spent
         mult = x0_multipliers(p, coef, pos, res, st.xw[:, 0])
@@ -856,7 +863,7 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
             dev = multistep_dev(p, st, n, mult, gain, dev, h)
         delta = round_status(res.f_sq, latent_sq, res.nonfinite, t, n_ok, st.k0, st.rounds, p.noise_var, st.worst,
                              st.res_log, st.done_round, st.bad_t, mult, st.spent, gain, dev, stop=p.stop,
-                             tol=p.tol, dim=dim)
+                             tol=p.tol, dim=dim, floor=floor)
     picard = getattr(solver, "picard", False)
     # the round's window residual, as round_status logged it (NaN when inactive)
     resid = None if picard else st.res_log.index_select(0, st.rounds.clamp(max=p.max_iters).view(1))[0]

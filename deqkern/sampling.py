@@ -19,7 +19,7 @@ import torch
 from deqkern._config import config_from
 from deqkern._validate import POSITIVE_INT
 from deqkern.autowindow import AutoWindow, AutoWindowConfig, window_auto_config
-from deqkern.config import EXECUTIONS, SolveConfig, check_choice
+from deqkern.config import DEFAULT_TOL, EXECUTIONS, SolveConfig, check_choice
 from deqkern.engine import (
     Execution, Problem, Progress, Solved, StopRule, Workspace, sync_device, x0_row, current_trajectory, solve,
 )
@@ -91,13 +91,21 @@ def wants_grad(x_T: torch.Tensor, noise: torch.Tensor | None) -> bool:
 #: solver history and trajectory would otherwise round at the model's precision.
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
-#: Per model dtype, the least ``tol`` a solve can be held to: two sequential runs of the same
-#: samples that agree to float32 (another batch composition, x_T moved by 4 float32 ulps: the model
-#: rounds its input) or x0's cast to that dtype differ at x0 by up to this relative error in 9 of
-#: 10 samples, and a parallel solve batches and rounds its rows differently again (chains that
-#: amplify rounding differ more: up to 3.7e-3 at fp16).
+#: Per model dtype, the least ``tol`` a solve can be held to, in 9 of 10 samples: two sequential
+#: runs of the same samples that agree to float32 (another batch composition, x_T moved by 4
+#: float32 ulps: the model rounds its input) or x0's cast to that dtype differ at x0 by about half
+#: of it, and a parallel solve, which batches its rows differently again and leaves the residual of
+#: the model's rounding uncharged (ops.reference.rounding_floor), by up to it (chains that amplify
+#: rounding differ more). The default ``tol`` of a half model (:func:`default_tol`).
 #: chosen by bench/solver_studies.py half-precision
-HALF_TOL_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 5e-3}
+HALF_TOL_FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def default_tol(model_dtype: torch.dtype | None) -> float:
+    """The ``tol`` of a solve that names none (``SolveConfig.tol`` None): :data:`DEFAULT_TOL`, or
+    the model dtype's floor (:data:`HALF_TOL_FLOOR`) where that is higher, since a half-precision
+    model cannot be held to less."""
+    return max(DEFAULT_TOL, HALF_TOL_FLOOR.get(model_dtype, 0.0))
 
 
 def solve_precision(x_dtype: torch.dtype, ev: ModelEvaluator) -> tuple[torch.dtype, ModelEvaluator]:
@@ -121,9 +129,9 @@ def _warn_below_floor(tol: float, model_dtype: torch.dtype | None) -> None:
     floor = HALF_TOL_FLOOR.get(model_dtype)
     if floor is not None and tol < floor:
         warnings.warn(
-            f"tol={tol:g} is below the tolerance floor {floor:g} of a {model_dtype} model (two sequential runs "
-            f"that agree to float32 differ by that much at x0): converged=True cannot mean x0 within tol; "
-            f"use tol >= {floor:g} or a float32 model", UserWarning, stacklevel=4,
+            f"tol={tol:g} is below the tolerance floor {floor:g} of a {model_dtype} model (the model's rounding "
+            f"alone moves x0 by up to that much, one sample in ten further): converged=True cannot mean x0 within "
+            f"tol; use tol >= {floor:g} (the default) or a float32 model", UserWarning, stacklevel=4,
         )
 
 
@@ -277,7 +285,8 @@ class ParallelSampler:
             left None keeps it (or the field's default). ``sampler.config`` is the result,
             resolved for the schedule (window, max_iters, form and extrapolate filled in).
         solver: a registered solver name (``"anderson"``, the default; ``"picard"``, ...).
-        tol: stopping tolerance (> 0; default 1e-3). ``stop="x0"`` (default): x0's relative
+        tol: stopping tolerance (> 0; default 1e-3, and with a half-precision model its floor,
+            ``HALF_TOL_FLOOR``: float16 2e-3, bfloat16 1e-2). ``stop="x0"`` (default): x0's relative
             error against the sequential sampler, ``||x0 - x0_seq|| <= tol max(||x0_seq||, 1e-3 ||x_T||)`` (the
             floor: below a thousandth of x_T, both chains' rounding is a sizeable part of x0) — to first order in
             the residuals, with each step's gain measured by secants between rounds (docs/math.md
@@ -494,7 +503,7 @@ class ParallelSampler:
         key = (tuple(shape), x_T.dtype, x_T.device, noise is not None, init is not None, return_trajectory, execution,
                torch.is_inference_mode_enabled(), None if ev is None else id(ev))
         state_dtype, ev = solve_precision(x_T.dtype, self.ev if ev is None else ev)
-        _warn_below_floor(self.config.tol, ev.model_dtype or x_T.dtype)
+        _warn_below_floor(self._tol(ev.model_dtype or x_T.dtype), ev.model_dtype or x_T.dtype)
         width, auto, auto_key = self.config.window, {}, (tuple(shape), state_dtype, x_T.device)
         if self._auto is not None:
             width, auto = self._auto_window(auto_key, x_T.to(state_dtype), ev)
@@ -520,9 +529,13 @@ class ParallelSampler:
             trajectory=None if st.traj is None else back(
                 current_trajectory(p, st).reshape(s + 1, *shape).to(x_T.dtype)),
             info={"solver": self.config.solver, "config": ws.config, "form": schedule.form, "stop": self.config.stop,
-                  "tol": self.config.tol, "window": ws.p.width, "window_oom": window_oom,
+                  "tol": ws.p.tol, "window": ws.p.width, "window_oom": window_oom,
                   "extrapolate": self.config.extrapolate if init is None else False, **auto, **out.info},
         )
+
+    def _tol(self, model_dtype: torch.dtype) -> float:
+        """This sampler's ``tol``, or the default for a model fed ``model_dtype`` (:func:`default_tol`)."""
+        return default_tol(model_dtype) if self.config.tol is None else self.config.tol
 
     def _auto_window(self, key: tuple, x: torch.Tensor, ev: ModelEvaluator) -> tuple[int | None, dict[str, Any]]:
         """``window="auto"``'s window for ``x`` of signature ``key`` (None: sequential) and its
@@ -559,7 +572,8 @@ class ParallelSampler:
             on_round(res.x0)
         return replace(
             res, x0=back(res.x0), trajectory=None if res.trajectory is None else back(res.trajectory),
-            info={**res.info, "config": self.config, "form": None, "stop": self.config.stop, "tol": self.config.tol,
+            info={**res.info, "config": self.config, "form": None, "stop": self.config.stop,
+                  "tol": self._tol(self.ev.model_dtype or x_T.dtype),
                   "window": None, "exact": True, "window_auto": auto},
         )
 
@@ -596,7 +610,8 @@ class ParallelSampler:
         c = self.config
         # window="auto" chooses the forward's window per call; the adjoint's is S
         window = None if c.window == "auto" else c.window
-        options = {"solver": c.solver, "solver_options": c.solver_options, "tol": c.tol, "window": window}
+        options = {"solver": c.solver, "solver_options": c.solver_options,
+                   "tol": self._tol(self.ev.model_dtype or x_T.dtype), "window": window}
         res = differentiable_solve(solve, x_T, noise, replace(self.ev, evaluations=0), self.schedule, options)
         return res if return_trajectory else replace(res, trajectory=None)
 
@@ -641,7 +656,8 @@ class ParallelSampler:
             noise_var=schedule.noise_var.to(dev, torch.float64),
             noise=None if noise is None else noise.reshape(s, batch, dim).clone(),
             init=None if init is None else torch.cat([x_T.reshape(1, batch, dim), init.reshape(s, batch, dim)]),
-            transform=schedule.transform, shape=x_T.shape, width=width, tol=c.tol, stop=c.stop,
+            transform=schedule.transform, shape=x_T.shape, width=width, tol=self._tol(ev.model_dtype or dt),
+            stop=c.stop,
             max_iters=c.max_iters, form=c.form,
             entering="held" if held else "copy" if c.extrapolate in ("model", False) else "linear",
             held_coef=schedule.packed_held(dev, dt) if held else None,

@@ -63,12 +63,13 @@ def _row_weights(g_row, mult_row, gain_row, dev_row, stride_g_j, stride_mult_j, 
 @triton.jit
 def _round_status_kernel(
     f_ptr, g_ptr, bad_ptr, t_ptr, nrows_ptr, k0_ptr, rounds_ptr, var_ptr, delta_ptr, worst_ptr, log_ptr, done_ptr,
-    badt_ptr, mult_ptr, spent_ptr, gain_ptr, dev_ptr,
+    badt_ptr, mult_ptr, spent_ptr, gain_ptr, dev_ptr, floor_ptr,
     W, S, D, max_iters: tl.int32, tol: tl.float64, reach_sq: tl.float64,
     stride_f_b, stride_f_j, stride_g_b, stride_g_j, stride_bad_b, stride_bad_j, stride_t_b, stride_t_j,
     stride_nrows_b, stride_k0_b, stride_delta_b, stride_worst_b, stride_log_r, stride_log_b, stride_done_b,
     stride_badt_r, stride_mult_b, stride_mult_j, stride_spent_b, stride_gain_b, stride_gain_j, stride_dev_b,
-    stride_dev_j, STOP: tl.constexpr, ACC: tl.constexpr, BLOCK_W: tl.constexpr, SAFETY: tl.constexpr,
+    stride_dev_j, stride_floor_b, stride_floor_j, STOP: tl.constexpr, ACC: tl.constexpr, BLOCK_W: tl.constexpr,
+    SAFETY: tl.constexpr, HAS_FLOOR: tl.constexpr,
 ):
     """One program = one sample ``b``: the stopping test of its ``n = n_rows[b]`` live window
     rows (``n = 0``: inactive) from their squared norms ``f = ||G(x) - x||^2``, ``g = ||G(x)||^2``,
@@ -88,7 +89,7 @@ def _round_status_kernel(
               = max(h_j, gain[b, j]) + |L_j| elsewhere (h_j where gain[b, j] is not finite)
         r_j   = max(log(gain[b, j] / h_j), 0) where gain[b, j] is finite and j < n, else 0
         w_j   = k_{j+1} exp(sum_{j+1 < l < n} r_l) / N_{j+1}                 (0 unless j + 1 < n)
-        c_j   = sqrt(f_j) w_j
+        c_j   = max(sqrt(f_j) - rho_j, 0) w_j   (rho_j = floor[b, j] with HAS_FLOOR, else 0)
               = inf where f_j > reach_sq g_j     (reach_sq = LINEAR_REACH^2: past the rule's first order)
         pass  : sum_{i <= j} c_i <= max(tol - spent[b], 0) share_j
         share_j = sum_{i <= j} w_i / sum_{i < n} w_i   where n = S - k0 (the window holds every row
@@ -110,9 +111,11 @@ def _round_status_kernel(
     int64; rounds ``()`` int64; var ``[S]`` fp64 (read only by the noise rule); worst ``[B]``
     fp64; log ``[max_iters + 1, B]`` fp64; badt ``[max_iters + 1]`` int64; mult ``[B, W]``
     (any float dtype; read by x0); spent ``[B]`` fp64 (read and written by x0); gain, dev ``[B, W]``
-    fp64 (the steps' secants, read by x0). Grid ``(B,)``; the window in blocks of ``BLOCK_W``,
-    three times for x0 (the sum of ``r``, then of ``w``, first). Memory: reads 4 B W values (x0: 9), writes 4 B —
-    launch-bound by design: it replaces small ops, not bandwidth.
+    fp64 (the steps' secants, read by x0); floor ``[B, W]`` fp64 (the residuals' rounding floor,
+    :func:`deqkern.ops.reference.rounding_floor`, read by x0 with ``HAS_FLOOR``). Grid ``(B,)``;
+    the window in blocks of ``BLOCK_W``, three times for x0 (the sum of ``r``, then of ``w``,
+    first). Memory: reads 4 B W values (x0: 9, 10 with a floor), writes 4 B — launch-bound by
+    design: it replaces small ops, not bandwidth.
     """
     b = tl.program_id(0).to(tl.int64)
     n = tl.load(nrows_ptr + b * stride_nrows_b)
@@ -173,7 +176,11 @@ def _round_status_kernel(
                                         stride_dev_j, j, n, tiny, r_left, SAFETY)
             r_left -= r_blk
             f64 = f.to(tl.float64)
-            cost = tl.where(f64 <= reach_sq * g.to(tl.float64), tl.sqrt(f64) * w_blk, float("inf"))
+            above = tl.sqrt(f64)
+            if HAS_FLOOR:  # a half-precision model: the residual its rounding alone gives is not charged
+                rho = tl.load(floor_ptr + b * stride_floor_b + j * stride_floor_j, mask=live, other=0.0)
+                above = tl.maximum(above - rho, 0.0)
+            cost = tl.where(f64 <= reach_sq * g.to(tl.float64), above * w_blk, float("inf"))
             cost = tl.where((j + 1) < n, cost, 0.0)
             run = spend + tl.cumsum(cost, axis=0)
             spend += tl.sum(cost, axis=0)
@@ -216,7 +223,8 @@ def round_status(
     f_sq: torch.Tensor, g_sq: torch.Tensor, nonfinite: torch.Tensor, t: torch.Tensor, n_rows: torch.Tensor,
     k0: torch.Tensor, rounds: torch.Tensor, noise_var: torch.Tensor, worst: torch.Tensor, res_log: torch.Tensor,
     done_round: torch.Tensor, bad_t: torch.Tensor, mult: torch.Tensor, spent: torch.Tensor, gain: torch.Tensor,
-    dev: torch.Tensor, *, stop: str, tol: float, dim: int, block_w: int | None = None,
+    dev: torch.Tensor, *, stop: str, tol: float, dim: int, floor: torch.Tensor | None = None,
+    block_w: int | None = None,
 ) -> torch.Tensor:
     """:func:`deqkern.ops.reference.round_status` as one kernel; returns ``delta``."""
     if f_sq.ndim != 2:
@@ -243,7 +251,8 @@ def round_status(
         raise TypeError(f"mult: expected a floating-point tensor (the scan's multipliers L), got {mult.dtype}")
     for name, v, shape in (("noise_var", noise_var, (steps,)), ("worst", worst, (batch,)),
                            ("res_log", res_log, (rows, batch)), ("spent", spent, (batch,)),
-                           ("gain", gain, (batch, width)), ("dev", dev, (batch, width))):
+                           ("gain", gain, (batch, width)), ("dev", dev, (batch, width)),
+                           *((("floor", floor, (batch, width)),) if floor is not None else ())):
         if v.shape != shape or v.dtype != torch.float64 or v.device != f_sq.device:
             raise ValueError(f"{name}: expected float64 of shape {shape} on {f_sq.device}, got {v.dtype} "
                              f"{tuple(v.shape)} on {v.device}")
@@ -252,10 +261,11 @@ def round_status(
     with on_device(f_sq.device):
         _round_status_kernel[(batch,)](
             f_sq, g_sq, nonfinite, t, n_rows, k0, rounds, noise_var, delta, worst, res_log, done_round, bad_t,
-            mult, spent, gain, dev, width, steps, dim, rows - 1, float(tol), LINEAR_REACH**2,
+            mult, spent, gain, dev, dev if floor is None else floor, width, steps, dim, rows - 1, float(tol), LINEAR_REACH**2,
             *f_sq.stride(), *g_sq.stride(), *nonfinite.stride(), *t.stride(), n_rows.stride(0), k0.stride(0),
             delta.stride(0), worst.stride(0), *res_log.stride(), done_round.stride(0), bad_t.stride(0),
-            *mult.stride(), spent.stride(0), *gain.stride(), *dev.stride(),
-            STOP=STOP_CODES[stop], ACC=acc_tl, BLOCK_W=block, SAFETY=SECANT_SAFETY, num_warps=num_warps_for(block),
+            *mult.stride(), spent.stride(0), *gain.stride(), *dev.stride(), *(dev if floor is None else floor).stride(),
+            STOP=STOP_CODES[stop], ACC=acc_tl, BLOCK_W=block, SAFETY=SECANT_SAFETY, HAS_FLOOR=floor is not None,
+            num_warps=num_warps_for(block),
         )
     return delta

@@ -13,9 +13,12 @@ import warnings
 import pytest
 import torch
 from conftest import digits_chain, rel_err
+from test_kernels import _rounding_floor, _status_inputs
 
 import deqkern
 from deqkern.graphs import state_tensors
+from deqkern.ops import reference
+from deqkern.ops.reference import rounding_floor
 from deqkern.sampling import HALF_TOL_FLOOR
 
 HALF = [torch.float16, torch.bfloat16]
@@ -154,6 +157,24 @@ def test_tol_below_floor_warns_by_name(dtype):
             deqkern.sample(_tiny(torch.float32), x, sched, tol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", HALF)
+def test_default_tol_is_the_floor_of_a_half_model(dtype):
+    """A solve that names no ``tol`` takes 1e-3 with a float32 model and the floor with a half one
+    (from ``x_T``'s dtype or ``model_dtype``), says so in ``info["tol"]`` and does not warn; a
+    ``tol`` named in a config wins."""
+    sched = _schedule(4)
+    x = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(5))
+    floor = HALF_TOL_FLOOR[dtype]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert deqkern.sample(_tiny(dtype), x.to(dtype), sched).info["tol"] == floor
+        assert deqkern.sample(_tiny(dtype), x, sched, model_dtype=dtype).info["tol"] == floor
+        assert deqkern.sample(_tiny(torch.float32), x, sched).info["tol"] == 1e-3
+        named = deqkern.sample(_tiny(dtype), x, sched, model_dtype=dtype, config={"tol": 2 * floor})
+        assert named.info["tol"] == 2 * floor
+    assert deqkern.sampling.default_tol(dtype) == floor and deqkern.sampling.default_tol(torch.float32) == 1e-3
+
+
 def test_half_precision_study_runs_quick(tmp_path):
     """``bench/solver_studies.py half-precision`` at --quick sizes: its command line stays true and
     it reports a floor per half dtype (of 1, 2 or 5 x 10^k) and a row per dtype."""
@@ -170,9 +191,9 @@ def test_half_precision_study_runs_quick(tmp_path):
 
 
 def test_digits_fp16_window_rounds_follow_float32():
-    """The trained digits UNet in float16, DDIM S = 100, window 10, tol 1e-2 (ten times the float16
-    floor), batch 4: every sample converged within ``tol`` of the float16 sequential x0, in at most
-    30 rounds (21 on 2026-12-01; a float32 model takes 23 at tol 1e-3). With the model's rounding
+    """The trained digits UNet in float16, DDIM S = 100, window 10, ten times the float16 floor,
+    batch 4: every sample converged within ``tol`` of the float16 sequential x0, in at most 30
+    rounds (21 at tol 1e-2 on 2026-12-01; a float32 model takes 23 at tol 1e-3). With the model's rounding
     charged as slack on its outputs' secants, no secant past the first rounds was a measurement and
     the solve took 81 rounds, nearly one row a round (docs/math.md §4.3, half-precision models)."""
     unet, sched = digits_chain(100)
@@ -185,3 +206,78 @@ def test_digits_fp16_window_rounds_follow_float32():
     assert res.all_converged and res.rounds <= 30, res.rounds_per_sample
     for b in range(x.shape[0]):
         assert rel_err(res.x0[b], ref[b]) <= tol, b
+
+
+def _floor_by_rows(e_norm, coef, live, eps):
+    """``rounding_floor``'s recurrence row by row in float64: ``rho_j^2 = L_j^2 rho_{j-1}^2 +
+    (MODEL_ROUNDING eps (|co_j| + |c0_j po_j|) ||e_j||)^2`` on live rows with finite outputs."""
+    c = coef.double()
+    out = torch.zeros(e_norm.shape, dtype=torch.float64)
+    for b in range(e_norm.shape[0]):
+        acc = 0.0
+        for j in range(e_norm.shape[1]):
+            local = reference.MODEL_ROUNDING * eps * (abs(float(c[b, j, 2])) + abs(float(c[b, j, 3] * c[b, j, 5])))
+            local *= float(e_norm[b, j])
+            keep = bool(live[b, j]) and torch.isfinite(torch.tensor(local))
+            acc = float(c[b, j, 0]) ** 2 * acc + (local**2 if keep else 0.0)
+            out[b, j] = acc**0.5
+    return out
+
+
+def test_rounding_floor_follows_the_scan():
+    """``rounding_floor`` (one logcumsumexp) against its recurrence row by row, float64, within
+    1e-10 relative: multipliers of either sign, above and below 1 and exactly 0 (the sum restarts),
+    clipped steps (``c0 po``), dead rows and a non-finite output (no rounding), wide ranges of
+    output norms."""
+    gen = torch.Generator().manual_seed(7)
+    batch, width = 3, 40
+    coef = torch.randn(batch, width, 7, generator=gen, dtype=torch.float64)
+    coef[..., 0] = torch.rand(batch, width, generator=gen, dtype=torch.float64) * 2.4 - 1.2
+    coef[0, 10, 0] = 0.0
+    coef[1, :, 3] = 0.0  # an affine chain: no predicted x0 term
+    e_norm = torch.exp(torch.empty(batch, width, dtype=torch.float64).uniform_(-5, 5, generator=gen))
+    e_norm[2, 5] = float("inf")
+    live = torch.ones(batch, width, dtype=torch.bool)
+    live[1, 30:] = False
+    eps = torch.finfo(torch.bfloat16).eps
+    got = rounding_floor(e_norm, coef, live, eps)
+    want = _floor_by_rows(e_norm, coef, live, eps)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, want, rtol=1e-10, atol=0.0), (got - want).abs().max()
+
+
+def test_rounding_floor_only_frees_rows():
+    """The x0 rule with a rounding floor freezes at least the rows it freezes without one, on
+    every sample, and more on some (random rounds of the kernel tests' inputs): the floor only
+    lowers what a residual costs."""
+    more = 0
+    for seed in range(20):
+        gen = torch.Generator().manual_seed(seed)
+        args = _status_inputs(5, 12, 30, 6, torch.float64, gen)
+        floor = _rounding_floor(args["f_sq"], gen)
+        plain = reference.round_status(**{k: v.clone() for k, v in args.items()}, stop="x0", tol=1e-3, dim=37)
+        freed = reference.round_status(**{k: v.clone() for k, v in args.items()}, stop="x0", tol=1e-3, dim=37,
+                                       floor=floor)
+        assert (freed >= plain).all(), (seed, plain, freed)
+        more += int((freed > plain).sum())
+    assert more > 0
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_digits_half_at_its_floor_takes_float32_rounds(dtype):
+    """The trained digits UNet in float16 and bfloat16, DDIM S = 100, full window, batch 4, ``tol``
+    at the dtype's floor: every sample converged within ``tol`` of the same-dtype sequential x0
+    (relative error, float64) in at most 25 rounds (float32 at tol 1e-3: 13). Charging the
+    residual of the model's own rounding took 62 (float16 at 2e-3) and 98 (bfloat16 at 1e-2)
+    rounds: the residuals stop at the rounding, which two sequential runs differ by too
+    (``deqkern.ops.reference.rounding_floor``, bench/solver_studies.py half-precision)."""
+    unet, sched = digits_chain(100)
+    unet = unet.to(dtype)
+    tol = HALF_TOL_FLOOR[dtype]
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(120))
+    with torch.no_grad():
+        ref = deqkern.sample_sequential(unet, x, sched, model_dtype=dtype).x0
+        res = deqkern.sample(unet, x, sched, tol=tol, model_dtype=dtype, execution="eager")
+    assert res.all_converged and res.rounds <= 25, res.rounds_per_sample
+    for b in range(x.shape[0]):
+        assert rel_err(res.x0[b], ref[b]) <= tol, (b, rel_err(res.x0[b], ref[b]))

@@ -630,24 +630,36 @@ def _secants(batch, width, gen):
     return {"gain": some(-1, 2), "dev": some(-8, 1)}
 
 
+def _rounding_floor(f_sq, gen):
+    """A half-precision model's rounding floor per row (float64): on about half the rows between 0
+    and twice the row's residual (so residuals below, at and above it), 0 on the others."""
+    share = torch.rand(f_sq.shape, generator=gen, dtype=torch.float64) * 2
+    rho = f_sq.to(torch.float64).nan_to_num(0.0).sqrt() * share
+    return torch.where(torch.rand(f_sq.shape, generator=gen) < 0.5, rho, 0.0)
+
+
 @pytest.mark.parametrize("stop", ["relative", "noise", "x0"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch,width,steps,block_w", [(5, 7, 19, None), (4, 40, 40, 16), (3, 1, 3, None)])
-def test_round_status_matches_reference(ops, stop, dtype, batch, width, steps, block_w):
+@pytest.mark.parametrize("with_floor", [False, True])
+def test_round_status_matches_reference(ops, stop, dtype, batch, width, steps, block_w, with_floor):
     """Rows to freeze, ``done_round`` and ``bad_t`` (the largest timestep of a live row with
     non-finite outputs, an atomic max across samples) exactly; ``worst`` and the window residual logged within
     1e-6 relative (the kernel sums the window in blocks: another order than torch's), the x0 rule's
     ``spent`` (fp64 sums) within 1e-12; ``worst``
     poisoned with NaN, the log with random values (only row ``min(rounds, max_iters)`` changes).
-    W not a power of two, windows wider than the block (the loop), W = 1, fp32 and fp64 norms."""
+    W not a power of two, windows wider than the block (the loop), W = 1, fp32 and fp64 norms;
+    with and without a half-precision model's rounding floor (read by the x0 rule only)."""
     gen = torch.Generator().manual_seed(batch * 1000 + width * 10 + steps)
     for tol in (1e-4, 1e-2, 0.5):  # few, some and most rows passing
         args = _status_inputs(batch, width, steps, 6, dtype, gen)
+        floor = _rounding_floor(args["f_sq"], gen) if with_floor else None
         want = {k: v.clone() for k, v in args.items()}
-        want_delta = reference.round_status(**want, stop=stop, tol=tol, dim=37)
+        want_delta = reference.round_status(**want, stop=stop, tol=tol, dim=37, floor=floor)
         got = dev(args)
         with poisoned_allocations():
-            got_delta = ops.round_status(**got, stop=stop, tol=tol, dim=37, block_w=block_w)
+            got_delta = ops.round_status(**got, stop=stop, tol=tol, dim=37, block_w=block_w,
+                                         floor=None if floor is None else dev({"floor": floor})["floor"])
         assert got_delta.cpu().tolist() == want_delta.tolist(), (tol, got_delta, want_delta)
         assert got["done_round"].cpu().tolist() == want["done_round"].tolist()
         assert got["bad_t"].cpu().tolist() == want["bad_t"].tolist()
@@ -674,3 +686,5 @@ def test_round_status_rejects_bad_input(ops):
         ops.round_status(**{**args, "spent": args["spent"].float()}, stop="x0", tol=1e-3, dim=4)
     with pytest.raises(ValueError, match="mult: expected shape"):
         ops.round_status(**{**args, "mult": args["mult"][:, :2]}, stop="x0", tol=1e-3, dim=4)
+    with pytest.raises(ValueError, match="floor: expected float64"):
+        ops.round_status(**args, stop="x0", tol=1e-3, dim=4, floor=args["f_sq"].sqrt())

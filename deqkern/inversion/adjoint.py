@@ -43,7 +43,7 @@ from deqkern.ops import step_rows
 from deqkern.ops.window import linear_scan
 from deqkern.schedule import COEF_FIELDS, Schedule, X0Transform
 from deqkern._validate import OptionError
-from deqkern.config import SolveConfig, solve_config
+from deqkern.config import DEFAULT_TOL, SolveConfig, solve_config
 
 AdjointForm = Literal["drift", "scan", "plain"]
 VJPMode = Literal["stored", "recompute"]
@@ -229,7 +229,8 @@ def solve_adjoint(
     p = Problem(
         coef=coef, timesteps=torch.arange(s, device=dev), noise_var=torch.ones(s, device=dev, dtype=torch.float64),
         noise=None, init=None, transform=X0Transform(), shape=torch.Size((batch, dim)), width=width,
-        tol=c.tol, stop=c.stop, max_iters=s if c.max_iters is None else c.max_iters,
+        tol=DEFAULT_TOL if c.tol is None else c.tol, stop=c.stop,
+        max_iters=s if c.max_iters is None else c.max_iters,
         # the plain and scan adjoints are both scans with the multipliers in coef's L column
         form="drift" if config.form == "drift" else "scan",
         entering="copy" if c.extrapolate is False else "linear",

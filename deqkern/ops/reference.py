@@ -128,24 +128,68 @@ def x0_row_weights(
 
 def x0_row_costs(
     f_sq: torch.Tensor, g_sq: torch.Tensor, mult: torch.Tensor, live: torch.Tensor, gain: torch.Tensor,
-    dev: torch.Tensor,
+    dev: torch.Tensor, floor: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[B, W]`` float64: what each row's residual costs x0 if the row is frozen, in units of
     ``||x0||`` (the ``x0`` rule's budget is ``tol``; math: :func:`x0_accepted_rows`, docs/math.md §4.3)::
 
-        c_j = ||F_j|| w_j      (w_j: :func:`x0_row_weights`; 0 unless row j + 1 is live)
+        c_j = max(||F_j|| - rho_j, 0) w_j   (w_j: :func:`x0_row_weights`; 0 unless row j + 1 is live)
             = inf where ||F_j|| > LINEAR_REACH ||G_j||            (outside the rule's first order)
 
-    Arguments as :func:`x0_row_weights`, with ``f_sq`` ``[B, W]`` the rows' squared residuals.
+    Arguments as :func:`x0_row_weights`, with ``f_sq`` ``[B, W]`` the rows' squared residuals and
+    ``floor`` ``[B, W]`` float64 ``rho``, the part of each residual a half-precision model's rounding
+    alone gives (:func:`rounding_floor`; None: 0).
     """
-    return _costs(f_sq, g_sq, live, x0_row_weights(g_sq, mult, live, gain, dev))
+    return _costs(f_sq, g_sq, live, x0_row_weights(g_sq, mult, live, gain, dev), floor)
 
 
-def _costs(f_sq: torch.Tensor, g_sq: torch.Tensor, live: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _costs(f_sq: torch.Tensor, g_sq: torch.Tensor, live: torch.Tensor, weight: torch.Tensor,
+           floor: torch.Tensor | None) -> torch.Tensor:
     """:func:`x0_row_costs` from the rows' weights."""
     f64 = f_sq.to(torch.float64)
-    cost = torch.where(f64 <= LINEAR_REACH**2 * g_sq.to(torch.float64), f64.sqrt() * weight, math.inf)
+    above = f64.sqrt() if floor is None else (f64.sqrt() - floor).clamp(min=0.0)
+    cost = torch.where(f64 <= LINEAR_REACH**2 * g_sq.to(torch.float64), above * weight, math.inf)
     return torch.where(_next_live(live), cost, 0.0)
+
+
+#: A half-precision model's output rounding, in units of its dtype's eps times ``||e||``: what the
+#: x0 rule takes for the residual one step carries from the model's rounding alone
+#: (:func:`rounding_floor`). chosen by bench/solver_studies.py half-precision
+MODEL_ROUNDING = 0.5
+
+
+def rounding_floor(e_norm: torch.Tensor, coef: torch.Tensor, live: torch.Tensor, eps: float) -> torch.Tensor:
+    """``[B, W]`` float64 ``rho_j``: the residual window row ``j`` carries from a half-precision
+    model's rounding alone, which the x0 rule does not charge (:func:`x0_row_costs`).
+
+    A model in float16 or bfloat16 rounds its input and its output: evaluated at the sequential
+    chain's own latents in another batch, it answers within about ``eps ||e||`` of the sequential
+    run's outputs, not equal to them, so a row's residual cannot go below that, and two sequential
+    runs differ at x0 by what it propagates to (``deqkern.sampling.HALF_TOL_FLOOR``). Step ``j``
+    reads its output with the weight ``a_j = |co_j| + |c0_j po_j|`` (the affine part and the
+    predicted x0, whose clip or threshold has slope at most 1), and the scan carries row ``j -
+    1``'s residual into row ``j``'s with ``L_j`` (``f_j = L_j f_{j-1} + s_j - x_{j+1}``). The
+    rounding of different rows is independent, so::
+
+        rho_j^2 = L_j^2 rho_{j-1}^2 + (MODEL_ROUNDING eps a_j ||e_j||)^2,    rho_{-1} = 0
+
+    computed as a sum in log space, ``rho_j^2 = P_j sum_{i <= j} (MODEL_ROUNDING eps a_i ||e_i||)^2 /
+    P_i`` with ``P_j = prod_{m <= j} L_m^2`` (clamped at the smallest normal, so ``L = 0`` does not
+    divide by zero): one ``logcumsumexp`` and no loop over the rows. A multistep step's output
+    also reads the row before's, whose rounding is left out: less is subtracted, not more.
+
+    ``e_norm``: ``[B, W]`` the rows' model output norms ``||e_j||``; ``coef``: ``[B, W, 7]`` the
+    rows' step coefficients (:meth:`deqkern.schedule.Schedule.packed`, ``L`` in field 0); ``live``:
+    ``[B, W]`` bool (dead rows and rows with non-finite outputs carry no rounding); ``eps``: the
+    model dtype's ``torch.finfo(dtype).eps``.
+    """
+    c = coef.to(torch.float64)
+    weight = c[..., 2].abs() + (c[..., 3] * c[..., 5]).abs()
+    local = MODEL_ROUNDING * eps * weight * e_norm.to(torch.float64)
+    local_sq = torch.where(live & torch.isfinite(local), local.square(), 0.0)
+    tiny = torch.finfo(torch.float64).tiny
+    log_p = c[..., 0].square().clamp(min=tiny).log().cumsum(dim=1)
+    return (0.5 * (log_p + torch.logcumsumexp(local_sq.log() - log_p, dim=1))).exp()
 
 
 def x0_accepted_rows(
@@ -234,7 +278,7 @@ def round_status(
     f_sq: torch.Tensor, g_sq: torch.Tensor, nonfinite: torch.Tensor, t: torch.Tensor, n_rows: torch.Tensor,
     k0: torch.Tensor, rounds: torch.Tensor, noise_var: torch.Tensor, worst: torch.Tensor, res_log: torch.Tensor,
     done_round: torch.Tensor, bad_t: torch.Tensor, mult: torch.Tensor, spent: torch.Tensor, gain: torch.Tensor,
-    dev: torch.Tensor, *, stop: str, tol: float, dim: int,
+    dev: torch.Tensor, *, stop: str, tol: float, dim: int, floor: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A round's stopping test and bookkeeping; returns ``delta`` ``[B]``, the rows each sample
     freezes (math: :func:`deqkern.kernels.round_status._round_status_kernel`).
@@ -252,7 +296,9 @@ def round_status(
     rule's budget spent so far, :func:`x0_accepted_rows`; other rules leave it). ``mult``:
     ``[B, W]`` the scan's multipliers ``L`` per row, ``gain``, ``dev``: ``[B, W]`` float64 the
     steps' measured secants (NaN: none; :func:`step_secants`), read by the x0 rule. ``stop``:
-    ``"relative"``, ``"noise"`` or ``"x0"``; ``dim``: D, the latent size (noise rule).
+    ``"relative"``, ``"noise"`` or ``"x0"``; ``dim``: D, the latent size (noise rule); ``floor``:
+    ``[B, W]`` float64 the residuals' rounding floor the x0 rule does not charge
+    (:func:`rounding_floor`; None: 0, a model in the state's dtype).
     """
     steps, width = noise_var.numel(), f_sq.shape[1]
     live = row_mask(n_rows, width)
@@ -263,7 +309,7 @@ def round_status(
         err = relative_row_error(f_sq, g_sq)
     if stop == "x0":
         weight = x0_row_weights(g_sq, mult, live, gain, dev)
-        cost = _costs(f_sq, g_sq, live, weight)
+        cost = _costs(f_sq, g_sq, live, weight, floor)
         delta = x0_accepted_rows(cost, weight, live, n_rows, steps - k0, tol, spent)
     else:
         delta = accepted_rows(live & (err <= tol), n_rows)
