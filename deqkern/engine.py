@@ -273,7 +273,7 @@ class StepSecants:
 
     def measure(
         self, xw: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, live: torch.Tensor, e: torch.Tensor,
-        f: torch.Tensor | None = None, scale: torch.Tensor | None = None, model_eps: float | None = None,
+        f: torch.Tensor | None = None, scale: torch.Tensor | None = None, coarse: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Record this round's inputs, step outputs and model outputs and the secants they give;
         returns ``(dx, ds, valid)``, the moves since the last round and where they are one row's
@@ -288,13 +288,14 @@ class StepSecants:
         move of 3e-4 of the latent, where DDIM S = 1000 measures ``J - L`` of 0.001, and no
         measurement at all below (docs/math.md §4.3). Chains with an x0 transform
         (:meth:`_measure_transformed`), multistep chains (:attr:`multistep`) and half-precision
-        models (``model_eps``) keep the scan's ``ds``. Fixed shapes, no host sync. ``xw``: the
-        window ``[B, W+1, D]`` before the commit; ``coef``: ``[B, W, 7]`` this round's step coefficients with the scan's ``L`` in field
-        0; ``e``, ``f``: ``[B, W, D]`` the round's model outputs and residuals (``f`` read on chains
+        models (``coarse``) keep the scan's ``ds``. Fixed shapes, no host sync. ``xw``: the
+        window ``[B, W+1, D]`` before the commit; ``coef``: ``[B, W, 7]`` this round's step
+        coefficients with the scan's ``L`` in field 0; ``e``, ``f``: ``[B, W, D]`` the round's
+        model outputs and residuals (``f`` read on chains
         with an x0 transform: how far a freeze can move the next row); ``scale``: ``[B, W]`` float64
         the rows' model-input scales (Problem.input_scale; None: 1), which the lend divides out;
-        ``model_eps``: the rounding unit of the model's outputs (``model_dtype``; None: ``x``'s);
-        coarser than ``x``'s, the secants come from the scan."""
+        ``coarse``: the model rounds coarser than ``x``'s dtype (a half-precision ``model_dtype``):
+        the secants come from the scan."""
         width = g.shape[1]
         x = xw[:, :width]
         mult = coef[..., 0]
@@ -314,7 +315,6 @@ class StepSecants:
         # S = 100 W = 25 26 rounds; dropping every secant below its slack, DDIM S = 1000 W = 10 69)
         # a half-precision model's secants come from the scan, its rounding counted in the slope: as
         # slack on its outputs (1e-3 in float16) it left no secant a measurement (docs/math.md §4.3)
-        coarse = model_eps is not None and model_eps > eps
         exact = self.transform is None and not self.multistep and not coarse
         e_slack = None
         if exact:
@@ -430,10 +430,10 @@ class StepSecants:
         """``[B, W]`` float64 the ``||J - L||`` the x0 rule uses (``h``: ``[B, W]`` the latents'
         gains, ops.reference.latent_gains; ``scale``: the rows' model-input scales, None: 1): the
         measured secant ``dev``, and on rows not measured yet (rows entering the window) the step's
-        own coefficients applied to the model's Jacobian measured on the others. A step without an x0 transform has ``J - L =
-        a I + b E`` (``a = cx - L``, ``b = co``), so along a measured row's move ``dx`` (unit, ``E dx``
-        measured) ``||(J - L) dx||^2 = (a + b <dx, E dx>)^2 + b^2 (||E dx||^2 - <dx, E dx>^2)``; the
-        rule bounds it over the measured rows (:attr:`lend`, :meth:`_lent`). The first part keeps
+        own coefficients applied to the model's Jacobian measured on the others. A step without
+        an x0 transform has ``J - L = a I + b E`` (``a = cx - L``, ``b = co``), so along a measured
+        row's move ``dx`` (unit, ``E dx`` measured) ``||(J - L) dx||^2 = (a + b <dx, E dx>)^2 + b^2
+        (||E dx||^2 - <dx, E dx>^2)``; the rule bounds it over the measured rows (:attr:`lend`, :meth:`_lent`). The first part keeps
         the cancellation of ``a`` against ``b E`` (``J`` near ``L``) that the triangle bound ``|a| +
         |b| ||E||`` loses: 20-40x on DDIM S = 1000, window 10 (bench/solver_studies.py lend). With
         nothing to borrow, a row's loose secant (:attr:`dev_loose`); before any measurement: NaN, the
@@ -821,9 +821,11 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     moves = None
     model_dtype = getattr(ev, "model_dtype", None)
     model_eps = None if model_dtype is None else torch.finfo(model_dtype).eps
+    # a half-precision model: its rounding is coarser than the state's (secants, rounding floor)
+    coarse = model_eps is not None and model_eps > torch.finfo(st.xw.dtype).eps
     if st.secants is not None:  # this round's secants of the steps, before the x0 rule reads them
         first = ~torch.isfinite(st.secants.lend[:, 2])  # samples measuring for the first time
-        moves = st.secants.measure(st.xw, res.g, coef, live, e, res.f, scale, model_eps)
+        moves = st.secants.measure(st.xw, res.g, coef, live, e, res.f, scale, coarse)
     gain, dev = p.unmeasured, p.unmeasured
     latent_sq = res.g_sq
     if p.stop == "x0":
@@ -848,7 +850,7 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     if st.secants is not None:
         gain, dev = st.secants.before_any_measurement(gain, dev, st.rounds == 0)
     floor = None
-    if p.stop == "x0" and model_eps is not None and model_eps > torch.finfo(st.xw.dtype).eps:
+    if p.stop == "x0" and coarse:
         # a half-precision model's residuals stop at its rounding, which two sequential runs differ
         # by too: charged, DDIM S = 100 at the floor took 62 (float16) and 98 (bfloat16) of 100
         # rounds (bench/solver_studies.py half-precision)

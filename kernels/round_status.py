@@ -258,13 +258,14 @@ def round_status(
                              f"{tuple(v.shape)} on {v.device}")
     block = pick_block("block_w", block_w, lambda: status_block_w(width))
     delta = torch.empty(batch, dtype=torch.int64, device=f_sq.device)
+    rho = dev if floor is None else floor  # any [B, W] fp64 pointer: unread without HAS_FLOOR
     with on_device(f_sq.device):
         _round_status_kernel[(batch,)](
             f_sq, g_sq, nonfinite, t, n_rows, k0, rounds, noise_var, delta, worst, res_log, done_round, bad_t,
-            mult, spent, gain, dev, dev if floor is None else floor, width, steps, dim, rows - 1, float(tol), LINEAR_REACH**2,
+            mult, spent, gain, dev, rho, width, steps, dim, rows - 1, float(tol), LINEAR_REACH**2,
             *f_sq.stride(), *g_sq.stride(), *nonfinite.stride(), *t.stride(), n_rows.stride(0), k0.stride(0),
             delta.stride(0), worst.stride(0), *res_log.stride(), done_round.stride(0), bad_t.stride(0),
-            *mult.stride(), spent.stride(0), *gain.stride(), *dev.stride(), *(dev if floor is None else floor).stride(),
+            *mult.stride(), spent.stride(0), *gain.stride(), *dev.stride(), *rho.stride(),
             STOP=STOP_CODES[stop], ACC=acc_tl, BLOCK_W=block, SAFETY=SECANT_SAFETY, HAS_FLOOR=floor is not None,
             num_warps=num_warps_for(block),
         )

@@ -85,11 +85,11 @@ def test_secant_along_a_long_move_is_dropped(monkeypatch):
     seen = {"long": 0, "near": 0}
     measure = engine.StepSecants.measure
 
-    def checked(self, xw, g, coef, live, e, f=None, scale=None, model_eps=None):
+    def checked(self, xw, g, coef, live, e, f=None, scale=None, coarse=False):
         x = xw[:, : g.shape[1]]
         moved = (x - self.x).norm(dim=-1) / x.norm(dim=-1)
         had = self.valid & live
-        out = measure(self, xw, g, coef, live, e, f, scale, model_eps)
+        out = measure(self, xw, g, coef, live, e, f, scale, coarse)
         long, near = had & (moved > LINEAR_REACH), had & (moved <= LINEAR_REACH) & (moved > 0)
         # J - L dropped; the gain kept (the rule takes the larger of it and the latent's)
         assert bool(self.dev[long].isnan().all()) and bool(torch.isfinite(self.gain[long]).all())
