@@ -46,8 +46,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -555,10 +556,17 @@ def predicted_speedup(t_rows: Callable[[int], float], rounds: Mapping[int, int],
             "speedup_p_vs_sequential": seq / many[wp], "sequential": seq}
 
 
-def init_from_env(device: str, error: Callable[[str], Any]) -> int:
-    """The WORLD group from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ...):
-    nccl on CUDA (each rank on ``cuda:LOCAL_RANK``), gloo on CPU; returns this rank. ``error``
-    reports a missing environment naming ``--distributed``."""
+@contextmanager
+def world_from_env(device: str, error: Callable[[str], Any]) -> Iterator[int]:
+    """The WORLD group from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ...)
+    for the ``with`` block: nccl on CUDA (each rank on ``cuda:LOCAL_RANK``), gloo on CPU; yields
+    this rank. ``error`` reports a missing environment naming ``--distributed``.
+
+    A block that ends normally meets the other ranks at a barrier and destroys the group. Without
+    that, a gloo rank that outlives its peers can abort at interpreter exit ("terminate called
+    without an active exception", pytorch/pytorch#190489) after its work is done. A block that
+    raises leaves the group as it is: a destroy there could wait forever on a rank that is still
+    inside a collective."""
     import os
 
     import torch.distributed as dist
@@ -572,4 +580,6 @@ def init_from_env(device: str, error: Callable[[str], Any]) -> int:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank()
+    yield dist.get_rank()
+    dist.barrier()
+    dist.destroy_process_group()

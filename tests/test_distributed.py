@@ -135,6 +135,35 @@ def test_bench_distributed_outside_torchrun(capsys, monkeypatch):
     assert "argument --distributed: run under torchrun (not set: RANK, WORLD_SIZE" in capsys.readouterr().err
 
 
+def test_bench_distributed_not_with_pipeline(capsys):
+    from deqkern.bench.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--pipeline", "sd-tiny", "--distributed", "--quick"])
+    assert exc.value.code == 2
+    assert "argument --distributed: not with --pipeline" in capsys.readouterr().err
+
+
+def test_world_from_env_destroys_the_group_after_a_normal_block(monkeypatch):
+    """The bench's group ends with the block, so no gloo rank outlives its peers holding it (that
+    aborted a rank at exit in CI); a block that raises leaves it, as a destroy could hang there."""
+    import torch.distributed as dist
+
+    from deqkern.distributed import world_from_env
+
+    env = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with world_from_env("cpu", pytest.fail) as rank:
+        assert rank == 0 and dist.is_initialized() and dist.get_backend() == "gloo"
+    assert not dist.is_initialized()
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    with pytest.raises(RuntimeError, match="inside the block"):
+        with world_from_env("cpu", pytest.fail):
+            raise RuntimeError("inside the block")
+    assert dist.is_initialized()
+    dist.destroy_process_group()
+
 def test_bad_input_without_a_group():
     import deqkern
     from deqkern.distributed import Group

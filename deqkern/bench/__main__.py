@@ -156,15 +156,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.pipeline is not None:
         from deqkern.bench import pipeline
 
+        if args.distributed:  # the pipeline run is one process: torchrun would run it P times over
+            parser.error("argument --distributed: not with --pipeline (the pipeline run uses one process)")
+
         return pipeline.main(args, argv)
+    if not args.distributed:
+        return _run(args, parser, rank=0)
+    from deqkern.distributed import world_from_env
+
+    with world_from_env(args.device, parser.error) as rank:
+        args.no_progress |= rank > 0
+        return _run(args, parser, rank)
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, rank: int) -> int:
+    """The benchmark itself; under ``--distributed`` every rank solves and rank 0 reports."""
     from deqkern.bench import report
 
-    rank = 0
-    if args.distributed:
-        from deqkern.distributed import init_from_env
-
-        rank = init_from_env(args.device, parser.error)
-        args.no_progress |= rank > 0
     try:
         result = run_benchmark(config_from_args(args), log=print if rank == 0 else lambda _: None)
     except OptionError as exc:
