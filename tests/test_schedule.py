@@ -111,25 +111,31 @@ def _diffusers_loop(unet, sched, x, steps, eta=0.0, noise=None):
     ids=str,
 )
 def test_sequential_equals_diffusers_loop(kind, cfg, eta):
-    """sample_sequential == a plain diffusers loop (same UNet, same noise), float32, rel err < 2e-5."""
-    steps, shape = 10, (2, 1, 8, 8)
-    unet = tiny_unet()
+    """sample_sequential == a plain diffusers loop (same UNet, same noise) in float64, rel err < 1e-6.
+
+    float64 so that only the schedules differ: diffusers' ``step`` rounds its coefficients from the
+    float32 ``alphas_cumprod`` in float32 (~1e-7 relative; measured up to 3.1e-7 on the clipped
+    chain). In float32 the clipped chain amplifies the model's own rounding to 2.9e-5 on one CPU
+    and below 2e-5 on another (the kink of the clip), which says nothing about the schedule."""
+    steps, shape, dt = 10, (2, 1, 8, 8), torch.float64
+    unet = tiny_unet().double()  # nn.Module.double(): diffusers' .to(dtype) warns about fp32 modules
     sched = _ddim(**cfg) if kind == "ddim" else _ddpm(**cfg)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=dt)
     s = deqkern.Schedule.from_diffusers(sched, steps, eta=eta)
     if kind == "ddim":
-        noise = torch.randn(steps, *shape, generator=torch.Generator().manual_seed(4)) if eta else None
+        noise = torch.randn(steps, *shape, generator=torch.Generator().manual_seed(4), dtype=dt) if eta else None
         ref = _diffusers_loop(unet, sched, x, steps, eta or 0.0, noise)
     else:
         sched.set_timesteps(steps)
         gen = torch.Generator().manual_seed(5)
-        draws = torch.Generator().manual_seed(5)
-        noise = torch.stack([torch.randn(shape, generator=draws) if t > 0 else torch.zeros(shape)
+        draws = torch.Generator().manual_seed(5)  # the draws diffusers' step makes, in the sample's dtype
+        noise = torch.stack([torch.randn(shape, generator=draws, dtype=dt) if t > 0 else torch.zeros(shape, dtype=dt)
                              for t in sched.timesteps])
         ref = _diffusers_loop(unet, sched, x, steps, noise=gen)
     with torch.no_grad():
         ours = deqkern.sample_sequential(unet, x, s, noise=noise if s.is_stochastic else None)
-    assert rel_err(ours.x0, ref) < 2e-5
+    assert ours.x0.dtype == dt
+    assert rel_err(ours.x0, ref) < 1e-6
 
 
 def test_from_config_dict_and_no_mutation():
