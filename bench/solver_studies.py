@@ -2,6 +2,7 @@
 
     python bench/solver_studies.py adjoint-vjp     # exact-gradient backward: time and peak memory per VJP mode
     python bench/solver_studies.py half-precision  # fp16/bf16 models: tolerance floor, rounds and x0 error vs fp32
+    python bench/solver_studies.py guided-half     # fp16/bf16 models under guidance: floor per scale, rounds
     python bench/solver_studies.py ops-per-round   # ATen ops of one fixed-shape round outside the model
     python bench/solver_studies.py stopping-rule   # x0 error at the solver's own stop against tol, many batches
     python bench/solver_studies.py stopping-x0     # the x0 rule against the relative rule: x0 error and rounds
@@ -555,6 +556,114 @@ def half_precision(quick: bool) -> dict[str, Any]:
                     "error of one batch per chain", "floor_quantile": FLOOR_QUANTILE,
             "model_rounding": rounding, "floors": floors, "floor_checks": checks, "floor_per_dtype": floor_of,
             "rounding_sweep": sweep, "rows": rows}
+
+
+class _DigitsCond(torch.nn.Module):
+    """The digits UNet fed ``k * x``, ``k`` the per-sample conditioning (cond 1, uncond 0.97): the
+    two halves of a guided call run different arithmetic and round independently, as two prompts
+    through a text-conditioned UNet do."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return self.unet(x * k.to(x.dtype).view(-1, 1, 1, 1), t).sample
+
+
+def _cfg(scale: float, batch: int) -> deqkern.Guidance:
+    return deqkern.Guidance(scale=scale, cond={"k": torch.ones(batch)}, uncond={"k": torch.full((1,), 0.97)})
+
+
+#: guidance scales the guided-half study compares (7.5: Stable Diffusion's default)
+GUIDANCE_SCALES = (1.0, 3.0, 7.5)
+
+
+def guided_half(quick: bool) -> dict[str, Any]:
+    """Half-precision models under classifier-free guidance (``Guidance.rounding_scale`` and
+    ``rounding_gain``; ``deqkern.sampling.tol_floor``).
+
+    1. The floor: per guidance scale and dtype, per sample the larger of two sequential-vs-
+       sequential differences of the guided chain (batched vs one sample per call; x_T moved by 4
+       float32 ulps), their ``FLOOR_QUANTILE`` and max, and its ratio to scale 1's against
+       ``rounding_gain``.
+    2. Rounds and x0 error / tol (against the same-dtype guided sequential sampler) at the default
+       tol, against the rule before guidance was accounted for: ``||e||`` of the guided output as
+       the rounding scale and the unguided floor as tol (``before``), and each half alone.
+    """
+    from deqkern import model as model_module
+    from deqkern.sampling import HALF_TOL_FLOOR, tol_floor
+
+    dtypes = [torch.float16, torch.bfloat16]
+    floor_steps, floor_seeds, floor_batch = (4, 1, 2) if quick else (25, 3, 4)
+    chains = [(4, None, 2)] if quick else [(25, None, 4), (100, None, 2), (100, 10, 2)]
+    unet32 = _digits()[0]
+    floors, rows = [], []
+    for dt in dtypes:
+        model = _DigitsCond(_digits()[0].to(dt)).eval()
+        schedule = deqkern.Schedule.from_diffusers(_digits()[1], floor_steps)
+        for scale in GUIDANCE_SCALES:
+            worst = []
+            for seed in range(floor_seeds):
+                x = torch.randn(floor_batch, 1, 8, 8, generator=torch.Generator().manual_seed(1000 * floor_steps + seed))
+                run = lambda xx: deqkern.sample_sequential(  # noqa: E731
+                    model, xx, schedule, model_dtype=dt, guidance=_cfg(scale, xx.shape[0]), execution="eager").x0
+                with torch.no_grad():
+                    ref = run(x)
+                    alone = torch.cat([run(x[i : i + 1]) for i in range(floor_batch)])
+                    moved = run(x * (1 + 4 * torch.finfo(torch.float32).eps))
+                worst += [max(a, m) for a, m in zip(_x0_errs(alone, ref), _x0_errs(moved, ref))]
+            floors.append({"dtype": str(dt), "scale": scale, "steps": floor_steps, "samples": len(worst),
+                           "quantile": _quantile(worst, FLOOR_QUANTILE), "max": max(worst),
+                           "rounding_gain": _cfg(scale, 1).rounding_gain, "tol_floor": tol_floor(dt, _cfg(scale, 1))})
+            f = floors[-1]
+            print(f"floor {dt} scale {scale:g}: quantile {FLOOR_QUANTILE} {f['quantile']:.2e}, max {f['max']:.2e}, "
+                  f"rounding gain {f['rounding_gain']:.2f}, tol floor {f['tol_floor']:.2e}", flush=True)
+    for f in floors:
+        one = next(g for g in floors if g["dtype"] == f["dtype"] and g["scale"] == 1.0)
+        f["quantile_over_scale_1"] = f["quantile"] / one["quantile"]
+    norm_scale = lambda self, u, c: model_module.row_norms(self.combine(u, c))  # noqa: E731
+    variants = {"now": (None, None), "before": (norm_scale, "unguided"), "only_scale": (None, "unguided"),
+                "only_tol": (norm_scale, None)}
+    for steps, window, batch in chains:
+        schedule = deqkern.Schedule.from_diffusers(_digits()[1], steps)
+        x = torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(120))
+        for dt in [torch.float32, *dtypes]:
+            model = _DigitsCond(unet32 if dt == torch.float32 else _digits()[0].to(dt)).eval()
+            for scale in GUIDANCE_SCALES if steps <= 25 else (7.5,):
+                g = _cfg(scale, batch)
+                mdt = None if dt == torch.float32 else dt
+                with torch.no_grad():
+                    seq = deqkern.sample_sequential(model, x, schedule, model_dtype=mdt, guidance=g,
+                                                    execution="eager").x0
+                for name, (rounding_scale, tol_rule) in variants.items():
+                    if dt == torch.float32 and name != "now":
+                        continue  # a float32 model has no rounding floor
+                    if (quick or steps > 25) and name in ("only_scale", "only_tol"):
+                        continue  # each half alone: on the short chain
+                    tol = HALF_TOL_FLOOR[dt] if tol_rule == "unguided" else None
+                    saved = model_module.Guidance.rounding_scale
+                    try:
+                        if rounding_scale is not None:
+                            model_module.Guidance.rounding_scale = rounding_scale
+                        with torch.no_grad(), warnings.catch_warnings():
+                            warnings.simplefilter("ignore")  # "before" runs below the floor: what it measures
+                            r = deqkern.sample(model, x, schedule, window=window, tol=tol, model_dtype=mdt,
+                                               guidance=g, execution="eager")
+                    finally:
+                        model_module.Guidance.rounding_scale = saved
+                    ratios = [e / r.info["tol"] for e in _x0_errs(r.x0, seq)]
+                    rows.append({"dtype": str(dt), "steps": steps, "window": window or steps, "batch": batch,
+                                 "scale": scale, "variant": name, "tol": r.info["tol"], "rounds": r.rounds,
+                                 "rounds_per_sample": list(r.rounds_per_sample), "converged": r.all_converged,
+                                 "x0_err_over_tol": ratios})
+                    print(f"S={steps:<4} W={window or steps:<4} {str(dt):<15} scale {scale:<4g} {name:<10} tol "
+                          f"{r.info['tol']:.2e}: rounds {r.rounds:>3} {list(r.rounds_per_sample)}, x0 err / tol "
+                          f"{', '.join(f'{v:.2f}' for v in ratios)}", flush=True)
+    return {"what": "digits UNet fed k x (cond k = 1, uncond 0.97) under classifier-free guidance, DDIM, eager, x_T "
+                    "float32 with model_dtype; floors: sequential vs sequential per sample; rows: one batch per "
+                    "chain, x0 error / tol against the same-dtype guided sequential sampler",
+            "floor_quantile": FLOOR_QUANTILE, "floors": floors, "rows": rows}
 
 
 def _longest_growth(residuals: list[list[float]], b: int) -> int:
@@ -1126,6 +1235,7 @@ def multistep_excess(quick: bool) -> dict[str, Any]:
 
 STUDIES = {"adjoint-vjp": adjoint_vjp, "ops-per-round": ops_per_round, "stopping-rule": stopping_rule,
            "stopping-x0": stopping_x0, "tail-chunks": tail_chunks, "half-precision": half_precision,
+           "guided-half": guided_half,
            "divergence": divergence, "multistep-rounds": multistep_rounds, "euler-coords": euler_coords,
            "budget": budget, "lend": lend, "entering": entering, "floors": floors, "starts": starts,
            "safety": safety, "clipped": clipped, "reach": reach, "multistep-excess": multistep_excess}

@@ -52,7 +52,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from deqkern.model import ModelEvaluator
+from deqkern.model import ModelEvaluator, row_norms
 
 #: ``process_group="world"``: the default (WORLD) group of ``init_process_group``
 WORLD = "world"
@@ -251,7 +251,8 @@ class RowSplitEvaluator(ModelEvaluator):
     group: Group | None = None
     stats: CommStats = field(default_factory=CommStats)
 
-    def raw(self, x: torch.Tensor, t: torch.Tensor, sample_idx: torch.Tensor) -> torch.Tensor:
+    def raw(self, x: torch.Tensor, t: torch.Tensor, sample_idx: torch.Tensor,
+            rounding: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         rows, g = x.shape[0], self.rows_per_latent
         if self.inputs is not None:
             x, t = self.inputs.apply(x, t)
@@ -274,10 +275,12 @@ class RowSplitEvaluator(ModelEvaluator):
         self.stats.local_rows += hi - lo
         self.stats.last_slice = hi - lo
         self.evaluations += total
-        if self.guidance is not None:
+        if self.guidance is None:
+            scale = row_norms(out) if rounding else None
+        else:
             u, c = out[:rows], out[rows:]
-            out = self.guidance.combine(u, c)
-        return out.to(x.dtype)
+            out, scale = self.guidance.combine(u, c), self.guidance.rounding_scale(u, c) if rounding else None
+        return (out.to(x.dtype), scale) if rounding else out.to(x.dtype)
 
     def _model_rows(self, x: torch.Tensor, t: torch.Tensor, idx: torch.Tensor, lo: int, hi: int) -> torch.Tensor | None:
         """Model rows ``[lo, hi)`` of the call's model batch (under guidance: uncond rows ``0..N-1``,
@@ -291,7 +294,7 @@ class RowSplitEvaluator(ModelEvaluator):
     def _chunk(self, xin: torch.Tensor, t: torch.Tensor, idx: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         n = xin.shape[0]
         if self.guidance is None:
-            return self._call_chunk(xin[lo:hi], t[lo:hi], idx[lo:hi])
+            return self._call_chunk(xin[lo:hi], t[lo:hi], idx[lo:hi], rounding=False)[0]
         u, c = slice(min(lo, n), min(hi, n)), slice(max(lo, n) - n, max(hi, n) - n)
         return self.guided_rows((xin[u], t[u], idx[u]), (xin[c], t[c], idx[c]))
 

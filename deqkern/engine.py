@@ -799,18 +799,32 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     t = p.timesteps[pos]
     scale = None if p.input_scale is None else p.input_scale[pos]
     ms = None if p.ms_coef is None else p.ms_coef[pos]
+    model_dtype = getattr(ev, "model_dtype", None)
+    model_eps = None if model_dtype is None else torch.finfo(model_dtype).eps
+    # a half-precision model: its rounding is coarser than the state's (secants, rounding floor)
+    coarse = model_eps is not None and model_eps > torch.finfo(st.xw.dtype).eps
+    # the x0 rule leaves a half model's rounding uncharged: the model call reports what it scales with
+    rounding = p.stop == "x0" and coarse
+    e_norm = None
     with annotate("model"):
         if static:
             rows_b = b_idx.unsqueeze(1).expand(batch, width).reshape(-1)
             x_in = st.xw[:, :width] if st.model_in is None else st.model_in
             # dead rows' outputs are ignored by the scan; live rows' non-finite outputs are
             # counted by it and recorded in bad_t by round_status: no pass of its own over e
-            e = ev.raw(x_in.reshape(-1, *p.shape[1:]), t.reshape(-1), rows_b).to(st.xw.dtype).reshape(batch, width, dim)
+            out = ev.raw(x_in.reshape(-1, *p.shape[1:]), t.reshape(-1), rows_b, rounding=rounding)
+            if rounding:
+                out, e_norm = out[0], out[1].reshape(batch, width)
+            e = out.to(st.xw.dtype).reshape(batch, width, dim)
         else:
             rows_b = b_idx.unsqueeze(1).expand(batch, width)[live]
             # unchecked: a non-finite output past row 0 is a diverged iterate (DivergenceGuard)
-            out = ev.raw(st.xw[:, :width][live].reshape(-1, *p.shape[1:]), t[live], rows_b)
+            out = ev.raw(st.xw[:, :width][live].reshape(-1, *p.shape[1:]), t[live], rows_b, rounding=rounding)
             e = torch.zeros(batch, width, dim, device=dev, dtype=st.xw.dtype)
+            if rounding:
+                out, live_norm = out
+                e_norm = torch.zeros(batch, width, device=dev, dtype=torch.float64)
+                e_norm[live] = live_norm
             e[live] = out.reshape(-1, dim)
     z = None if p.noise is None else p.noise[pos, b_idx.unsqueeze(1)]
     with annotate("scan"):
@@ -819,10 +833,6 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     # the stopping rule judges the rows before the first non-finite one (row 0 always)
     n_ok = finite_rows(res, n, j)
     moves = None
-    model_dtype = getattr(ev, "model_dtype", None)
-    model_eps = None if model_dtype is None else torch.finfo(model_dtype).eps
-    # a half-precision model: its rounding is coarser than the state's (secants, rounding floor)
-    coarse = model_eps is not None and model_eps > torch.finfo(st.xw.dtype).eps
     if st.secants is not None:  # this round's secants of the steps, before the x0 rule reads them
         first = ~torch.isfinite(st.secants.lend[:, 2])  # samples measuring for the first time
         moves = st.secants.measure(st.xw, res.g, coef, live, e, res.f, scale, coarse)
@@ -850,11 +860,12 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
     if st.secants is not None:
         gain, dev = st.secants.before_any_measurement(gain, dev, st.rounds == 0)
     floor = None
-    if p.stop == "x0" and coarse:
+    if rounding:
         # a half-precision model's residuals stop at its rounding, which two sequential runs differ
         # by too: charged, DDIM S = 100 at the floor took 62 (float16) and 98 (bfloat16) of 100
-        # rounds (bench/solver_studies.py half-precision)
-        e_norm = torch.linalg.vector_norm(e, dim=-1, dtype=torch.float64)
+        # rounds (bench/solver_studies.py half-precision). Under guidance the rounding is the
+        # guided outputs' (Guidance.rounding_scale): with ||e|| a guided DDIM S = 25 at scale 7.5
+        # took all 25 rounds (bench/solver_studies.py guided-half)
         floor = rounding_floor(e_norm, coef, live & (res.nonfinite == 0), model_eps)
     with annotate("status"):
         # the stopping test, the rows to freeze, the logs and SolveState.worst/done_round/bad_t/spent

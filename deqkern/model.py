@@ -89,6 +89,30 @@ class Guidance:
         rescaled = guided * (c.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
         return self.rescale * rescaled + (1 - self.rescale) * guided
 
+    @property
+    def rounding_gain(self) -> float:
+        """How many times a model's own rounding the guided output carries, before any rescale:
+        ``max(1, sqrt((1 - s)^2 + s^2))``, 9.96 at ``s = 7.5``. A half-precision model rounds ``u``
+        and ``c`` independently (different conditioning, different arithmetic), each by about
+        ``eps`` times its norm, and the guided output weighs them by ``1 - s`` and ``s``; it
+        scales the tolerance floor of a guided half model (:func:`deqkern.sampling.tol_floor`).
+        The rescale's factor (below 1 where guidance widens the output) is left out: the floor
+        stays at least what the model's rounding gives."""
+        return max(1.0, math.hypot(1.0 - self.scale, self.scale))
+
+    def rounding_scale(self, u: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``[R]`` float64: per row, the norm of the output whose rounding the guided output
+        carries, ``sqrt(((1 - s) ||u||)^2 + (s ||c||)^2)`` (see :attr:`rounding_gain`) times the
+        rescale's factor ``r std(c) / std(g) + 1 - r``: it stands for ``||e||`` in the rounding
+        floor of the x0 rule (:func:`deqkern.ops.reference.rounding_floor`)."""
+        nu, nc = (torch.linalg.vector_norm(v.flatten(1), dim=1, dtype=torch.float64) for v in (u, c))
+        scale = torch.hypot((1.0 - self.scale) * nu, self.scale * nc)
+        if self.rescale == 0:
+            return scale
+        u64, c64 = (v.flatten(1).to(torch.float64) for v in (u, c))
+        factor = c64.std(dim=1) / (u64 + self.scale * (c64 - u64)).std(dim=1)
+        return scale * (self.rescale * factor + 1 - self.rescale)
+
 
 def _check_halves(cond: Mapping[str, Any], uncond: Mapping[str, Any], path: str) -> None:
     """``cond`` and ``uncond`` can be concatenated key by key (``path``: the keys above, for errors)."""
@@ -200,27 +224,35 @@ class ModelEvaluator:
             raise NonFiniteModelOutput(f"model output is not finite in round {round_index} at {what} {ts}")
         return out
 
-    def raw(self, x: torch.Tensor, t: torch.Tensor, sample_idx: torch.Tensor) -> torch.Tensor:
-        """Model outputs in ``x``'s dtype, unchecked for NaN and without host syncs (CUDA-graph safe)."""
+    def raw(self, x: torch.Tensor, t: torch.Tensor, sample_idx: torch.Tensor,
+            rounding: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Model outputs in ``x``'s dtype, unchecked for NaN and without host syncs (CUDA-graph safe).
+        ``rounding``: also return ``[N]`` float64 the norm each row's rounding scales with, ``||e||``
+        or under guidance :meth:`Guidance.rounding_scale` (the x0 rule's rounding floor of a
+        half-precision model)."""
         rows = x.shape[0]
         if self.inputs is not None:
             x, t = self.inputs.apply(x, t)
         per_call = rows if self.max_batch is None else self.max_batch // self.rows_per_latent
-        outs = [
-            self._call_chunk(x[i : i + per_call], t[i : i + per_call], sample_idx[i : i + per_call])
+        chunks = [
+            self._call_chunk(x[i : i + per_call], t[i : i + per_call], sample_idx[i : i + per_call], rounding)
             for i in range(0, rows, per_call)
         ]
         self.evaluations += rows * self.rows_per_latent
-        out = torch.cat(outs) if len(outs) > 1 else outs[0]
-        return out.to(x.dtype)
+        outs, scales = zip(*chunks)
+        out = (torch.cat(outs) if len(outs) > 1 else outs[0]).to(x.dtype)
+        return (out, torch.cat(scales)) if rounding else out
 
-    def _call_chunk(self, x: torch.Tensor, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def _call_chunk(self, x: torch.Tensor, t: torch.Tensor, idx: torch.Tensor,
+                    rounding: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One model call's outputs and, if ``rounding``, their rows' rounding scales (:meth:`raw`)."""
         xin = x if self.model_dtype is None else x.to(self.model_dtype)
         if self.guidance is None:
             kwargs = gather_rows(self.model_kwargs, idx)
-            return _checked_shape(model_output_tensor(self.model(xin, t, **kwargs)), xin.shape)
+            out = _checked_shape(model_output_tensor(self.model(xin, t, **kwargs)), xin.shape)
+            return out, row_norms(out) if rounding else None
         u, c = self.guided_rows((xin, t, idx), (xin, t, idx)).chunk(2)
-        return self.guidance.combine(u, c)
+        return self.guidance.combine(u, c), self.guidance.rounding_scale(u, c) if rounding else None
 
     def guided_rows(self, uncond: tuple[torch.Tensor, ...], cond: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The raw guided model batch: one call on uncond rows ``(x, t, sample_idx)`` then cond rows
@@ -230,6 +262,11 @@ class ModelEvaluator:
               for half, extra in ((uncond, g.uncond), (cond, g.cond))]
         x, t = torch.cat([uncond[0], cond[0]]), torch.cat([uncond[1], cond[1]])
         return _checked_shape(model_output_tensor(self.model(x, t, **_concat(*kw))), x.shape)
+
+
+def row_norms(out: torch.Tensor) -> torch.Tensor:
+    """``[N]`` float64 per-row L2 norms of ``out`` ``[N, ...]``."""
+    return torch.linalg.vector_norm(out.flatten(1), dim=1, dtype=torch.float64)
 
 
 def _checked_shape(out: torch.Tensor, expected: torch.Size) -> torch.Tensor:

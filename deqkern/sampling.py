@@ -96,16 +96,27 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 #: float32 ulps: the model rounds its input) or x0's cast to that dtype differ at x0 by about half
 #: of it, and a parallel solve, which batches its rows differently again and leaves the residual of
 #: the model's rounding uncharged (ops.reference.rounding_floor), by up to it (chains that amplify
-#: rounding differ more). The default ``tol`` of a half model (:func:`default_tol`).
+#: rounding differ more). The default ``tol`` of a half model (:func:`default_tol`); under
+#: classifier-free guidance it scales with the guidance (:func:`tol_floor`).
 #: chosen by bench/solver_studies.py half-precision
 HALF_TOL_FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-def default_tol(model_dtype: torch.dtype | None) -> float:
+def tol_floor(model_dtype: torch.dtype | None, guidance: Guidance | None = None) -> float:
+    """The least ``tol`` a model fed ``model_dtype`` can be held to (0: no floor): the dtype's
+    :data:`HALF_TOL_FLOOR`, under classifier-free guidance times :attr:`Guidance.rounding_gain`,
+    since the guided output carries the rounding of both outputs, each weighed by its guidance
+    weight (two sequential float16 runs of the guided digits chain at scale 7.5 differ 10x more
+    than at scale 1: bench/solver_studies.py guided-half)."""
+    floor = HALF_TOL_FLOOR.get(model_dtype, 0.0)
+    return floor if guidance is None else floor * guidance.rounding_gain
+
+
+def default_tol(model_dtype: torch.dtype | None, guidance: Guidance | None = None) -> float:
     """The ``tol`` of a solve that names none (``SolveConfig.tol`` None): :data:`DEFAULT_TOL`, or
-    the model dtype's floor (:data:`HALF_TOL_FLOOR`) where that is higher, since a half-precision
-    model cannot be held to less."""
-    return max(DEFAULT_TOL, HALF_TOL_FLOOR.get(model_dtype, 0.0))
+    the floor (:func:`tol_floor`) where that is higher, since a half-precision model cannot be held
+    to less."""
+    return max(DEFAULT_TOL, tol_floor(model_dtype, guidance))
 
 
 def solve_precision(x_dtype: torch.dtype, ev: ModelEvaluator) -> tuple[torch.dtype, ModelEvaluator]:
@@ -122,14 +133,15 @@ def solve_precision(x_dtype: torch.dtype, ev: ModelEvaluator) -> tuple[torch.dty
     return torch.float32, dataclasses.replace(ev, model_dtype=x_dtype)
 
 
-def _warn_below_floor(tol: float, model_dtype: torch.dtype | None) -> None:
+def _warn_below_floor(tol: float, model_dtype: torch.dtype | None, guidance: Guidance | None) -> None:
     """A ``UserWarning`` naming ``tol``, the dtype and its floor when ``tol`` is below what a model
-    in that dtype can be held to (``HALF_TOL_FLOOR``), pointing at the caller of
+    in that dtype can be held to (:func:`tol_floor`), pointing at the caller of
     ``ParallelSampler.__call__`` (which calls ``_solve``, which calls this)."""
-    floor = HALF_TOL_FLOOR.get(model_dtype)
-    if floor is not None and tol < floor:
+    floor = tol_floor(model_dtype, guidance)
+    if tol < floor:
+        what = f"a {model_dtype} model" + ("" if guidance is None else f" at guidance scale {guidance.scale:g}")
         warnings.warn(
-            f"tol={tol:g} is below the tolerance floor {floor:g} of a {model_dtype} model (the model's rounding "
+            f"tol={tol:g} is below the tolerance floor {floor:g} of {what} (the model's rounding "
             f"alone moves x0 by up to that much, one sample in ten further): converged=True cannot mean x0 within "
             f"tol; use tol >= {floor:g} (the default) or a float32 model", UserWarning, stacklevel=4,
         )
@@ -503,7 +515,7 @@ class ParallelSampler:
         key = (tuple(shape), x_T.dtype, x_T.device, noise is not None, init is not None, return_trajectory, execution,
                torch.is_inference_mode_enabled(), None if ev is None else id(ev))
         state_dtype, ev = solve_precision(x_T.dtype, self.ev if ev is None else ev)
-        _warn_below_floor(self._tol(ev.model_dtype or x_T.dtype), ev.model_dtype or x_T.dtype)
+        _warn_below_floor(self._tol(ev.model_dtype or x_T.dtype), ev.model_dtype or x_T.dtype, ev.guidance)
         width, auto, auto_key = self.config.window, {}, (tuple(shape), state_dtype, x_T.device)
         if self._auto is not None:
             width, auto = self._auto_window(auto_key, x_T.to(state_dtype), ev)
@@ -534,8 +546,9 @@ class ParallelSampler:
         )
 
     def _tol(self, model_dtype: torch.dtype) -> float:
-        """This sampler's ``tol``, or the default for a model fed ``model_dtype`` (:func:`default_tol`)."""
-        return default_tol(model_dtype) if self.config.tol is None else self.config.tol
+        """This sampler's ``tol``, or the default for a model fed ``model_dtype`` under this
+        sampler's guidance (:func:`default_tol`)."""
+        return default_tol(model_dtype, self.ev.guidance) if self.config.tol is None else self.config.tol
 
     def _auto_window(self, key: tuple, x: torch.Tensor, ev: ModelEvaluator) -> tuple[int | None, dict[str, Any]]:
         """``window="auto"``'s window for ``x`` of signature ``key`` (None: sequential) and its

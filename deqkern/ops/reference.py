@@ -178,7 +178,12 @@ def rounding_floor(e_norm: torch.Tensor, coef: torch.Tensor, live: torch.Tensor,
     divide by zero): one ``logcumsumexp`` and no loop over the rows. A multistep step's output
     also reads the row before's, whose rounding is left out: less is subtracted, not more.
 
-    ``e_norm``: ``[B, W]`` the rows' model output norms ``||e_j||``; ``coef``: ``[B, W, 7]`` the
+    Under classifier-free guidance the output is ``u + s (c - u)`` of two outputs that round
+    independently, so ``||e_j||`` stands for ``sqrt(((1 - s) ||u_j||)^2 + (s ||c_j||)^2)``
+    (:meth:`deqkern.Guidance.rounding_scale`; ten times ``||e||`` at ``s = 7.5``).
+
+    ``e_norm``: ``[B, W]`` the rows' rounding scales: model output norms ``||e_j||``, or the
+    guided rows' rounding scales (``ModelEvaluator.raw(..., rounding=True)``); ``coef``: ``[B, W, 7]`` the
     rows' step coefficients (:meth:`deqkern.schedule.Schedule.packed`, ``L`` in field 0); ``live``:
     ``[B, W]`` bool (dead rows and rows with non-finite outputs carry no rounding); ``eps``: the
     model dtype's ``torch.finfo(dtype).eps``.
