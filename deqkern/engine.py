@@ -865,8 +865,9 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
         # by too: charged, DDIM S = 100 at the floor took 62 (float16) and 98 (bfloat16) of 100
         # rounds (bench/solver_studies.py half-precision). Under guidance the rounding is the
         # guided outputs' (Guidance.rounding_scale): with ||e|| a guided DDIM S = 25 at scale 7.5
-        # took all 25 rounds (bench/solver_studies.py guided-half)
-        floor = rounding_floor(e_norm, coef, live & (res.nonfinite == 0), model_eps)
+        # took all 25 rounds (bench/solver_studies.py guided-half). The rounding travels with the
+        # steps' gains, the rule's own (rounding_floor)
+        floor = rounding_floor(e_norm, coef, live & (res.nonfinite == 0), model_eps, gain)
     with annotate("status"):
         # the stopping test, the rows to freeze, the logs and SolveState.worst/done_round/bad_t/spent
         mult = x0_multipliers(p, coef, pos, res, st.xw[:, 0])

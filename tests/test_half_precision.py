@@ -208,9 +208,10 @@ def test_digits_fp16_window_rounds_follow_float32():
         assert rel_err(res.x0[b], ref[b]) <= tol, b
 
 
-def _floor_by_rows(e_norm, coef, live, eps):
-    """``rounding_floor``'s recurrence row by row in float64: ``rho_j^2 = L_j^2 rho_{j-1}^2 +
-    (MODEL_ROUNDING eps (|co_j| + |c0_j po_j|) ||e_j||)^2`` on live rows with finite outputs."""
+def _floor_by_rows(e_norm, coef, live, eps, gain=None):
+    """``rounding_floor``'s recurrence row by row in float64: ``rho_j^2 = g_j^2 rho_{j-1}^2 +
+    (MODEL_ROUNDING eps (|co_j| + |c0_j po_j|) ||e_j||)^2`` on live rows with finite outputs,
+    ``g_j`` the measured gain where finite, else ``|L_j|``."""
     c = coef.double()
     out = torch.zeros(e_norm.shape, dtype=torch.float64)
     for b in range(e_norm.shape[0]):
@@ -219,14 +220,15 @@ def _floor_by_rows(e_norm, coef, live, eps):
             local = reference.MODEL_ROUNDING * eps * (abs(float(c[b, j, 2])) + abs(float(c[b, j, 3] * c[b, j, 5])))
             local *= float(e_norm[b, j])
             keep = bool(live[b, j]) and torch.isfinite(torch.tensor(local))
-            acc = float(c[b, j, 0]) ** 2 * acc + (local**2 if keep else 0.0)
+            g = float(c[b, j, 0]) if gain is None or not torch.isfinite(gain[b, j]) else float(gain[b, j])
+            acc = g**2 * acc + (local**2 if keep else 0.0)
             out[b, j] = acc**0.5
     return out
 
 
 def test_rounding_floor_follows_the_scan():
     """``rounding_floor`` (one logcumsumexp) against its recurrence row by row, float64, within
-    1e-10 relative: multipliers of either sign, above and below 1 and exactly 0 (the sum restarts),
+    1e-10 relative, carried by ``L`` and by measured gains (NaN where none): multipliers of either sign, above and below 1 and exactly 0 (the sum restarts),
     clipped steps (``c0 po``), dead rows and a non-finite output (no rounding), wide ranges of
     output norms."""
     gen = torch.Generator().manual_seed(7)
@@ -242,6 +244,14 @@ def test_rounding_floor_follows_the_scan():
     eps = torch.finfo(torch.bfloat16).eps
     got = rounding_floor(e_norm, coef, live, eps)
     want = _floor_by_rows(e_norm, coef, live, eps)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, want, rtol=1e-10, atol=0.0), (got - want).abs().max()
+    # the steps' measured gains carry it where measured (NaN: |L|), 0 restarting the sum there too
+    gain = torch.rand(batch, width, generator=gen, dtype=torch.float64) * 2.5
+    gain[0, :8] = float("nan")
+    gain[1, 20] = 0.0
+    got = rounding_floor(e_norm, coef, live, eps, gain)
+    want = _floor_by_rows(e_norm, coef, live, eps, gain)
     assert torch.isfinite(got).all()
     assert torch.allclose(got, want, rtol=1e-10, atol=0.0), (got - want).abs().max()
 

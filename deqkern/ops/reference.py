@@ -158,7 +158,8 @@ def _costs(f_sq: torch.Tensor, g_sq: torch.Tensor, live: torch.Tensor, weight: t
 MODEL_ROUNDING = 0.5
 
 
-def rounding_floor(e_norm: torch.Tensor, coef: torch.Tensor, live: torch.Tensor, eps: float) -> torch.Tensor:
+def rounding_floor(e_norm: torch.Tensor, coef: torch.Tensor, live: torch.Tensor, eps: float,
+                   gain: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, W]`` float64 ``rho_j``: the residual window row ``j`` carries from a half-precision
     model's rounding alone, which the x0 rule does not charge (:func:`x0_row_costs`).
 
@@ -167,16 +168,25 @@ def rounding_floor(e_norm: torch.Tensor, coef: torch.Tensor, live: torch.Tensor,
     run's outputs, not equal to them, so a row's residual cannot go below that, and two sequential
     runs differ at x0 by what it propagates to (``deqkern.sampling.HALF_TOL_FLOOR``). Step ``j``
     reads its output with the weight ``a_j = |co_j| + |c0_j po_j|`` (the affine part and the
-    predicted x0, whose clip or threshold has slope at most 1), and the scan carries row ``j -
-    1``'s residual into row ``j``'s with ``L_j`` (``f_j = L_j f_{j-1} + s_j - x_{j+1}``). The
-    rounding of different rows is independent, so::
+    predicted x0, whose clip or threshold has slope at most 1): the rounding ``nu_j`` it adds.
 
-        rho_j^2 = L_j^2 rho_{j-1}^2 + (MODEL_ROUNDING eps a_j ||e_j||)^2,    rho_{-1} = 0
+    The window carries it on with the step's Jacobian ``J_j``, not only the scan's ``L_j``: within
+    a round the scan gives ``f_j = L_j f_{j-1} + F_j``, and between rounds row ``j``'s input moves
+    by the upstream residual ``f_{j-1}`` (Picard's update), to which the step answers with ``J_j``,
+    so once the rows stop moving but for rounding ``F_j = (J_j - L_j) f_{j-1} + nu_j`` and
+    ``f_j = J_j f_{j-1} + nu_j``. The rounding of different rows is independent, so::
 
-    computed as a sum in log space, ``rho_j^2 = P_j sum_{i <= j} (MODEL_ROUNDING eps a_i ||e_i||)^2 /
-    P_i`` with ``P_j = prod_{m <= j} L_m^2`` (clamped at the smallest normal, so ``L = 0`` does not
-    divide by zero): one ``logcumsumexp`` and no loop over the rows. A multistep step's output
-    also reads the row before's, whose rounding is left out: less is subtracted, not more.
+        rho_j^2 = g_j^2 rho_{j-1}^2 + (MODEL_ROUNDING eps a_j ||e_j||)^2,    rho_{-1} = 0
+
+    with ``g_j`` the step's measured gain ``||J_j||`` (``gain``; ``|L_j|`` where none was
+    measured). With ``L`` alone, a float16 digits chain at guidance 7.5 (``J - L`` reads about 1
+    near x0) stalled at residuals 2-3x ``rho`` and took 30 rounds, 15 with the gain (float32: 16);
+    unguided chains, where ``J`` is near ``L``, take the same rounds either way
+    (bench/solver_studies.py guided-half). Computed as a sum in log space, ``rho_j^2 = P_j
+    sum_{i <= j} (MODEL_ROUNDING eps a_i ||e_i||)^2 / P_i`` with ``P_j = prod_{m <= j} g_m^2``
+    (clamped at the smallest normal, so ``g = 0`` does not divide by zero): one ``logcumsumexp``
+    and no loop over the rows. A multistep step's output also reads the row before's, whose
+    rounding is left out: less is subtracted, not more.
 
     Under classifier-free guidance the output is ``u + s (c - u)`` of two outputs that round
     independently, so ``||e_j||`` stands for ``sqrt(((1 - s) ||u_j||)^2 + (s ||c_j||)^2)``
@@ -186,14 +196,16 @@ def rounding_floor(e_norm: torch.Tensor, coef: torch.Tensor, live: torch.Tensor,
     guided rows' rounding scales (``ModelEvaluator.raw(..., rounding=True)``); ``coef``: ``[B, W, 7]`` the
     rows' step coefficients (:meth:`deqkern.schedule.Schedule.packed`, ``L`` in field 0); ``live``:
     ``[B, W]`` bool (dead rows and rows with non-finite outputs carry no rounding); ``eps``: the
-    model dtype's ``torch.finfo(dtype).eps``.
+    model dtype's ``torch.finfo(dtype).eps``; ``gain``: ``[B, W]`` float64 the steps' measured
+    ``||J||`` as the x0 rule reads them (NaN: none; None: ``|L|`` everywhere).
     """
     c = coef.to(torch.float64)
     weight = c[..., 2].abs() + (c[..., 3] * c[..., 5]).abs()
     local = MODEL_ROUNDING * eps * weight * e_norm.to(torch.float64)
     local_sq = torch.where(live & torch.isfinite(local), local.square(), 0.0)
+    carry = c[..., 0].abs() if gain is None else torch.where(torch.isfinite(gain), gain, c[..., 0].abs())
     tiny = torch.finfo(torch.float64).tiny
-    log_p = c[..., 0].square().clamp(min=tiny).log().cumsum(dim=1)
+    log_p = carry.square().clamp(min=tiny).log().cumsum(dim=1)
     return (0.5 * (log_p + torch.logcumsumexp(local_sq.log() - log_p, dim=1))).exp()
 
 
