@@ -52,7 +52,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from deqkern.model import ModelEvaluator, row_norms
+from deqkern.model import ModelEvaluator
 
 #: ``process_group="world"``: the default (WORLD) group of ``init_process_group``
 WORLD = "world"
@@ -275,11 +275,7 @@ class RowSplitEvaluator(ModelEvaluator):
         self.stats.local_rows += hi - lo
         self.stats.last_slice = hi - lo
         self.evaluations += total
-        if self.guidance is None:
-            scale = row_norms(out) if rounding else None
-        else:
-            u, c = out[:rows], out[rows:]
-            out, scale = self.guidance.combine(u, c), self.guidance.rounding_scale(u, c) if rounding else None
+        out, scale = self.finish(out, rounding)
         return (out.to(x.dtype), scale) if rounding else out.to(x.dtype)
 
     def _model_rows(self, x: torch.Tensor, t: torch.Tensor, idx: torch.Tensor, lo: int, hi: int) -> torch.Tensor | None:

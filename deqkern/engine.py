@@ -814,7 +814,8 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
             # counted by it and recorded in bad_t by round_status: no pass of its own over e
             out = ev.raw(x_in.reshape(-1, *p.shape[1:]), t.reshape(-1), rows_b, rounding=rounding)
             if rounding:
-                out, e_norm = out[0], out[1].reshape(batch, width)
+                out, row_scale = out
+                e_norm = row_scale.reshape(batch, width)
             e = out.to(st.xw.dtype).reshape(batch, width, dim)
         else:
             rows_b = b_idx.unsqueeze(1).expand(batch, width)[live]
@@ -822,9 +823,9 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
             out = ev.raw(st.xw[:, :width][live].reshape(-1, *p.shape[1:]), t[live], rows_b, rounding=rounding)
             e = torch.zeros(batch, width, dim, device=dev, dtype=st.xw.dtype)
             if rounding:
-                out, live_norm = out
+                out, row_scale = out
                 e_norm = torch.zeros(batch, width, device=dev, dtype=torch.float64)
-                e_norm[live] = live_norm
+                e_norm[live] = row_scale
             e[live] = out.reshape(-1, dim)
     z = None if p.noise is None else p.noise[pos, b_idx.unsqueeze(1)]
     with annotate("scan"):
@@ -861,12 +862,9 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
         gain, dev = st.secants.before_any_measurement(gain, dev, st.rounds == 0)
     floor = None
     if rounding:
-        # a half-precision model's residuals stop at its rounding, which two sequential runs differ
-        # by too: charged, DDIM S = 100 at the floor took 62 (float16) and 98 (bfloat16) of 100
-        # rounds (bench/solver_studies.py half-precision). Under guidance the rounding is the
-        # guided outputs' (Guidance.rounding_scale): with ||e|| a guided DDIM S = 25 at scale 7.5
-        # took all 25 rounds (bench/solver_studies.py guided-half). The rounding travels with the
-        # steps' gains, the rule's own (rounding_floor)
+        # a half-precision model's residuals stop at its rounding (under guidance, both outputs'),
+        # which two sequential runs differ by too: charged, it spends the whole budget
+        # (bench/solver_studies.py half-precision, guided-half)
         floor = rounding_floor(e_norm, coef, live & (res.nonfinite == 0), model_eps, gain)
     with annotate("status"):
         # the stopping test, the rows to freeze, the logs and SolveState.worst/done_round/bad_t/spent

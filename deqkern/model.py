@@ -249,9 +249,15 @@ class ModelEvaluator:
         xin = x if self.model_dtype is None else x.to(self.model_dtype)
         if self.guidance is None:
             kwargs = gather_rows(self.model_kwargs, idx)
-            out = _checked_shape(model_output_tensor(self.model(xin, t, **kwargs)), xin.shape)
+            return self.finish(_checked_shape(model_output_tensor(self.model(xin, t, **kwargs)), xin.shape), rounding)
+        return self.finish(self.guided_rows((xin, t, idx), (xin, t, idx)), rounding)
+
+    def finish(self, out: torch.Tensor, rounding: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A model batch ``out`` (under guidance: the uncond rows, then as many cond rows) as the
+        rows' outputs, guided where guidance is set, and, if ``rounding``, their rounding scales."""
+        if self.guidance is None:
             return out, row_norms(out) if rounding else None
-        u, c = self.guided_rows((xin, t, idx), (xin, t, idx)).chunk(2)
+        u, c = out.chunk(2)
         return self.guidance.combine(u, c), self.guidance.rounding_scale(u, c) if rounding else None
 
     def guided_rows(self, uncond: tuple[torch.Tensor, ...], cond: tuple[torch.Tensor, ...]) -> torch.Tensor:

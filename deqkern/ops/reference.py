@@ -179,10 +179,8 @@ def rounding_floor(e_norm: torch.Tensor, coef: torch.Tensor, live: torch.Tensor,
         rho_j^2 = g_j^2 rho_{j-1}^2 + (MODEL_ROUNDING eps a_j ||e_j||)^2,    rho_{-1} = 0
 
     with ``g_j`` the step's measured gain ``||J_j||`` (``gain``; ``|L_j|`` where none was
-    measured). With ``L`` alone, a float16 digits chain at guidance 7.5 (``J - L`` reads about 1
-    near x0) stalled at residuals 2-3x ``rho`` and took 30 rounds, 15 with the gain (float32: 16);
-    unguided chains, where ``J`` is near ``L``, take the same rounds either way
-    (bench/solver_studies.py guided-half). Computed as a sum in log space, ``rho_j^2 = P_j
+    measured): with ``L`` alone, guided chains, whose ``J - L`` is large near x0, stalled at
+    residuals above ``rho`` (bench/solver_studies.py guided-half). Computed as a sum in log space, ``rho_j^2 = P_j
     sum_{i <= j} (MODEL_ROUNDING eps a_i ||e_i||)^2 / P_i`` with ``P_j = prod_{m <= j} g_m^2``
     (clamped at the smallest normal, so ``g = 0`` does not divide by zero): one ``logcumsumexp``
     and no loop over the rows. A multistep step's output also reads the row before's, whose
