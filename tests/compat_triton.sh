@@ -14,7 +14,7 @@ python3 -m venv "$venv"
 python -m pip install --quiet --upgrade pip
 # CPU torch first (an unpinned torch would pull a CUDA build); hypothesis for tests/conftest.py. numpy < 2.3: triton 3.6's
 # interpreter turns 1-element arrays into Python ints with int(), which numpy 2.3 refuses.
-python -m pip install --quiet torch==2.13.0 "triton==$version" "numpy<2.3" pytest hypothesis
+python -m pip install --quiet torch==2.13.0 "triton==$version" "numpy<2.3" pytest pytest-xdist hypothesis
 python -m pip install --quiet --no-deps .
 python -c "import triton; assert triton.__version__ == '$version', triton.__version__"
-pytest -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_kernels_aot.py
+pytest -n auto -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_kernels_aot.py

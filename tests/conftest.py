@@ -13,10 +13,16 @@ from hypothesis import HealthCheck, settings
 # imported (diffusers imports it too). Import the dispatch first — it reads TRITON_INTERPRET once,
 # so every other test keeps the reference on CPU — then set the variable before anything can
 # import triton. On CUDA the same kernel tests run compiled.
+# A pytest-xdist worker inherits the variable the controller's conftest set: drop it before the
+# dispatch reads it, or every test would run interpreted kernels (40x slower).
+_SET_HERE = "DEQKERN_TESTS_SET_TRITON_INTERPRET"
+if os.environ.get(_SET_HERE):
+    os.environ.pop("TRITON_INTERPRET", None)
 import deqkern.ops.dispatch  # noqa: E402,F401  (order matters: see above)
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ[_SET_HERE] = "1"
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -6,5 +6,7 @@
 #      numbers come from `pytest bench/ --benchmark-only` on a GPU (bench/gpu_suite.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-pytest -rs "$@" tests
+# one worker per core (pytest-xdist): the tests run single-threaded (tests/conftest.py); `-n 0` runs
+# them in this process
+pytest -n auto -rs "$@" tests
 pytest -q -p no:cacheprovider bench --benchmark-disable

@@ -26,8 +26,10 @@ def _jsonl(path: Path) -> list[dict]:
                     reason="the suite is a bash script using coreutils' timeout")
 def test_gpu_suite_dry_run_writes_every_result_file(tmp_path):
     # as on the GPU machine, no TRITON_INTERPRET (tests/conftest.py sets it for this process): the e2e
-    # and bench steps then take the reference ops on CPU, and the kernel steps' conftests set it themselves
-    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "DRY_RUN": "1", "NO_WHEELS": "1", "DEVICE": "cpu", "E2E_MODEL": "tiny",
+    # and bench steps then take the reference ops on CPU, and the kernel steps' conftests set it themselves;
+    # nor this run's pytest-xdist worker variables, which would make the suite's pytest-benchmark refuse to time
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("PYTEST_XDIST")},
+           "DRY_RUN": "1", "NO_WHEELS": "1", "DEVICE": "cpu", "E2E_MODEL": "tiny",
            "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "TIMEOUT_SCALE": "3",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     # the suite's own step timeouts bound it (3 x 475 s on a loaded CPU); this bound catches a hung shell
