@@ -92,7 +92,7 @@ class Guidance:
     @property
     def rounding_gain(self) -> float:
         """How many times a model's own rounding the guided output carries, before any rescale:
-        ``max(1, sqrt((1 - s)^2 + s^2))``, 9.96 at ``s = 7.5``. A half-precision model rounds ``u``
+        ``max(1, sqrt((1 - s)^2 + s^2))``, 9.92 at ``s = 7.5``. A half-precision model rounds ``u``
         and ``c`` independently (different conditioning, different arithmetic), each by about
         ``eps`` times its norm, and the guided output weighs them by ``1 - s`` and ``s``; it
         scales the tolerance floor of a guided half model (:func:`deqkern.sampling.tol_floor`).
