@@ -15,6 +15,7 @@
     python bench/solver_studies.py lend            # what rows without a secant borrow: triangle vs measured lend
     python bench/solver_studies.py entering        # rows entering a window: copy, linear, model output held
     python bench/solver_studies.py floors          # how few rounds are possible: exact Newton, entering-row errors
+    python bench/solver_studies.py direction       # the x0 rule's direction lean on rows back from a long move
 
 All on the embedded digits model, one CPU thread. ``--quick`` shrinks each study to seconds (the
 test suite runs it so the command lines stay true).
@@ -319,9 +320,9 @@ def budget(quick: bool) -> dict[str, Any]:
               f"{rows[-1]['worst_error_over_tol']:.2f} tol), ParaDiGMS 0.1 {peer.rounds:>3} (error "
               f"{rows[-1]['paradigms_worst_error']:.1e})")
     unet, sched = _digits()
-    steps, window = (6, None) if quick else (100, 10)
+    steps, window = (8, None) if quick else (100, 10)
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    ratios = _secant_check(unet, deqkern.Schedule.from_diffusers(sched, steps), x, window, 6 if quick else 40)
+    ratios = _secant_check(unet, deqkern.Schedule.from_diffusers(sched, steps), x, window, 8 if quick else 40)
     check = _ratio_summary(f"ddim S={steps} W={window or steps}, batch 2, first 40 rounds", ratios)
     print(f"secant check: true ||(J - L)F||/||F|| over dev: median {check['median']}, max {check['max']} "
           f"({len(ratios)} frozen rows)")
@@ -1133,6 +1134,57 @@ def reach(quick: bool) -> dict[str, Any]:
             "command": "python bench/solver_studies.py reach", "rows": rows}
 
 
+def direction(quick: bool) -> dict[str, Any]:
+    """What the x0 rule's lean on rows back from a long move costs (docs/math.md §4.3, a secant's
+    direction; ``StepSecants.first_direction``): a secant measures ``J - L`` along its move, and a
+    row's move is tilted toward the unmeasured bound by its angle to the residual it will carry in
+    a sample's first measuring round (``first``, the rule until 2026-12-01) and now also on a row's
+    first measurement since a move past LINEAR_REACH (``returned``). Library defaults (x0 rule, tol
+    1e-3; the last chain in the secant form), batch 8, seed 0: rounds and the worst x0 error over
+    tol under each."""
+    import deqkern.engine as engine
+    from deqkern.bench.chains import build_chain, scheduler_config
+
+    chains = [("ddim", 12, None, None)] if quick else [
+        ("ddim", 100, None, None), ("ddim", 100, 10, None), ("ddim", 100, 25, None), ("ddim", 100, 5, None),
+        ("ddpm", 100, None, None), ("ddpm", 100, 10, None), ("ddim", 1000, 10, None), ("ddim", 1000, None, None),
+        ("euler", 100, None, None), ("euler", 100, 10, None), ("flow", 100, 10, None), ("dpm++2m", 100, None, None),
+        ("dpm++2m", 100, 10, None), ("ddim", 1000, None, "secant")]
+    kept = engine.StepSecants.measure
+
+    def first_only(self, *args: Any, **kwargs: Any) -> Any:
+        out = kept(self, *args, **kwargs)
+        self.returned.zero_()  # no row counts as back from a long move: the lean's first rounds only
+        return out
+
+    unet, sched = _digits()
+    rows = []
+    for scheduler, steps, window, form in chains:
+        conf = scheduler_config(scheduler, dict(sched.config), clip_sample=False)
+        g = torch.Generator().manual_seed(0)
+        schedule, x = build_chain(scheduler, conf, dict(sched.config), steps, 0.0, torch.randn(8, 1, 8, 8, generator=g))
+        z = torch.randn(steps, 8, 1, 8, 8, generator=g) if schedule.is_stochastic else None
+        row: dict[str, Any] = {"scheduler": scheduler, "steps": steps, "window": window, "form": form or "default"}
+        with torch.no_grad():
+            ref = deqkern.sample_sequential(unet, x, schedule, z, execution="eager").x0
+            for name in ("first", "returned"):
+                engine.StepSecants.measure = first_only if name == "first" else kept
+                try:
+                    r = deqkern.sample(unet, x, schedule, noise=z, window=window, execution="eager",
+                                       **({} if form is None else {"form": form}))
+                finally:
+                    engine.StepSecants.measure = kept
+                row[name] = {"rounds": r.rounds, "converged": r.all_converged,
+                             "worst_error_over_tol": _x0_err(r.x0, ref) / 1e-3}
+        rows.append(row)
+        print(f"{scheduler} S={steps:<4} W={window or 'S':<3} {row['form']}: rounds " + ", ".join(
+            f"{k} {row[k]['rounds']} ({row[k]['worst_error_over_tol']:.2f} tol)" for k in ("first", "returned")))
+    return {"what": "library defaults (x0 rule, tol 1e-3), batch 8, seed 0: rounds and worst x0 error / tol with "
+                    "the direction lean on a sample's first measuring round only (first) and also on rows back "
+                    "from a move past LINEAR_REACH (returned, now)",
+            "command": "python bench/solver_studies.py direction", "rows": rows}
+
+
 def clipped(quick: bool) -> dict[str, Any]:
     """The x0 rule on chains with diffusers' ``clip_sample`` (docs/math.md §4.3, chains with an x0
     transform: the model's own secants and the clip's Jacobian at the row): library defaults,
@@ -1238,7 +1290,8 @@ STUDIES = {"adjoint-vjp": adjoint_vjp, "ops-per-round": ops_per_round, "stopping
            "guided-half": guided_half,
            "divergence": divergence, "multistep-rounds": multistep_rounds, "euler-coords": euler_coords,
            "budget": budget, "lend": lend, "entering": entering, "floors": floors, "starts": starts,
-           "safety": safety, "clipped": clipped, "reach": reach, "multistep-excess": multistep_excess}
+           "safety": safety, "clipped": clipped, "reach": reach, "multistep-excess": multistep_excess,
+           "direction": direction}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

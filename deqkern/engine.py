@@ -234,6 +234,9 @@ class StepSecants:
     #: measured near could cancel against the row's own coefficients: the deep profile, a
     #: secant-form "sample" chain, 2.2x outside)
     far: torch.Tensor
+    #: [B, W] bool: the row's measurement this round is its first since a move past LINEAR_REACH
+    #: (:meth:`first_direction` tilts it: such a move is not yet a correction of the row's residual)
+    returned: torch.Tensor
     #: [B, 4] float64 what rows not measured yet borrow (:meth:`rule_dev`), over every row measured
     #: so far in the solve (NaN: none yet): with ``u = dx / ||dx||``, the least and largest ``<u, E u>``,
     #: the largest ``||E u||^2`` and the largest ``||E u||^2 - <u, E u>^2``, the part of ``E u`` off
@@ -266,6 +269,7 @@ class StepSecants:
             s=torch.zeros(batch, width, dim, device=device, dtype=dtype),
             valid=torch.zeros(batch, width, device=device, dtype=torch.bool), gain=nan, dev=nan.clone(),
             dev_prev=nan.clone(), dev_loose=nan.clone(), far=torch.zeros(batch, width, device=device, dtype=torch.bool),
+            returned=torch.zeros(batch, width, device=device, dtype=torch.bool),
             secant_form=secant_form,
             lend=torch.full((batch, 4), math.nan, device=device, dtype=torch.float64), slope=nan.clone(),
             transform=transform, e=torch.zeros(batch, width, dim, device=device, dtype=dtype), multistep=multistep,
@@ -341,6 +345,7 @@ class StepSecants:
         measured = valid & torch.isfinite(gain) & torch.isfinite(dev)
         fresh = measured & near
         self.forget(valid & ~near)
+        self.returned.copy_(fresh & self.far)
         self.far.copy_(torch.where(valid, ~near, self.far))
         self.gain.copy_(torch.where(measured if self.transform is None else fresh, gain, self.gain))
         self.dev_prev.copy_(torch.where(fresh, self.dev, self.dev_prev))
@@ -449,24 +454,32 @@ class StepSecants:
 
     def first_direction(self, dev: torch.Tensor, gain: torch.Tensor, dx: torch.Tensor, f: torch.Tensor,
                         mult: torch.Tensor, h: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-        """``dev`` ``[B, W]`` (:meth:`rule_dev`) tilted toward the unmeasured bound, on the samples
-        ``first`` (``[B]`` bool), by how far the error its rows will carry lies off the move their
-        secants were measured along.
+        """``dev`` ``[B, W]`` (:meth:`rule_dev`) tilted toward the unmeasured bound, on a row's first
+        measurement of a kind, by how far the error the row will carry lies off the move its secant
+        was measured along.
 
         A secant bounds ``J - L`` along its move ``dx``; the error a frozen row leaves in row ``j``'s
         input is the row before's residual ``F_{j-1}``. Where ``J - L`` differs between elements the
         two can see very different slopes, so a measured row takes ``cos dev + sin max(dev, bound)``,
         ``cos = |<F_{j-1}, dx>| / (||F_{j-1}|| ||dx||)`` and ``bound`` the latent-gain bound
-        (ops.reference.latent_gain_bound) over SECANT_SAFETY, which the rule puts back. The engine
-        applies it in a sample's first measuring round (its lend empty before :meth:`measure`), whose
-        move is the first one off the initial guess: on a flow chain of ``tanh(-3.13 x)`` it ran
-        through saturated elements and read 0.0016 where the residual's elements saw 70x that, x0
-        2.0x outside its bound (tests/test_x0_bound_harsh.py: test_flow_secant_direction). Later
-        moves are the solver's corrections, which follow the residuals; charging every round cost
-        1-5 rounds on the digits chains, and on every round of the secant form (whose ``L`` is fitted
-        along the last move) DDIM S = 1000's full window 17 -> 179 (docs/math.md §4.3, known gaps).
-        ``gain``, ``mult``: the rows' gains (NaN: none) and ``L``; ``dx``, ``f``: ``[B, W, D]`` this
-        round's moves (:meth:`measure`) and residuals; ``h``: the latents' gains."""
+        (ops.reference.latent_gain_bound) over SECANT_SAFETY, which the rule puts back. It applies
+        where the move is not yet a correction of the row's residual:
+
+        * every measured row of a sample in its first measuring round (``first``, ``[B]`` bool: its
+          lend empty before :meth:`measure`), whose move is the first one off the initial guess: on a
+          flow chain of ``tanh(-3.13 x)`` it ran through saturated elements and read 0.0016 where
+          the residual's elements saw 70x that, x0 2.0x outside its bound
+          (tests/test_x0_bound_harsh.py: test_flow_secant_direction);
+        * a row measured for the first time since a move past LINEAR_REACH (:attr:`returned`),
+          whose move is still the solver's jump: on a float64 DDPM chain of ``tanh(0.1 x)`` whose x0
+          is 150x x_T such secants read ``J - L`` 10-40x below its value along the residuals, x0
+          1.4x outside its bound (tests/test_contract.py: test_amplified_ddpm_rows_back_from_far).
+
+        Later moves are the solver's corrections, which follow the residuals; charging every round
+        cost 1-5 rounds on the digits chains, and on every round of the secant form (whose ``L`` is
+        fitted along the last move) DDIM S = 1000's full window 17 -> 179 (docs/math.md §4.3).
+        ``gain``, ``mult``: the rows' gains (NaN: none) and ``L``; ``dx``, ``f``: ``[B, W, D]``
+        this round's moves (:meth:`measure`) and residuals; ``h``: the latents' gains."""
         dx64 = dx.to(torch.float64)
         f_in = incoming_residual(f)
         dx_sq = dx64.square().sum(-1)
@@ -475,7 +488,7 @@ class StepSecants:
         sin = (1.0 - cos * cos).clamp(min=0.0).sqrt()
         bound = latent_gain_bound(gain, h, mult) / SECANT_SAFETY
         tilted = cos * dev + sin * torch.fmax(dev, bound)
-        return torch.where(first.unsqueeze(1) & (dx_sq > 0) & torch.isfinite(dev), tilted, dev)
+        return torch.where((first.unsqueeze(1) | self.returned) & (dx_sq > 0) & torch.isfinite(dev), tilted, dev)
 
     def _borrowed(self, lent: torch.Tensor, gain: torch.Tensor, mult: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """``lent`` where a row may borrow ``J - L``; on rows whose last move went past LINEAR_REACH
@@ -600,6 +613,7 @@ class StepSecants:
         slide.apply(self.dev_prev, math.nan)
         slide.apply(self.dev_loose, math.nan)
         slide.apply(self.far, False)
+        slide.apply(self.returned, False)
         slide.apply(self.slope, math.nan)
 
 

@@ -45,7 +45,7 @@ def test_e2e_graphs_script_on_cpu(tmp_path):
 @pytest.mark.skipif(not (ROOT / "bench" / "solver_studies.py").exists(), reason="run from a source checkout")
 @pytest.mark.parametrize("study", ["adjoint-vjp", "ops-per-round", "stopping-rule", "stopping-x0", "tail-chunks",
                                    "divergence", "euler-coords", "budget", "lend", "entering", "floors",
-                                   "starts", "safety", "clipped", "reach", "multistep-excess"])
+                                   "starts", "safety", "clipped", "reach", "multistep-excess", "direction"])
 def test_solver_studies_run_quick(tmp_path, study):
     """The studies behind bench/results/README.md, at --quick sizes."""
     studies = _load("solver_studies")
@@ -73,6 +73,9 @@ def test_solver_studies_run_quick(tmp_path, study):
             cells = row["settings"]
             assert len({c["rounds"] for c in cells}) == 1  # the chunking never changes the answer
             assert all(c["rounds"] <= c["executed"] < c["rounds"] + c["rounds_per_graph"] for c in cells)
+    elif study == "direction":  # both leans keep the bound on the digits model
+        assert all(r[k]["converged"] and r[k]["worst_error_over_tol"] <= 1 for r in report["rows"]
+                   for k in ("first", "returned"))
     elif study == "euler-coords":  # both coordinates of each Euler chain, every solve within its bound
         assert {(r["scheduler"], r["coords"]) for r in report["rows"]} >= {("euler", "vp"), ("euler", "ve")}
         assert all(r["converged"] and r["worst_error_over_tol"] <= 1 for r in report["rows"])

@@ -682,11 +682,11 @@ _UNMEASURED_GAIN = Case(
 )
 
 
-#: the deep profile's find (2026-11-30, seed 53; a strict xfail, test_known_gap_secant_form_direction):
+#: the deep profile's find (2026-11-30, seed 53; test_secant_form_direction_rows_back_from_far):
 #: a secant-form DDIM "sample" chain (float64, Anderson with one row of history, window 8) of
 #: ``tanh(1.1875 x)``. The secant form fits L along the last move, so the last step's J - L read
 #: 0.064 along it where along the residual it froze it was 0.58 (the elements differ in slope), and
-#: x0 ended 1.0001 tol away. Full digits: the case as the test printed it.
+#: x0 ended 1.0001 tol away (a strict xfail until 2026-12-01). Full digits: the case as the test printed it.
 _SECANT_FORM_DIRECTION_CX = [0.60026016197585652, 0.47727624260073070, 0.55648019756180689, 0.57979445709600586,
                              0.62649196608861402, 0.66257208668885670, 0.92364077188021398, 0.91558375778723322,
                              0.59451993599829389, 0.54578981247757830, 0.0]
@@ -726,10 +726,13 @@ def test_converged_means_within_bound_x0_rule_shrinking_chains(case: Case):
 
 
 def _amplified_ddpm() -> Case:
-    """The deep profile's find (2026-12-01, pre-existing): a float64 DDPM S = 11 epsilon chain
-    (fixed_small, ``cx`` 2.6 down to 1, ``px[0]`` 157) of a ``tanh`` model from a warm start, whose
-    x0 is about 150 times x_T. At tol 1e-4 both samples converge in 5 rounds and end 1.02x and
-    1.37x outside their bound; at tol 1e-3, 1e-5 and 1e-6 they end within 0.28x."""
+    """The deep profile's find (2026-12-01): a float64 DDPM S = 11 epsilon chain (fixed_small,
+    ``cx`` 2.6 down to 1, ``px[0]`` 157) of a ``tanh(0.1 x)`` model from a warm start, whose x0 is
+    about 150 times x_T. Its rows' first moves went past LINEAR_REACH; their next moves, the first
+    measured, ran through saturated elements and read ``J - L`` 10-40x below its value along the
+    residuals they froze, so at tol 1e-4 both samples converged in 5 rounds 1.02x and 1.37x outside
+    their bound. A row back from a long move now leans toward the lend (StepSecants.first_direction):
+    6 rounds, 0.09x."""
     data = torch.load(Path(__file__).parent / "data" / "x0_rule_amplified_ddpm_case.pt", weights_only=False)
     return Case(schedule=data["schedule"], model=Elementwise("tanh", 0.1, 0.0), x=data["x"], noise=data["noise"],
                 init=data["init"], model_kwargs=data["model_kwargs"], solver="anderson",
@@ -737,18 +740,18 @@ def _amplified_ddpm() -> Case:
                 tol=data["tol"], max_iters=None, rounds_per_graph=1)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap, not yet diagnosed: one freeze spends more than the secants read")
-def test_known_gap_amplified_ddpm():
+def test_amplified_ddpm_rows_back_from_far():
     _assert_converged_within_bound(_amplified_ddpm())
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the secant form's J - L along its fitted move misses the residual's")
-def test_known_gap_secant_form_direction():
-    """_SECANT_FORM_DIRECTION ends 1.0001x outside its bound. Leaning every secant-form row toward
-    the unmeasured bound by the residual's angle to its move (engine.StepSecants.first_direction)
-    fixes it (0.05x) but costs DDIM S = 1000's full window in the secant form 17 -> 179 rounds, and
-    toward the lend 17 -> 161 (docs/math.md §4.3)."""
+def test_secant_form_direction_rows_back_from_far():
+    """_SECANT_FORM_DIRECTION ended 1.0001x outside its bound: its frozen rows' moves had gone past
+    LINEAR_REACH the round before, and the rows back from such a move now lean toward the lend
+    (engine.StepSecants.first_direction): 7 rounds (6 before), 0.21x. Leaning every secant-form row
+    instead fixed it but cost DDIM S = 1000's full window in the secant form 17 -> 179 rounds
+    (docs/math.md §4.3)."""
     _assert_converged_within_bound(_SECANT_FORM_DIRECTION)
+
 
 @examples(1)
 @given(case=cases(min_steps=2, unet=False, executions=("eager",), max_iters="short"))
