@@ -234,6 +234,8 @@ class StepSecants:
     #: measured near could cancel against the row's own coefficients: the deep profile, a
     #: secant-form "sample" chain, 2.2x outside)
     far: torch.Tensor
+    #: [B, W] bool: the row has moved past LINEAR_REACH since its last measurement
+    jumped: torch.Tensor
     #: [B, W] bool: the row's measurement this round is its first since a move past LINEAR_REACH
     #: (:meth:`first_direction` tilts it: such a move is not yet a correction of the row's residual)
     returned: torch.Tensor
@@ -269,6 +271,7 @@ class StepSecants:
             s=torch.zeros(batch, width, dim, device=device, dtype=dtype),
             valid=torch.zeros(batch, width, device=device, dtype=torch.bool), gain=nan, dev=nan.clone(),
             dev_prev=nan.clone(), dev_loose=nan.clone(), far=torch.zeros(batch, width, device=device, dtype=torch.bool),
+            jumped=torch.zeros(batch, width, device=device, dtype=torch.bool),
             returned=torch.zeros(batch, width, device=device, dtype=torch.bool),
             secant_form=secant_form,
             lend=torch.full((batch, 4), math.nan, device=device, dtype=torch.float64), slope=nan.clone(),
@@ -345,7 +348,10 @@ class StepSecants:
         measured = valid & torch.isfinite(gain) & torch.isfinite(dev)
         fresh = measured & near
         self.forget(valid & ~near)
-        self.returned.copy_(fresh & self.far)
+        # rounds near the position that measure nothing (no move, or one within the rounding slack)
+        # leave the row jumped: its first measurement is still the one after the jump
+        self.returned.copy_(fresh & self.jumped)
+        self.jumped.copy_((self.jumped | (valid & ~near)) & ~fresh)
         self.far.copy_(torch.where(valid, ~near, self.far))
         self.gain.copy_(torch.where(measured if self.transform is None else fresh, gain, self.gain))
         self.dev_prev.copy_(torch.where(fresh, self.dev, self.dev_prev))
@@ -613,6 +619,7 @@ class StepSecants:
         slide.apply(self.dev_prev, math.nan)
         slide.apply(self.dev_loose, math.nan)
         slide.apply(self.far, False)
+        slide.apply(self.jumped, False)
         slide.apply(self.returned, False)
         slide.apply(self.slope, math.nan)
 

@@ -119,6 +119,34 @@ def _two_scalar_rows(dtype: torch.dtype):
     return sec, coef, measure
 
 
+def test_first_secant_after_a_jump_leans_toward_the_bound():
+    """A row's first measurement since a move past LINEAR_REACH is ``returned`` (also with a round
+    between that moved it not at all, so measured nothing), and only that one; a row that never
+    jumped is not. first_direction tilts a returned row's ``dev`` by the angle between its move
+    and the residual its input carries, here orthogonal, to the latent-gain bound over
+    SECANT_SAFETY, ``(max(h, gain) + |L|) / 8``, and leaves the other row's (docs/math.md §4.3; the
+    deep profile's DDPM chain of ``tanh(0.1 x)``, 1.37x outside before). Float64, exact."""
+    sec = engine.StepSecants.start(1, 2, 2, "cpu", torch.float64)
+    coef = torch.zeros(1, 2, 7, dtype=torch.float64)
+    coef[..., 2] = 1.0  # the step is its model output, e = 2 x
+    live = torch.ones(1, 2, dtype=torch.bool)
+    returned = []
+    rows0 = [(1.0, 1.0), (1.001, 1.0), (1.002, 1.0), (1.003, 1.0)]  # small moves along e1
+    rows1 = [(1.0, 0.0), (3.0, 0.0), (3.0, 0.0), (3.0, 0.001)]  # a jump, no move, a small move
+    for r0, r1 in zip(rows0, rows1):
+        xw = torch.tensor([[r0, r1, (0.0, 0.0)]], dtype=torch.float64)
+        e = 2 * xw[:, :2]
+        dx = sec.measure(xw, e, coef, live, e)[0]
+        returned.append(sec.returned[0].tolist())
+    assert returned == [[False, False], [False, False], [False, False], [False, True]]
+    dev = torch.full((1, 2), 0.01, dtype=torch.float64)
+    one = torch.ones(1, 2, dtype=torch.float64)
+    f = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]], dtype=torch.float64)  # row 1's input carries (1, 0)
+    tilted = sec.first_direction(dev, one, dx, f, torch.zeros(1, 2, dtype=torch.float64), one,
+                                 torch.zeros(1, dtype=torch.bool))
+    assert tilted.tolist() == [[0.01, (1.0 + 0.0) / SECANT_SAFETY]]
+
+
 def test_lend_keeps_the_extremes_over_the_solve():
     """Rows not measured yet borrow the model's Jacobian from every row the solve has measured
     (docs/math.md §4.3), not only the latest round's: a 1-D model whose slopes are 3 and 2 in one
