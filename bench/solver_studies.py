@@ -52,6 +52,18 @@ def _digits(scheduler: str = "ddim", clip: bool = False):
     return unet, cls.from_config(sched.config, clip_sample=clip)
 
 
+def _digits_chain(sched, scheduler: str, steps: int, clip: bool = False, options: dict[str, Any] | None = None):
+    """``(schedule, x_T, noise)`` of the bench's chain ``scheduler`` (deqkern.bench.chains) on the
+    digits model's config ``sched``, ``clip_sample`` and scheduler ``options`` applied: batch 8,
+    seed 0, the step noise drawn after x_T (None on a deterministic chain)."""
+    from deqkern.bench.chains import build_chain, scheduler_config
+
+    conf = {**scheduler_config(scheduler, dict(sched.config), clip_sample=clip), **(options or {})}
+    g = torch.Generator().manual_seed(0)
+    schedule, x = build_chain(scheduler, conf, dict(sched.config), steps, 0.0, torch.randn(8, 1, 8, 8, generator=g))
+    return schedule, x, torch.randn(steps, 8, 1, 8, 8, generator=g) if schedule.is_stochastic else None
+
+
 def _peak_rss_mb() -> float:
     """This process's peak resident memory so far (Linux ``VmHWM``)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -888,15 +900,10 @@ def entering(quick: bool) -> dict[str, Any]:
     # chains the bench does not name: (its chain, scheduler options)
     variants = {"sde-dpm++2m": ("dpm++2m", {"algorithm_type": "sde-dpmsolver++"})}
     rows = []
-    from deqkern.bench.chains import build_chain, scheduler_config
-
     unet, sched = _digits()
     for scheduler, steps, window in chains:
         chain, options = variants.get(scheduler, (scheduler, {}))
-        conf = {**scheduler_config(chain, dict(sched.config), clip_sample=False), **options}
-        g = torch.Generator().manual_seed(0)
-        schedule, x = build_chain(chain, conf, dict(sched.config), steps, 0.0, torch.randn(8, 1, 8, 8, generator=g))
-        z = torch.randn(steps, 8, 1, 8, 8, generator=g) if schedule.is_stochastic else None
+        schedule, x, z = _digits_chain(sched, chain, steps, options=options)
         row: dict[str, Any] = {"scheduler": scheduler, "steps": steps, "window": window}
         with torch.no_grad():
             ref = deqkern.sample_sequential(unet, x, schedule, z, execution="eager").x0
@@ -1077,18 +1084,13 @@ def _constant_sweep(name: str, values: tuple[float, ...], chains: list[tuple[str
     ``(scheduler, steps, window, clip_sample)``, the rounds and the worst x0 error over tol."""
     import deqkern.engine as engine
     import deqkern.ops.reference as reference
-    from deqkern.bench.chains import build_chain, scheduler_config
 
     unet, sched = _digits()
     kept = getattr(reference, name)
     rows = []
     try:
         for scheduler, steps, window, clip in chains:
-            conf = scheduler_config(scheduler, dict(sched.config), clip_sample=clip)
-            g = torch.Generator().manual_seed(0)
-            schedule, x = build_chain(scheduler, conf, dict(sched.config), steps, 0.0,
-                                      torch.randn(8, 1, 8, 8, generator=g))
-            z = torch.randn(steps, 8, 1, 8, 8, generator=g) if schedule.is_stochastic else None
+            schedule, x, z = _digits_chain(sched, scheduler, steps, clip)
             row: dict[str, Any] = {"scheduler": scheduler, "steps": steps, "window": window, "clip_sample": clip,
                                    "values": {}}
             with torch.no_grad():
@@ -1143,7 +1145,6 @@ def direction(quick: bool) -> dict[str, Any]:
     1e-3; the last chain in the secant form), batch 8, seed 0: rounds and the worst x0 error over
     tol under each."""
     import deqkern.engine as engine
-    from deqkern.bench.chains import build_chain, scheduler_config
 
     chains = [("ddim", 12, None, None)] if quick else [
         ("ddim", 100, None, None), ("ddim", 100, 10, None), ("ddim", 100, 25, None), ("ddim", 100, 5, None),
@@ -1160,10 +1161,7 @@ def direction(quick: bool) -> dict[str, Any]:
     unet, sched = _digits()
     rows = []
     for scheduler, steps, window, form in chains:
-        conf = scheduler_config(scheduler, dict(sched.config), clip_sample=False)
-        g = torch.Generator().manual_seed(0)
-        schedule, x = build_chain(scheduler, conf, dict(sched.config), steps, 0.0, torch.randn(8, 1, 8, 8, generator=g))
-        z = torch.randn(steps, 8, 1, 8, 8, generator=g) if schedule.is_stochastic else None
+        schedule, x, z = _digits_chain(sched, scheduler, steps)
         row: dict[str, Any] = {"scheduler": scheduler, "steps": steps, "window": window, "form": form or "default"}
         with torch.no_grad():
             ref = deqkern.sample_sequential(unet, x, schedule, z, execution="eager").x0

@@ -237,7 +237,8 @@ class StepSecants:
     #: [B, W] bool: the row has moved past LINEAR_REACH since its last measurement
     jumped: torch.Tensor
     #: [B, W] bool: the row's measurement this round is its first since a move past LINEAR_REACH
-    #: (:meth:`first_direction` tilts it: such a move is not yet a correction of the row's residual)
+    #: (:meth:`first_direction` tilts it: such a move is not yet a correction of the row's residual);
+    #: rewritten by every :meth:`measure`, so the slide leaves it
     returned: torch.Tensor
     #: [B, 4] float64 what rows not measured yet borrow (:meth:`rule_dev`), over every row measured
     #: so far in the solve (NaN: none yet): with ``u = dx / ||dx||``, the least and largest ``<u, E u>``,
@@ -620,7 +621,6 @@ class StepSecants:
         slide.apply(self.dev_loose, math.nan)
         slide.apply(self.far, False)
         slide.apply(self.jumped, False)
-        slide.apply(self.returned, False)
         slide.apply(self.slope, math.nan)
 
 

@@ -414,16 +414,25 @@ def test_secant_across_a_large_move_is_not_trusted(make):
 
 
 
+def _saved_case(name: str, model: Any, *, form: str, **fields: Any) -> Case:
+    """A deep-profile find saved as ``tests/data/x0_rule_<name>_case.pt`` (its schedule, inputs,
+    ``model_kwargs``, solver options and tol; what it lacks is None, or ``{}`` for the kwargs),
+    solved eagerly by Anderson over the full window under the x0 rule unless ``fields`` say otherwise."""
+    data = torch.load(Path(__file__).parent / "data" / f"x0_rule_{name}_case.pt", weights_only=False)
+    case = dict(schedule=data["schedule"], model=model, x=data["x"], noise=data.get("noise"), init=data.get("init"),
+                model_kwargs=data.get("model_kwargs", {}), solver="anderson", solver_options=data.get("solver_options"),
+                form=form, execution="eager", window=None, stop="x0", tol=data["tol"], max_iters=None,
+                rounds_per_graph=1)
+    return Case(**{**case, **fields})
+
+
 def _shrunk_latent() -> Case:
     """The deep profile's find during LINEAR_REACH (2026-11-30): a DDPM S = 12 chain of an affine
     model whose x0 is 3e-4 of x_T (noise and drift cancel), so the latents' gain tells the chain's
     gain to x0 a thousandfold short, and every move is several times the latent. Dropping long
     moves' gains as well as their ``J - L`` left only that latent gain, and x0 ended 1.01x outside
     its bound (1-thread rounding, as the suite runs; hypothesis reached 1.37x on its way)."""
-    data = torch.load(Path(__file__).parent / "data" / "x0_rule_shrunk_latent_case.pt", weights_only=False)
-    return Case(schedule=data["schedule"], model=Elementwise("affine", 2.0), x=data["x"], noise=data["noise"],
-                init=None, model_kwargs={}, solver="anderson", solver_options=data["solver_options"], form="drift",
-                execution="eager", window=None, stop="x0", tol=data["tol"], max_iters=None, rounds_per_graph=1)
+    return _saved_case("shrunk_latent", Elementwise("affine", 2.0), form="drift")
 
 
 def _far_row() -> Case:
@@ -432,11 +441,7 @@ def _far_row() -> Case:
     past the reach. Lending those rows ``J - L`` from the one row measured near (the lend
     cancelled against the rows' own fitted ``L``) froze a row at cost 1e-8 and x0 ended 2.2x
     outside its bound; such rows now take the latent's gain (``StepSecants.far``)."""
-    data = torch.load(Path(__file__).parent / "data" / "x0_rule_far_row_case.pt", weights_only=False)
-    return Case(schedule=data["schedule"], model=Elementwise("sin", -1.0), x=data["x"], noise=data["noise"],
-                init=data["init"], model_kwargs=data["model_kwargs"], solver="anderson",
-                solver_options=data["solver_options"], form="secant", execution="eager", window=None, stop="x0",
-                tol=data["tol"], max_iters=None, rounds_per_graph=1)
+    return _saved_case("far_row", Elementwise("sin", -1.0), form="secant")
 
 
 def _ulp_move() -> Case:
@@ -446,11 +451,7 @@ def _ulp_move() -> Case:
     before froze at cost 0: x0 ended 3.4e-3 away (244x the rounding allowance). Secants now carry
     what rounding can put in them (``engine.SECANT_ROUNDING``), and one with more than
     ``engine.SECANT_SLACK_CAP`` of it is no measurement."""
-    data = torch.load(Path(__file__).parent / "data" / "x0_rule_ulp_move_case.pt", weights_only=False)
-    return Case(schedule=data["schedule"], model=Elementwise("affine", 1.5, 0.5), x=data["x"], noise=data["noise"],
-                init=data["init"], model_kwargs=data["model_kwargs"], solver="anderson",
-                solver_options=data["solver_options"], form="drift", execution="eager", window=None, stop="x0",
-                tol=data["tol"], max_iters=None, rounds_per_graph=1)
+    return _saved_case("ulp_move", Elementwise("affine", 1.5, 0.5), form="drift")
 
 
 def test_secant_of_a_move_of_a_few_ulps_is_no_measurement():
@@ -464,11 +465,7 @@ def _thin_lend() -> Case:
     float32 DDPM S = 38 chain of a ``tanh`` model in the scan form, window 2, so each round
     measures one or two rows. Rows entering the window borrowed what those few rows measured, and
     x0 ended 1.9x outside its bound; the lend keeps the extremes over every measured row."""
-    data = torch.load(Path(__file__).parent / "data" / "x0_rule_thin_lend_case.pt", weights_only=False)
-    return Case(schedule=data["schedule"], model=Elementwise("tanh", 1.65625), x=data["x"], noise=data["noise"],
-                init=None, model_kwargs=data["model_kwargs"], solver="anderson", solver_options=data["solver_options"],
-                form="scan", execution="eager", window=2, stop="x0", tol=data["tol"], max_iters=None,
-                rounds_per_graph=1)
+    return _saved_case("thin_lend", Elementwise("tanh", 1.65625), form="scan", window=2)
 
 
 def test_lend_from_a_narrow_window_keeps_every_measured_row():
@@ -483,11 +480,8 @@ def _clip_secant() -> Case:
     tol away (4.6x the bound; the drift form, Anderson, or tol 1e-5 and up stayed within it): the
     last step's ``J - L`` was measured along a move through clipped elements (0.04), the residual
     lay on unclipped ones (0.99)."""
-    data = torch.load(Path(__file__).parent / "data" / "x0_rule_clip_secant_case.pt", weights_only=False)
-    return Case(schedule=data["schedule"], model=Elementwise("affine", 0.0, 0.0), x=data["x"], noise=data["noise"],
-                init=None, model_kwargs=data["model_kwargs"], solver="picard", solver_options={"damping": 1.0},
-                form="secant", execution="eager", window=None, stop="x0", tol=data["tol"], max_iters=None,
-                rounds_per_graph=1)
+    return _saved_case("clip_secant", Elementwise("affine", 0.0, 0.0), form="secant", solver="picard",
+                       solver_options={"damping": 1.0})
 
 
 def _clip_rounding() -> Case:
@@ -496,11 +490,7 @@ def _clip_rounding() -> Case:
     the rounding allowance of :func:`x0_bound` (2.7e-13 against 2.5e-13) without the model's
     batch rounding (:func:`_rounding_spread`): the sequential chain itself, its model run in a
     larger batch, lands 2.5e-13 away."""
-    data = torch.load(Path(__file__).parent / "data" / "x0_rule_clip_rounding_case.pt", weights_only=False)
-    return Case(schedule=data["schedule"], model=Unet(seed=0), x=data["x"], noise=None, init=None,
-                model_kwargs=data["model_kwargs"], solver="anderson", solver_options=data["solver_options"],
-                form="drift", execution="eager", window=None, stop="x0", tol=data["tol"], max_iters=None,
-                rounds_per_graph=1)
+    return _saved_case("clip_rounding", Unet(seed=0), form="drift")
 
 
 def _sin_scan() -> Case:
@@ -510,10 +500,7 @@ def _sin_scan() -> Case:
     while the last row's latest move was long (past LINEAR_REACH): the rule bounded that step's
     ``J - L`` (``L = 0``) by the latent's gain and the long secant's, 0.52, with no margin, where
     ``||J F|| / ||F||`` at the row was 0.88; x0 ended 1.58x its bound."""
-    data = torch.load(Path(__file__).parent / "data" / "x0_rule_sin_scan_case.pt", weights_only=False)
-    return Case(schedule=data["schedule"], model=Elementwise("sin", 0.0, 0.0), x=data["x"], noise=data["noise"],
-                init=None, model_kwargs=data["model_kwargs"], solver="picard", solver_options=None, form="scan",
-                execution="eager", window=None, stop="x0", tol=data["tol"], max_iters=None, rounds_per_graph=1)
+    return _saved_case("sin_scan", Elementwise("sin", 0.0, 0.0), form="scan", solver="picard")
 
 
 def test_far_row_bound_keeps_a_margin():
@@ -731,13 +718,9 @@ def _amplified_ddpm() -> Case:
     about 150 times x_T. Its rows' first moves went past LINEAR_REACH; their next moves, the first
     measured, ran through saturated elements and read ``J - L`` 10-40x below its value along the
     residuals they froze, so at tol 1e-4 both samples converged in 5 rounds 1.02x and 1.37x outside
-    their bound. A row back from a long move now leans toward the lend (StepSecants.first_direction):
-    6 rounds, 0.09x."""
-    data = torch.load(Path(__file__).parent / "data" / "x0_rule_amplified_ddpm_case.pt", weights_only=False)
-    return Case(schedule=data["schedule"], model=Elementwise("tanh", 0.1, 0.0), x=data["x"], noise=data["noise"],
-                init=data["init"], model_kwargs=data["model_kwargs"], solver="anderson",
-                solver_options=data["solver_options"], form="scan", execution="eager", window=None, stop="x0",
-                tol=data["tol"], max_iters=None, rounds_per_graph=1)
+    their bound. A row back from a long move now leans toward the unmeasured bound
+    (StepSecants.first_direction): 6 rounds, 0.09x."""
+    return _saved_case("amplified_ddpm", Elementwise("tanh", 0.1, 0.0), form="scan")
 
 
 def test_amplified_ddpm_rows_back_from_far():
@@ -746,8 +729,8 @@ def test_amplified_ddpm_rows_back_from_far():
 
 def test_secant_form_direction_rows_back_from_far():
     """_SECANT_FORM_DIRECTION ended 1.0001x outside its bound: its frozen rows' moves had gone past
-    LINEAR_REACH the round before, and the rows back from such a move now lean toward the lend
-    (engine.StepSecants.first_direction): 7 rounds (6 before), 0.21x. Leaning every secant-form row
+    LINEAR_REACH the round before, and the rows back from such a move now lean toward the
+    unmeasured bound (engine.StepSecants.first_direction): 7 rounds (6 before), 0.21x. Leaning every secant-form row
     instead fixed it but cost DDIM S = 1000's full window in the secant form 17 -> 179 rounds
     (docs/math.md §4.3)."""
     _assert_converged_within_bound(_SECANT_FORM_DIRECTION)
