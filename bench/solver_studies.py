@@ -16,6 +16,7 @@
     python bench/solver_studies.py entering        # rows entering a window: copy, linear, model output held
     python bench/solver_studies.py floors          # how few rounds are possible: exact Newton, entering-row errors
     python bench/solver_studies.py direction       # the x0 rule's direction lean on rows back from a long move
+    python bench/solver_studies.py past-charge     # the x0 rule's charge for the chain past a sliding window
 
 All on the embedded digits model, one CPU thread. ``--quick`` shrinks each study to seconds (the
 test suite runs it so the command lines stay true).
@@ -32,7 +33,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -1146,11 +1147,6 @@ def direction(quick: bool) -> dict[str, Any]:
     tol under each."""
     import deqkern.engine as engine
 
-    chains = [("ddim", 12, None, None)] if quick else [
-        ("ddim", 100, None, None), ("ddim", 100, 10, None), ("ddim", 100, 25, None), ("ddim", 100, 5, None),
-        ("ddpm", 100, None, None), ("ddpm", 100, 10, None), ("ddim", 1000, 10, None), ("ddim", 1000, None, None),
-        ("euler", 100, None, None), ("euler", 100, 10, None), ("flow", 100, 10, None), ("dpm++2m", 100, None, None),
-        ("dpm++2m", 100, 10, None), ("ddim", 1000, None, "secant")]
     kept = engine.StepSecants.measure
 
     def first_only(self, *args: Any, **kwargs: Any) -> Any:
@@ -1158,6 +1154,52 @@ def direction(quick: bool) -> dict[str, Any]:
         self.returned.zero_()  # no row counts as back from a long move: the lean's first rounds only
         return out
 
+    def patched(name: str) -> None:
+        engine.StepSecants.measure = first_only if name == "first" else kept
+
+    def restore() -> None:
+        engine.StepSecants.measure = kept
+
+    rows = _rule_variants(quick, ("first", "returned"), patched, restore)
+    return {"what": "library defaults (x0 rule, tol 1e-3), batch 8, seed 0: rounds and worst x0 error / tol with "
+                    "the direction lean on a sample's first measuring round only (first) and also on rows back "
+                    "from a move past LINEAR_REACH (returned, now)",
+            "command": "python bench/solver_studies.py direction", "rows": rows}
+
+
+def past_charge(quick: bool) -> dict[str, Any]:
+    """What the x0 rule's charge for the chain past a sliding window costs (docs/math.md §4.3;
+    ``deqkern.ops.reference.past_window_factor``): the direction study's chains without it (the
+    rule until 2026-12-01, ``none``) and with it (``charged``, now)."""
+    import deqkern.engine as engine
+
+    kept = engine.past_window_factor
+
+    def none(latent_sq: torch.Tensor, *args: Any) -> torch.Tensor:
+        return torch.ones(latent_sq.shape[0], dtype=torch.float64, device=latent_sq.device)
+
+    def patched(name: str) -> None:
+        engine.past_window_factor = none if name == "none" else kept
+
+    def restore() -> None:
+        engine.past_window_factor = kept
+
+    rows = _rule_variants(quick, ("none", "charged"), patched, restore)
+    return {"what": "library defaults (x0 rule, tol 1e-3), batch 8, seed 0: rounds and worst x0 error / tol "
+                    "without (none) and with (charged, now) the charge for the chain past a sliding window",
+            "command": "python bench/solver_studies.py past-charge", "rows": rows}
+
+
+def _rule_variants(quick: bool, names: tuple[str, str], patch: Callable[[str], None],
+                   restore: Callable[[], None]) -> list[dict[str, Any]]:
+    """The x0 rule's variants ``names`` (``patch(name)`` sets one up, ``restore()`` undoes it) on
+    the digits chains of the rule's studies (the last in the secant form): per chain, rounds,
+    convergence and the worst x0 error over tol under each."""
+    chains = [("ddim", 12, None, None)] if quick else [
+        ("ddim", 100, None, None), ("ddim", 100, 10, None), ("ddim", 100, 25, None), ("ddim", 100, 5, None),
+        ("ddpm", 100, None, None), ("ddpm", 100, 10, None), ("ddim", 1000, 10, None), ("ddim", 1000, None, None),
+        ("euler", 100, None, None), ("euler", 100, 10, None), ("flow", 100, 10, None), ("dpm++2m", 100, None, None),
+        ("dpm++2m", 100, 10, None), ("ddim", 1000, None, "secant")]
     unet, sched = _digits()
     rows = []
     for scheduler, steps, window, form in chains:
@@ -1165,22 +1207,19 @@ def direction(quick: bool) -> dict[str, Any]:
         row: dict[str, Any] = {"scheduler": scheduler, "steps": steps, "window": window, "form": form or "default"}
         with torch.no_grad():
             ref = deqkern.sample_sequential(unet, x, schedule, z, execution="eager").x0
-            for name in ("first", "returned"):
-                engine.StepSecants.measure = first_only if name == "first" else kept
+            for name in names:
+                patch(name)
                 try:
                     r = deqkern.sample(unet, x, schedule, noise=z, window=window, execution="eager",
                                        **({} if form is None else {"form": form}))
                 finally:
-                    engine.StepSecants.measure = kept
+                    restore()
                 row[name] = {"rounds": r.rounds, "converged": r.all_converged,
                              "worst_error_over_tol": _x0_err(r.x0, ref) / 1e-3}
         rows.append(row)
         print(f"{scheduler} S={steps:<4} W={window or 'S':<3} {row['form']}: rounds " + ", ".join(
-            f"{k} {row[k]['rounds']} ({row[k]['worst_error_over_tol']:.2f} tol)" for k in ("first", "returned")))
-    return {"what": "library defaults (x0 rule, tol 1e-3), batch 8, seed 0: rounds and worst x0 error / tol with "
-                    "the direction lean on a sample's first measuring round only (first) and also on rows back "
-                    "from a move past LINEAR_REACH (returned, now)",
-            "command": "python bench/solver_studies.py direction", "rows": rows}
+            f"{k} {row[k]['rounds']} ({row[k]['worst_error_over_tol']:.2f} tol)" for k in names))
+    return rows
 
 
 def clipped(quick: bool) -> dict[str, Any]:
@@ -1289,7 +1328,7 @@ STUDIES = {"adjoint-vjp": adjoint_vjp, "ops-per-round": ops_per_round, "stopping
            "divergence": divergence, "multistep-rounds": multistep_rounds, "euler-coords": euler_coords,
            "budget": budget, "lend": lend, "entering": entering, "floors": floors, "starts": starts,
            "safety": safety, "clipped": clipped, "reach": reach, "multistep-excess": multistep_excess,
-           "direction": direction}
+           "direction": direction, "past-charge": past_charge}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

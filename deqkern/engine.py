@@ -34,7 +34,7 @@ from deqkern.graphs import ChunkRunner, snapshot, state_tensors
 from deqkern.model import ModelEvaluator
 from deqkern.ops import (
     LINEAR_REACH, SECANT_SAFETY, ScanResult, carry_converted, commit_window, latent_gain_bound, latent_gains,
-    round_status, rounding_floor, scan_residual, step_secants,
+    past_window_factor, round_status, rounding_floor, scan_residual, step_secants,
 )
 from deqkern.ops.window import RowSlide
 from deqkern.schedule import Form, X0Transform
@@ -894,9 +894,12 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
             # a secant measures the step through its own row only: keep what a second-order step adds
             dev = dev + (mult.to(torch.float64).abs() - coef[..., 0].to(torch.float64).abs()) / SECANT_SAFETY
             dev = multistep_dev(p, st, n, mult, gain, dev, h)
+        past = None
+        if p.stop == "x0":  # the chain past a sliding window, charged where the latent shrinks past x0's estimate
+            past = past_window_factor(latent_sq, st.xw, e, coef, n_ok, p.noise_var.numel() - st.k0)
         delta = round_status(res.f_sq, latent_sq, res.nonfinite, t, n_ok, st.k0, st.rounds, p.noise_var, st.worst,
                              st.res_log, st.done_round, st.bad_t, mult, st.spent, gain, dev, stop=p.stop,
-                             tol=p.tol, dim=dim, floor=floor)
+                             tol=p.tol, dim=dim, floor=floor, past=past)
     picard = getattr(solver, "picard", False)
     # the round's window residual, as round_status logged it (NaN when inactive)
     resid = None if picard else st.res_log.index_select(0, st.rounds.clamp(max=p.max_iters).view(1))[0]

@@ -117,18 +117,19 @@ def _commit_config(dtype: str, out: str, block: int, has_init: bool, extrap: boo
     )
 
 
-def _status_config(acc: str, stop: str, block: int, floor: bool = False) -> Config:
+def _status_config(acc: str, stop: str, block: int, floor: bool = False, past: bool = False) -> Config:
     return Config(
-        "round_status", "_round_status_kernel", f"{acc} stop={stop} BLOCK_W={block}" + (" floor" if floor else ""),
+        "round_status", "_round_status_kernel",
+        f"{acc} stop={stop} BLOCK_W={block}" + (" floor" if floor else "") + (" past" if past else ""),
         pointers={"f_ptr": acc, "g_ptr": acc, "bad_ptr": acc, "t_ptr": "i64", "nrows_ptr": "i64", "k0_ptr": "i64",
                   "rounds_ptr": "i64", "var_ptr": "fp64", "delta_ptr": "i64", "worst_ptr": "fp64", "log_ptr": "fp64",
                   "done_ptr": "i64", "badt_ptr": "i64", "mult_ptr": acc, "spent_ptr": "fp64", "gain_ptr": "fp64",
-                  "dev_ptr": "fp64", "floor_ptr": "fp64"},
+                  "dev_ptr": "fp64", "floor_ptr": "fp64", "past_ptr": "fp64"},
         constexprs={"STOP": STOP_CODES[stop], "ACC": tl.float64 if acc == "fp64" else tl.float32, "BLOCK_W": block,
-                    "SAFETY": SECANT_SAFETY, "HAS_FLOOR": floor},
+                    "SAFETY": SECANT_SAFETY, "HAS_FLOOR": floor, "HAS_PAST": past},
         num_warps=num_warps_for(block),
         unit=("stride_t_j", "stride_nrows_b", "stride_k0_b", "stride_delta_b", "stride_worst_b", "stride_log_b",
-              "stride_done_b", "stride_badt_r"),
+              "stride_done_b", "stride_badt_r", "stride_past_b"),
     )
 
 
@@ -166,10 +167,10 @@ def configs() -> list[Config]:
     out.append(_commit_config("fp32", "fp16", MAX_BLOCK_D, False, ahead=True))  # one-step affine windows
     out.append(_commit_config("fp32", "fp16", MAX_BLOCK_D, False, ahead=True, noise=True))  # ... stochastic
     out.append(_commit_config("fp64", "fp64", MAX_BLOCK_D, True))
-    for stop in STOP_CODES:
-        out.extend(_status_config("fp32", stop, block) for block in (16, MAX_BLOCK_W))
-        out.append(_status_config("fp64", stop, MAX_BLOCK_W))
-    out.append(_status_config("fp32", "x0", MAX_BLOCK_W, floor=True))  # half-precision models
+    for stop in STOP_CODES:  # the engine passes the x0 rule its charge past the window
+        out.extend(_status_config("fp32", stop, block, past=stop == "x0") for block in (16, MAX_BLOCK_W))
+        out.append(_status_config("fp64", stop, MAX_BLOCK_W, past=stop == "x0"))
+    out.append(_status_config("fp32", "x0", MAX_BLOCK_W, floor=True, past=True))  # half-precision models
     return out
 
 

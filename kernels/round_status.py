@@ -63,13 +63,13 @@ def _row_weights(g_row, mult_row, gain_row, dev_row, stride_g_j, stride_mult_j, 
 @triton.jit
 def _round_status_kernel(
     f_ptr, g_ptr, bad_ptr, t_ptr, nrows_ptr, k0_ptr, rounds_ptr, var_ptr, delta_ptr, worst_ptr, log_ptr, done_ptr,
-    badt_ptr, mult_ptr, spent_ptr, gain_ptr, dev_ptr, floor_ptr,
+    badt_ptr, mult_ptr, spent_ptr, gain_ptr, dev_ptr, floor_ptr, past_ptr,
     W, S, D, max_iters: tl.int32, tol: tl.float64, reach_sq: tl.float64,
     stride_f_b, stride_f_j, stride_g_b, stride_g_j, stride_bad_b, stride_bad_j, stride_t_b, stride_t_j,
     stride_nrows_b, stride_k0_b, stride_delta_b, stride_worst_b, stride_log_r, stride_log_b, stride_done_b,
     stride_badt_r, stride_mult_b, stride_mult_j, stride_spent_b, stride_gain_b, stride_gain_j, stride_dev_b,
-    stride_dev_j, stride_floor_b, stride_floor_j, STOP: tl.constexpr, ACC: tl.constexpr, BLOCK_W: tl.constexpr,
-    SAFETY: tl.constexpr, HAS_FLOOR: tl.constexpr,
+    stride_dev_j, stride_floor_b, stride_floor_j, stride_past_b, STOP: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_W: tl.constexpr, SAFETY: tl.constexpr, HAS_FLOOR: tl.constexpr, HAS_PAST: tl.constexpr,
 ):
     """One program = one sample ``b``: the stopping test of its ``n = n_rows[b]`` live window
     rows (``n = 0``: inactive) from their squared norms ``f = ||G(x) - x||^2``, ``g = ||G(x)||^2``,
@@ -89,7 +89,8 @@ def _round_status_kernel(
               = max(h_j, gain[b, j]) + |L_j| elsewhere (h_j where gain[b, j] is not finite)
         r_j   = max(log(gain[b, j] / h_j), 0) where gain[b, j] is finite and j < n, else 0
         w_j   = k_{j+1} exp(sum_{j+1 < l < n} r_l) / N_{j+1}                 (0 unless j + 1 < n)
-        c_j   = max(sqrt(f_j) - rho_j, 0) w_j   (rho_j = floor[b, j] with HAS_FLOOR, else 0)
+        c_j   = max(sqrt(f_j) - rho_j, 0) w_j m   (rho_j = floor[b, j] with HAS_FLOOR, else 0;
+                                                m = past[b] with HAS_PAST, else 1; a zero c_j stays 0)
               = inf where f_j > reach_sq g_j     (reach_sq = LINEAR_REACH^2: past the rule's first order)
         pass  : sum_{i <= j} c_i <= max(tol - spent[b], 0) share_j
         share_j = sum_{i <= j} w_i / sum_{i < n} w_i   where n = S - k0 (the window holds every row
@@ -112,7 +113,9 @@ def _round_status_kernel(
     fp64; log ``[max_iters + 1, B]`` fp64; badt ``[max_iters + 1]`` int64; mult ``[B, W]``
     (any float dtype; read by x0); spent ``[B]`` fp64 (read and written by x0); gain, dev ``[B, W]``
     fp64 (the steps' secants, read by x0); floor ``[B, W]`` fp64 (the residuals' rounding floor,
-    :func:`deqkern.ops.reference.rounding_floor`, read by x0 with ``HAS_FLOOR``). Grid ``(B,)``;
+    :func:`deqkern.ops.reference.rounding_floor`, read by x0 with ``HAS_FLOOR``); past ``[B]`` fp64
+    (the charge for the chain past a sliding window, :func:`deqkern.ops.reference.past_window_factor`,
+    read by x0 with ``HAS_PAST``). Grid ``(B,)``;
     the window in blocks of ``BLOCK_W``, three times for x0 (the sum of ``r``, then of ``w``,
     first). Memory: reads 4 B W values (x0: 9, 10 with a floor), writes 4 B — launch-bound by
     design: it replaces small ops, not bandwidth.
@@ -181,6 +184,8 @@ def _round_status_kernel(
                 rho = tl.load(floor_ptr + b * stride_floor_b + j * stride_floor_j, mask=live, other=0.0)
                 above = tl.maximum(above - rho, 0.0)
             cost = tl.where(f64 <= reach_sq * g.to(tl.float64), above * w_blk, float("inf"))
+            if HAS_PAST:
+                cost = tl.where(cost > 0, cost * tl.load(past_ptr + b * stride_past_b), cost)
             cost = tl.where((j + 1) < n, cost, 0.0)
             run = spend + tl.cumsum(cost, axis=0)
             spend += tl.sum(cost, axis=0)
@@ -224,7 +229,7 @@ def round_status(
     k0: torch.Tensor, rounds: torch.Tensor, noise_var: torch.Tensor, worst: torch.Tensor, res_log: torch.Tensor,
     done_round: torch.Tensor, bad_t: torch.Tensor, mult: torch.Tensor, spent: torch.Tensor, gain: torch.Tensor,
     dev: torch.Tensor, *, stop: str, tol: float, dim: int, floor: torch.Tensor | None = None,
-    block_w: int | None = None,
+    past: torch.Tensor | None = None, block_w: int | None = None,
 ) -> torch.Tensor:
     """:func:`deqkern.ops.reference.round_status` as one kernel; returns ``delta``."""
     if f_sq.ndim != 2:
@@ -252,21 +257,24 @@ def round_status(
     for name, v, shape in (("noise_var", noise_var, (steps,)), ("worst", worst, (batch,)),
                            ("res_log", res_log, (rows, batch)), ("spent", spent, (batch,)),
                            ("gain", gain, (batch, width)), ("dev", dev, (batch, width)),
-                           *((("floor", floor, (batch, width)),) if floor is not None else ())):
+                           *((("floor", floor, (batch, width)),) if floor is not None else ()),
+                           *((("past", past, (batch,)),) if past is not None else ())):
         if v.shape != shape or v.dtype != torch.float64 or v.device != f_sq.device:
             raise ValueError(f"{name}: expected float64 of shape {shape} on {f_sq.device}, got {v.dtype} "
                              f"{tuple(v.shape)} on {v.device}")
     block = pick_block("block_w", block_w, lambda: status_block_w(width))
     delta = torch.empty(batch, dtype=torch.int64, device=f_sq.device)
     rho = dev if floor is None else floor  # any [B, W] fp64 pointer: unread without HAS_FLOOR
+    charge = spent if past is None else past  # any [B] fp64 pointer: unread without HAS_PAST
     with on_device(f_sq.device):
         _round_status_kernel[(batch,)](
             f_sq, g_sq, nonfinite, t, n_rows, k0, rounds, noise_var, delta, worst, res_log, done_round, bad_t,
-            mult, spent, gain, dev, rho, width, steps, dim, rows - 1, float(tol), LINEAR_REACH**2,
+            mult, spent, gain, dev, rho, charge, width, steps, dim, rows - 1, float(tol), LINEAR_REACH**2,
             *f_sq.stride(), *g_sq.stride(), *nonfinite.stride(), *t.stride(), n_rows.stride(0), k0.stride(0),
             delta.stride(0), worst.stride(0), *res_log.stride(), done_round.stride(0), bad_t.stride(0),
-            *mult.stride(), spent.stride(0), *gain.stride(), *dev.stride(), *rho.stride(),
+            *mult.stride(), spent.stride(0), *gain.stride(), *dev.stride(), *rho.stride(), charge.stride(0),
             STOP=STOP_CODES[stop], ACC=acc_tl, BLOCK_W=block, SAFETY=SECANT_SAFETY, HAS_FLOOR=floor is not None,
+            HAS_PAST=past is not None,
             num_warps=num_warps_for(block),
         )
     return delta

@@ -36,8 +36,8 @@ def test_e2e_graphs_script_on_cpu(tmp_path):
             # a regression guard on the round's op count (reference ops on CPU: up to 564 with the divergence
             # guard and the x0 budget's measured secants, 655 with their reach and rounding slack, 726 with
             # the far rows' lent gain and the last row's latent estimate, 816 with the split lend and a
-            # whole window's budget shared by weight), not a target
-            assert 50 < r["aten_ops_per_round"] < 860, r["aten_ops_per_round"]
+            # whole window's budget shared by weight, 876 with the charge past the window), not a target
+            assert 50 < r["aten_ops_per_round"] < 900, r["aten_ops_per_round"]
             assert 0 < r["kernel_ops_per_round"] < r["aten_ops_per_round"]
             assert r["rounds"] <= r["rounds_executed"]
 
@@ -45,7 +45,8 @@ def test_e2e_graphs_script_on_cpu(tmp_path):
 @pytest.mark.skipif(not (ROOT / "bench" / "solver_studies.py").exists(), reason="run from a source checkout")
 @pytest.mark.parametrize("study", ["adjoint-vjp", "ops-per-round", "stopping-rule", "stopping-x0", "tail-chunks",
                                    "divergence", "euler-coords", "budget", "lend", "entering", "floors",
-                                   "starts", "safety", "clipped", "reach", "multistep-excess", "direction"])
+                                   "starts", "safety", "clipped", "reach", "multistep-excess", "direction",
+                                   "past-charge"])
 def test_solver_studies_run_quick(tmp_path, study):
     """The studies behind bench/results/README.md, at --quick sizes."""
     studies = _load("solver_studies")
@@ -76,6 +77,9 @@ def test_solver_studies_run_quick(tmp_path, study):
     elif study == "direction":  # both leans keep the bound on the digits model
         assert all(r[k]["converged"] and r[k]["worst_error_over_tol"] <= 1 for r in report["rows"]
                    for k in ("first", "returned"))
+    elif study == "past-charge":  # with and without the charge, the digits chains within the bound
+        assert all(r[k]["converged"] and r[k]["worst_error_over_tol"] <= 1 for r in report["rows"]
+                   for k in ("none", "charged"))
     elif study == "euler-coords":  # both coordinates of each Euler chain, every solve within its bound
         assert {(r["scheduler"], r["coords"]) for r in report["rows"]} >= {("euler", "vp"), ("euler", "ve")}
         assert all(r["converged"] and r["worst_error_over_tol"] <= 1 for r in report["rows"])

@@ -16,6 +16,7 @@ Bounds are norm-wise relative errors against the float64 reference of the same i
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -667,6 +668,29 @@ def test_round_status_matches_reference(ops, stop, dtype, batch, width, steps, b
         check("res_log", got["res_log"], want["res_log"], 1e-6)
         check("spent", got["spent"], want["spent"], 1e-12)
         assert int(want_delta.sum()) > 0  # the cases exercise freezing, not only the no-op
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch,width,steps,block_w", [(5, 7, 19, None), (4, 40, 40, 16), (3, 1, 3, None)])
+def test_round_status_past_charge_matches_reference(ops, dtype, batch, width, steps, block_w):
+    """The x0 rule with the charge for the chain past a sliding window (``past``, per sample: 1,
+    a factor up to 100 and inf, which leaves a zero cost at 0): rows to freeze exactly and ``spent``
+    within 1e-12 of the reference; the charge freezes no more rows than without it."""
+    gen = torch.Generator().manual_seed(batch * 1000 + width * 10 + steps + 7)
+    for tol in (1e-4, 1e-2, 0.5):
+        args = _status_inputs(batch, width, steps, 6, dtype, gen)
+        past = torch.exp(torch.rand(batch, generator=gen, dtype=torch.float64) * math.log(100.0))
+        past[0], past[-1] = 1.0, math.inf
+        want = {k: v.clone() for k, v in args.items()}
+        want_delta = reference.round_status(**want, stop="x0", tol=tol, dim=37, past=past)
+        plain = reference.round_status(**{k: v.clone() for k, v in args.items()}, stop="x0", tol=tol, dim=37)
+        got = dev(args)
+        with poisoned_allocations():
+            got_delta = ops.round_status(**got, stop="x0", tol=tol, dim=37, block_w=block_w,
+                                         past=dev({"past": past})["past"])
+        assert got_delta.cpu().tolist() == want_delta.tolist(), (tol, got_delta, want_delta)
+        check("spent", got["spent"], want["spent"], 1e-12)
+        assert bool((want_delta <= plain).all()) and int(want_delta[0]) == int(plain[0])
 
 
 def test_round_status_rejects_bad_input(ops):

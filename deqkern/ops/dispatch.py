@@ -128,12 +128,13 @@ def round_status(
     k0: torch.Tensor, rounds: torch.Tensor, noise_var: torch.Tensor, worst: torch.Tensor, res_log: torch.Tensor,
     done_round: torch.Tensor, bad_t: torch.Tensor, mult: torch.Tensor, spent: torch.Tensor, gain: torch.Tensor,
     dev: torch.Tensor, *, stop: str, tol: float, dim: int, floor: torch.Tensor | None = None,
+    past: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`deqkern.ops.reference.round_status`, one kernel launch on the Triton backend."""
     args = (f_sq, g_sq, nonfinite, t, n_rows, k0, rounds, noise_var, worst, res_log, done_round, bad_t, mult, spent,
             gain, dev)
     if backend_for(f_sq) == "reference":
-        return reference.round_status(*args, stop=stop, tol=tol, dim=dim, floor=floor)
+        return reference.round_status(*args, stop=stop, tol=tol, dim=dim, floor=floor, past=past)
     from deqkern.ops import triton_ops
 
-    return triton_ops.round_status(*args, stop=stop, tol=tol, dim=dim, floor=floor)
+    return triton_ops.round_status(*args, stop=stop, tol=tol, dim=dim, floor=floor, past=past)

@@ -152,6 +152,38 @@ def _costs(f_sq: torch.Tensor, g_sq: torch.Tensor, live: torch.Tensor, weight: t
     return torch.where(_next_live(live), cost, 0.0)
 
 
+def past_window_factor(latent_sq: torch.Tensor, x: torch.Tensor, e: torch.Tensor, coef: torch.Tensor,
+                       n_rows: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+    """``[B]`` float64 ``m``: the x0 rule's charge for the chain past a sliding window, by which
+    it multiplies the window's row costs (:func:`x0_row_costs`; 1 where the window holds every row
+    left, ``n_rows >= left``)::
+
+        m = max(1, ||G_{n-1}|| / (SECANT_SAFETY ||x0_hat||)),   x0_hat = px x_{n-1} + po e_{n-1}
+
+    No row past the window has been evaluated, so the rule carries a frozen row's error on to x0
+    with the latents' gain ``||x0|| / ||G_{n-1}||``: it takes the error to shrink as the latent
+    does. A model whose x0 prediction does not scale with its input passes the error's absolute
+    size on instead (``sin(x)`` as the x0 prediction on latents of norm 1e3 left x0 1.3-2x outside
+    its bound, tests/test_dpm_parity.py: test_gain_past_the_window_on_sin_chains). ``x0_hat``, the
+    last live row's predicted x0, estimates ``||x0||``; at high noise it is the posterior mean,
+    shorter than x0, so only a shrink past ``SECANT_SAFETY`` is charged: the trained model's chains
+    past their windows ran 1.0-2.2x the latents' gain (docs/math.md §4.3).
+
+    ``latent_sq``: ``[B, W]`` the rows' squared latents as the rule reads them; ``x``: ``[B, W, D]``
+    the rows' step inputs; ``e``: ``[B, W, D]`` their model outputs; ``coef``: ``[B, W, 7]`` the
+    rows' packed coefficients (``px``, ``po`` in fields 4 and 5); ``n_rows``: ``[B]`` the live rows
+    the rule judges; ``left``: ``[B]`` the rows not yet frozen.
+    """
+    last = (n_rows - 1).clamp(min=0)
+    b = torch.arange(n_rows.shape[0], device=n_rows.device)
+    c = coef[b, last].to(torch.float64)
+    x0_hat = c[:, 4:5] * x[b, last].to(torch.float64) + c[:, 5:6] * e[b, last].to(torch.float64)
+    latent = latent_sq[b, last].to(torch.float64).sqrt()
+    # a zero or non-finite estimate charges everything (inf): a row then freezes alone, as Picard
+    m = (latent / (SECANT_SAFETY * x0_hat.norm(dim=1))).nan_to_num(nan=math.inf).clamp(min=1.0)
+    return torch.where(n_rows < left, m, 1.0)
+
+
 #: A half-precision model's output rounding, in units of its dtype's eps times ``||e||``: what the
 #: x0 rule takes for the residual one step carries from the model's rounding alone
 #: (:func:`rounding_floor`). chosen by bench/solver_studies.py half-precision
@@ -294,6 +326,7 @@ def round_status(
     k0: torch.Tensor, rounds: torch.Tensor, noise_var: torch.Tensor, worst: torch.Tensor, res_log: torch.Tensor,
     done_round: torch.Tensor, bad_t: torch.Tensor, mult: torch.Tensor, spent: torch.Tensor, gain: torch.Tensor,
     dev: torch.Tensor, *, stop: str, tol: float, dim: int, floor: torch.Tensor | None = None,
+    past: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A round's stopping test and bookkeeping; returns ``delta`` ``[B]``, the rows each sample
     freezes (math: :func:`deqkern.kernels.round_status._round_status_kernel`).
@@ -313,7 +346,9 @@ def round_status(
     steps' measured secants (NaN: none; :func:`step_secants`), read by the x0 rule. ``stop``:
     ``"relative"``, ``"noise"`` or ``"x0"``; ``dim``: D, the latent size (noise rule); ``floor``:
     ``[B, W]`` float64 the residuals' rounding floor the x0 rule does not charge
-    (:func:`rounding_floor`; None: 0, a model in the state's dtype).
+    (:func:`rounding_floor`; None: 0, a model in the state's dtype); ``past``: ``[B]`` float64 the
+    charge for the chain past a sliding window that multiplies the row costs
+    (:func:`past_window_factor`; None: 1).
     """
     steps, width = noise_var.numel(), f_sq.shape[1]
     live = row_mask(n_rows, width)
@@ -325,6 +360,8 @@ def round_status(
     if stop == "x0":
         weight = x0_row_weights(g_sq, mult, live, gain, dev)
         cost = _costs(f_sq, g_sq, live, weight, floor)
+        if past is not None:  # 0 stays 0 where the charge is inf
+            cost = torch.where(cost > 0, cost * past.unsqueeze(1), cost)
         delta = x0_accepted_rows(cost, weight, live, n_rows, steps - k0, tol, spent)
     else:
         delta = accepted_rows(live & (err <= tol), n_rows)
