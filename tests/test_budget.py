@@ -16,7 +16,7 @@ import deqkern
 from deqkern import engine
 from deqkern.engine import Problem, SolveState, run_round
 from deqkern.model import ModelEvaluator
-from deqkern.ops.reference import LINEAR_REACH, SECANT_SAFETY, step_secants, x0_row_costs
+from deqkern.ops.reference import LINEAR_REACH, SECANT_SAFETY, past_window_factor, step_secants, x0_row_costs
 from deqkern.solvers import get_solver
 
 
@@ -467,3 +467,31 @@ def test_jacobian_gap_covers_the_other_side_of_the_kink():
         _, jv = torch.autograd.functional.jvp(f.apply, moved, v)
         assert float((v - jv - gap).norm()) <= float(rest[0]) + 1e-12
     assert float(rest[0]) > 0  # three elements straddle the edge
+
+
+def test_past_window_factor_charges_the_shrink_beyond_the_safety():
+    """``max(1, ||G_{n-1}|| / (SECANT_SAFETY ||px x + po e||))`` at the last live row of a sliding
+    window, by hand in float64 (1e-12 relative); 1 where the window holds every row left; inf
+    where the predicted x0 is 0 or not finite (every cost charged: a row freezes alone)."""
+    g = torch.Generator().manual_seed(3)
+    batch, width, dim = 5, 4, 6
+    x = torch.randn(batch, width + 1, dim, generator=g, dtype=torch.float64) * 100
+    e = torch.randn(batch, width, dim, generator=g, dtype=torch.float64)
+    coef = torch.rand(batch, width, 7, generator=g, dtype=torch.float64)
+    coef[..., 4] = 0.0  # x0 = po e: of order 1 against latents of order 100
+    latent_sq = x[:, 1:].square().sum(-1)
+    n = torch.tensor([4, 2, 3, 4, 1])
+    left = torch.tensor([9, 2, 7, 4, 5])  # samples 1 and 3: the window holds every row left
+    e[4, 0] = float("nan")
+    e[2, 2] = 0.0
+    got = past_window_factor(latent_sq, x, e, coef, n, left)
+    for b in range(batch):
+        j = int(n[b]) - 1
+        x0_hat = coef[b, j, 4] * x[b, j] + coef[b, j, 5] * e[b, j]
+        want = max(1.0, float(latent_sq[b, j].sqrt() / (SECANT_SAFETY * x0_hat.norm())))
+        if int(n[b]) >= int(left[b]):
+            assert float(got[b]) == 1.0
+        elif not math.isfinite(float(x0_hat.norm())) or float(x0_hat.norm()) == 0.0:
+            assert float(got[b]) == math.inf
+        else:
+            assert want > 1.0 and float(got[b]) == pytest.approx(want, rel=1e-12)

@@ -180,7 +180,7 @@ def past_window_factor(latent_sq: torch.Tensor, x: torch.Tensor, e: torch.Tensor
     x0_hat = c[:, 4:5] * x[b, last].to(torch.float64) + c[:, 5:6] * e[b, last].to(torch.float64)
     latent = latent_sq[b, last].to(torch.float64).sqrt()
     # a zero or non-finite estimate charges everything (inf): a row then freezes alone, as Picard
-    m = (latent / (SECANT_SAFETY * x0_hat.norm(dim=1))).nan_to_num(nan=math.inf).clamp(min=1.0)
+    m = (latent / (SECANT_SAFETY * x0_hat.norm(dim=1))).nan_to_num(nan=math.inf, posinf=math.inf).clamp(min=1.0)
     return torch.where(n_rows < left, m, 1.0)
 
 
