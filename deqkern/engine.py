@@ -894,9 +894,11 @@ def run_round(p: Problem, st: SolveState, solver: Solver, ev: ModelEvaluator, st
             # a secant measures the step through its own row only: keep what a second-order step adds
             dev = dev + (mult.to(torch.float64).abs() - coef[..., 0].to(torch.float64).abs()) / SECANT_SAFETY
             dev = multistep_dev(p, st, n, mult, gain, dev, h)
+        # the chain past a sliding window, charged where the latent shrinks past x0's estimate; a window of
+        # every row never slides, and its rounds skip the ops
         past = None
-        if p.stop == "x0":  # the chain past a sliding window, charged where the latent shrinks past x0's estimate
-            past = past_window_factor(latent_sq, st.xw, e, coef, n_ok, p.noise_var.numel() - st.k0)
+        if p.stop == "x0" and width < s:
+            past = past_window_factor(latent_sq, st.xw, e, coef, n_ok, s - st.k0)
         delta = round_status(res.f_sq, latent_sq, res.nonfinite, t, n_ok, st.k0, st.rounds, p.noise_var, st.worst,
                              st.res_log, st.done_round, st.bad_t, mult, st.spent, gain, dev, stop=p.stop,
                              tol=p.tol, dim=dim, floor=floor, past=past)

@@ -117,7 +117,7 @@ def _round_status_kernel(
     (the charge for the chain past a sliding window, :func:`deqkern.ops.reference.past_window_factor`,
     read by x0 with ``HAS_PAST``). Grid ``(B,)``;
     the window in blocks of ``BLOCK_W``, three times for x0 (the sum of ``r``, then of ``w``,
-    first). Memory: reads 4 B W values (x0: 9, 10 with a floor), writes 4 B — launch-bound by
+    first). Memory: reads 4 B W values (x0: 9, 10 with a floor; + B with past), writes 4 B — launch-bound by
     design: it replaces small ops, not bandwidth.
     """
     b = tl.program_id(0).to(tl.int64)
@@ -146,6 +146,8 @@ def _round_status_kernel(
     w_run = tl.zeros([], tl.float64)  # the running sum of the weights (x0)
     if STOP == 2:
         spent = tl.load(spent_ptr + b * stride_spent_b)
+        if HAS_PAST:
+            charge = tl.load(past_ptr + b * stride_past_b)
         for w0 in range(0, W, BLOCK_W):
             _, _, _, r = _next_step(g_row, mult_row, gain_row, dev_row, stride_g_j, stride_mult_j, stride_gain_j,
                                     stride_dev_j, w0 + tl.arange(0, BLOCK_W), n, tiny, SAFETY)
@@ -185,7 +187,7 @@ def _round_status_kernel(
                 above = tl.maximum(above - rho, 0.0)
             cost = tl.where(f64 <= reach_sq * g.to(tl.float64), above * w_blk, float("inf"))
             if HAS_PAST:
-                cost = tl.where(cost > 0, cost * tl.load(past_ptr + b * stride_past_b), cost)
+                cost = tl.where(cost > 0, cost * charge, cost)
             cost = tl.where((j + 1) < n, cost, 0.0)
             run = spend + tl.cumsum(cost, axis=0)
             spend += tl.sum(cost, axis=0)
